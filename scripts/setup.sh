@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Installs everything qvdfs and qvdctl need on a Debian machine, idempotently:
+# the Debian packages (FUSE, LXC, the stock union filesystems we compare against)
+# and a virtual environment at .venv holding the project and its Python dependencies.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+    fuse3 libfuse3-dev pkg-config          # pyfuse3 builds against libfuse3
+    python3-dev gcc
+    lxc lxc-dev                            # liblxc, and headers for python-lxc
+    libarchive13                           # python-libarchive-c loads it
+    unionfs-fuse fuse-overlayfs            # the programs we replace and compare with
+    busybox-static                         # the userland of the demo and test images
+    attr acl fio iproute2 bridge-utils kmod
+)
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+    echo "setup: installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv"
+    "$PYTHON" -m venv .venv
+fi
+# Reinstall only when pyproject.toml changed since the last successful install.
+stamp=.venv/.qvd-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    echo "setup: installing the project into .venv"
+    .venv/bin/pip install -q --upgrade pip >/dev/null
+    .venv/bin/pip install -q -e '.[test,bench]'
+    touch "$stamp"
+fi
