@@ -1,0 +1,171 @@
+"""Copy-up: bring an entry of a lower branch into the upper one before it changes.
+
+Every copy is built in the stack's work folder and renamed into place, so a crash
+mid-copy leaves garbage only in the work folder (emptied at the next mount), never a
+partial file in the union. Metadata goes on in the order that keeps it: xattrs, owner
+(chown clears set-id bits), mode, then timestamps last.
+
+A change of metadata alone (chmod, chown, utimens, xattrs, truncation to zero) copies
+no data: the upper file is created sparse at the same size and marked with
+``trusted.overlay.metacopy``, and reads keep coming from the lower file, as kernel
+overlayfs does with ``metacopy=on``.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+
+import trio
+
+from qvdfs.union import markers, syscalls
+from qvdfs.union.tree import Index, Node
+
+log = logging.getLogger(__name__)
+
+# Copies larger than this run in a worker thread so that other requests keep flowing.
+THREAD_COPY_THRESHOLD = 1 << 20
+
+
+def require_upper(node: Node) -> int:
+    stack = node.stack
+    if stack.upper is None:
+        raise OSError(errno.EROFS, "read-only union")
+    return stack.upper
+
+
+def ensure_dir_on_upper(index: Index, node: Node) -> int:
+    """Make sure the directory ``node`` exists in the upper branch; return its fd there."""
+    upper = require_upper(node)
+    if not node.on_upper:
+        if not node.stack.cow:
+            raise OSError(errno.EROFS, "copy-on-write is off (mount with -o cow)")
+        assert node.parent is not None
+        upper_parent = ensure_dir_on_upper(index, node.parent)
+        lower_fd = index.dir_fd(node, node.branch)
+        if lower_fd is None:
+            raise OSError(errno.ENOENT, "directory vanished from its branch")
+        st = os.fstat(lower_fd)
+        work = node.stack.work_fd
+        tmp = node.stack.temp_name()
+        os.mkdir(tmp, 0o700, dir_fd=work)
+        _copy_metadata(lower_fd, None, work, tmp, st)
+        syscalls.renameat2(work, tmp, upper_parent, node.name, syscalls.RENAME_NOREPLACE)
+        node.layers.insert(0, upper)
+        node.branch = upper
+    fd = index.dir_fd(node, upper)
+    if fd is None:
+        raise OSError(errno.ENOENT, "upper directory vanished")
+    return fd
+
+
+async def copy_up(index: Index, node: Node, *, data: bool) -> None:
+    """Give ``node`` an entry in the upper branch; with ``data``, its own copy of the data.
+
+    The caller holds ``node``'s lock: the data copy may run in a worker thread.
+    """
+    if node.is_dir:
+        ensure_dir_on_upper(index, node)
+        return
+    if node.on_upper and not (data and node.metacopy):
+        return
+    upper = require_upper(node)
+    if not node.stack.cow:
+        raise OSError(errno.EROFS, "copy-on-write is off (mount with -o cow)")
+    assert node.parent is not None
+    upper_parent = ensure_dir_on_upper(index, node.parent)
+    meta_fd = index.parent_fd(node, node.branch)
+    st = syscalls.lstat_at(meta_fd, node.name)
+    work = node.stack.work_fd
+    assert work is not None
+    tmp = node.stack.temp_name()
+    try:
+        if stat.S_ISREG(st.st_mode):
+            await _copy_regular(index, node, st, tmp, data=data)
+        elif stat.S_ISLNK(st.st_mode):
+            os.symlink(os.readlink(node.name, dir_fd=meta_fd), tmp, dir_fd=work)
+        else:
+            os.mknod(tmp, st.st_mode, st.st_rdev, dir_fd=work)
+        _copy_metadata(meta_fd, node.name, work, tmp, st)
+        if node.on_upper:
+            # Completing a metadata-only copy: replace the sparse placeholder.
+            os.rename(tmp, node.name, src_dir_fd=work, dst_dir_fd=upper_parent)
+        else:
+            syscalls.renameat2(work, tmp, upper_parent, node.name, syscalls.RENAME_NOREPLACE)
+    except BaseException:
+        try:
+            os.unlink(tmp, dir_fd=work)
+        except FileNotFoundError:
+            pass
+        raise
+    if not node.on_upper:
+        _split_hard_links(index, node)
+    node.branch = upper
+    node.data_branch = upper if (data or not stat.S_ISREG(st.st_mode)) else node.data_branch
+
+
+async def _copy_regular(index: Index, node: Node, st: os.stat_result, tmp: bytes, *, data: bool) -> None:
+    work = node.stack.work_fd
+    dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                  0o600, dir_fd=work)
+    try:
+        if not data:
+            os.ftruncate(dst, st.st_size)
+            os.setxattr(syscalls.proc_fd(dst), markers.METACOPY_XATTR, b"")
+            return
+        src = os.open(node.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                      dir_fd=index.parent_fd(node, node.data_branch))
+        try:
+            if os.fstat(src).st_size > THREAD_COPY_THRESHOLD:
+                await trio.to_thread.run_sync(copy_data, src, dst)
+            else:
+                copy_data(src, dst)
+            # Durable before it becomes visible, as overlayfs does on copy-up.
+            await trio.to_thread.run_sync(os.fsync, dst)
+        finally:
+            os.close(src)
+    finally:
+        os.close(dst)
+
+
+def copy_data(src: int, dst: int) -> None:
+    """Copy all of ``src`` to ``dst`` from their current offsets, in-kernel where possible."""
+    try:
+        while os.copy_file_range(src, dst, 1 << 30):
+            pass
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise
+    while os.sendfile(dst, src, None, 1 << 30):
+        pass
+
+
+def _copy_metadata(src_dirfd: int, src_name: bytes | None, dst_dirfd: int, dst_name: bytes,
+                   st: os.stat_result) -> None:
+    """Copy xattrs, owner, mode and times of a source entry onto ``dst_dirfd/dst_name``.
+
+    ``src_name`` None means ``src_dirfd`` is the source itself (a directory).
+    """
+    if src_name is None:
+        src_parent, src_name = src_dirfd, b"."
+    else:
+        src_parent = src_dirfd
+    syscalls.copy_xattrs(src_parent, src_name, dst_dirfd, dst_name, skip=markers.OVERLAY_XATTR_PREFIX)
+    os.chown(dst_name, st.st_uid, st.st_gid, dir_fd=dst_dirfd, follow_symlinks=False)
+    if not stat.S_ISLNK(st.st_mode):
+        syscalls.chmod_at(dst_dirfd, dst_name, stat.S_IMODE(st.st_mode))
+    os.utime(dst_name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst_dirfd, follow_symlinks=False)
+
+
+def _split_hard_links(index: Index, node: Node) -> None:
+    """A copy-up breaks a lower hard link, as in overlayfs: other names keep the old file."""
+    for parent, name in node.aliases:
+        if parent.listing is not None and parent.listing.get(name) is node:
+            fresh = index.new_node(parent, name, node.stack, False, node.branch)
+            fresh.in_lower = node.in_lower
+            parent.listing[name] = fresh
+            index.invalidate(parent, name)
+    node.aliases.clear()

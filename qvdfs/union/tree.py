@@ -1,0 +1,298 @@
+"""The in-memory index of the union: one Node per visible name, merged listings.
+
+Every change to the branches is made by this daemon, so once a directory's merged
+listing is built it is kept up to date by the operations themselves and never read
+from disk again: a lookup, positive or negative, is a dictionary access. Nodes live
+as long as their name does (and after that, while the kernel or an open file still
+holds them), so inode numbers are stable for the life of the mount.
+
+Notes (invariants):
+- ``node.branch`` is the index, in ``node.stack.branches``, of the branch whose entry
+  is visible; ``node.data_branch`` is where a regular file's data lives (a lower branch
+  for a metadata-only copy-up, else the same as ``branch``).
+- For a directory, ``node.layers`` lists the branches that contribute to its listing,
+  highest first, cut after an opaque one; ``node.branch == node.layers[0]``.
+- ``node.in_lower`` is true when some branch other than the upper one has this name,
+  so removing it must leave a whiteout.
+- ``node.whiteouts`` maps the names whited out in the directory's upper branch to the
+  kind of marker that does it.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import os
+import stat
+
+from qvdfs.union import markers, syscalls
+from qvdfs.union.branch import Stack
+
+log = logging.getLogger(__name__)
+
+ROOT_ID = 1
+MAX_CACHED_DIR_FDS = 4096
+
+
+class Node:
+    __slots__ = (
+        "id", "parent", "name", "stack", "is_dir", "branch", "data_branch", "in_lower",
+        "layers", "listing", "whiteouts", "fds", "lookups", "handles", "unlinked",
+        "is_stack_root", "aliases",
+    )
+
+    def __init__(self, id_: int, parent: Node | None, name: bytes, stack: Stack,
+                 is_dir: bool, branch: int) -> None:
+        self.id = id_
+        self.parent = parent
+        self.name = name
+        self.stack = stack
+        self.is_dir = is_dir
+        self.branch = branch
+        self.data_branch = branch
+        self.in_lower = False
+        self.layers: list[int] = [branch] if is_dir else []
+        self.listing: dict[bytes, Node] | None = None
+        # name -> "dev" (a 0/0 device in the upper branch) or "marker" (unionfs-fuse)
+        self.whiteouts: dict[bytes, str] = {}
+        self.fds: dict[int, int] = {}
+        self.lookups = 0
+        self.handles: list = []  # open file handles (see core.Handle)
+        self.unlinked = False
+        self.is_stack_root = False
+        # Other (parent, name) places of a hard-linked file, beside the primary one.
+        self.aliases: list[tuple[Node, bytes]] = []
+
+    def __repr__(self) -> str:
+        return f"<Node {self.id} {self.name!r} b{self.branch}{'/' if self.is_dir else ''}>"
+
+    @property
+    def on_upper(self) -> bool:
+        if self.is_stack_root:
+            return self.stack.upper is not None
+        return self.branch == self.stack.upper
+
+    @property
+    def metacopy(self) -> bool:
+        return self.data_branch != self.branch
+
+
+class Index:
+    """Owns every Node: numbering, lookup, merged listings and directory descriptors."""
+
+    def __init__(self, stack: Stack, grafts: dict[tuple[bytes, ...], Stack]) -> None:
+        self.nodes: dict[int, Node] = {}
+        self._next_id = ROOT_ID
+        self._fd_lru: collections.OrderedDict[tuple[int, int], Node] = collections.OrderedDict()
+        self.root = self._stack_root(None, b"", stack)
+        # Called with (parent, name) when the kernel's cached entry must be dropped;
+        # the FUSE layer plugs in the kernel notification.
+        self.invalidate = lambda parent, name: None
+        # graft parent path -> {name: graft root node}
+        self._grafts: dict[tuple[bytes, ...], dict[bytes, Node]] = {}
+        for path, gstack in grafts.items():
+            node = self._stack_root(None, path[-1], gstack)
+            self._grafts.setdefault(path[:-1], {})[path[-1]] = node
+
+    def _stack_root(self, parent: Node | None, name: bytes, stack: Stack) -> Node:
+        node = self.new_node(parent, name, stack, True, 0)
+        node.layers = list(range(len(stack.branches)))
+        node.is_stack_root = True
+        return node
+
+    # -- numbering --------------------------------------------------------------------
+
+    def new_node(self, parent: Node | None, name: bytes, stack: Stack, is_dir: bool,
+                 branch: int) -> Node:
+        node = Node(self._next_id, parent, name, stack, is_dir, branch)
+        self._next_id += 1
+        self.nodes[node.id] = node
+        return node
+
+    def get(self, inode: int) -> Node:
+        try:
+            return self.nodes[inode]
+        except KeyError:
+            raise OSError(errno.ESTALE, "unknown inode") from None
+
+    def forget(self, node: Node, count: int) -> None:
+        node.lookups -= count
+        self.maybe_free(node)
+
+    def maybe_free(self, node: Node) -> None:
+        """Drop a removed node once neither the kernel nor an open file holds it."""
+        if node.unlinked and node.lookups <= 0 and not node.handles and node.id != ROOT_ID:
+            self.nodes.pop(node.id, None)
+            self.close_fds(node)
+
+    # -- paths ------------------------------------------------------------------------
+
+    def parts(self, node: Node) -> list[bytes]:
+        """Path components of ``node`` relative to the root of its stack."""
+        parts = []
+        while not node.is_stack_root:
+            parts.append(node.name)
+            assert node.parent is not None
+            node = node.parent
+        parts.reverse()
+        return parts
+
+    def union_path(self, node: Node) -> bytes:
+        parts = []
+        while node.parent is not None:
+            parts.append(node.name)
+            node = node.parent
+        return b"/" + b"/".join(reversed(parts))
+
+    # -- directory descriptors --------------------------------------------------------
+
+    def dir_fd(self, node: Node, branch: int) -> int | None:
+        """A descriptor of ``node``'s directory in ``branch``, or None if it has none there."""
+        fd = node.fds.get(branch)
+        if fd is not None:
+            self._fd_lru.move_to_end((node.id, branch))
+            return fd
+        if node.is_stack_root:
+            return node.stack.branches[branch].root_fd
+        assert node.parent is not None
+        pfd = self.dir_fd(node.parent, branch)
+        if pfd is None:
+            return None
+        try:
+            fd = syscalls.open_dir(pfd, node.name)
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                return None
+            raise
+        node.fds[branch] = fd
+        self._fd_lru[(node.id, branch)] = node
+        if len(self._fd_lru) > MAX_CACHED_DIR_FDS:
+            (old_id, old_branch), old = self._fd_lru.popitem(last=False)
+            os.close(old.fds.pop(old_branch))
+        return fd
+
+    def parent_fd(self, node: Node, branch: int) -> int:
+        """The descriptor of the directory holding ``node``'s entry in ``branch``."""
+        assert node.parent is not None and not node.is_stack_root
+        fd = self.dir_fd(node.parent, branch)
+        if fd is None:
+            raise OSError(errno.ENOENT, "parent directory vanished from its branch")
+        return fd
+
+    def close_fds(self, node: Node) -> None:
+        for branch, fd in node.fds.items():
+            self._fd_lru.pop((node.id, branch), None)
+            os.close(fd)
+        node.fds.clear()
+
+    # -- attributes -------------------------------------------------------------------
+
+    def stat(self, node: Node) -> os.stat_result:
+        """The attributes of ``node``'s visible entry, as stored in its branch."""
+        if node.is_dir:
+            fd = self.dir_fd(node, node.branch)
+            if fd is None:
+                raise OSError(errno.ENOENT, "directory vanished from its branch")
+            return os.fstat(fd)
+        return syscalls.lstat_at(self.parent_fd(node, node.branch), node.name)
+
+    # -- lookup and listing -----------------------------------------------------------
+
+    def lookup(self, parent: Node, name: bytes) -> Node:
+        if not parent.is_dir:
+            raise OSError(errno.ENOTDIR, "not a directory")
+        node = self.listing(parent).get(name)
+        if node is None:
+            raise OSError(errno.ENOENT, "no such entry")
+        return node
+
+    def listing(self, dir_: Node) -> dict[bytes, Node]:
+        if dir_.listing is None:
+            dir_.listing = self._build_listing(dir_)
+        return dir_.listing
+
+    def _build_listing(self, dir_: Node) -> dict[bytes, Node]:
+        stack = dir_.stack
+        entries: dict[bytes, Node] = {}
+        hidden: set[bytes] = set()     # whited out by a branch above
+        closed: set[bytes] = set()     # a non-directory or opaque entry stops merging below
+        dir_.whiteouts = {}
+        layers = []
+        for b in dir_.layers:
+            fd = self.dir_fd(dir_, b)
+            if fd is None:
+                continue
+            layers.append(b)
+            branch = stack.branches[b]
+            marker_hidden = (
+                markers.unionfs_hidden(branch.meta_fds, self.parts(dir_)) if branch.meta_fds else set()
+            )
+            for entry in os.scandir(fd):
+                name = os.fsencode(entry.name)
+                if dir_.is_stack_root and name in markers.RESERVED_ROOT_NAMES:
+                    continue
+                if name in hidden:
+                    continue
+                is_dir = entry.is_dir(follow_symlinks=False)
+                special = not (is_dir or entry.is_file(follow_symlinks=False) or entry.is_symlink())
+                if special and markers.is_whiteout_stat(entry.stat(follow_symlinks=False)):
+                    if name not in entries:
+                        hidden.add(name)
+                        if b == stack.upper:
+                            dir_.whiteouts[name] = "dev"
+                    continue
+                node = entries.get(name)
+                if node is None:
+                    node = self.new_node(dir_, name, stack, is_dir, b)
+                    node.in_lower = b != stack.upper
+                    entries[name] = node
+                    if not is_dir or name in marker_hidden:
+                        closed.add(name)
+                    continue
+                if b != stack.upper:
+                    node.in_lower = True
+                if node.is_dir and is_dir and name not in closed:
+                    node.layers.append(b)
+                else:
+                    closed.add(name)
+            for name in marker_hidden:
+                if name not in entries:
+                    hidden.add(name)
+                if b == stack.upper:
+                    dir_.whiteouts.setdefault(name, "marker")
+            if markers.is_opaque(fd):
+                break
+        dir_.layers = layers
+        for node in entries.values():
+            if node.in_lower and node.on_upper and not node.is_dir:
+                self.resolve_data_branch(node)
+        graft_path = tuple(self.parts(dir_)) if dir_.stack is self.root.stack else None
+        for name, graft in self._grafts.get(graft_path, {}).items():
+            graft.parent = dir_
+            entries[name] = graft
+        return entries
+
+    def resolve_data_branch(self, node: Node) -> None:
+        """Find where a regular file's data lives: below a metadata-only copy-up, if any."""
+        node.data_branch = node.branch
+        if node.is_dir or not node.on_upper or not node.in_lower:
+            return
+        pfd = self.parent_fd(node, node.branch)
+        if not markers.has_metacopy(pfd, node.name):
+            return
+        assert node.parent is not None
+        for b in node.parent.layers:
+            if b == node.branch:
+                continue
+            lfd = self.dir_fd(node.parent, b)
+            if lfd is None:
+                continue
+            try:
+                st = syscalls.lstat_at(lfd, node.name)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                node.data_branch = b
+                return
+        log.warning("metacopy file %r has no lower data; serving it empty", self.union_path(node))
