@@ -1,0 +1,286 @@
+"""Running containers through liblxc: start, wait, shut down, query, exec, console.
+
+python-lxc's calls block and answer True/False; each runs in a worker thread
+(``trio.to_thread.run_sync``) and a False becomes a ``ContainerError`` naming the
+container and, for a failed start, liblxc's own first error line from the
+container's log. Commands inside go through ``lxc-attach`` and the console through
+``lxc-console``: subprocesses are cancellable and never fork this multithreaded
+process into a container.
+
+liblxc reaches a running container through an abstract unix socket, which lives in
+the network namespace of whoever started it: query and attach from that namespace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import re
+import signal
+import subprocess
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import lxc
+import trio
+
+from qvdctl.container.config import DEFAULT_LXCPATH, LOG_NAME
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# What a command run with `vm exec` finds in its environment (lxc-attach --clear-env).
+EXEC_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+ABSENT = "ABSENT"
+
+
+class ContainerError(Exception):
+    """A container operation failed; the message is one line naming the container."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecResult:
+    """Exit status and output of a command run inside a container."""
+
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+
+async def _in_thread(fn: Callable[..., T], *args: object) -> T:
+    return await trio.to_thread.run_sync(functools.partial(fn, *args))
+
+
+def _container(name: str, lxcpath: Path) -> lxc.Container:
+    return lxc.Container(name, str(lxcpath))
+
+
+def _log_size(name: str, lxcpath: Path) -> int:
+    try:
+        return (lxcpath / name / LOG_NAME).stat().st_size
+    except OSError:
+        return 0
+
+
+_LOG_ERROR = re.compile(r" ERROR +\S+ - [^ ]+ - (?P<msg>.*)$")
+
+
+def _first_error(name: str, lxcpath: Path, since: int) -> str | None:
+    """liblxc's first ERROR line written to the container's log after offset ``since``."""
+    try:
+        with open(lxcpath / name / LOG_NAME, "rb") as f:
+            f.seek(since)
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        match = _LOG_ERROR.search(line)
+        if match:
+            return match["msg"]
+    return None
+
+
+def _start_blocking(name: str, lxcpath: Path, timeout: float) -> int:
+    c = _container(name, lxcpath)
+    if not c.defined:
+        raise ContainerError(f"container {name} has no config in {lxcpath}")
+    if c.running:
+        raise ContainerError(f"container {name} is already running")
+    since = _log_size(name, lxcpath)
+    # close_fds: the daemonized monitor must not keep our stdout pipe open, or a
+    # caller capturing `qvdctl vm start`'s output would wait for the container to end.
+    started = c.start(close_fds=True)
+    if started and c.wait("RUNNING", max(1, round(timeout))) and c.init_pid > 0:
+        return c.init_pid
+    reason = _first_error(name, lxcpath, since) or f"state {c.state} instead of RUNNING"
+    if c.running:
+        c.stop()
+    raise ContainerError(f"container {name} failed to start: {reason}")
+
+
+async def start(name: str, lxcpath: Path = DEFAULT_LXCPATH, timeout: float = 30.0) -> int:
+    """Start container ``name`` from its config and wait until its init runs.
+
+    Returns the pid of the container's init (as the host sees it). On failure the
+    container is left stopped.
+
+    Raises:
+        ContainerError: no config, already running, or the start failed (the message
+            carries liblxc's reason).
+    """
+    with trio.fail_after(timeout + 5):
+        pid = await _in_thread(_start_blocking, name, lxcpath, timeout)
+    log.info("container %s running, init pid %d", name, pid)
+    return pid
+
+
+def _signal_number(name: str) -> int:
+    """``SIGUSR2`` -> 12, ``SIGRTMIN+3`` -> 37, ``12`` -> 12 (liblxc answers numbers)."""
+    if name.strip().isdigit():
+        return int(name)
+    base, _, offset = name.upper().partition("+")
+    number = int(signal.Signals[base if base.startswith("SIG") else "SIG" + base])
+    return number + int(offset or 0)
+
+
+def _send_halt(c: lxc.Container) -> bool:
+    """Send init the config's halt signal; False if init is already gone."""
+    pid = c.init_pid
+    if pid <= 0:
+        return False
+    sig = _signal_number(c.get_config_item("lxc.signal.halt") or "SIGPWR")
+    try:
+        # Through a pidfd: the pid cannot be recycled between lookup and signal.
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    try:
+        signal.pidfd_send_signal(fd, sig)
+    except ProcessLookupError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def _hard_stop(c: lxc.Container) -> None:
+    if not c.stop() and c.running:
+        raise ContainerError(f"container {c.name} could not be stopped")
+    if not c.wait("STOPPED", 10):
+        raise ContainerError(f"container {c.name} still {c.state} after a hard stop")
+
+
+async def stop(name: str, lxcpath: Path = DEFAULT_LXCPATH, timeout: float = 30.0) -> bool:
+    """Ask the container's init to power off; hard-stop it after ``timeout`` seconds.
+
+    A stopped or absent container is fine. ``timeout=0`` stops it hard at once.
+    Returns True if it halted by itself (or was not running), False if it was killed.
+
+    Raises:
+        ContainerError: even the hard stop failed.
+    """
+    # Not liblxc's shutdown(): it waits holding the GIL, freezing every other task.
+    c = await _in_thread(_container, name, lxcpath)
+    if not c.running:
+        return True
+    if timeout > 0 and await _in_thread(_send_halt, c):
+        with trio.move_on_after(timeout):
+            while await _in_thread(lambda: c.running):
+                await trio.sleep(0.1)
+            log.info("container %s halted", name)
+            return True
+        log.warning("container %s did not halt within %.0f s, stopping it hard", name, timeout)
+    await _in_thread(_hard_stop, c)
+    log.info("container %s stopped hard", name)
+    return False
+
+
+def _state_blocking(name: str, lxcpath: Path) -> str:
+    c = _container(name, lxcpath)
+    return c.state if c.defined else ABSENT
+
+
+async def state(name: str, lxcpath: Path = DEFAULT_LXCPATH) -> str:
+    """liblxc's state of ``name`` ("RUNNING", "STOPPED", ...), or "ABSENT" with no config."""
+    return await _in_thread(_state_blocking, name, lxcpath)
+
+
+def _states_blocking(lxcpath: Path) -> dict[str, str]:
+    names = lxc.list_containers(config_path=str(lxcpath)) if lxcpath.is_dir() else ()
+    return {n: _state_blocking(n, lxcpath) for n in names if n.startswith("qvd-")}
+
+
+async def list_states(lxcpath: Path = DEFAULT_LXCPATH) -> dict[str, str]:
+    """States of every ``qvd-*`` container defined in ``lxcpath``, for ``vm list``."""
+    return await _in_thread(_states_blocking, lxcpath)
+
+
+def attach_argv(name: str, argv: Sequence[str], lxcpath: Path = DEFAULT_LXCPATH) -> list[str]:
+    """The ``lxc-attach`` command line running ``argv`` in ``name`` with a clean env."""
+    return [
+        "lxc-attach", "-P", str(lxcpath), "-n", name,
+        "--clear-env", "--set-var", f"PATH={EXEC_PATH}", "--", *argv,
+    ]  # fmt: skip
+
+
+async def exec_in(
+    name: str,
+    argv: Sequence[str],
+    lxcpath: Path = DEFAULT_LXCPATH,
+    timeout: float = 60.0,
+    stdin: bytes = b"",
+) -> ExecResult:
+    """Run ``argv`` inside running container ``name``; return its status and output.
+
+    The command's own non-zero status is returned, not raised.
+
+    Raises:
+        ContainerError: empty command, the container is not running, or it timed out.
+    """
+    if not argv:
+        raise ContainerError(f"no command given to run in container {name}")
+    if await state(name, lxcpath) != "RUNNING":
+        raise ContainerError(f"container {name} is not running")
+    try:
+        with trio.fail_after(timeout):
+            done = await trio.run_process(
+                attach_argv(name, argv, lxcpath),
+                stdin=stdin,
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+    except trio.TooSlowError:
+        raise ContainerError(f"command in container {name} timed out after {timeout} s") from None
+    return ExecResult(done.returncode, done.stdout, done.stderr)
+
+
+def console_argv(name: str, lxcpath: Path = DEFAULT_LXCPATH, tty: int = 1) -> list[str]:
+    """The ``lxc-console`` command line for ``name``'s tty (Ctrl+a q leaves)."""
+    return ["lxc-console", "-P", str(lxcpath), "-n", name, "-t", str(tty)]
+
+
+def console(name: str, lxcpath: Path = DEFAULT_LXCPATH, tty: int = 1) -> int:
+    """Attach the caller's terminal to ``name``'s console until Ctrl+a q; returns the status.
+
+    Blocking and interactive on purpose: it owns the terminal while it runs.
+
+    Raises:
+        ContainerError: the container is not running.
+    """
+    if _state_blocking(name, lxcpath) != "RUNNING":
+        raise ContainerError(f"container {name} is not running")
+    return subprocess.run(console_argv(name, lxcpath, tty)).returncode
+
+
+def prune_cgroups(name: str) -> None:
+    """Remove empty cgroups liblxc left for ``name`` (a failed start leaves its monitor's).
+
+    Only empty directories go (``rmdir`` refuses the rest), so a running container's
+    cgroups are never touched.
+    """
+    root = Path("/sys/fs/cgroup")
+    patterns = (f"lxc.payload.{name}", f"lxc.monitor.{name}")
+    tops = [root, *(p for p in root.iterdir() if p.is_dir())] if root.is_dir() else []
+    for top in tops:
+        for prefix in patterns:
+            for entry in top.glob(prefix + "*"):
+                rest = entry.name[len(prefix):]
+                if rest and not re.fullmatch(r"-[0-9]+", rest):
+                    continue  # qvd-1 must not prune qvd-12's groups
+                # Children first: a cgroup folder cannot go while it has sub-groups.
+                for sub in sorted(entry.rglob("*"), key=lambda p: -len(p.parts)):
+                    if sub.is_dir():
+                        _rmdir_quiet(sub)
+                _rmdir_quiet(entry)
+
+
+def _rmdir_quiet(path: Path) -> None:
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass

@@ -1,0 +1,87 @@
+"""A VM's container from config to running and back, with its network, all or nothing.
+
+These two calls are what the lifecycle needs (``qvdctl/lifecycle.py``'s
+``start_container`` / ``stop_container``); mounting the root stays the caller's job.
+
+``launch`` either returns with the container running, or raises having undone its
+own steps: no container left running or defined, no veth left. ``halt`` is
+idempotent, so a cleanup that failed half-way can simply be called again.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import trio
+
+from qvdctl.container import runtime
+from qvdctl.container.config import DEFAULT_LXCPATH, ContainerSpec, remove_config, write_config
+from qvdctl.network import NetworkError, ensure_bridge, remove_veth
+
+log = logging.getLogger(__name__)
+
+
+class LaunchError(Exception):
+    """A step of ``launch`` failed; ``step`` names it, the message is one line."""
+
+    def __init__(self, step: str, message: str) -> None:
+        super().__init__(f"{step}: {message}")
+        self.step = step
+
+
+async def launch(
+    spec: ContainerSpec, lxcpath: Path = DEFAULT_LXCPATH, timeout: float = 30.0
+) -> int:
+    """Set up the bridge, write the config and start ``spec``'s container; return init's pid.
+
+    ``spec.rootfs`` must already be mounted. The bridge is created if missing (with
+    the gateway address) or verified.
+
+    Raises:
+        LaunchError: with ``step`` one of "network", "config", "start"; everything this
+            call did is undone first (the bridge is shared and stays).
+    """
+    net = spec.network
+    if net is not None:
+        gateway = f"{net.gateway}/{net.address.network.prefixlen}"
+        try:
+            await trio.to_thread.run_sync(ensure_bridge, net.bridge, gateway)
+        except NetworkError as exc:
+            raise LaunchError("network", str(exc)) from exc
+    try:
+        write_config(spec, lxcpath)
+    except (ValueError, OSError) as exc:
+        raise LaunchError("config", f"container {spec.name}: {exc}") from exc
+    try:
+        return await runtime.start(spec.name, lxcpath, timeout)
+    except BaseException as exc:
+        # Also on cancellation: a half-started container must not outlive the request.
+        with trio.CancelScope(shield=True):
+            try:
+                await halt(spec, lxcpath, timeout=0)
+            except Exception as cleanup:  # report the start failure, log the cleanup's
+                log.error("cleanup after failed start of %s failed: %s", spec.name, cleanup)
+        if isinstance(exc, (runtime.ContainerError, trio.TooSlowError)):
+            raise LaunchError("start", str(exc) or f"{spec.name} timed out") from exc
+        raise
+
+
+async def halt(spec: ContainerSpec, lxcpath: Path = DEFAULT_LXCPATH, timeout: float = 30.0) -> bool:
+    """Shut ``spec``'s container down (hard after ``timeout``), drop its veth and config.
+
+    Safe to call on a container in any state, or none. Returns True if the container
+    halted by itself (or was not running), False if it had to be killed.
+
+    Raises:
+        runtime.ContainerError: the container could not be stopped (config kept).
+        NetworkError: the veth could not be removed.
+    """
+    clean = await runtime.stop(spec.name, lxcpath, timeout)
+    if spec.network is not None:
+        # liblxc deletes the veth with the container's namespace; this catches the
+        # cases where it could not (a crash of its monitor, a start that died midway).
+        await trio.to_thread.run_sync(remove_veth, spec.network.veth_pair)
+    remove_config(spec.name, lxcpath)
+    await trio.to_thread.run_sync(runtime.prune_cgroups, spec.name)
+    return clean
