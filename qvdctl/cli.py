@@ -1,0 +1,87 @@
+"""``qvdctl``: the node's admin command line, in qvd-admin.pl's grammar.
+
+    qvdctl [--root DIR] [-q] [--json] [-v] <object> <command> [-f k=v[,k=v]]... [key=value ...]
+
+Global options may come anywhere. Every failure an admin can cause prints one
+line, ``Error: ...``, on stderr and exits 1 having changed nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from qvdctl.commands import OBJECTS
+from qvdctl.commands.base import Request, parse_filters
+from qvdctl.errors import QvdError
+from qvdctl.node import Node
+from qvdctl.output import Output
+
+log = logging.getLogger(__name__)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints usage over several lines; we want one
+        raise QvdError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    objects = ", ".join(OBJECTS)
+    parser = _Parser(
+        prog="qvdctl",
+        allow_abbrev=False,
+        description=f"Administer a QVD LXC node. Objects: {objects}.",
+        epilog="Example: qvdctl vm list -f name=Test*",
+    )
+    parser.add_argument(
+        "--root", type=Path, default=os.environ.get("QVD_ROOT") or None,
+        help="storage root holding the database too (env QVD_ROOT; default /var/lib/qvd/storage)",
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="no table headers")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
+    parser.add_argument("-f", "--filter", action="append", default=[], metavar="K=V[,K=V]",
+                        help="select objects; * and ? are wildcards")
+    parser.add_argument("object", help=objects)
+    parser.add_argument("command")
+    parser.add_argument("words", nargs="*", metavar="key=value")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; return the exit status."""
+    try:
+        ns = _parser().parse_intermixed_args(argv)
+        level = {0: logging.WARNING, 1: logging.INFO}.get(ns.verbose, logging.DEBUG)
+        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+        commands = OBJECTS.get(ns.object)
+        if commands is None:
+            raise QvdError(f"unknown object '{ns.object}' (objects: {', '.join(OBJECTS)})")
+        command = commands.get(ns.command)
+        if command is None:
+            raise QvdError(
+                f"unknown command '{ns.command}' for {ns.object} (commands: {', '.join(commands)})"
+            )
+        filters = parse_filters(ns.filter)
+        node = Node(ns.root)
+        try:
+            out = Output(quiet=ns.quiet, as_json=ns.json)
+            command(Request(ns.object, ns.command, node, out, filters, ns.words))
+        finally:
+            node.close()
+    except QvdError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("Error: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

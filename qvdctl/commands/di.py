@@ -1,0 +1,150 @@
+"""``qvdctl di add/list/tag/untag/del``: disk images and their tags.
+
+Tags are unique within an OSF: tagging a DI takes the tag off the DI of the
+same OSF that had it. ``di add`` tags the new image with its version and
+``head``, and with ``default`` when it is the OSF's first image. A VM names
+its image by tag (``di_tag``, default ``default``), resolved at each start.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import re
+import shutil
+from pathlib import Path
+
+from qvdctl.commands.base import Request
+from qvdctl.db import store
+from qvdctl.errors import QvdError
+from qvdctl.images.importer import check_image_name, import_image
+
+log = logging.getLogger(__name__)
+
+KEYS = ["id", "osf", "version", "path", "tags"]
+_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,199}")
+
+
+def add(req: Request) -> None:
+    """``di add path=FILE osf=NAME [version=V]``: import from staging and tag."""
+    req.no_filter()
+    args = req.args(required=["path", "osf"], optional=["version"])
+    storage = req.node.storage()
+    storage.ensure()
+    source = _source_path(args["path"], storage.staging)
+    name = check_image_name(source.name)
+    version = args.get("version")
+    if version is not None:
+        check_tag(version)
+    with req.node.db.reader() as conn:
+        osf = store.osf_by_name(conn, args["osf"])
+        if any(d["path"] == name for d in store.list_dis(conn)):
+            raise QvdError(f"a disk image with file name '{name}' already exists")
+    imported = import_image(source, storage.images)
+    try:
+        with req.node.db.writer() as conn:
+            if version is None:
+                version = _next_version(conn, osf["id"])
+            di_id = store.add_di(conn, osf["id"], name, version, imported.sha256, imported.size)
+            di = store.get_di(conn, di_id)
+            for tag in (version, "head"):
+                store.tag_di(conn, di, tag)
+            if store.count_dis(conn, osf["id"]) == 1:
+                store.tag_di(conn, di, "default")
+    except BaseException:
+        # Registering failed: the copied file must not stay behind unregistered.
+        imported.path.unlink(missing_ok=True)
+        raise
+    req.out.message(f"DI added with id {di_id}", id=di_id, version=version, sha256=imported.sha256)
+
+
+def _source_path(path: str, staging: Path) -> Path:
+    """An absolute path, or a name relative to staging/ (then to the current folder)."""
+    candidate = Path(path)
+    if not candidate.is_absolute() and (staging / candidate).exists():
+        return staging / candidate
+    return candidate.absolute()
+
+
+def _next_version(conn, osf_id: int) -> str:
+    """QVD's default version: today's date and a counter, e.g. ``2026-11-24-000``."""
+    today = datetime.date.today().isoformat()
+    taken = set(store.versions_like(conn, osf_id, today))
+    return next(f"{today}-{n:03d}" for n in range(10_000) if f"{today}-{n:03d}" not in taken)
+
+
+def check_tag(tag: str) -> str:
+    if not _TAG.fullmatch(tag):
+        raise QvdError(f"bad tag '{tag}': letters, digits and . _ + - only")
+    return tag
+
+
+def _rows(conn) -> list[dict]:
+    rows = store.list_dis(conn)
+    for row in rows:
+        row["tags"] = ",".join(row["tags"])
+    return rows
+
+
+def list_(req: Request) -> None:
+    req.args()
+    with req.node.db.reader() as conn:
+        rows = req.select(_rows(conn), KEYS, need=False)
+    req.out.table(
+        ["Id", "OSF", "Version", "Path", "Tags", "Size"],
+        [[r["id"], r["osf"], r["version"], r["path"], r["tags"], r["size"]] for r in rows],
+    )
+
+
+def tag(req: Request) -> None:
+    """``di tag -f id=N tag=T``: the filter must pick exactly one DI."""
+    tag_ = check_tag(req.args(required=["tag"])["tag"])
+    with req.node.db.writer() as conn:
+        di = _one(req, conn)
+        store.tag_di(conn, di, tag_)
+    req.out.message(f"DI {di['id']} tagged {tag_}", id=di["id"], tag=tag_)
+
+
+def untag(req: Request) -> None:
+    """``di untag -f id=N tag=T``."""
+    tag_ = req.args(required=["tag"])["tag"]
+    with req.node.db.writer() as conn:
+        di = _one(req, conn)
+        if not store.untag_di(conn, di, tag_):
+            raise QvdError(f"DI {di['id']} has no tag '{tag_}'")
+    req.out.message(f"DI {di['id']} untagged {tag_}", id=di["id"], tag=tag_)
+
+
+def _one(req: Request, conn) -> dict:
+    rows = req.select(_rows(conn), KEYS, need=True)
+    if len(rows) != 1:
+        raise QvdError(f"the filter matches {len(rows)} disk images; it must match one")
+    return rows[0]
+
+
+def del_(req: Request) -> None:
+    """``di del -f ...``: refused while a VM runs the image; removes its file and extraction."""
+    req.args()
+    storage = req.node.storage()
+    with req.node.db.writer() as conn:
+        rows = req.select(_rows(conn), KEYS, need=True)
+        for row in rows:
+            users = store.vms_using_di(conn, row["id"])
+            if users:
+                raise QvdError(f"DI {row['id']} is in use by VM {', '.join(users)}")
+        for row in rows:
+            store.del_di(conn, row)
+    for row in rows:
+        # After the commit: a crash here leaves files without a row, never a row without files.
+        storage.image(row["path"]).unlink(missing_ok=True)
+        own_entry = re.compile(r"[0-9]+-" + re.escape(row["path"]))
+        for entry in storage.basefs.iterdir():
+            if own_entry.fullmatch(entry.name) and entry.is_symlink():
+                entry.unlink()
+        tree = storage.extraction(row["path"])
+        if tree.exists():
+            shutil.rmtree(tree)
+        req.out.message(f"DI {row['id']} deleted", id=row["id"])
+
+
+COMMANDS = {"add": add, "list": list_, "tag": tag, "untag": untag, "del": del_}

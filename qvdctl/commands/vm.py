@@ -1,0 +1,125 @@
+"""``qvdctl vm add/list/del/start/stop/console``.
+
+Starting and stopping are in ``qvdctl/lifecycle.py``; this module parses,
+selects the VMs and prints.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+from qvdctl import addressing, lifecycle
+from qvdctl.commands.base import Request
+from qvdctl.commands.di import check_tag
+from qvdctl.commands.osf import check_name
+from qvdctl.db import store
+from qvdctl.errors import QvdError
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ["Id", "Name", "User", "Ip", "OSF", "DI_Tag", "DI", "Host", "State", "UserState", "Blocked"]
+KEYS = ["id", "name", "user", "ip", "osf", "di_tag", "di", "host", "state", "user_state", "blocked"]
+
+
+def add(req: Request) -> None:
+    """``vm add name=N user=LOGIN osf=NAME [di_tag=T] [ip=A]``."""
+    req.no_filter()
+    args = req.args(required=["name", "user", "osf"], optional=["di_tag", "ip"])
+    name = check_name(args["name"], "VM")
+    di_tag = check_tag(args.get("di_tag", "default"))
+    settings = req.node.settings()
+    # One writer transaction from reading the used IPs to the insert: two
+    # concurrent `vm add` cannot pick the same address.
+    with req.node.db.writer() as conn:
+        user = store.user_by_login(conn, args["user"])
+        osf = store.osf_by_name(conn, args["osf"])
+        used = store.used_ips(conn)
+        if "ip" in args:
+            ip = addressing.check_requested(settings, args["ip"], used)
+        else:
+            ip = addressing.next_free(settings, used)
+        vm_id = store.add_vm(conn, name, user["id"], osf["id"], di_tag, ip)
+    req.out.message(f"VM added with id {vm_id}", id=vm_id, ip=ip)
+
+
+def _rows(conn) -> list[dict]:
+    rows = store.list_vms(conn)
+    for row in rows:
+        if row["state"] != "stopped" and row["current_di_version"]:
+            row["di"] = row["current_di_version"]
+        else:
+            di = store.di_for_tag(conn, row["osf_id"], row["di_tag"])
+            row["di"] = di["version"] if di else None
+    return rows
+
+
+def list_(req: Request) -> None:
+    req.args()
+    with req.node.db.reader() as conn:
+        rows = req.select(_rows(conn), KEYS, need=False)
+    req.out.table(COLUMNS, [[r[k] for k in KEYS] for r in rows])
+
+
+def del_(req: Request) -> None:
+    """``vm del -f ...``: stopped VMs only. The home stays on disk for the admin."""
+    req.args()
+    with req.node.db.writer() as conn:
+        rows = req.select(_rows(conn), KEYS, need=True)
+        for row in rows:
+            if row["state"] != "stopped":
+                raise QvdError(f"VM '{row['name']}' is {row['state']}; stop it before deleting it")
+        for row in rows:
+            store.del_vm(conn, row)
+    storage = req.node.storage()
+    for row in rows:
+        # Only the empty mountpoint and the link to the shared image go; homes and
+        # overlays are data and stay for the admin.
+        rootfs = storage.rootfs_entry(row["user_id"], row["id"])
+        if rootfs.is_dir() and not any(rootfs.iterdir()):
+            rootfs.rmdir()
+        for entry in storage.basefs.glob(f"{row['id']}-*"):
+            if entry.is_symlink():
+                entry.unlink()
+        req.out.message(f"VM {row['name']} deleted", id=row["id"])
+
+
+def _selected(req: Request) -> list[lifecycle.Vm]:
+    req.args()
+    with req.node.db.reader() as conn:
+        rows = req.select(_rows(conn), KEYS, need=True)
+    return [lifecycle.load_vm(req.node, row["id"]) for row in rows]
+
+
+def start(req: Request) -> None:
+    for vm in _selected(req):
+        mounted = lifecycle.start_vm(req.node, vm)
+        how = " (root mounted only)" if mounted.settings["vm.start.mount_only"] == "1" else ""
+        req.out.message(f"VM {vm.name} started{how}", id=vm.id, rootfs=str(mounted.rootfs))
+
+
+def stop(req: Request) -> None:
+    for vm in _selected(req):
+        lifecycle.stop_vm(req.node, vm)
+        req.out.message(f"VM {vm.name} stopped", id=vm.id)
+
+
+def console(req: Request) -> None:
+    """``vm console -f ...``: attach to the container's console (Ctrl+a q leaves)."""
+    vms = _selected(req)
+    if len(vms) != 1:
+        raise QvdError(f"the filter matches {len(vms)} VMs; a console needs exactly one")
+    vm = vms[0]
+    if vm.state != "running":
+        raise QvdError(f"VM '{vm.name}' is {vm.state}, not running")
+    program = shutil.which("lxc-console")
+    if program is None:
+        raise QvdError("lxc-console is not installed")
+    req.node.close()
+    os.execv(program, [program, "-n", vm.container_name])
+
+
+COMMANDS = {
+    "add": add, "list": list_, "del": del_, "start": start, "stop": stop, "console": console,
+}

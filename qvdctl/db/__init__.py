@@ -1,0 +1,1 @@
+"""The node's state: SQLAlchemy Core tables, versioned migrations, data access."""

@@ -1,0 +1,56 @@
+"""Versioned schema migrations.
+
+The database records the number of the last migration applied in
+``schema_version``. ``upgrade`` runs the missing ones in order inside one
+writer transaction, so two qvdctl processes opening a fresh database at once
+cannot both create it. To change the schema: append a function to
+``MIGRATIONS``; never edit one that has shipped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from sqlalchemy import Connection, inspect, select
+
+from qvdctl.db import schema
+from qvdctl.errors import QvdError
+
+log = logging.getLogger(__name__)
+
+
+def _v1_initial(conn: Connection) -> None:
+    # Version 1 is the schema as first released; later versions must spell out
+    # their own DDL rather than call create_all on a changed metadata.
+    schema.metadata.create_all(conn)
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1_initial]
+
+LATEST = len(MIGRATIONS)
+
+
+def current_version(conn: Connection) -> int:
+    """The schema version of the database ``conn`` is connected to (0 when empty)."""
+    if not inspect(conn).has_table("schema_version"):
+        return 0
+    return conn.execute(select(schema.schema_version.c.version)).scalar_one_or_none() or 0
+
+
+def upgrade(conn: Connection) -> int:
+    """Apply every missing migration; the caller holds a writer transaction.
+
+    Returns the version reached. A database newer than this program is left alone
+    and refused, rather than written with an old idea of its schema.
+    """
+    version = current_version(conn)
+    if version > LATEST:
+        raise QvdError(f"database schema version {version} is newer than this qvdctl ({LATEST})")
+    for number in range(version + 1, LATEST + 1):
+        log.info("applying database migration %d", number)
+        MIGRATIONS[number - 1](conn)
+    if version != LATEST:
+        conn.execute(schema.schema_version.delete())
+        conn.execute(schema.schema_version.insert().values(version=LATEST))
+    return LATEST

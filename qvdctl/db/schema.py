@@ -1,0 +1,106 @@
+"""Tables of the node's database (SQLAlchemy Core, so PostgreSQL can come later).
+
+Names follow QVD where it has them (osfs, dis, di_tags, users, vms, hosts).
+A VM's runtime state (state, host, current DI, timestamps) sits in its own row:
+this node only ever runs its own VMs, and one row keeps the queries simple.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    Column,
+    DateTime,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData()
+
+schema_version = Table(
+    "schema_version",
+    metadata,
+    Column("version", Integer, nullable=False),
+)
+
+settings = Table(
+    "settings",
+    metadata,
+    Column("key", String(200), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+osfs = Table(
+    "osfs",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(200), nullable=False, unique=True),
+    Column("memory", Integer, nullable=False),  # MiB, the container's limit
+    Column("user_storage", Integer, nullable=False),  # MiB, 0 = unlimited
+)
+
+dis = Table(
+    "dis",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("osf_id", Integer, ForeignKey("osfs.id"), nullable=False),
+    # File name inside images/, unique because it is also the name on disk.
+    Column("path", String(255), nullable=False, unique=True),
+    Column("version", String(200), nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("size", Integer, nullable=False),
+    Column("created", DateTime, nullable=False),
+    UniqueConstraint("osf_id", "version"),
+)
+
+di_tags = Table(
+    "di_tags",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("di_id", Integer, ForeignKey("dis.id", ondelete="CASCADE"), nullable=False),
+    # Denormalised so a tag can be unique within an OSF (moving 'head' moves it).
+    Column("osf_id", Integer, ForeignKey("osfs.id"), nullable=False),
+    Column("tag", String(200), nullable=False),
+    UniqueConstraint("osf_id", "tag"),
+)
+
+users = Table(
+    "users",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("login", String(200), nullable=False, unique=True),
+    Column("password", String(300), nullable=False),  # scrypt, see commands/user.py
+    Column("blocked", Integer, nullable=False, default=0),
+)
+
+hosts = Table(
+    "hosts",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(253), nullable=False, unique=True),
+    Column("address", String(64), nullable=False),
+    Column("created", DateTime, nullable=False),
+)
+
+vms = Table(
+    "vms",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(200), nullable=False, unique=True),
+    Column("user_id", Integer, ForeignKey("users.id"), nullable=False),
+    Column("osf_id", Integer, ForeignKey("osfs.id"), nullable=False),
+    Column("di_tag", String(200), nullable=False),
+    Column("ip", String(15), nullable=False, unique=True),
+    Column("blocked", Integer, nullable=False, default=0),
+    # Runtime state.
+    Column("state", String(20), nullable=False, default="stopped"),
+    Column("user_state", String(20), nullable=False, default="disconnected"),
+    Column("host_id", Integer, ForeignKey("hosts.id"), nullable=True),
+    Column("current_di_id", Integer, ForeignKey("dis.id"), nullable=True),
+    Column("created", DateTime, nullable=False),
+    Column("state_changed", DateTime, nullable=False),
+)

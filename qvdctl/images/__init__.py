@@ -1,0 +1,1 @@
+"""Disk images: importing tarballs into images/ and extracting them into basefs/."""
