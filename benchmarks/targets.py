@@ -1,0 +1,230 @@
+"""The filesystems under test, and how to mount each fresh over the fixture.
+
+Every mount gets its own empty upper (and work) folder below the run's scratch folder, is timed
+from the command's start until the kernel lists the mountpoint, and is unmounted in a
+``finally``. Mounts still up when the process is interrupted are listed in ``_ACTIVE`` and
+taken down by ``unmount_all()``.
+
+The plain directory is the physical limit: the workload runs on the lower folder itself, no
+mount at all, and the workloads restore what they change (see ``fixture.Fixture.repair``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+QVDFS = str(Path(sys.executable).parent / "qvdfs")
+# The node's exact options (SPEC §3), and unionfs-fuse's as the issue gives them.
+QVDFS_OPTIONS = ["-o", "cow", "-o", "max_files=32000", "-o", "suid", "-o", "dev",
+                 "-o", "allow_other"]
+UNIONFS_OPTIONS = ["-o", "cow,allow_other,use_ino,suid,dev"]
+
+MOUNT_TIMEOUT = 30.0
+UNMOUNT_TIMEOUT = 15.0
+
+# Mountpoints this process has mounted and not yet unmounted.
+_ACTIVE: set[str] = set()
+
+
+@dataclasses.dataclass
+class Mounted:
+    """One fresh mount of a target: where to work, and what it cost to get there."""
+
+    target: Target
+    root: Path  # where the workload runs
+    upper: Path | None
+    mount_seconds: float | None  # None for the plain directory
+    daemon_pid: int | None  # the FUSE daemon serving ``root``, if any
+
+    def daemon_rss_mib(self) -> float | None:
+        """Resident memory of the FUSE daemon now, from /proc/<pid>/status VmRSS."""
+        if self.daemon_pid is None:
+            return None
+        with open(f"/proc/{self.daemon_pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A filesystem to compare. ``kind`` is ``plain``, ``kernel`` or ``fuse``."""
+
+    name: str
+    kind: str
+    summary: str
+
+    def unavailable(self) -> str | None:
+        """Why this target cannot run on this machine, or None when it can."""
+        binary = {"unionfs-fuse": "/usr/bin/unionfs", "fuse-overlayfs": "/usr/bin/fuse-overlayfs",
+                  "qvdfs": QVDFS}.get(self.name)
+        if binary and not os.access(binary, os.X_OK):
+            return f"{binary} is not installed"
+        return None
+
+    def mount_command(self, lower: Path, upper: Path, work: Path, mnt: Path) -> list[str]:
+        if self.name == "kernel-overlay":
+            opts = f"lowerdir={lower},upperdir={upper},workdir={work}"
+            return ["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)]
+        if self.name == "unionfs-fuse":
+            return ["/usr/bin/unionfs", *UNIONFS_OPTIONS, f"{upper}=RW:{lower}=RO", str(mnt)]
+        if self.name == "fuse-overlayfs":
+            opts = f"lowerdir={lower},upperdir={upper},workdir={work}"
+            return ["/usr/bin/fuse-overlayfs", "-o", opts, str(mnt)]
+        if self.name == "qvdfs":
+            return [QVDFS, *QVDFS_OPTIONS, f"{upper}=RW:{lower}=RO", str(mnt)]
+        raise ValueError(f"{self.name} has no mount command")
+
+
+PLAIN = Target("plain", "plain", "the lower folder itself, no union (the physical limit)")
+KERNEL = Target("kernel-overlay", "kernel", "kernel overlayfs")
+UNIONFS = Target("unionfs-fuse", "fuse", "stock unionfs-fuse 2.x, -o cow,allow_other,use_ino,suid,dev")
+FUSE_OVERLAYFS = Target("fuse-overlayfs", "fuse", "fuse-overlayfs, lowerdir/upperdir/workdir")
+QVDFS_TARGET = Target("qvdfs", "fuse", "qvdfs with the node's exact command line")
+
+ALL = (PLAIN, KERNEL, UNIONFS, FUSE_OVERLAYFS, QVDFS_TARGET)
+BY_NAME = {t.name: t for t in ALL}
+BASELINE = UNIONFS.name
+
+
+def is_mounted(path: str | os.PathLike[str]) -> bool:
+    target = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        # Field 5 is the mountpoint, with spaces escaped; our scratch paths have none.
+        return any(line.split()[4] == target for line in f)
+
+
+def probe(target: Target, lower: Path, scratch: Path) -> str | None:
+    """Mount ``target`` once over ``lower`` and take it down; the error, or None if it works.
+
+    Catches a binary that exists but cannot mount yet (qvdfs while it is being written), so the
+    run skips it with a reason instead of failing every workload.
+    """
+    reason = target.unavailable()
+    if reason or target.kind == "plain":
+        return reason
+    try:
+        with mount(target, lower, scratch / f"probe-{target.name}") as mounted:
+            os.listdir(mounted.root)
+    except (OSError, subprocess.SubprocessError, MountError) as exc:
+        return f"probe mount failed: {exc}"
+    return None
+
+
+class MountError(Exception):
+    """A target did not mount, or did not come down."""
+
+
+@contextlib.contextmanager
+def mount(target: Target, lower: Path, scratch: Path) -> Iterator[Mounted]:
+    """Mount ``target`` fresh over ``lower`` with an empty upper; take it all down on exit.
+
+    ``scratch`` must not exist yet; it receives ``upper/``, ``work/`` and ``mnt/`` and is
+    deleted afterwards. For the plain target nothing is mounted and ``root`` is ``lower``.
+    """
+    if target.kind == "plain":
+        yield Mounted(target, lower, None, None, None)
+        return
+    upper, work, mnt = scratch / "upper", scratch / "work", scratch / "mnt"
+    for folder in (upper, work, mnt):
+        folder.mkdir(parents=True)
+    command = target.mount_command(lower, upper, work, mnt)
+    try:
+        start = time.perf_counter()
+        _ACTIVE.add(str(mnt))
+        done = subprocess.run(command, capture_output=True, text=True, timeout=MOUNT_TIMEOUT)
+        if done.returncode != 0:
+            detail = (done.stderr or done.stdout).strip().splitlines()
+            raise MountError(f"{command[0]} exited {done.returncode}: "
+                             f"{detail[-1] if detail else 'no output'}")
+        # A daemon may return before the kernel lists the mount; mount time ends when it does.
+        deadline = start + MOUNT_TIMEOUT
+        while not is_mounted(mnt):
+            if time.perf_counter() > deadline:
+                raise MountError(f"{target.name} exited 0 but {mnt} is not mounted")
+            time.sleep(0.001)
+        seconds = time.perf_counter() - start
+        pid = daemon_pid(mnt) if target.kind == "fuse" else None
+        yield Mounted(target, mnt, upper, seconds, pid)
+    finally:
+        try:
+            unmount(mnt)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def daemon_pid(mnt: Path) -> int | None:
+    """The pid of the process whose argv names ``mnt`` (the FUSE daemon serving it)."""
+    wanted = {os.fsencode(str(mnt)), os.fsencode(os.path.realpath(mnt))}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if wanted & set(argv):
+            return int(entry)
+    return None
+
+
+def unmount(mnt: Path) -> None:
+    """Take ``mnt`` down the way the node does (plain ``umount``) and wait for its daemon.
+
+    Falls back to a lazy unmount if the mount stays busy, so a run never leaves one behind.
+    """
+    pid = daemon_pid(mnt) if is_mounted(mnt) else None
+    for command in (["umount", str(mnt)], ["umount", str(mnt)], ["umount", "-l", str(mnt)]):
+        if not is_mounted(mnt):
+            break
+        done = subprocess.run(command, capture_output=True, text=True, timeout=UNMOUNT_TIMEOUT)
+        if done.returncode != 0:
+            log.warning("%s: %s", " ".join(command), done.stderr.strip())
+            time.sleep(0.2)
+    _ACTIVE.discard(str(mnt))
+    if is_mounted(mnt):
+        raise MountError(f"could not unmount {mnt}")
+    if pid is not None:
+        _wait_exit(pid)
+
+
+def _wait_exit(pid: int) -> None:
+    deadline = time.monotonic() + UNMOUNT_TIMEOUT
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            log.warning("daemon %d still running %ds after umount; killing it", pid,
+                        UNMOUNT_TIMEOUT)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+            return
+        time.sleep(0.01)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def unmount_all() -> None:
+    """Unmount whatever this process still has mounted (after an interrupt)."""
+    for mnt in sorted(_ACTIVE, reverse=True):
+        try:
+            unmount(Path(mnt))
+        except (OSError, subprocess.SubprocessError, MountError) as exc:
+            print(f"bench: could not unmount {mnt}: {exc}", file=sys.stderr)
