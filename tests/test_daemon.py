@@ -1,0 +1,462 @@
+"""The qvdfs program end to end: real mounts, real daemons, real umount.
+
+Two programs are run as subprocesses:
+
+- ``.venv/bin/qvdfs``, the real entry point, for the node's command line and every check
+  that happens before the filesystem is built. While ``qvdfs/operations.py`` does not exist
+  yet, the mount tests run this module as a script instead (see ``ENTRY``).
+- this module run as a script (``STANDIN``): the same ``qvdfs.daemon.run`` serving a tiny
+  stand-in filesystem (an empty root directory) that can be told to fail, for the error paths
+  and for checking that ``destroy()`` is called. It is never part of the shipped program.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import importlib.util
+import os
+import resource
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyfuse3
+import pytest
+
+from qvdfs import daemon
+from qvdfs.config import MountError
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+QVDFS = str(VENV_BIN / "qvdfs")
+STANDIN = [sys.executable, str(Path(__file__).resolve())]
+STANDIN_ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+# The real entry point once the lead's UnionOperations exists; the stand-in until then.
+ENTRY = [QVDFS] if importlib.util.find_spec("qvdfs.operations") is not None else STANDIN
+NODE_OPTIONS = ["-o", "cow", "-o", "max_files=32000", "-o", "suid", "-o", "dev", "-o", "allow_other"]
+STANDIN_ROOT_MODE = 0o711  # unusual on purpose: a stat showing it proves the stand-in answers
+
+
+class StandinOperations(pyfuse3.Operations):
+    """An empty root directory. Looking up ``crash`` raises, as a handler bug would.
+
+    Environment knobs: QVDFS_STANDIN_FAIL_ROOT=1 makes every getattr raise (the mount never
+    answers its first request); QVDFS_STANDIN_DESTROY_MARK=FILE makes ``destroy`` write FILE.
+    """
+
+    def __init__(self, config: object) -> None:
+        super().__init__()
+        self.config = config
+
+    async def getattr(self, inode: int, ctx: object = None) -> pyfuse3.EntryAttributes:
+        if os.environ.get("QVDFS_STANDIN_FAIL_ROOT"):
+            raise RuntimeError("stand-in getattr fails on purpose")
+        if inode != pyfuse3.ROOT_INODE:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = pyfuse3.ROOT_INODE
+        attr.st_mode = stat.S_IFDIR | STANDIN_ROOT_MODE
+        attr.st_nlink = 2
+        now = time.time_ns()
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = now
+        return attr
+
+    async def lookup(self, parent: int, name: bytes, ctx: object = None) -> pyfuse3.EntryAttributes:
+        if name == b"crash":
+            raise RuntimeError("stand-in lookup crashes on purpose")
+        raise pyfuse3.FUSEError(errno.ENOENT)
+
+    async def opendir(self, inode: int, ctx: object) -> int:
+        return inode
+
+    async def readdir(self, fh: int, start_id: int, token: object) -> None:
+        return None
+
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    def destroy(self) -> None:
+        mark = os.environ.get("QVDFS_STANDIN_DESTROY_MARK")
+        if mark:
+            Path(mark).write_text("destroyed\n")
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def mount_entry(path: Path) -> list[str]:
+    """The mountinfo fields of the mount on ``path`` (the topmost one)."""
+    found = [line.split() for line in open("/proc/self/mountinfo")
+             if line.split()[4] == os.path.realpath(path)]
+    assert found, f"{path} is not mounted"
+    return found[-1]
+
+
+def daemon_pids(mountpoint: Path) -> list[int]:
+    """Live processes (not zombies) running qvdfs or the stand-in with ``mountpoint`` in argv."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        runs_qvdfs = any(b"qvdfs" in a or b"test_daemon" in a for a in argv[:2])
+        if runs_qvdfs and os.fsencode(mountpoint) in argv and state != "Z":
+            pids.append(int(entry))
+    return pids
+
+
+def wait_gone(pids: list[int], timeout: float = 15) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(Path(f"/proc/{p}").exists() and _alive(p) for p in pids):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_unmounted(path: Path, timeout: float = 15) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not is_mounted(path):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def is_mounted(path: Path) -> bool:
+    return os.path.realpath(path) in daemon.mounted_paths()
+
+
+@contextlib.contextmanager
+def cleanup(mountpoint: Path) -> Iterator[None]:
+    """Whatever a test leaves behind on ``mountpoint``: unmount it and kill its daemons."""
+    try:
+        yield
+    finally:
+        for cmd in (["umount", str(mountpoint)], ["umount", "-l", str(mountpoint)]):
+            if is_mounted(mountpoint):
+                subprocess.run(cmd, capture_output=True, timeout=30)
+        for pid in daemon_pids(mountpoint):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def dirs(tmp_path: Path) -> dict[str, Path]:
+    """The node's layout in miniature: an overlay, a base with a file, an empty mountpoint."""
+    layout = {name: tmp_path / name for name in ("overlay", "base", "rootfs")}
+    for path in layout.values():
+        path.mkdir()
+    (layout["base"] / "hello").write_text("from base\n")
+    return layout
+
+
+def node_argv(d: dict[str, Path]) -> list[str]:
+    return [*NODE_OPTIONS, f"{d['overlay']}=RW:{d['base']}=RO", str(d["rootfs"])]
+
+
+def run_entry(command: list[str], argv: list[str], **kwargs: object) -> subprocess.CompletedProcess:
+    return subprocess.run([*command, *argv], capture_output=True, text=True, timeout=60,
+                          env=kwargs.pop("env", STANDIN_ENV), **kwargs)  # type: ignore[arg-type]
+
+
+def errors(stderr: str) -> list[str]:
+    """The lines of ``stderr`` that are not warnings (max_files=32000 warns on this machine)."""
+    return [line for line in stderr.splitlines() if not line.startswith("qvdfs: warning: ")]
+
+
+def assert_one_line_failure(result: subprocess.CompletedProcess, *words: str) -> None:
+    assert result.returncode != 0
+    lines = errors(result.stderr)
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("qvdfs: ")
+    for word in words:
+        assert word in lines[0]
+
+
+# --- the node's life cycle -------------------------------------------------------------------
+
+
+def test_node_command_line_mounts_and_umount_ends_daemon(dirs: dict[str, Path]) -> None:
+    mnt = dirs["rootfs"]
+    with cleanup(mnt):
+        result = run_entry(ENTRY, node_argv(dirs))
+        assert result.returncode == 0, result.stderr
+        # Exit 0 means mounted and serving: the very next request is answered.
+        assert is_mounted(mnt)
+        os.stat(mnt)
+        fields = mount_entry(mnt)
+        mount_flags = fields[5].split(",")
+        super_options = fields[-1].split(",")
+        assert fields[fields.index("-") + 1] == "fuse.qvdfs"
+        assert fields[fields.index("-") + 2] == "qvdfs"
+        assert "nosuid" not in mount_flags and "nodev" not in mount_flags
+        assert "allow_other" in super_options and "default_permissions" in super_options
+        if ENTRY == STANDIN:
+            assert stat.S_IMODE(os.stat(mnt).st_mode) == STANDIN_ROOT_MODE
+        else:
+            assert (mnt / "hello").read_text() == "from base\n"
+        pids = daemon_pids(mnt)
+        assert len(pids) == 1, pids
+        # The daemon detached: its own session, cwd /.
+        assert os.getsid(pids[0]) == pids[0]
+        assert os.readlink(f"/proc/{pids[0]}/cwd") == "/"
+
+        subprocess.run(["umount", str(mnt)], check=True, timeout=30)
+        assert wait_gone(pids), "daemon still running after umount"
+        assert not is_mounted(mnt)
+
+
+def test_fusermount_u_ends_daemon(dirs: dict[str, Path]) -> None:
+    mnt = dirs["rootfs"]
+    with cleanup(mnt):
+        assert run_entry(ENTRY, node_argv(dirs)).returncode == 0
+        pids = daemon_pids(mnt)
+        assert pids
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=True, timeout=30)
+        assert wait_gone(pids)
+        assert not is_mounted(mnt)
+
+
+@pytest.mark.parametrize("how", ["umount", "SIGTERM", "SIGINT"])
+def test_foreground_exits_0_after_umount_or_signal(dirs: dict[str, Path], how: str) -> None:
+    mnt = dirs["rootfs"]
+    with cleanup(mnt):
+        proc = subprocess.Popen([*ENTRY, "-f", *node_argv(dirs)], env=STANDIN_ENV,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 30
+            while not is_mounted(mnt):
+                assert proc.poll() is None, proc.communicate()
+                assert time.monotonic() < deadline, "foreground qvdfs did not mount"
+                time.sleep(0.05)
+            os.stat(mnt)
+            if how == "umount":
+                subprocess.run(["umount", str(mnt)], check=True, timeout=30)
+            else:
+                proc.send_signal(getattr(signal, how))
+            out, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 0, err
+        assert not is_mounted(mnt)
+        assert "serving" in err  # foreground logs to stderr
+
+
+def test_sigterm_unmounts_daemon(dirs: dict[str, Path]) -> None:
+    mnt = dirs["rootfs"]
+    with cleanup(mnt):
+        assert run_entry(ENTRY, node_argv(dirs)).returncode == 0
+        pids = daemon_pids(mnt)
+        assert len(pids) == 1
+        os.kill(pids[0], signal.SIGTERM)
+        assert wait_gone(pids)
+        assert wait_unmounted(mnt)
+
+
+def test_debug_file_gets_the_log_and_destroy_is_called(dirs: dict[str, Path],
+                                                       tmp_path: Path) -> None:
+    mnt, log_file, mark = dirs["rootfs"], tmp_path / "qvdfs.log", tmp_path / "destroyed"
+    env = {**STANDIN_ENV, "QVDFS_STANDIN_DESTROY_MARK": str(mark)}
+    with cleanup(mnt):
+        result = run_entry(STANDIN, ["-o", f"debug_file={log_file}", *node_argv(dirs)], env=env)
+        assert result.returncode == 0, result.stderr
+        assert errors(result.stderr) == []
+        pids = daemon_pids(mnt)
+        assert not mark.exists()
+        subprocess.run(["umount", str(mnt)], check=True, timeout=30)
+        assert wait_gone(pids)
+    assert mark.read_text() == "destroyed\n"
+    text = log_file.read_text()
+    assert f"serving {mnt}" in text
+    assert f"unmounted {mnt}" in text
+
+
+# --- failures: one line on stderr, non-zero, nothing mounted ---------------------------------
+
+
+def test_missing_branch(dirs: dict[str, Path]) -> None:
+    missing = dirs["base"].parent / "nope"
+    result = run_entry([QVDFS], [*NODE_OPTIONS, f"{dirs['overlay']}=RW:{missing}=RO",
+                                 str(dirs["rootfs"])])
+    assert_one_line_failure(result, str(missing), "does not exist")
+    assert not is_mounted(dirs["rootfs"])
+
+
+def test_branch_not_a_directory(dirs: dict[str, Path]) -> None:
+    file_branch = dirs["base"] / "hello"
+    result = run_entry([QVDFS], [f"{dirs['overlay']}=RW:{file_branch}", str(dirs["rootfs"])])
+    assert_one_line_failure(result, str(file_branch), "not a directory")
+    assert not is_mounted(dirs["rootfs"])
+
+
+def test_mountpoint_missing_or_not_a_directory(dirs: dict[str, Path]) -> None:
+    branches = f"{dirs['overlay']}=RW:{dirs['base']}=RO"
+    missing = dirs["rootfs"] / "nope"
+    assert_one_line_failure(run_entry([QVDFS], [branches, str(missing)]), "does not exist")
+    a_file = dirs["base"] / "hello"
+    assert_one_line_failure(run_entry([QVDFS], [branches, str(a_file)]), "not a directory")
+    assert not is_mounted(a_file)
+
+
+def test_mountpoint_busy(dirs: dict[str, Path]) -> None:
+    mnt = dirs["rootfs"]
+    with cleanup(mnt):
+        subprocess.run(["mount", "-t", "tmpfs", "qvdfs-test", str(mnt)], check=True, timeout=30)
+        before = mount_entry(mnt)
+        result = run_entry([QVDFS], node_argv(dirs))
+        assert_one_line_failure(result, "busy")
+        assert mount_entry(mnt) == before  # nothing stacked on top
+        subprocess.run(["umount", str(mnt)], check=True, timeout=30)
+    assert not is_mounted(mnt)
+
+
+def test_branch_inside_mountpoint_is_refused(dirs: dict[str, Path]) -> None:
+    inner = dirs["rootfs"] / "inner"
+    inner.mkdir()
+    result = run_entry([QVDFS], [f"{inner}=RW:{dirs['base']}", str(dirs["rootfs"])])
+    assert_one_line_failure(result, "inside the mountpoint")
+    assert not is_mounted(dirs["rootfs"])
+
+
+def test_bad_command_line_is_one_line(dirs: dict[str, Path]) -> None:
+    result = run_entry([QVDFS], ["-o", "frobnicate", f"{dirs['base']}", str(dirs["rootfs"])])
+    assert_one_line_failure(result, "unknown option 'frobnicate'")
+    result = run_entry([QVDFS], [f"{dirs['overlay']}=RX", str(dirs["rootfs"])])
+    assert_one_line_failure(result, "bad mode 'RX'")
+
+
+def test_version_and_help() -> None:
+    result = run_entry([QVDFS], ["--version"])
+    assert result.returncode == 0
+    assert result.stdout == f"qvdfs {__import__('qvdfs').__version__} (unionfs-fuse compatible)\n"
+    result = run_entry([QVDFS], ["-h"])
+    assert result.returncode == 0 and "usage: qvdfs" in result.stdout
+
+
+def test_check_fuse_device_on_fake_paths(tmp_path: Path) -> None:
+    # Removing the real /dev/fuse is not safe on a shared machine; the check takes its path.
+    with pytest.raises(MountError, match="is missing"):
+        daemon.check_fuse_device(str(tmp_path / "fuse"))
+    (tmp_path / "regular").write_text("")
+    with pytest.raises(MountError, match="not a character device"):
+        daemon.check_fuse_device(str(tmp_path / "regular"))
+    daemon.check_fuse_device("/dev/fuse")  # the real one passes
+
+
+def test_daemon_failing_before_ready_reports_through_parent(dirs: dict[str, Path],
+                                                            tmp_path: Path) -> None:
+    """The mount never answers: the first process exits 1 with the daemon's reason, unmounted."""
+    mnt, log_file = dirs["rootfs"], tmp_path / "qvdfs.log"
+    env = {**STANDIN_ENV, "QVDFS_STANDIN_FAIL_ROOT": "1"}
+    with cleanup(mnt):
+        result = run_entry(STANDIN, ["-o", f"debug_file={log_file}", *node_argv(dirs)], env=env)
+        assert_one_line_failure(result, "getattr fails on purpose")
+        assert not is_mounted(mnt)
+        assert wait_gone(daemon_pids(mnt))
+    assert "Traceback" in log_file.read_text()
+
+
+def test_handler_crash_logs_traceback_and_exits_nonzero(dirs: dict[str, Path],
+                                                        tmp_path: Path) -> None:
+    mnt, log_file = dirs["rootfs"], tmp_path / "qvdfs.log"
+    with cleanup(mnt):
+        proc = subprocess.Popen([*STANDIN, "-f", "-o", f"debug_file={log_file}", *node_argv(dirs)],
+                                env=STANDIN_ENV, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 30
+            while f"serving {mnt}" not in (log_file.read_text() if log_file.exists() else ""):
+                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+                time.sleep(0.05)
+            # The crashing lookup gets no answer until the daemon drops the connection;
+            # ask from a thread so that this test does not hang on it.
+            outcome: list[BaseException | None] = []
+
+            def look() -> None:
+                try:
+                    os.stat(mnt / "crash")
+                    outcome.append(None)
+                except OSError as exc:
+                    outcome.append(exc)
+
+            threading.Thread(target=look, daemon=True).start()
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 1
+        assert wait_unmounted(mnt)
+    text = log_file.read_text()
+    assert "Traceback" in text and "stand-in lookup crashes on purpose" in text
+
+
+# --- max_files -------------------------------------------------------------------------------
+
+
+def _limit_nofile(soft: int, hard: int) -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _daemon_nofile(pid: int) -> tuple[int, int]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError("no open-file limit in /proc/PID/limits")
+
+
+def test_max_files_above_hard_limit_warns_and_mounts(dirs: dict[str, Path]) -> None:
+    mnt = dirs["rootfs"]
+    with cleanup(mnt):
+        result = run_entry(ENTRY, node_argv(dirs), preexec_fn=lambda: _limit_nofile(1024, 20000))
+        assert result.returncode == 0, result.stderr
+        assert result.stderr.splitlines() == [
+            "qvdfs: warning: max_files=32000 exceeds the hard limit 20000; using 20000"]
+        pids = daemon_pids(mnt)
+        assert _daemon_nofile(pids[0]) == (20000, 20000)
+        subprocess.run(["umount", str(mnt)], check=True, timeout=30)
+        assert wait_gone(pids)
+
+
+def test_max_files_below_hard_limit_is_silent(dirs: dict[str, Path]) -> None:
+    mnt = dirs["rootfs"]
+    argv = ["-o", "max_files=4096", f"{dirs['overlay']}=RW:{dirs['base']}", str(mnt)]
+    with cleanup(mnt):
+        result = run_entry(ENTRY, argv, preexec_fn=lambda: _limit_nofile(1024, 20000))
+        assert result.returncode == 0 and result.stderr == ""
+        pids = daemon_pids(mnt)
+        assert _daemon_nofile(pids[0]) == (4096, 20000)
+        subprocess.run(["umount", str(mnt)], check=True, timeout=30)
+        assert wait_gone(pids)
+
+
+def test_mounted_paths_unescapes(tmp_path: Path) -> None:
+    info = tmp_path / "mountinfo"
+    info.write_text("36 25 0:32 / /srv/with\\040space rw - tmpfs tmpfs rw\n"
+                    "37 25 0:33 / /srv/back\\134slash rw - tmpfs tmpfs rw\n")
+    assert daemon.mounted_paths(str(info)) == {"/srv/with space", "/srv/back\\slash"}
+
+
+if __name__ == "__main__":
+    # The stand-in program: qvdfs's daemon code serving StandinOperations.
+    sys.exit(daemon.run(sys.argv[1:], make_operations=StandinOperations))
