@@ -32,6 +32,7 @@ from qvdctl import mounting
 from qvdctl.db import store
 from qvdctl.errors import QvdError
 from qvdctl.images.extract import ensure_extracted, find_root
+from qvdctl.network.addresses import mac_for_ip
 from qvdctl.node import Node
 from qvdctl.progress import status
 from qvdctl.storage import Storage, move_aside
@@ -63,7 +64,7 @@ class Vm:
     @property
     def mac(self) -> str:
         """``54:52:00`` and the last three octets of the IP, in hex (SPEC §4)."""
-        return "54:52:00:" + ":".join(f"{int(o):02x}" for o in self.ip.split(".")[1:])
+        return mac_for_ip(self.ip)
 
 
 @dataclasses.dataclass(frozen=True)
