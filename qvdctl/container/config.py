@@ -91,6 +91,7 @@ class ContainerSpec:
         home: Path | None = None,
         memory_mb: int | None = None,
         cpus: float | None = None,
+        halt_signal: str = "SIGUSR2",
     ) -> ContainerSpec:
         """Build the spec of VM ``vm_id`` the way SPEC §4 names things.
 
@@ -130,6 +131,7 @@ class ContainerSpec:
             home=Path(home) if home is not None else None,
             memory_mb=memory_mb,
             cpus=cpus,
+            halt_signal=halt_signal,
         )
 
 

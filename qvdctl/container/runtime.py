@@ -1,11 +1,12 @@
 """Running containers through liblxc: start, wait, shut down, query, exec, console.
 
-python-lxc's calls block and answer True/False; each runs in a worker thread
-(``trio.to_thread.run_sync``) and a False becomes a ``ContainerError`` naming the
-container and, for a failed start, liblxc's own first error line from the
-container's log. Commands inside go through ``lxc-attach`` and the console through
-``lxc-console``: subprocesses are cancellable and never fork this multithreaded
-process into a container.
+Queries and the hard stop use python-lxc; its calls block, so each runs in a worker
+thread (``trio.to_thread.run_sync``) and a False becomes a ``ContainerError`` naming
+the container. Three things go through LXC's tools instead, as cancellable
+subprocesses: the start (``lxc-start``: liblxc moves whoever starts a container into
+that container's monitor cgroup, see ``start``), commands inside (``lxc-attach``) and
+the console (``lxc-console``). The graceful shutdown is ours too: liblxc's waits
+while holding the GIL and would freeze every other task.
 
 liblxc reaches a running container through an abstract unix socket, which lives in
 the network namespace of whoever started it: query and attach from that namespace.
@@ -20,6 +21,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -84,38 +86,86 @@ def _first_error(name: str, lxcpath: Path, since: int) -> str | None:
     return None
 
 
-def _start_blocking(name: str, lxcpath: Path, timeout: float) -> int:
+def _prepare_start(name: str, lxcpath: Path) -> int:
+    """Check ``name`` can start; return the log's size, to read only this start's errors."""
     c = _container(name, lxcpath)
     if not c.defined:
         raise ContainerError(f"container {name} has no config in {lxcpath}")
     if c.running:
         raise ContainerError(f"container {name} is already running")
-    since = _log_size(name, lxcpath)
-    # close_fds: the daemonized monitor must not keep our stdout pipe open, or a
-    # caller capturing `qvdctl vm start`'s output would wait for the container to end.
-    started = c.start(close_fds=True)
-    if started and c.wait("RUNNING", max(1, round(timeout))) and c.init_pid > 0:
-        return c.init_pid
-    reason = _first_error(name, lxcpath, since) or f"state {c.state} instead of RUNNING"
-    if c.running:
-        c.stop()
-    raise ContainerError(f"container {name} failed to start: {reason}")
+    return _log_size(name, lxcpath)
+
+
+def _running_init(name: str, lxcpath: Path) -> int:
+    c = _container(name, lxcpath)
+    return c.init_pid if c.running else -1
 
 
 async def start(name: str, lxcpath: Path = DEFAULT_LXCPATH, timeout: float = 30.0) -> int:
     """Start container ``name`` from its config and wait until its init runs.
 
+    "Runs" means init is ready for the config's halt signal (see ``_init_ready``):
+    before that, a shutdown request would be lost.
     Returns the pid of the container's init (as the host sees it). On failure the
     container is left stopped.
 
     Raises:
-        ContainerError: no config, already running, or the start failed (the message
-            carries liblxc's reason).
+        ContainerError: no config, already running, the start failed (the message
+            carries liblxc's reason), or init never got ready within ``timeout``.
     """
-    with trio.fail_after(timeout + 5):
-        pid = await _in_thread(_start_blocking, name, lxcpath, timeout)
-    log.info("container %s running, init pid %d", name, pid)
-    return pid
+    started = trio.current_time()
+    since = await _in_thread(_prepare_start, name, lxcpath)
+    # lxc-start, not python-lxc's start(): liblxc moves the calling process into the
+    # new container's monitor cgroup, which must be a short-lived child, not the
+    # controller. It daemonizes the monitor and exits once the container runs.
+    try:
+        with trio.fail_after(timeout):
+            done = await trio.run_process(
+                ["lxc-start", "-P", str(lxcpath), "-n", name],
+                stdin=subprocess.DEVNULL, capture_stdout=True, capture_stderr=True, check=False,
+            )  # fmt: skip
+    except trio.TooSlowError:
+        await stop(name, lxcpath, timeout=0)
+        raise ContainerError(f"container {name} failed to start within {timeout:.0f} s") from None
+    pid = await _in_thread(_running_init, name, lxcpath)
+    if done.returncode != 0 or pid <= 0:
+        reason = await _in_thread(_first_error, name, lxcpath, since)
+        await stop(name, lxcpath, timeout=0)
+        raise ContainerError(
+            f"container {name} failed to start: {reason or 'lxc-start exited %d' % done.returncode}"
+        )
+    c = await _in_thread(_container, name, lxcpath)
+    halt_signal = _signal_number(c.get_config_item("lxc.signal.halt") or "SIGPWR")
+    with trio.move_on_after(max(1.0, timeout - (trio.current_time() - started))):
+        while not _init_ready(pid, halt_signal):
+            if not os.path.exists(f"/proc/{pid}"):
+                raise ContainerError(f"container {name} failed to start: its init exited")
+            await trio.sleep(0.02)
+        log.info("container %s running, init pid %d", name, pid)
+        return pid
+    await _in_thread(_hard_stop, c)
+    raise ContainerError(
+        f"container {name} failed to start: init did not get ready within {timeout:.0f} s"
+    )
+
+
+def _init_ready(pid: int, sig: int) -> bool:
+    """Whether init ``pid`` will act on signal ``sig`` rather than drop it.
+
+    A pid-namespace init drops signals it neither catches nor blocks. Inits catch
+    (sysvinit, systemd: SigCgt) or block it and wait in ``sigtimedwait`` (busybox;
+    the wait unblocks it in SigBlk meanwhile). Every init sets that up before it runs
+    its first child, so a child also means ready.
+    """
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            children = f.read().split()
+    except OSError:
+        return False
+    masks = int(fields["SigCgt"], 16) | int(fields["SigBlk"], 16)
+    return bool(masks >> (sig - 1) & 1) or bool(children)
 
 
 def _signal_number(name: str) -> int:
@@ -164,6 +214,7 @@ async def stop(name: str, lxcpath: Path = DEFAULT_LXCPATH, timeout: float = 30.0
         ContainerError: even the hard stop failed.
     """
     # Not liblxc's shutdown(): it waits holding the GIL, freezing every other task.
+    # Sending init the halt signal is all liblxc would do before waiting.
     c = await _in_thread(_container, name, lxcpath)
     if not c.running:
         return True
@@ -257,15 +308,26 @@ def console(name: str, lxcpath: Path = DEFAULT_LXCPATH, tty: int = 1) -> int:
     return subprocess.run(console_argv(name, lxcpath, tty)).returncode
 
 
-def prune_cgroups(name: str) -> None:
+def prune_cgroups(name: str, wait: float = 3.0) -> list[Path]:
     """Remove empty cgroups liblxc left for ``name`` (a failed start leaves its monitor's).
 
     Only empty directories go (``rmdir`` refuses the rest), so a running container's
-    cgroups are never touched.
+    cgroups are never touched. The monitor of a failed start exits a moment after the
+    start call returns, so this retries for up to ``wait`` seconds. Returns what is left.
     """
+    deadline = time.monotonic() + wait
+    while True:
+        left = _prune_once(name)
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
+
+
+def _prune_once(name: str) -> list[Path]:
     root = Path("/sys/fs/cgroup")
     patterns = (f"lxc.payload.{name}", f"lxc.monitor.{name}")
     tops = [root, *(p for p in root.iterdir() if p.is_dir())] if root.is_dir() else []
+    left = []
     for top in tops:
         for prefix in patterns:
             for entry in top.glob(prefix + "*"):
@@ -277,6 +339,9 @@ def prune_cgroups(name: str) -> None:
                     if sub.is_dir():
                         _rmdir_quiet(sub)
                 _rmdir_quiet(entry)
+                if entry.exists():
+                    left.append(entry)
+    return left
 
 
 def _rmdir_quiet(path: Path) -> None:

@@ -83,5 +83,7 @@ async def halt(spec: ContainerSpec, lxcpath: Path = DEFAULT_LXCPATH, timeout: fl
         # cases where it could not (a crash of its monitor, a start that died midway).
         await trio.to_thread.run_sync(remove_veth, spec.network.veth_pair)
     remove_config(spec.name, lxcpath)
-    await trio.to_thread.run_sync(runtime.prune_cgroups, spec.name)
+    left = await trio.to_thread.run_sync(runtime.prune_cgroups, spec.name)
+    if left:
+        log.warning("container %s: cgroups still busy, left in place: %s", spec.name, left[0])
     return clean
