@@ -1,0 +1,304 @@
+"""The network layer, inside network namespaces the tests create; never the host's links.
+
+Code that touches links runs in a child process entered into the test's namespace
+(``sandbox.netns_argv``), which prints one JSON line of results for the test to check.
+Each namespace is deleted in a ``finally``; its bridge and veths go with it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from qvdctl.imagebuild import build_busybox_rootfs
+from qvdctl.network import gateway_cidr, mac_for_ip, prefix_length, veth_name
+from qvdctl.network.sandbox import netns_argv, scratch_netns
+from tests.mounts import force_unmount
+
+REPO = Path(__file__).resolve().parent.parent
+STOCK_OPTIONS = ["-o", "cow", "-o", "suid", "-o", "dev", "-o", "allow_other"]
+
+
+def run_in_netns(ns: str, code: str, *args: str, timeout: float = 90) -> dict:
+    """Run Python ``code`` inside namespace ``ns``; return the JSON its last line prints."""
+    done = subprocess.run(
+        netns_argv(ns, [sys.executable, "-c", textwrap.dedent(code), *args]),
+        capture_output=True, text=True, timeout=timeout, cwd=REPO,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    with scratch_netns("qvdtest") as name:
+        yield name
+
+
+def _links(ns: str) -> dict[str, str]:
+    """name -> kind of every link in ``ns``, as ``ip`` sees it from outside."""
+    out = subprocess.run(
+        ["ip", "-n", ns, "-d", "-j", "link", "show"], capture_output=True, text=True, check=True
+    ).stdout
+    return {
+        link["ifname"]: link.get("linkinfo", {}).get("info_kind", "") for link in json.loads(out)
+    }
+
+
+# --- addresses -----------------------------------------------------------------------
+
+
+def test_mac_for_ip() -> None:
+    assert mac_for_ip("172.20.127.254") == "54:52:00:14:7f:fe"
+    assert mac_for_ip("10.0.0.1") == "54:52:00:00:00:01"
+    assert mac_for_ip("192.168.5.10") == "54:52:00:a8:05:0a"
+    with pytest.raises(ValueError):
+        mac_for_ip("10.0.0.256")
+    with pytest.raises(ValueError):
+        mac_for_ip("fe80::1")
+
+
+def test_names_and_masks() -> None:
+    assert veth_name(7) == "qvd7"
+    with pytest.raises(ValueError):
+        veth_name(10**13)
+    assert prefix_length("255.255.255.0") == 24
+    assert prefix_length("16") == 16
+    assert gateway_cidr("10.1.2.1", "255.255.0.0") == "10.1.2.1/16"
+    for bad in ("255.0.255.0", "33", "x"):
+        with pytest.raises(ValueError):
+            prefix_length(bad)
+
+
+# --- links in a namespace ------------------------------------------------------------
+
+_BRIDGE_CODE = """
+import json, sys
+from qvdctl.network import NetworkError, ensure_bridge, link_kind, remove_veth
+from pyroute2 import IPRoute
+out = {}
+out["created"] = ensure_bridge("qvdbr", "10.213.1.1/24")
+out["again"] = ensure_bridge("qvdbr", "10.213.1.1/24")
+out["kind"] = link_kind("qvdbr")
+with IPRoute() as ipr:
+    ipr.link("add", ifname="qvd5", kind="veth", peer="qvd5p")
+    i = ipr.link_lookup(ifname="qvdbr")[0]
+    out["addrs"] = sorted(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}"
+                          for a in ipr.addr("dump", index=i, family=2))
+    out["up"] = bool(ipr.link("get", index=i)[0]["flags"] & 1)
+try:
+    ensure_bridge("qvd5", "10.213.1.1/24")
+except NetworkError as e:
+    out["not_bridge"] = str(e)
+try:
+    remove_veth("qvdbr")
+except NetworkError as e:
+    out["not_veth"] = str(e)
+try:
+    ensure_bridge("qvdbr2", "10.213.1.300/24")
+except NetworkError as e:
+    out["bad_addr"] = str(e)
+out["removed"] = remove_veth("qvd5")
+out["removed_again"] = remove_veth("qvd5")
+out["peer_gone"] = link_kind("qvd5p") is None
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.timeout(60)
+def test_bridge_and_veth_in_a_namespace(netns: str) -> None:
+    out = run_in_netns(netns, _BRIDGE_CODE)
+    assert out["created"] is True and out["again"] is False
+    assert out["kind"] == "bridge"
+    assert out["addrs"] == ["10.213.1.1/24"]
+    assert out["up"] is True
+    assert "not a bridge" in out["not_bridge"] and "veth" in out["not_bridge"]
+    assert "not a VM's veth" in out["not_veth"]
+    assert "invalid gateway" in out["bad_addr"]
+    assert out["removed"] is True and out["removed_again"] is False and out["peer_gone"]
+    # Seen from outside: the bridge is there and nothing else was created.
+    assert _links(netns) == {"lo": "", "qvdbr": "bridge"}
+
+
+# --- two containers on one bridge ----------------------------------------------------
+
+_TWO_VMS_CODE = """
+import json, sys, time
+from pathlib import Path
+import trio
+from qvdctl.container import ContainerSpec, LaunchError, exec_in, halt, launch
+from qvdctl.network import link_kind
+
+args = json.loads(sys.argv[1])
+lxcpath = Path(args["lxcpath"])
+net = args["net"]
+specs = [
+    ContainerSpec.for_vm(
+        vm_id=vm_id, vm_name=f"vm{vm_id}", rootfs=Path(root), ip=f"{net}.{host}",
+        netmask="255.255.255.0", gateway=f"{net}.1", bridge="qvdnet",
+    )
+    for vm_id, root, host in args["vms"]
+]
+out = {}
+
+async def ping(spec, target):
+    done = await exec_in(spec.name, ["ping", "-c1", "-W2", target], lxcpath)
+    return done.returncode
+
+async def main():
+    try:
+        started = time.monotonic()
+        async with trio.open_nursery() as nursery:
+            for spec in specs:
+                nursery.start_soon(launch, spec, lxcpath)
+        out["start_seconds"] = time.monotonic() - started
+        a, b = specs
+        out["veths"] = {s.network.veth_pair: link_kind(s.network.veth_pair) for s in specs}
+        out["a_to_b"] = await ping(a, str(b.network.address.ip))
+        out["b_to_a"] = await ping(b, str(a.network.address.ip))
+        out["a_to_gw"] = await ping(a, str(a.network.gateway))
+        out["b_to_gw"] = await ping(b, str(b.network.gateway))
+        shown = await exec_in(a.name, ["cat", "/sys/class/net/eth0/address"], lxcpath)
+        out["mac"] = shown.stdout.decode().strip()
+        route = await exec_in(a.name, ["ip", "route"], lxcpath)
+        out["route"] = route.stdout.decode()
+    finally:
+        for spec in specs:
+            await halt(spec, lxcpath, timeout=10)
+    out["veths_after"] = {s.network.veth_pair: link_kind(s.network.veth_pair) for s in specs}
+
+trio.run(main)
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_busybox_rootfs(tmp_path_factory.mktemp("img") / "base")
+
+
+@pytest.fixture
+def two_roots(tmp_path: Path, base: Path) -> Iterator[list[Path]]:
+    roots = []
+    try:
+        for i in range(2):
+            overlay, mnt = tmp_path / f"overlay{i}", tmp_path / f"root{i}"
+            overlay.mkdir()
+            mnt.mkdir()
+            subprocess.run(
+                ["unionfs", *STOCK_OPTIONS, f"{overlay}=RW:{base}=RO", str(mnt)],
+                check=True, timeout=30,
+            )  # fmt: skip
+            roots.append(mnt)
+        yield roots
+    finally:
+        for mnt in roots:
+            force_unmount(mnt)
+
+
+def _cleanup_containers(ns: str, lxcpath: Path) -> None:
+    """Stop whatever a failed test left in ``lxcpath``; from inside ``ns``, where its socket is."""
+    for entry in lxcpath.iterdir() if lxcpath.exists() else ():
+        subprocess.run(
+            netns_argv(ns, ["lxc-stop", "-P", str(lxcpath), "-n", entry.name, "-k"]),
+            capture_output=True, timeout=30,
+        )  # fmt: skip
+
+
+@pytest.mark.timeout(120)
+def test_two_vms_reach_each_other_and_the_gateway(
+    netns: str, two_roots: list[Path], tmp_path: Path
+) -> None:
+    lxcpath = tmp_path / "lxc"
+    lxcpath.mkdir()
+    net = f"10.213.{random.randint(2, 250)}"
+    base_id = random.randint(1000, 9000)
+    args = {
+        "lxcpath": str(lxcpath),
+        "net": net,
+        "vms": [[base_id, str(two_roots[0]), 254], [base_id + 1, str(two_roots[1]), 253]],
+    }
+    try:
+        out = run_in_netns(netns, _TWO_VMS_CODE, json.dumps(args))
+    finally:
+        _cleanup_containers(netns, lxcpath)
+    a, b = f"qvd{base_id}", f"qvd{base_id + 1}"
+    assert out["veths"] == {a: "veth", b: "veth"}
+    assert (out["a_to_b"], out["b_to_a"], out["a_to_gw"], out["b_to_gw"]) == (0, 0, 0, 0)
+    assert out["mac"] == mac_for_ip(f"{net}.254")
+    assert f"default via {net}.1" in out["route"]
+    assert out["veths_after"] == {a: None, b: None}
+    # Nothing left in the namespace but its bridge, and nothing left in the lxcpath.
+    assert _links(netns) == {"lo": "", "qvdnet": "bridge"}
+    assert list(lxcpath.iterdir()) == []
+
+
+_FAILURES_CODE = """
+import json, sys
+from pathlib import Path
+import trio
+from pyroute2 import IPRoute
+from qvdctl.container import ContainerSpec, LaunchError, launch, state
+from qvdctl.network import link_kind
+
+args = json.loads(sys.argv[1])
+lxcpath = Path(args["lxcpath"])
+out = {}
+
+def spec(vm_id, root, bridge):
+    return ContainerSpec.for_vm(
+        vm_id=vm_id, vm_name="v", rootfs=Path(root), ip="10.213.0.20",
+        netmask="255.255.255.0", gateway="10.213.0.1", bridge=bridge,
+    )
+
+async def attempt(key, s):
+    try:
+        await launch(s, lxcpath)
+        out[key] = "started"
+    except LaunchError as e:
+        out[key] = [e.step, str(e)]
+    out[key + "_state"] = await state(s.name, lxcpath)
+    out[key + "_veth"] = link_kind(s.network.veth_pair)
+
+async def main():
+    # The bridge name is taken by a veth: the network step fails, before any config.
+    with IPRoute() as ipr:
+        ipr.link("add", ifname="qvdbusy", kind="veth", peer="qvdbusyp")
+    await attempt("network", spec(args["id"], args["root"], "qvdbusy"))
+    # The network is fine but the root has no init: the start fails, the veth goes.
+    await attempt("start", spec(args["id"] + 1, args["empty"], "qvdnet"))
+
+trio.run(main)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.timeout(90)
+def test_failures_leave_no_container_and_no_veth(
+    netns: str, two_roots: list[Path], tmp_path: Path
+) -> None:
+    lxcpath = tmp_path / "lxc"
+    lxcpath.mkdir()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    vm_id = random.randint(1000, 9000)
+    args = {"lxcpath": str(lxcpath), "id": vm_id, "root": str(two_roots[0]), "empty": str(empty)}
+    try:
+        out = run_in_netns(netns, _FAILURES_CODE, json.dumps(args))
+    finally:
+        _cleanup_containers(netns, lxcpath)
+    step, message = out["network"]
+    assert step == "network" and "not a bridge" in message
+    assert out["network_state"] == "ABSENT" and out["network_veth"] is None
+    step, message = out["start"]
+    assert step == "start" and f"qvd-{vm_id + 1}" in message and "\n" not in message
+    assert out["start_state"] == "ABSENT" and out["start_veth"] is None
+    assert list(lxcpath.iterdir()) == []
+    assert _links(netns) == {"lo": "", "qvdbusy": "veth", "qvdbusyp": "veth", "qvdnet": "bridge"}
