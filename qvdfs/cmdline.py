@@ -79,13 +79,14 @@ Options (-o takes a comma-separated list, may be repeated, and may be attached: 
     debug                  same as -d
   libfuse options, passed to the kernel:
     allow_other, allow_root, default_permissions, suid, nosuid, dev, nodev,
-    fsname=NAME (default qvdfs), subtype=NAME (default qvdfs), max_read=N
+    fsname=NAME (default qvdfs), subtype=NAME (default qvdfs)
   kernel cache lifetimes in seconds (the daemon invalidates what it changes itself):
     entry_timeout=S, attr_timeout=S, negative_timeout=S   (default 3600 each)
   libfuse options accepted as no-ops:
     nonempty (mounting on a non-empty directory is always allowed), use_ino (qvdfs always
     gives stable inode numbers of its own), kernel_cache (the page cache is always kept),
-    big_writes, async_read, auto_cache
+    big_writes, async_read, auto_cache, max_read=N (libfuse 3 cannot take it through
+    pyfuse3; the kernel default applies)
   default_permissions is always added unless relaxed_permissions is given.
 
 Flags:
@@ -215,7 +216,11 @@ def _apply_option(config: MountConfig, option: str) -> str | None:
     if name == "max_files":
         config.max_files = _positive_int(name, value)
     elif name == "max_read":
-        config.fuse_options.add(f"max_read={_positive_int(name, value)}")
+        # libfuse 3 refuses the mount unless the filesystem's init() repeats the same value,
+        # and pyfuse3 offers no way to do that; the kernel's default is used instead.
+        _positive_int(name, value)
+        if option not in config.ignored_options:
+            config.ignored_options.append(option)
     elif name in _TIMEOUTS:
         setattr(config, name, _seconds(name, value))
     elif name == "chroot":

@@ -275,9 +275,10 @@ async def _serve(ops: Any, config: MountConfig, ready_fd: int | None) -> int:
                  if isinstance(cause, trio.TooSlowError) else f"{type(cause).__name__}: {cause}")
         stopped_by_us = True
 
-    # When the kernel ended the session (umount, fusermount3 -u) the mount is already gone;
-    # otherwise we take it down, so that a failed or stopped daemon never leaves a dead mount.
-    pyfuse3.close(unmount=stopped_by_us)
+    # When the kernel ended a session that was serving (umount, fusermount3 -u), the mount is
+    # already gone. Otherwise we take it down: a stop, an error, or a session that ended before
+    # it ever answered (libfuse refusing the kernel's INIT) must never leave a dead mount.
+    pyfuse3.close(unmount=stopped_by_us or not ready)
     log.info("unmounted %s", config.mountpoint)
     if ready_fd is not None:  # still open: the parent is waiting for our verdict
         _report(ready_fd, (error or "stopped before the mount was ready").encode() + b"\n")

@@ -30,7 +30,7 @@ import pyfuse3
 import pytest
 
 from qvdfs import daemon
-from qvdfs.config import MountError
+from qvdfs.config import MountConfig, MountError
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -47,12 +47,16 @@ class StandinOperations(pyfuse3.Operations):
     """An empty root directory. Looking up ``crash`` raises, as a handler bug would.
 
     Environment knobs: QVDFS_STANDIN_FAIL_ROOT=1 makes every getattr raise (the mount never
-    answers its first request); QVDFS_STANDIN_DESTROY_MARK=FILE makes ``destroy`` write FILE.
+    answers its first request); QVDFS_STANDIN_DESTROY_MARK=FILE makes ``destroy`` write FILE;
+    QVDFS_STANDIN_RAW_FUSE_OPTION=OPT hands OPT to libfuse behind the parser's back.
     """
 
-    def __init__(self, config: object) -> None:
+    def __init__(self, config: MountConfig) -> None:
         super().__init__()
         self.config = config
+        raw = os.environ.get("QVDFS_STANDIN_RAW_FUSE_OPTION")
+        if raw:
+            config.fuse_options.add(raw)
 
     async def getattr(self, inode: int, ctx: object = None) -> pyfuse3.EntryAttributes:
         if os.environ.get("QVDFS_STANDIN_FAIL_ROOT"):
@@ -215,9 +219,12 @@ def test_node_command_line_mounts_and_umount_ends_daemon(dirs: dict[str, Path]) 
             assert (mnt / "hello").read_text() == "from base\n"
         pids = daemon_pids(mnt)
         assert len(pids) == 1, pids
-        # The daemon detached: its own session, cwd /.
+        # The daemon detached: its own session, cwd /, no terminal, umask 0 (the filesystem
+        # applies the modes its callers ask for).
         assert os.getsid(pids[0]) == pids[0]
         assert os.readlink(f"/proc/{pids[0]}/cwd") == "/"
+        assert [os.readlink(f"/proc/{pids[0]}/fd/{fd}") for fd in (0, 1, 2)] == ["/dev/null"] * 3
+        assert "Umask:\t0000" in Path(f"/proc/{pids[0]}/status").read_text()
 
         subprocess.run(["umount", str(mnt)], check=True, timeout=30)
         assert wait_gone(pids), "daemon still running after umount"
@@ -289,6 +296,43 @@ def test_debug_file_gets_the_log_and_destroy_is_called(dirs: dict[str, Path],
     text = log_file.read_text()
     assert f"serving {mnt}" in text
     assert f"unmounted {mnt}" in text
+
+
+@pytest.mark.parametrize(("option", "expect"), [
+    # The kernel only knows allow_other; libfuse itself turns away users other than root.
+    ("allow_root", lambda f: "allow_other" in f[-1].split(",")),
+    ("nosuid,nodev", lambda f: {"nosuid", "nodev"} <= set(f[5].split(","))),
+    ("fsname=base7,subtype=union", lambda f: f[f.index("-") + 1:f.index("-") + 3] ==
+     ["fuse.union", "base7"]),
+    ("relaxed_permissions", lambda f: "default_permissions" not in f[-1].split(",")),
+    ("nonempty,use_ino,kernel_cache,big_writes,async_read,auto_cache,max_read=65536,"
+     "direct_io,noinitgroups,preserve_branch", lambda f: True),
+])
+def test_options_reach_the_kernel(dirs: dict[str, Path], option: str, expect: object) -> None:
+    mnt = dirs["rootfs"]
+    (dirs["rootfs"] / "old").write_text("")  # a non-empty mountpoint is fine, as with nonempty
+    with cleanup(mnt):
+        result = run_entry(ENTRY, ["-o", option, f"{dirs['overlay']}=RW:{dirs['base']}", str(mnt)])
+        assert result.returncode == 0, result.stderr
+        assert expect(mount_entry(mnt))  # type: ignore[operator]
+        os.stat(mnt)
+        pids = daemon_pids(mnt)
+        subprocess.run(["umount", str(mnt)], check=True, timeout=30)
+        assert wait_gone(pids)
+
+
+def test_session_refused_at_init_leaves_nothing_mounted(dirs: dict[str, Path]) -> None:
+    """libfuse ends the session while answering the kernel's INIT: exit 1, nothing mounted."""
+    mnt = dirs["rootfs"]
+    # libfuse 3 refuses max_read unless init() repeats it, which pyfuse3 cannot do.
+    env = {**STANDIN_ENV, "QVDFS_STANDIN_RAW_FUSE_OPTION": "max_read=65536"}
+    with cleanup(mnt):
+        result = run_entry(STANDIN, [f"{dirs['overlay']}=RW:{dirs['base']}", str(mnt)], env=env)
+        assert result.returncode == 1
+        assert result.stderr.splitlines()[-1] == (
+            "qvdfs: the FUSE session ended before the mount answered")
+        assert not is_mounted(mnt)
+        assert wait_gone(daemon_pids(mnt))
 
 
 # --- failures: one line on stderr, non-zero, nothing mounted ---------------------------------
