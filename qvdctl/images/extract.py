@@ -85,6 +85,26 @@ def check_member(entry: libarchive.ArchiveEntry, symlinks: set[PurePosixPath]) -
             raise HostileArchive(f"hard link '{entry.pathname}' points through a symlink")
 
 
+class _LibarchiveWarnings(logging.Handler):
+    """Collects libarchive's warnings, which libarchive-c only logs.
+
+    A warning is how archive_write_disk reports a write that failed half-way
+    (ENOSPC: "Write failed") or metadata it could not restore (an xattr, an
+    owner). Either way the tree is not the image, so each one is an error.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def check(self, where: str) -> None:
+        if self.messages:
+            raise ArchiveError(f"{self.messages[0]} ({where})")
+
+
 def extract_here(archive: Path) -> int:
     """Extract ``archive`` into the current directory, checking every member.
 
@@ -92,16 +112,29 @@ def extract_here(archive: Path) -> int:
     """
     symlinks: set[PurePosixPath] = set()
     count = 0
+    warnings = _LibarchiveWarnings()
+    previous = ""
 
     def checked(entries):
-        nonlocal count
+        nonlocal count, previous
         for entry in entries:
+            # The writer has finished the previous member by the time we get here.
+            warnings.check(f"at {previous}")
             check_member(entry, symlinks)
             count += 1
+            previous = entry.pathname
             yield entry
 
-    with libarchive.file_reader(str(archive), format_name="tar") as entries:
-        ae.extract_entries(checked(entries), FLAGS)
+    libarchive_log = logging.getLogger("libarchive")
+    libarchive_log.addHandler(warnings)
+    libarchive_log.propagate = False
+    try:
+        with libarchive.file_reader(str(archive), format_name="tar") as entries:
+            ae.extract_entries(checked(entries), FLAGS)
+        warnings.check(f"at {previous}")
+    finally:
+        libarchive_log.removeHandler(warnings)
+        libarchive_log.propagate = True
     return count
 
 
