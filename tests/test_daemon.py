@@ -2,9 +2,8 @@
 
 Two programs are run as subprocesses:
 
-- ``.venv/bin/qvdfs``, the real entry point, for the node's command line and every check
-  that happens before the filesystem is built. While ``qvdfs/operations.py`` does not exist
-  yet, the mount tests run this module as a script instead (see ``ENTRY``).
+- ``.venv/bin/qvdfs``, the real entry point with the real union, for the node's command
+  line, the life cycle and every check that happens before the filesystem is built.
 - this module run as a script (``STANDIN``): the same ``qvdfs.daemon.run`` serving a tiny
   stand-in filesystem (an empty root directory) that can be told to fail, for the error paths
   and for checking that ``destroy()`` is called. It is never part of the shipped program.
@@ -14,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import importlib.util
 import os
 import resource
 import signal
@@ -37,8 +35,7 @@ VENV_BIN = Path(sys.executable).parent
 QVDFS = str(VENV_BIN / "qvdfs")
 STANDIN = [sys.executable, str(Path(__file__).resolve())]
 STANDIN_ENV = {**os.environ, "PYTHONPATH": str(REPO)}
-# The real entry point once the lead's UnionOperations exists; the stand-in until then.
-ENTRY = [QVDFS] if importlib.util.find_spec("qvdfs.operations") is not None else STANDIN
+ENTRY = [QVDFS]
 NODE_OPTIONS = ["-o", "cow", "-o", "max_files=32000", "-o", "suid", "-o", "dev", "-o", "allow_other"]
 STANDIN_ROOT_MODE = 0o711  # unusual on purpose: a stat showing it proves the stand-in answers
 
@@ -213,10 +210,7 @@ def test_node_command_line_mounts_and_umount_ends_daemon(dirs: dict[str, Path]) 
         assert fields[fields.index("-") + 2] == "qvdfs"
         assert "nosuid" not in mount_flags and "nodev" not in mount_flags
         assert "allow_other" in super_options and "default_permissions" in super_options
-        if ENTRY == STANDIN:
-            assert stat.S_IMODE(os.stat(mnt).st_mode) == STANDIN_ROOT_MODE
-        else:
-            assert (mnt / "hello").read_text() == "from base\n"
+        assert (mnt / "hello").read_text() == "from base\n"
         pids = daemon_pids(mnt)
         assert len(pids) == 1, pids
         # The daemon detached: its own session, cwd /, no terminal, umask 0 (the filesystem
@@ -229,6 +223,22 @@ def test_node_command_line_mounts_and_umount_ends_daemon(dirs: dict[str, Path]) 
         subprocess.run(["umount", str(mnt)], check=True, timeout=30)
         assert wait_gone(pids), "daemon still running after umount"
         assert not is_mounted(mnt)
+
+
+def test_graft_serves_home_from_its_own_branch(dirs: dict[str, Path], tmp_path: Path) -> None:
+    home, mnt = tmp_path / "homefs", dirs["rootfs"]
+    home.mkdir()
+    (home / "notes").write_text("mine\n")
+    argv = [*NODE_OPTIONS, f"{dirs['overlay']}=RW:{dirs['base']}=RO:{home}=RW@/home", str(mnt)]
+    with cleanup(mnt):
+        assert run_entry(ENTRY, argv).returncode == 0
+        assert (mnt / "home" / "notes").read_text() == "mine\n"
+        (mnt / "home" / "new").write_text("x")
+        assert (home / "new").read_text() == "x"
+        assert not (dirs["overlay"] / "home" / "new").exists()
+        pids = daemon_pids(mnt)
+        subprocess.run(["umount", str(mnt)], check=True, timeout=30)
+        assert wait_gone(pids)
 
 
 def test_fusermount_u_ends_daemon(dirs: dict[str, Path]) -> None:
@@ -288,6 +298,7 @@ def test_debug_file_gets_the_log_and_destroy_is_called(dirs: dict[str, Path],
         result = run_entry(STANDIN, ["-o", f"debug_file={log_file}", *node_argv(dirs)], env=env)
         assert result.returncode == 0, result.stderr
         assert errors(result.stderr) == []
+        assert stat.S_IMODE(os.stat(mnt).st_mode) == STANDIN_ROOT_MODE
         pids = daemon_pids(mnt)
         assert not mark.exists()
         subprocess.run(["umount", str(mnt)], check=True, timeout=30)
