@@ -106,12 +106,17 @@ def check_fuse_device(path: str = FUSE_DEVICE) -> None:
 
 def check_mountpoint(path: str) -> None:
     """Raise MountError unless ``path`` is a directory that nothing is mounted on."""
-    if not os.path.exists(path):
-        raise MountError(f"mountpoint {path} does not exist")
-    if not os.path.isdir(path):
-        raise MountError(f"mountpoint {path} is not a directory")
+    # First, because the mount left by a crashed daemon cannot even be stat'ed (ENOTCONN).
     if os.path.realpath(path) in mounted_paths():
         raise MountError(f"mountpoint {path} is busy: something is already mounted on it")
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise MountError(f"mountpoint {path} does not exist") from None
+    except OSError as exc:
+        raise MountError(f"mountpoint {path} cannot be used: {exc.strerror}") from None
+    if not stat.S_ISDIR(mode):
+        raise MountError(f"mountpoint {path} is not a directory")
 
 
 def check_branches(config: MountConfig) -> None:

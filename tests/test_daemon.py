@@ -385,6 +385,22 @@ def test_mountpoint_busy(dirs: dict[str, Path]) -> None:
     assert not is_mounted(mnt)
 
 
+def test_dead_mount_of_a_killed_daemon_is_busy(dirs: dict[str, Path]) -> None:
+    """A daemon killed outright leaves a mount that answers ENOTCONN; a new start must say so."""
+    mnt = dirs["rootfs"]
+    with cleanup(mnt):
+        assert run_entry(STANDIN, node_argv(dirs)).returncode == 0
+        pids = daemon_pids(mnt)
+        os.kill(pids[0], signal.SIGKILL)
+        assert wait_gone(pids)
+        with pytest.raises(OSError) as dead:
+            os.listdir(mnt)  # a stat could be answered from the kernel's attribute cache
+        assert dead.value.errno == errno.ENOTCONN
+        assert_one_line_failure(run_entry([QVDFS], node_argv(dirs)), "busy")
+        subprocess.run(["umount", str(mnt)], check=True, timeout=30)
+    assert not is_mounted(mnt)
+
+
 def test_branch_inside_mountpoint_is_refused(dirs: dict[str, Path]) -> None:
     inner = dirs["rootfs"] / "inner"
     inner.mkdir()
