@@ -214,7 +214,7 @@ async def test_issue2_smoke_on_qvdfs_node_line(tmp_path: Path, base: Path, lxcpa
             assert done.returncode == 0, done.stderr
             assert done.stdout == b"qvd-busybox\n"
         finally:
-            assert await halt(spec, lxcpath, timeout=20)
+            assert await halt(spec.name, spec.veth, lxcpath, timeout=20)
     assert (overlay / "root/note").read_text() == "written-inside\n"
     # busybox's rcS appended its boot line: that write went to the overlay too.
     assert (overlay / "var/log/boot.log").read_text().startswith("booted ")
@@ -247,8 +247,12 @@ async def test_lxc_tools_find_the_container(
         ).stdout  # fmt: skip
         assert attached.strip() == spec.hostname
         assert await list_states(lxcpath) == {spec.name: "RUNNING"}
+        # A second launch of the same name is refused and leaves the running one alone.
+        with pytest.raises(LaunchError, match="already running"):
+            await launch(spec, lxcpath)
+        assert await state(spec.name, lxcpath) == "RUNNING"
     finally:
-        await halt(spec, lxcpath, timeout=20)
+        await halt(spec.name, spec.veth, lxcpath, timeout=20)
     assert await list_states(lxcpath) == {}
 
 
@@ -278,7 +282,7 @@ async def test_exec_returns_status_and_output(
         with pytest.raises(Exception, match="timed out"):
             await exec_in(spec.name, ["sleep", "30"], lxcpath, timeout=1)
     finally:
-        await halt(spec, lxcpath, timeout=20)
+        await halt(spec.name, spec.veth, lxcpath, timeout=20)
     with pytest.raises(Exception, match="not running"):
         await exec_in(spec.name, ["true"], lxcpath)
 
@@ -303,7 +307,7 @@ async def test_limits_reach_the_cgroup(stock_root: tuple[Path, Path], lxcpath: P
             assert (group / "memory.max").read_text().strip() == str(192 << 20)
             assert (group / "cpu.max").read_text().strip() == "50000 100000"
     finally:
-        await halt(spec, lxcpath, timeout=20)
+        await halt(spec.name, spec.veth, lxcpath, timeout=20)
 
 
 @pytest.mark.timeout(90)
@@ -313,16 +317,17 @@ async def test_halt_is_clean_and_falls_back_to_a_hard_stop(
     mnt, _ = stock_root
     spec = _spec(_vm_id(), mnt)
     pid = await launch(spec, lxcpath)
-    assert await halt(spec, lxcpath, timeout=20) is True  # busybox powers off on SIGUSR2
+    # busybox init powers off on SIGUSR2
+    assert await halt(spec.name, spec.veth, lxcpath, timeout=20) is True
     assert not os.path.exists(f"/proc/{pid}")
     assert not (lxcpath / spec.name).exists()
-    assert await halt(spec, lxcpath, timeout=20) is True  # idempotent
+    assert await halt(spec.name, spec.veth, lxcpath, timeout=20) is True  # idempotent
 
     # An init that does not halt on the signal (busybox init reloads on SIGHUP) is killed.
     stubborn = _spec(_vm_id(), mnt, halt_signal="SIGHUP")
     pid = await launch(stubborn, lxcpath)
     started = time.monotonic()
-    assert await halt(stubborn, lxcpath, timeout=2) is False
+    assert await halt(stubborn.name, stubborn.veth, lxcpath, timeout=2) is False
     assert 2 <= time.monotonic() - started < 15
     assert not os.path.exists(f"/proc/{pid}")
     assert await state(stubborn.name, lxcpath) == "ABSENT"
@@ -354,7 +359,7 @@ async def test_cancelled_launch_leaves_nothing(
         await trio.sleep(5)  # only reached if the launch beat the deadline
     # Either the start was cancelled and undone, or it finished: then halt as a caller would.
     if await state(spec.name, lxcpath) != "ABSENT":
-        await halt(spec, lxcpath, timeout=10)
+        await halt(spec.name, spec.veth, lxcpath, timeout=10)
     assert await state(spec.name, lxcpath) == "ABSENT"
     assert not (lxcpath / spec.name).exists()
 
@@ -372,7 +377,7 @@ async def test_home_bind_mount_lands_in_homefs(
         done = await exec_in(spec.name, ["sh", "-c", "echo mine > /home/file"], lxcpath)
         assert done.returncode == 0, done.stderr
     finally:
-        await halt(spec, lxcpath, timeout=20)
+        await halt(spec.name, spec.veth, lxcpath, timeout=20)
     assert (home / "file").read_text() == "mine\n"
     assert not (overlay / "home/file").exists()
 
@@ -404,7 +409,7 @@ async def test_concurrent_launches(tmp_path: Path, base: Path, lxcpath: Path) ->
         finally:
             async with trio.open_nursery() as nursery:
                 for spec in specs:
-                    nursery.start_soon(halt, spec, lxcpath, 20)
+                    nursery.start_soon(halt, spec.name, spec.veth, lxcpath, 20)
         assert await list_states(lxcpath) == {}
     finally:
         for _, mnt in roots:
@@ -423,7 +428,7 @@ async def test_console_gives_an_interactive_shell(
         output = await trio.to_thread.run_sync(_talk_to_console, spec.name, lxcpath)
         assert "console-says-42" in output
     finally:
-        await halt(spec, lxcpath, timeout=20)
+        await halt(spec.name, spec.veth, lxcpath, timeout=20)
 
 
 def _talk_to_console(name: str, lxcpath: Path) -> str:

@@ -171,7 +171,7 @@ async def main():
         out["route"] = route.stdout.decode()
     finally:
         for spec in specs:
-            await halt(spec, lxcpath, timeout=10)
+            await halt(spec.name, spec.veth, lxcpath, timeout=10)
     out["veths_after"] = {s.network.veth_pair: link_kind(s.network.veth_pair) for s in specs}
 
 trio.run(main)
@@ -302,3 +302,63 @@ def test_failures_leave_no_container_and_no_veth(
     assert out["start_state"] == "ABSENT" and out["start_veth"] is None
     assert list(lxcpath.iterdir()) == []
     assert _links(netns) == {"lo": "", "qvdbusy": "veth", "qvdbusyp": "veth", "qvdnet": "bridge"}
+
+
+_SEAM_CODE = """
+import json, sys
+from pathlib import Path
+from qvdctl.container import seam
+from qvdctl.network import link_kind
+
+args = json.loads(sys.argv[1])
+settings = {
+    "vm.network.bridge": "qvdnet", "vm.network.netmask": "255.255.255.0",
+    "vm.network.gateway": "10.213.0.1", "vm.stop.timeout": "10",
+    "vm.lxc.lxcpath": args["lxcpath"],
+}
+vm_id = args["id"]
+out = {}
+out["pid"] = seam.start_vm_container(
+    vm_id=vm_id, vm_name="Seam VM", ip="10.213.0.254", rootfs=Path(args["root"]),
+    home=Path(args["home"]), memory_mb=128, settings=settings,
+)
+out["states"] = seam.vm_container_states(settings=settings)
+done = seam.exec_in_vm(vm_id, ["sh", "-c", "echo hi > /home/h; ping -c1 -W2 10.213.0.1"],
+                       settings=settings)
+out["exec"] = done.returncode
+out["veth"] = link_kind(f"qvd{vm_id}")
+out["clean"] = seam.stop_vm_container(vm_id=vm_id, settings=settings)
+out["again"] = seam.stop_vm_container(vm_id=vm_id, settings=settings)
+out["states_after"] = seam.vm_container_states(settings=settings)
+out["veth_after"] = link_kind(f"qvd{vm_id}")
+try:
+    seam.start_vm_container(
+        vm_id=vm_id, vm_name="x", ip="10.213.0.254", rootfs=Path(args["root"]), home=None,
+        memory_mb=None, settings={**settings, "vm.network.gateway": ""},
+    )
+except Exception as exc:
+    out["no_gateway"] = str(exc)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.timeout(90)
+def test_seam_for_the_lifecycle(netns: str, two_roots: list[Path], tmp_path: Path) -> None:
+    lxcpath = tmp_path / "lxc"
+    lxcpath.mkdir()
+    home = tmp_path / "home"
+    home.mkdir()
+    vm_id = random.randint(1000, 9000)
+    args = {"lxcpath": str(lxcpath), "id": vm_id, "root": str(two_roots[0]), "home": str(home)}
+    try:
+        out = run_in_netns(netns, _SEAM_CODE, json.dumps(args))
+    finally:
+        _cleanup_containers(netns, lxcpath)
+    assert out["pid"] > 0
+    assert out["states"] == {str(vm_id): "RUNNING"}
+    assert out["exec"] == 0 and out["veth"] == "veth"
+    assert out["clean"] is True and out["again"] is True
+    assert out["states_after"] == {} and out["veth_after"] is None
+    assert "vm.network.gateway is not set" in out["no_gateway"]
+    assert (home / "h").read_text() == "hi\n"
+    assert list(lxcpath.iterdir()) == []

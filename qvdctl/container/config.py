@@ -77,6 +77,11 @@ class ContainerSpec:
     cpus: float | None = None
     halt_signal: str = "SIGUSR2"
 
+    @property
+    def veth(self) -> str | None:
+        """Host end of the VM's veth, None without a network."""
+        return self.network.veth_pair if self.network is not None else None
+
     @classmethod
     def for_vm(
         cls,

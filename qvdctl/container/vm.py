@@ -40,8 +40,13 @@ async def launch(
 
     Raises:
         LaunchError: with ``step`` one of "network", "config", "start"; everything this
-            call did is undone first (the bridge is shared and stays).
+            call did is undone first (the bridge is shared and stays). A container of
+            that name already running is reported and left alone.
     """
+    # Checked first: the cleanup of a failed launch stops the container, and a running
+    # one with this name (started by another storage root, or twice) is not ours to stop.
+    if await runtime.state(spec.name, lxcpath) not in (runtime.ABSENT, "STOPPED"):
+        raise LaunchError("config", f"container {spec.name} is already running in {lxcpath}")
     net = spec.network
     if net is not None:
         gateway = f"{net.gateway}/{net.address.network.prefixlen}"
@@ -59,7 +64,7 @@ async def launch(
         # Also on cancellation: a half-started container must not outlive the request.
         with trio.CancelScope(shield=True):
             try:
-                await halt(spec, lxcpath, timeout=0)
+                await halt(spec.name, spec.veth, lxcpath, timeout=0)
             except Exception as cleanup:  # report the start failure, log the cleanup's
                 log.error("cleanup after failed start of %s failed: %s", spec.name, cleanup)
         if isinstance(exc, (runtime.ContainerError, trio.TooSlowError)):
@@ -67,8 +72,10 @@ async def launch(
         raise
 
 
-async def halt(spec: ContainerSpec, lxcpath: Path = DEFAULT_LXCPATH, timeout: float = 30.0) -> bool:
-    """Shut ``spec``'s container down (hard after ``timeout``), drop its veth and config.
+async def halt(
+    name: str, veth: str | None, lxcpath: Path = DEFAULT_LXCPATH, timeout: float = 30.0
+) -> bool:
+    """Shut container ``name`` down (hard after ``timeout``), drop its ``veth`` and config.
 
     Safe to call on a container in any state, or none. Returns True if the container
     halted by itself (or was not running), False if it had to be killed.
@@ -77,13 +84,13 @@ async def halt(spec: ContainerSpec, lxcpath: Path = DEFAULT_LXCPATH, timeout: fl
         runtime.ContainerError: the container could not be stopped (config kept).
         NetworkError: the veth could not be removed.
     """
-    clean = await runtime.stop(spec.name, lxcpath, timeout)
-    if spec.network is not None:
+    clean = await runtime.stop(name, lxcpath, timeout)
+    if veth is not None:
         # liblxc deletes the veth with the container's namespace; this catches the
         # cases where it could not (a crash of its monitor, a start that died midway).
-        await trio.to_thread.run_sync(remove_veth, spec.network.veth_pair)
-    remove_config(spec.name, lxcpath)
-    left = await trio.to_thread.run_sync(runtime.prune_cgroups, spec.name)
+        await trio.to_thread.run_sync(remove_veth, veth)
+    remove_config(name, lxcpath)
+    left = await trio.to_thread.run_sync(runtime.prune_cgroups, name)
     if left:
-        log.warning("container %s: cgroups still busy, left in place: %s", spec.name, left[0])
+        log.warning("container %s: cgroups still busy, left in place: %s", name, left[0])
     return clean

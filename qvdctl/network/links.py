@@ -7,6 +7,7 @@ netlink requests and block; async callers run them through ``trio.to_thread.run_
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 
@@ -72,22 +73,33 @@ def ensure_bridge(name: str, gateway_cidr: str) -> bool:
                 index = found[0]
             else:
                 log.info("creating bridge %s", name)
-                ipr.link("add", ifname=name, kind="bridge")
-                created = True
+                try:
+                    ipr.link("add", ifname=name, kind="bridge")
+                    created = True
+                except NetlinkError as exc:
+                    # EEXIST: a concurrent start created it first; verify it below.
+                    if exc.code != errno.EEXIST:
+                        raise
                 index = ipr.link_lookup(ifname=name)[0]
+                if not created and _kind(ipr, index) != "bridge":
+                    raise NetworkError(f"network link {name!r} exists but is not a bridge")
             present = {
                 (a.get_attr("IFA_ADDRESS"), a["prefixlen"])
                 for a in ipr.addr("dump", index=index, family=2)
             }
             if (str(gateway.ip), gateway.network.prefixlen) not in present:
                 log.info("adding %s to bridge %s", gateway, name)
-                ipr.addr(
-                    "add",
-                    index=index,
-                    address=str(gateway.ip),
-                    prefixlen=gateway.network.prefixlen,
-                    broadcast=str(gateway.network.broadcast_address),
-                )
+                try:
+                    ipr.addr(
+                        "add",
+                        index=index,
+                        address=str(gateway.ip),
+                        prefixlen=gateway.network.prefixlen,
+                        broadcast=str(gateway.network.broadcast_address),
+                    )
+                except NetlinkError as exc:
+                    if exc.code != errno.EEXIST:  # a concurrent start added it first
+                        raise
             ipr.link("set", index=index, state="up")
     except NetlinkError as exc:
         raise NetworkError(f"cannot set up bridge {name!r}: {exc.args[-1]}") from exc
@@ -119,7 +131,7 @@ def remove_veth(name: str) -> bool:
             ipr.link("del", index=found[0])
     except NetlinkError as exc:
         # ENODEV: it vanished between lookup and delete (the container stopped meanwhile).
-        if exc.code == 19:
+        if exc.code == errno.ENODEV:
             return False
         raise NetworkError(f"cannot remove veth {name!r}: {exc.args[-1]}") from exc
     return True

@@ -1,0 +1,120 @@
+"""Blocking entry points for ``qvdctl/lifecycle.py``, in the node's own terms.
+
+The admin CLI is synchronous; each call here runs one short trio loop around the
+async container layer. Inputs are plain values and the node's settings, so the
+lifecycle needs no knowledge of LXC:
+
+    start_vm_container(vm_id=, vm_name=, ip=, rootfs=, home=, memory_mb=, settings=)
+    stop_vm_container(vm_id=, settings=)
+    exec_in_vm(vm_id, argv, settings=)          -> ExecResult
+    vm_container_states(settings=)               -> {vm_id: "RUNNING" | "STOPPED" | ...}
+
+Settings read: ``vm.network.bridge``, ``vm.network.netmask``, ``vm.network.gateway``,
+``vm.stop.timeout``, and ``vm.lxc.lxcpath`` when the node defines it (else liblxc's
+default, which the LXC tools use without ``-P``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import trio
+
+from qvdctl.container import runtime
+from qvdctl.container.config import DEFAULT_LXCPATH, ContainerSpec, container_name
+from qvdctl.container.vm import halt, launch
+from qvdctl.network.addresses import veth_name
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT = 30.0
+
+
+def lxcpath_from(settings: Mapping[str, str]) -> Path:
+    """The lxcpath the node uses: setting ``vm.lxc.lxcpath`` if known and set, else the default."""
+    try:
+        value = settings["vm.lxc.lxcpath"]
+    except KeyError:
+        value = ""
+    return Path(value) if value else DEFAULT_LXCPATH
+
+
+def _spec(
+    vm_id: int,
+    vm_name: str,
+    ip: str,
+    rootfs: Path,
+    home: Path | None,
+    memory_mb: int | None,
+    settings: Mapping[str, str],
+) -> ContainerSpec:
+    gateway = settings["vm.network.gateway"]
+    if not gateway:
+        raise runtime.ContainerError(
+            "vm.network.gateway is not set; set it with `config set vm.network.gateway=IP`"
+        )
+    return ContainerSpec.for_vm(
+        vm_id=vm_id, vm_name=vm_name, rootfs=rootfs, ip=ip,
+        netmask=settings["vm.network.netmask"], gateway=gateway,
+        bridge=settings["vm.network.bridge"], home=home, memory_mb=memory_mb or None,
+    )  # fmt: skip
+
+
+def start_vm_container(
+    *,
+    vm_id: int,
+    vm_name: str,
+    ip: str,
+    rootfs: Path,
+    home: Path | None,
+    memory_mb: int | None,
+    settings: Mapping[str, str],
+) -> int:
+    """Start VM ``vm_id``'s container on its mounted ``rootfs``; return init's pid.
+
+    ``home`` is bind-mounted onto ``/home``; pass None when the union grafts it.
+
+    Raises:
+        ConfigError: a setting or VM value cannot go into the config.
+        ContainerError: the gateway is unset.
+        LaunchError: a step failed; nothing of this call is left behind.
+    """
+    spec = _spec(vm_id, vm_name, ip, rootfs, home, memory_mb, settings)
+    return trio.run(launch, spec, lxcpath_from(settings), START_TIMEOUT)
+
+
+def stop_vm_container(*, vm_id: int, settings: Mapping[str, str]) -> bool:
+    """Stop VM ``vm_id``'s container: halt, hard stop after ``vm.stop.timeout``, clean up.
+
+    Idempotent: no container, or a stopped one, is fine. Returns True if it halted
+    by itself (or was not running), False if it was killed.
+
+    Raises:
+        ContainerError: it could not be stopped (its config is kept for a retry).
+        NetworkError: its veth could not be removed.
+    """
+    timeout = float(settings["vm.stop.timeout"])
+    return trio.run(halt, container_name(vm_id), veth_name(vm_id), lxcpath_from(settings), timeout)
+
+
+def exec_in_vm(
+    vm_id: int, argv: Sequence[str], *, settings: Mapping[str, str], timeout: float = 3600
+) -> runtime.ExecResult:
+    """Run ``argv`` in VM ``vm_id``'s container; return its exit status and output.
+
+    Raises:
+        ContainerError: the container is not running, or the command timed out.
+    """
+    return trio.run(runtime.exec_in, container_name(vm_id), argv, lxcpath_from(settings), timeout)
+
+
+def vm_container_states(*, settings: Mapping[str, str]) -> dict[int, str]:
+    """liblxc's state of every ``qvd-<id>`` container, by VM id, for ``vm list``.
+
+    A VM whose id is missing here has no container: if the database says it runs,
+    it died or was destroyed from outside.
+    """
+    states = trio.run(runtime.list_states, lxcpath_from(settings))
+    return {int(name.removeprefix("qvd-")): state for name, state in states.items()}
