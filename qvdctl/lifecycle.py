@@ -168,7 +168,11 @@ def prepare_and_mount(node: Node, vm: Vm) -> MountedRoot:
             raise QvdError(f"{rootfs} is not empty")
 
         step = "mounting the root"
-        branches = mounting.Branches(base=base, overlay=overlay, home=home, workdir=workdir)
+        # The union gets the shared tree the entry links to: qvdfs (rightly) refuses a
+        # symlink as a branch, and all three unions then see the same plain folder.
+        branches = mounting.Branches(
+            base=base.resolve(strict=True), overlay=overlay, home=home, workdir=workdir
+        )
         mounting.mount_root(kind, branches, rootfs, settings)
         undo.append(lambda: mounting.unmount_tree(rootfs, lazy_fallback=True))
     except Exception as exc:
