@@ -61,15 +61,23 @@ def lxcpath(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["lxc-stop", "-P", str(path), "-n", entry.name, "-k"], capture_output=True)
 
 
-@pytest.fixture
-def stock_root(tmp_path: Path, base: Path) -> Iterator[tuple[Path, Path]]:
-    """A busybox root mounted by stock unionfs-fuse: (mountpoint, overlay branch)."""
+@pytest.fixture(params=["qvdfs", "unionfs-fuse"])
+def union_root(
+    request: pytest.FixtureRequest, tmp_path: Path, base: Path
+) -> Iterator[tuple[Path, Path]]:
+    """A busybox root mounted by qvdfs (the node's line) or stock unionfs-fuse.
+
+    Yields (mountpoint, overlay branch).
+    """
     overlay, mnt = tmp_path / "overlay", tmp_path / "root"
     overlay.mkdir()
     mnt.mkdir()
-    subprocess.run(
-        ["unionfs", *STOCK_OPTIONS, f"{overlay}=RW:{base}=RO", str(mnt)], check=True, timeout=30
-    )
+    branches = f"{overlay}=RW:{base}=RO"
+    if request.param == "qvdfs":
+        with qvdfs_mount(branches, mnt, *NODE_OPTIONS):
+            yield mnt, overlay
+        return
+    subprocess.run(["unionfs", *STOCK_OPTIONS, branches, str(mnt)], check=True, timeout=30)
     try:
         yield mnt, overlay
     finally:
@@ -225,9 +233,9 @@ async def test_issue2_smoke_on_qvdfs_node_line(tmp_path: Path, base: Path, lxcpa
 
 @pytest.mark.timeout(90)
 async def test_lxc_tools_find_the_container(
-    stock_root: tuple[Path, Path], lxcpath: Path
+    union_root: tuple[Path, Path], lxcpath: Path
 ) -> None:
-    mnt, _ = stock_root
+    mnt, _ = union_root
     spec = _spec(_vm_id(), mnt)
     own_cgroups = Path("/proc/self/cgroup").read_text()
     pid = await launch(spec, lxcpath)
@@ -258,9 +266,9 @@ async def test_lxc_tools_find_the_container(
 
 @pytest.mark.timeout(90)
 async def test_exec_returns_status_and_output(
-    stock_root: tuple[Path, Path], lxcpath: Path
+    union_root: tuple[Path, Path], lxcpath: Path
 ) -> None:
-    mnt, overlay = stock_root
+    mnt, overlay = union_root
     spec = _spec(_vm_id(), mnt)
     await launch(spec, lxcpath)
     try:
@@ -288,8 +296,8 @@ async def test_exec_returns_status_and_output(
 
 
 @pytest.mark.timeout(90)
-async def test_limits_reach_the_cgroup(stock_root: tuple[Path, Path], lxcpath: Path) -> None:
-    mnt, _ = stock_root
+async def test_limits_reach_the_cgroup(union_root: tuple[Path, Path], lxcpath: Path) -> None:
+    mnt, _ = union_root
     spec = _spec(_vm_id(), mnt, memory_mb=192, cpus=0.5)
     pid = await launch(spec, lxcpath)
     try:
@@ -312,9 +320,9 @@ async def test_limits_reach_the_cgroup(stock_root: tuple[Path, Path], lxcpath: P
 
 @pytest.mark.timeout(90)
 async def test_halt_is_clean_and_falls_back_to_a_hard_stop(
-    stock_root: tuple[Path, Path], lxcpath: Path
+    union_root: tuple[Path, Path], lxcpath: Path
 ) -> None:
-    mnt, _ = stock_root
+    mnt, _ = union_root
     spec = _spec(_vm_id(), mnt)
     pid = await launch(spec, lxcpath)
     # busybox init powers off on SIGUSR2
@@ -350,9 +358,9 @@ async def test_failed_start_leaves_nothing(tmp_path: Path, lxcpath: Path) -> Non
 
 @pytest.mark.timeout(60)
 async def test_cancelled_launch_leaves_nothing(
-    stock_root: tuple[Path, Path], lxcpath: Path
+    union_root: tuple[Path, Path], lxcpath: Path
 ) -> None:
-    mnt, _ = stock_root
+    mnt, _ = union_root
     spec = _spec(_vm_id(), mnt)
     with trio.move_on_after(0.01):
         await launch(spec, lxcpath)
@@ -366,9 +374,9 @@ async def test_cancelled_launch_leaves_nothing(
 
 @pytest.mark.timeout(90)
 async def test_home_bind_mount_lands_in_homefs(
-    stock_root: tuple[Path, Path], tmp_path: Path, lxcpath: Path
+    union_root: tuple[Path, Path], tmp_path: Path, lxcpath: Path
 ) -> None:
-    mnt, overlay = stock_root
+    mnt, overlay = union_root
     home = tmp_path / "homefs"
     home.mkdir()
     spec = _spec(_vm_id(), mnt, home=home)
@@ -379,6 +387,29 @@ async def test_home_bind_mount_lands_in_homefs(
     finally:
         await halt(spec.name, spec.veth, lxcpath, timeout=20)
     assert (home / "file").read_text() == "mine\n"
+    assert not (overlay / "home/file").exists()
+
+
+@pytest.mark.timeout(90)
+async def test_home_grafted_by_qvdfs_lands_in_homefs(
+    tmp_path: Path, base: Path, lxcpath: Path
+) -> None:
+    overlay, home, mnt = tmp_path / "overlay", tmp_path / "homefs", tmp_path / "root"
+    for d in (overlay, home, mnt):
+        d.mkdir()
+    spec = _spec(_vm_id(), mnt)  # no bind mount: the union serves /home itself
+    assert "home none bind" not in render_config(spec, lxcpath)
+    with qvdfs_mount(f"{overlay}=RW:{base}=RO:{home}=RW@/home", mnt, *NODE_OPTIONS):
+        await launch(spec, lxcpath)
+        try:
+            done = await exec_in(
+                spec.name, ["sh", "-c", "echo mine > /home/file && echo os > /root/file"], lxcpath
+            )
+            assert done.returncode == 0, done.stderr
+        finally:
+            await halt(spec.name, spec.veth, lxcpath, timeout=20)
+    assert (home / "file").read_text() == "mine\n"
+    assert (overlay / "root/file").read_text() == "os\n"
     assert not (overlay / "home/file").exists()
 
 
@@ -419,9 +450,9 @@ async def test_concurrent_launches(tmp_path: Path, base: Path, lxcpath: Path) ->
 
 @pytest.mark.timeout(60)
 async def test_console_gives_an_interactive_shell(
-    stock_root: tuple[Path, Path], lxcpath: Path
+    union_root: tuple[Path, Path], lxcpath: Path
 ) -> None:
-    mnt, _ = stock_root
+    mnt, _ = union_root
     spec = _spec(_vm_id(), mnt)
     await launch(spec, lxcpath)
     try:
