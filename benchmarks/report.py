@@ -32,6 +32,8 @@ KERNEL_SEQREAD_GOAL = 0.8  # warm sequential read, as a fraction of kernel overl
 RSS_LIMIT_MIB = 40.0
 MOUNT_LIMIT_S = 0.3
 
+CHART_CLIP = 100.0  # bars longer than this many times unionfs-fuse are cut here
+
 
 @dataclasses.dataclass
 class Results:
@@ -202,7 +204,11 @@ def chart(results: Results, path: Path) -> None:
             ratio = results.ratio(target, metric)
             if ratio is not None:
                 ys.append(row + i * height)
-                xs.append(ratio)
+                xs.append(min(ratio, CHART_CLIP))
+                if ratio > CHART_CLIP:
+                    # e.g. copy-up on the plain directory, which copies nothing: keep the
+                    # scale readable and print the value instead.
+                    ax.text(CHART_CLIP, ys[-1], f" {ratio:.0f}×", va="center", fontsize=7)
         ax.barh(ys, xs, height=height, label=target)
     ax.axvline(1.0, color="black", linewidth=1, linestyle="--")
     ax.set_xscale("log")
