@@ -26,7 +26,7 @@ import resource
 import signal
 import stat
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import IO, Any, NoReturn
 
 import pyfuse3
@@ -41,6 +41,7 @@ FUSE_DEVICE = "/dev/fuse"
 # How long the mount may take to answer its first request before the start counts as failed.
 READY_TIMEOUT = 60.0
 _READY = b"ready\n"
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 OperationsFactory = Callable[[MountConfig], Any]
 
@@ -240,15 +241,15 @@ async def _serve(ops: Any, config: MountConfig, ready_fd: int | None) -> int:
     error: str | None = None
     ready = False
 
-    async def stop_on_signals(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def stop_on_signals(signals: AsyncIterator[int]) -> None:
         nonlocal stopped_by_us
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            task_status.started()
-            async for signum in signals:
-                log.info("got %s: unmounting", signal.Signals(signum).name)
-                stopped_by_us = True
-                pyfuse3.terminate()
-                return
+        async for signum in signals:
+            if stopped_by_us:
+                log.info("got %s: already stopping", signal.Signals(signum).name)
+                continue
+            log.info("got %s: unmounting", signal.Signals(signum).name)
+            stopped_by_us = True
+            pyfuse3.terminate()
 
     async def confirm_serving() -> None:
         nonlocal ready, ready_fd
@@ -264,27 +265,34 @@ async def _serve(ops: Any, config: MountConfig, ready_fd: int | None) -> int:
             os.close(ready_fd)
             ready_fd = None
 
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(stop_on_signals)
-            nursery.start_soon(confirm_serving)
-            await pyfuse3.main()
-            nursery.cancel_scope.cancel()
-        if not ready and not stopped_by_us:
-            error = "the FUSE session ended before the mount answered"
-        await _destroy(ops)
-    except Exception as exc:  # noqa: BLE001 - log it, unmount, exit non-zero
-        log.exception("qvdfs daemon stopped on an error")
-        cause = _single(exc)
-        error = (f"the mount did not answer within {READY_TIMEOUT:g} s"
-                 if isinstance(cause, trio.TooSlowError) else f"{type(cause).__name__}: {cause}")
-        stopped_by_us = True
+    # The receiver stays installed until the mount is gone, so that a second signal during the
+    # shutdown cannot kill us half way (the default action) and leave a dead mount. Signals
+    # still pending when it closes are re-delivered by trio to the handler it found: make that
+    # a no-op, since by then the mount is gone and we are exiting anyway.
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, lambda *_: None)
+    with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stop_on_signals, signals)
+                nursery.start_soon(confirm_serving)
+                await pyfuse3.main()
+                nursery.cancel_scope.cancel()
+            if not ready and not stopped_by_us:
+                error = "the FUSE session ended before the mount answered"
+            await _destroy(ops)
+        except Exception as exc:  # noqa: BLE001 - log it, unmount, exit non-zero
+            log.exception("qvdfs daemon stopped on an error")
+            cause = _single(exc)
+            error = (f"the mount did not answer within {READY_TIMEOUT:g} s"
+                     if isinstance(cause, trio.TooSlowError) else f"{type(cause).__name__}: {cause}")
+            stopped_by_us = True
 
-    # When the kernel ended a session that was serving (umount, fusermount3 -u), the mount is
-    # already gone. Otherwise we take it down: a stop, an error, or a session that ended before
-    # it ever answered (libfuse refusing the kernel's INIT) must never leave a dead mount.
-    pyfuse3.close(unmount=stopped_by_us or not ready)
-    log.info("unmounted %s", config.mountpoint)
+        # When the kernel ended a session that was serving (umount, fusermount3 -u), the mount
+        # is already gone. Otherwise we take it down: a stop, an error, or a session that ended
+        # before it ever answered (libfuse refusing the kernel's INIT) must not leave a dead mount.
+        pyfuse3.close(unmount=stopped_by_us or not ready)
+        log.info("unmounted %s", config.mountpoint)
     if ready_fd is not None:  # still open: the parent is waiting for our verdict
         _report(ready_fd, (error or "stopped before the mount was ready").encode() + b"\n")
         os.close(ready_fd)
@@ -351,7 +359,8 @@ def _setup_logging(config: MountConfig, stderr_handler: logging.Handler) -> IO[s
 
 
 def _fail(error: MountError | str) -> int:
-    print(f"qvdfs: {error}", file=sys.stderr, flush=True)
+    """Print ``error`` as the one line the caller gets; return the exit status 1."""
+    print(f"qvdfs: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
     return 1
 
 

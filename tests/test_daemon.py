@@ -44,7 +44,8 @@ class StandinOperations(pyfuse3.Operations):
     """An empty root directory. Looking up ``crash`` raises, as a handler bug would.
 
     Environment knobs: QVDFS_STANDIN_FAIL_ROOT=1 makes every getattr raise (the mount never
-    answers its first request); QVDFS_STANDIN_DESTROY_MARK=FILE makes ``destroy`` write FILE;
+    answers its first request); QVDFS_STANDIN_DESTROY_MARK=FILE makes ``destroy`` write FILE
+    (after writing "destroying" and sleeping QVDFS_STANDIN_DESTROY_DELAY seconds, if set);
     QVDFS_STANDIN_RAW_FUSE_OPTION=OPT hands OPT to libfuse behind the parser's back.
     """
 
@@ -84,6 +85,10 @@ class StandinOperations(pyfuse3.Operations):
 
     def destroy(self) -> None:
         mark = os.environ.get("QVDFS_STANDIN_DESTROY_MARK")
+        delay = float(os.environ.get("QVDFS_STANDIN_DESTROY_DELAY", "0"))
+        if mark and delay:
+            Path(mark).write_text("destroying\n")
+            time.sleep(delay)
         if mark:
             Path(mark).write_text("destroyed\n")
 
@@ -279,6 +284,34 @@ def test_foreground_exits_0_after_umount_or_signal(dirs: dict[str, Path], how: s
         assert "serving" in err  # foreground logs to stderr
 
 
+def test_second_signal_during_shutdown_does_not_kill(dirs: dict[str, Path],
+                                                     tmp_path: Path) -> None:
+    mnt, mark = dirs["rootfs"], tmp_path / "destroyed"
+    env = {**STANDIN_ENV, "QVDFS_STANDIN_DESTROY_MARK": str(mark),
+           "QVDFS_STANDIN_DESTROY_DELAY": "1"}
+    with cleanup(mnt):
+        proc = subprocess.Popen([*STANDIN, "-f", *node_argv(dirs)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 30
+            while not is_mounted(mnt):
+                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            while not mark.exists():  # now inside destroy(), the shutdown under way
+                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 0, err
+        assert mark.read_text() == "destroyed\n"
+        assert wait_unmounted(mnt)
+
+
 def test_sigterm_unmounts_daemon(dirs: dict[str, Path]) -> None:
     mnt = dirs["rootfs"]
     with cleanup(mnt):
@@ -386,7 +419,7 @@ def test_mountpoint_busy(dirs: dict[str, Path]) -> None:
 
 
 def test_dead_mount_of_a_killed_daemon_is_busy(dirs: dict[str, Path]) -> None:
-    """A daemon killed outright leaves a mount that answers ENOTCONN; a new start must say so."""
+    """A daemon killed outright leaves a dead mount (ENOTCONN); a new start must say busy."""
     mnt = dirs["rootfs"]
     with cleanup(mnt):
         assert run_entry(STANDIN, node_argv(dirs)).returncode == 0
@@ -395,7 +428,7 @@ def test_dead_mount_of_a_killed_daemon_is_busy(dirs: dict[str, Path]) -> None:
         assert wait_gone(pids)
         with pytest.raises(OSError) as dead:
             os.listdir(mnt)  # a stat could be answered from the kernel's attribute cache
-        assert dead.value.errno == errno.ENOTCONN
+        assert dead.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
         assert_one_line_failure(run_entry([QVDFS], node_argv(dirs)), "busy")
         subprocess.run(["umount", str(mnt)], check=True, timeout=30)
     assert not is_mounted(mnt)
