@@ -434,7 +434,8 @@ async def test_concurrent_launches(tmp_path: Path, base: Path, lxcpath: Path) ->
                     nursery.start_soon(launch, spec, lxcpath)
             assert await list_states(lxcpath) == {s.name: "RUNNING" for s in specs}
             for spec, (overlay, _) in zip(specs, roots):
-                done = await exec_in(spec.name, ["sh", "-c", f"echo {spec.name} > /tmp/me"], lxcpath)
+                argv = ["sh", "-c", f"echo {spec.name} > /tmp/me"]
+                done = await exec_in(spec.name, argv, lxcpath)
                 assert done.returncode == 0
                 assert (overlay / "tmp/me").read_text() == f"{spec.name}\n"
         finally:

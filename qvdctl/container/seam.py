@@ -85,8 +85,10 @@ def start_vm_container(
     return trio.run(launch, spec, lxcpath_from(settings), START_TIMEOUT)
 
 
-def stop_vm_container(*, vm_id: int, settings: Mapping[str, str]) -> bool:
+def stop_vm_container(*, vm_id: int, settings: Mapping[str, str] | None = None) -> bool:
     """Stop VM ``vm_id``'s container: halt, hard stop after ``vm.stop.timeout``, clean up.
+
+    Without ``settings``: a 30 s timeout and the default lxcpath.
 
     Idempotent: no container, or a stopped one, is fine. Returns True if it halted
     by itself (or was not running), False if it was killed.
@@ -95,7 +97,8 @@ def stop_vm_container(*, vm_id: int, settings: Mapping[str, str]) -> bool:
         ContainerError: it could not be stopped (its config is kept for a retry).
         NetworkError: its veth could not be removed.
     """
-    timeout = float(settings["vm.stop.timeout"])
+    settings = settings or {}
+    timeout = float(settings.get("vm.stop.timeout") or 30)
     return trio.run(halt, container_name(vm_id), veth_name(vm_id), lxcpath_from(settings), timeout)
 
 
