@@ -362,3 +362,37 @@ def test_seam_for_the_lifecycle(netns: str, two_roots: list[Path], tmp_path: Pat
     assert "vm.network.gateway is not set" in out["no_gateway"]
     assert (home / "h").read_text() == "hi\n"
     assert list(lxcpath.iterdir()) == []
+
+
+@pytest.mark.timeout(60)
+def test_mounts_made_in_the_namespace_reach_the_host(netns: str, tmp_path: Path) -> None:
+    """The sandbox's point: a mount made by a command in the namespace is the host's too,
+    and a later command there sees it; the namespace's /sys shows its own links."""
+    from qvdctl.network.sandbox import shared_mount
+
+    root = tmp_path / "storage"
+    (root / "src").mkdir(parents=True)
+    (root / "mnt").mkdir()
+    (root / "src" / "file").write_text("through the bind\n")
+    with shared_mount(root):
+        try:
+            subprocess.run(
+                netns_argv(netns, ["mount", "--bind", str(root / "src"), str(root / "mnt")]),
+                check=True, timeout=30,
+            )  # fmt: skip
+            assert (root / "mnt" / "file").read_text() == "through the bind\n"
+            later = subprocess.run(
+                netns_argv(netns, ["sh", "-c", f"cat {root}/mnt/file; ls /sys/class/net"]),
+                capture_output=True, text=True, check=True, timeout=30,
+            ).stdout  # fmt: skip
+            assert later.split() == ["through", "the", "bind", "lo"]
+            subprocess.run(["umount", str(root / "mnt")], check=True)
+            gone = subprocess.run(
+                netns_argv(netns, ["ls", str(root / "mnt")]),
+                capture_output=True, text=True, check=True, timeout=30,
+            ).stdout  # fmt: skip
+            assert gone == ""
+        finally:
+            force_unmount(root / "mnt")
+    with open("/proc/self/mountinfo") as f:
+        assert str(root) not in f.read()
