@@ -246,6 +246,54 @@ def test_graft_serves_home_from_its_own_branch(dirs: dict[str, Path], tmp_path: 
         assert wait_gone(pids)
 
 
+def test_relative_paths_survive_chdir_to_root(dirs: dict[str, Path], tmp_path: Path) -> None:
+    mnt = dirs["rootfs"]
+    with cleanup(mnt):
+        result = run_entry(ENTRY, ["overlay=RW:./base", "rootfs"], cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert (mnt / "hello").read_text() == "from base\n"
+        pids = daemon_pids(mnt)
+        subprocess.run(["umount", str(mnt)], check=True, timeout=30)
+        assert wait_gone(pids)
+
+
+def test_read_only_union_warns_and_mounts(dirs: dict[str, Path]) -> None:
+    mnt = dirs["rootfs"]
+    with cleanup(mnt):
+        result = run_entry(ENTRY, [f"{dirs['base']}=RO", str(mnt)])
+        assert result.returncode == 0
+        assert result.stderr == f"qvdfs: warning: no writable branch in '{dirs['base']}=RO': " \
+                                "the union is read-only\n"
+        with pytest.raises(OSError) as refused:
+            (mnt / "new").write_text("x")
+        assert refused.value.errno == errno.EROFS
+        pids = daemon_pids(mnt)
+        subprocess.run(["umount", str(mnt)], check=True, timeout=30)
+        assert wait_gone(pids)
+
+
+def test_debug_flag_logs_fuse_requests_in_foreground(dirs: dict[str, Path]) -> None:
+    mnt = dirs["rootfs"]
+    with cleanup(mnt):
+        proc = subprocess.Popen([*ENTRY, "-d", f"{dirs['overlay']}=RW:{dirs['base']}", str(mnt)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 30
+            while not is_mounted(mnt):
+                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+                time.sleep(0.05)
+            os.listdir(mnt)
+            subprocess.run(["umount", str(mnt)], check=True, timeout=30)
+            _, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 0
+        assert "qvdfs: debug: mounting with MountConfig(" in err
+        assert "qvdfs: debug: Calling fuse_session_mount" in err  # pyfuse3's own debug log
+
+
 def test_fusermount_u_ends_daemon(dirs: dict[str, Path]) -> None:
     mnt = dirs["rootfs"]
     with cleanup(mnt):
@@ -447,6 +495,14 @@ def test_bad_command_line_is_one_line(dirs: dict[str, Path]) -> None:
     assert_one_line_failure(result, "unknown option 'frobnicate'")
     result = run_entry([QVDFS], [f"{dirs['overlay']}=RX", str(dirs["rootfs"])])
     assert_one_line_failure(result, "bad mode 'RX'")
+
+
+def test_unopenable_debug_file(dirs: dict[str, Path]) -> None:
+    log_file = dirs["base"] / "no-such-dir" / "qvdfs.log"
+    result = run_entry([QVDFS], ["-o", f"debug_file={log_file}", str(dirs["base"]),
+                                 str(dirs["rootfs"])])
+    assert_one_line_failure(result, "cannot open debug_file", str(log_file))
+    assert not is_mounted(dirs["rootfs"])
 
 
 def test_version_and_help() -> None:
