@@ -163,8 +163,10 @@ def _one(rep: int, reps: int, workload: workloads.Workload, target: targets.Targ
         with targets.mount(target, fx.lower, scratch / f"{rep}-{workload.name}-{target.name}") \
                 as mounted:
             values = workload.run(workloads.Context(mounted, fx))
-            if mounted.mount_seconds is not None:
-                values["mount-time"] = mounted.mount_seconds
+        if mounted.mount_seconds is not None:
+            values["mount-time"] = mounted.mount_seconds
+        if mounted.unmount_seconds is not None:
+            values["unmount-time"] = mounted.unmount_seconds
     except (OSError, subprocess.SubprocessError, targets.MountError,
             workloads.WorkloadError) as exc:
         message = f"{type(exc).__name__}: {exc}"
@@ -177,7 +179,7 @@ def _one(rep: int, reps: int, workload: workloads.Workload, target: targets.Targ
     per = samples.setdefault(target.name, {})
     for metric, value in values.items():
         per.setdefault(metric, []).append(value)
-    shown = " ".join(f"{m}={v:.3g}" for m, v in values.items() if m != "mount-time")
+    shown = " ".join(f"{m}={v:.3g}" for m, v in values.items() if not m.endswith("mount-time"))
     print(f"{label} {shown}", flush=True)
 
 

@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,6 +47,8 @@ class Mounted:
     upper: Path | None
     mount_seconds: float | None  # None for the plain directory
     daemon_pid: int | None  # the FUSE daemon serving ``root``, if any
+    # From ``umount`` until the daemon has exited; set once the mount is down.
+    unmount_seconds: float | None = None
 
     def daemon_rss_mib(self) -> float | None:
         """Resident memory of the FUSE daemon now, from /proc/<pid>/status VmRSS."""
@@ -90,7 +93,7 @@ class Target:
 
 PLAIN = Target("plain", "plain", "the lower folder itself, no union (the physical limit)")
 KERNEL = Target("kernel-overlay", "kernel", "kernel overlayfs")
-UNIONFS = Target("unionfs-fuse", "fuse", "stock unionfs-fuse 2.x, -o cow,allow_other,use_ino,suid,dev")
+UNIONFS = Target("unionfs-fuse", "fuse", "stock unionfs-fuse 2.x (the baseline)")
 FUSE_OVERLAYFS = Target("fuse-overlayfs", "fuse", "fuse-overlayfs, lowerdir/upperdir/workdir")
 QVDFS_TARGET = Target("qvdfs", "fuse", "qvdfs with the node's exact command line")
 
@@ -141,12 +144,18 @@ def mount(target: Target, lower: Path, scratch: Path) -> Iterator[Mounted]:
     for folder in (upper, work, mnt):
         folder.mkdir(parents=True)
     command = target.mount_command(lower, upper, work, mnt)
+    mounted = None
     try:
         start = time.perf_counter()
         _ACTIVE.add(str(mnt))
-        done = subprocess.run(command, capture_output=True, text=True, timeout=MOUNT_TIMEOUT)
+        # stderr goes to a file, not a pipe: a daemon that keeps its inherited stderr open
+        # would otherwise hold run() until the timeout although its launcher exited long ago.
+        with tempfile.TemporaryFile() as err:
+            done = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                  stderr=err, timeout=MOUNT_TIMEOUT)
+            err.seek(0)
+            detail = err.read().decode(errors="replace").strip().splitlines()
         if done.returncode != 0:
-            detail = (done.stderr or done.stdout).strip().splitlines()
             raise MountError(f"{command[0]} exited {done.returncode}: "
                              f"{detail[-1] if detail else 'no output'}")
         # A daemon may return before the kernel lists the mount; mount time ends when it does.
@@ -157,17 +166,25 @@ def mount(target: Target, lower: Path, scratch: Path) -> Iterator[Mounted]:
             time.sleep(0.001)
         seconds = time.perf_counter() - start
         pid = daemon_pid(mnt) if target.kind == "fuse" else None
-        yield Mounted(target, mnt, upper, seconds, pid)
+        mounted = Mounted(target, mnt, upper, seconds, pid)
+        yield mounted
     finally:
         try:
-            unmount(mnt)
+            down = unmount(mnt)
+            if mounted is not None:
+                mounted.unmount_seconds = down
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
 def daemon_pid(mnt: Path) -> int | None:
-    """The pid of the process whose argv names ``mnt`` (the FUSE daemon serving it)."""
+    """The pid of the FUSE daemon serving ``mnt``: its argv names ``mnt``.
+
+    If several processes match (a launcher still waiting for its daemonized child), the one
+    holding /dev/fuse open is the daemon.
+    """
     wanted = {os.fsencode(str(mnt)), os.fsencode(os.path.realpath(mnt))}
+    matches = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
@@ -177,16 +194,35 @@ def daemon_pid(mnt: Path) -> int | None:
         except OSError:
             continue
         if wanted & set(argv):
-            return int(entry)
-    return None
+            matches.append(int(entry))
+    for pid in matches:
+        if _holds_fuse_device(pid):
+            return pid
+    return matches[0] if matches else None
 
 
-def unmount(mnt: Path) -> None:
+def _holds_fuse_device(pid: int) -> bool:
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/fuse":
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def unmount(mnt: Path) -> float:
     """Take ``mnt`` down the way the node does (plain ``umount``) and wait for its daemon.
 
     Falls back to a lazy unmount if the mount stays busy, so a run never leaves one behind.
+    Returns the seconds from ``umount`` until the daemon had exited (or was killed).
     """
     pid = daemon_pid(mnt) if is_mounted(mnt) else None
+    start = time.perf_counter()
     for command in (["umount", str(mnt)], ["umount", str(mnt)], ["umount", "-l", str(mnt)]):
         if not is_mounted(mnt):
             break
@@ -198,14 +234,15 @@ def unmount(mnt: Path) -> None:
     if is_mounted(mnt):
         raise MountError(f"could not unmount {mnt}")
     if pid is not None:
-        _wait_exit(pid)
+        _wait_exit(pid, mnt)
+    return time.perf_counter() - start
 
 
-def _wait_exit(pid: int) -> None:
+def _wait_exit(pid: int, mnt: Path) -> None:
     deadline = time.monotonic() + UNMOUNT_TIMEOUT
     while _alive(pid):
         if time.monotonic() > deadline:
-            log.warning("daemon %d still running %ds after umount; killing it", pid,
+            log.warning("daemon %d of %s still running %ds after umount; killing it", pid, mnt,
                         UNMOUNT_TIMEOUT)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 9)

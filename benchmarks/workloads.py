@@ -360,4 +360,5 @@ METRICS: dict[str, tuple[str, str]] = {
     "find-warm": ("s", "find -type f, warm"),
     "daemon-rss": ("MiB", "daemon RSS after the stat walk"),
     "mount-time": ("s", "mount time (command start to mounted)"),
+    "unmount-time": ("s", "umount until the daemon has exited"),
 }

@@ -42,7 +42,7 @@ def test_tiny_run_writes_json_table_and_chart(tmp_path: Path) -> None:
     assert data["targets"] == ["plain", "kernel-overlay"]
     assert data["skipped"] == {} and data["errors"] == {}
     assert data["baseline"] == "plain"  # unionfs-fuse left out, so the first target
-    assert set(data["metrics"]) == WORKLOAD_METRICS | {"mount-time"}
+    assert set(data["metrics"]) == WORKLOAD_METRICS | {"mount-time", "unmount-time"}
     for name in WORKLOAD_METRICS:
         per_target = data["metrics"][name]["targets"]
         assert set(per_target) == {"plain", "kernel-overlay"}
@@ -52,9 +52,10 @@ def test_tiny_run_writes_json_table_and_chart(tmp_path: Path) -> None:
             assert 0 < figures["median"] < 30
             assert figures["ratio"] > 0
         assert per_target["plain"]["ratio"] == 1.0
-    # Only a real mount has a mount time; the plain directory has none.
-    assert set(data["metrics"]["mount-time"]["targets"]) == {"kernel-overlay"}
-    assert 0 < data["metrics"]["mount-time"]["targets"]["kernel-overlay"]["median"] < 5
+    # Only a real mount has mount and unmount times; the plain directory has none.
+    for name in ("mount-time", "unmount-time"):
+        assert set(data["metrics"][name]["targets"]) == {"kernel-overlay"}
+        assert 0 < data["metrics"][name]["targets"]["kernel-overlay"]["median"] < 5
 
     table = (out / "latest.md").read_text()
     assert "| metric | plain | kernel-overlay |" in table
