@@ -255,6 +255,7 @@ async def test_lxc_tools_find_the_container(
         ).stdout  # fmt: skip
         assert attached.strip() == spec.hostname
         assert await list_states(lxcpath) == {spec.name: "RUNNING"}
+        assert len(_monitors(lxcpath)) == 1
         # A second launch of the same name is refused and leaves the running one alone.
         with pytest.raises(LaunchError, match="already running"):
             await launch(spec, lxcpath)
@@ -356,20 +357,40 @@ async def test_failed_start_leaves_nothing(tmp_path: Path, lxcpath: Path) -> Non
     assert not list(Path("/sys/fs/cgroup").glob(f"*/lxc.*.{spec.name}*"))
 
 
-@pytest.mark.timeout(60)
+def _monitors(lxcpath: Path) -> list[str]:
+    """Command lines of liblxc monitor processes serving containers of ``lxcpath``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if cmdline.startswith("[lxc monitor]") and str(lxcpath) in cmdline:
+                found.append(cmdline)
+    return found
+
+
+@pytest.mark.timeout(90)
 async def test_cancelled_launch_leaves_nothing(
     union_root: tuple[Path, Path], lxcpath: Path
 ) -> None:
     mnt, _ = union_root
-    spec = _spec(_vm_id(), mnt)
-    with trio.move_on_after(0.01):
-        await launch(spec, lxcpath)
-        await trio.sleep(5)  # only reached if the launch beat the deadline
-    # Either the start was cancelled and undone, or it finished: then halt as a caller would.
-    if await state(spec.name, lxcpath) != "ABSENT":
-        await halt(spec.name, spec.veth, lxcpath, timeout=10)
-    assert await state(spec.name, lxcpath) == "ABSENT"
-    assert not (lxcpath / spec.name).exists()
+    # Cancel at several moments: before lxc-start, during it, while waiting for init.
+    for delay in (0.0, 0.02, 0.1, 0.3):
+        spec = _spec(_vm_id(), mnt)
+        finished = False
+        with trio.move_on_after(delay):
+            await launch(spec, lxcpath)
+            finished = True
+        if finished:  # the launch beat the deadline: stop it as a caller would
+            await halt(spec.name, spec.veth, lxcpath, timeout=10)
+        assert await state(spec.name, lxcpath) == "ABSENT", delay
+        assert not (lxcpath / spec.name).exists()
+        deadline = time.monotonic() + 5
+        while _monitors(lxcpath) and time.monotonic() < deadline:
+            await trio.sleep(0.1)
+        assert _monitors(lxcpath) == [], delay
 
 
 @pytest.mark.timeout(90)

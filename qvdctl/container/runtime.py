@@ -118,15 +118,22 @@ async def start(name: str, lxcpath: Path = DEFAULT_LXCPATH, timeout: float = 30.
     # lxc-start, not python-lxc's start(): liblxc moves the calling process into the
     # new container's monitor cgroup, which must be a short-lived child, not the
     # controller. It daemonizes the monitor and exits once the container runs.
-    try:
-        with trio.fail_after(timeout):
-            done = await trio.run_process(
-                ["lxc-start", "-P", str(lxcpath), "-n", name],
-                stdin=subprocess.DEVNULL, capture_stdout=True, capture_stderr=True, check=False,
-            )  # fmt: skip
-    except trio.TooSlowError:
-        await stop(name, lxcpath, timeout=0)
-        raise ContainerError(f"container {name} failed to start within {timeout:.0f} s") from None
+    # Shielded: killing lxc-start halfway would leave its monitor bringing the
+    # container up unseen; a cancellation is honoured once it has answered, and the
+    # caller's cleanup then finds the container in a definite state.
+    with trio.CancelScope(shield=True):
+        try:
+            with trio.fail_after(timeout):
+                done = await trio.run_process(
+                    ["lxc-start", "-P", str(lxcpath), "-n", name],
+                    stdin=subprocess.DEVNULL, capture_stdout=True, capture_stderr=True,
+                    check=False,
+                )  # fmt: skip
+        except trio.TooSlowError:
+            await _stop_late_start(name, lxcpath)
+            raise ContainerError(
+                f"container {name} failed to start within {timeout:.0f} s"
+            ) from None
     pid = await _in_thread(_running_init, name, lxcpath)
     if done.returncode != 0 or pid <= 0:
         reason = await _in_thread(_first_error, name, lxcpath, since)
@@ -147,6 +154,14 @@ async def start(name: str, lxcpath: Path = DEFAULT_LXCPATH, timeout: float = 30.
     raise ContainerError(
         f"container {name} failed to start: init did not get ready within {timeout:.0f} s"
     )
+
+
+async def _stop_late_start(name: str, lxcpath: Path) -> None:
+    """After lxc-start timed out: stop the container if its monitor still brings it up."""
+    with trio.move_on_after(5):
+        while await state(name, lxcpath) not in ("RUNNING", "STOPPED", ABSENT):
+            await trio.sleep(0.1)
+    await stop(name, lxcpath, timeout=0)
 
 
 def _init_ready(pid: int, sig: int) -> bool:
