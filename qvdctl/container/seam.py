@@ -8,6 +8,7 @@ lifecycle needs no knowledge of LXC:
     stop_vm_container(vm_id=, settings=)
     exec_in_vm(vm_id, argv, settings=)          -> ExecResult
     vm_container_states(settings=)               -> {vm_id: "RUNNING" | "STOPPED" | ...}
+    console_command(vm_id, settings=)            -> the lxc-console argv to exec
 
 Settings read: ``vm.network.bridge``, ``vm.network.netmask``, ``vm.network.gateway``,
 ``vm.stop.timeout``, and ``vm.lxc.lxcpath`` when the node defines it (else liblxc's
@@ -121,3 +122,8 @@ def vm_container_states(*, settings: Mapping[str, str]) -> dict[int, str]:
     """
     states = trio.run(runtime.list_states, lxcpath_from(settings))
     return {int(name.removeprefix("qvd-")): state for name, state in states.items()}
+
+
+def console_command(vm_id: int, *, settings: Mapping[str, str] | None = None) -> list[str]:
+    """The ``lxc-console`` command line for VM ``vm_id`` (Ctrl+a q leaves), to exec."""
+    return runtime.console_argv(container_name(vm_id), lxcpath_from(settings or {}))

@@ -23,11 +23,20 @@ log = logging.getLogger(__name__)
 
 
 class LaunchError(Exception):
-    """A step of ``launch`` failed; ``step`` names it, the message is one line."""
+    """A step of ``launch`` failed; the message is one line.
 
-    def __init__(self, step: str, message: str) -> None:
-        super().__init__(f"{step}: {message}")
+    Attributes:
+        step: "network", "config" or "start".
+        cleanup_error: why undoing the failed start failed too, else None; the caller
+            should then treat the VM as a zombie and retry ``halt`` later.
+    """
+
+    def __init__(self, step: str, message: str, cleanup_error: str | None = None) -> None:
+        if cleanup_error:
+            message += f" (and its cleanup failed: {cleanup_error})"
+        super().__init__(message)
         self.step = step
+        self.cleanup_error = cleanup_error
 
 
 async def launch(
@@ -62,13 +71,15 @@ async def launch(
         return await runtime.start(spec.name, lxcpath, timeout)
     except BaseException as exc:
         # Also on cancellation: a half-started container must not outlive the request.
+        cleanup_error = None
         with trio.CancelScope(shield=True):
             try:
                 await halt(spec.name, spec.veth, lxcpath, timeout=0)
-            except Exception as cleanup:  # report the start failure, log the cleanup's
+            except Exception as cleanup:
                 log.error("cleanup after failed start of %s failed: %s", spec.name, cleanup)
-        if isinstance(exc, (runtime.ContainerError, trio.TooSlowError)):
-            raise LaunchError("start", str(exc) or f"{spec.name} timed out") from exc
+                cleanup_error = str(cleanup)
+        if isinstance(exc, runtime.ContainerError):
+            raise LaunchError("start", str(exc), cleanup_error) from exc
         raise
 
 
