@@ -257,7 +257,9 @@ def stop_vm(node: Node, vm: Vm) -> None:
     except Exception as exc:
         with node.db.writer() as conn:
             store.set_vm_state(conn, vm.id, "zombie")
-        raise QvdError(f"VM '{vm.name}': stopping the container failed: {exc}; it is now a zombie") from exc
+        raise QvdError(
+            f"VM '{vm.name}': stopping the container failed: {exc}; it is now a zombie"
+        ) from exc
     unmount_and_release(node, vm)
 
 
@@ -272,7 +274,9 @@ def unmount_and_release(node: Node, vm: Vm) -> None:
     except QvdError as exc:
         with node.db.writer() as conn:
             store.set_vm_state(conn, vm.id, "zombie")
-        raise QvdError(f"VM '{vm.name}' could not be cleaned up ({exc}); it is now a zombie") from exc
+        raise QvdError(
+            f"VM '{vm.name}' could not be cleaned up ({exc}); it is now a zombie"
+        ) from exc
     with node.db.writer() as conn:
         store.set_vm_state(conn, vm.id, "stopped", host_id=None)
     log.info("VM %s stopped", vm.name)

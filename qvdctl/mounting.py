@@ -31,7 +31,9 @@ from qvdctl.settings import Settings
 
 log = logging.getLogger(__name__)
 
-NODE_OPTIONS = ["-o", "cow", "-o", "max_files=32000", "-o", "suid", "-o", "dev", "-o", "allow_other"]
+NODE_OPTIONS = [
+    "-o", "cow", "-o", "max_files=32000", "-o", "suid", "-o", "dev", "-o", "allow_other",
+]
 
 MOUNT_TIMEOUT = 120
 UMOUNT_TIMEOUT = 60
@@ -53,7 +55,8 @@ def mount_command(kind: str, branches: Branches, rootfs: Path, settings: Setting
     """The argv that mounts ``rootfs`` for union type ``kind``."""
     b = branches
     if kind == "qvdfs":
-        return [str(QVDFS), *NODE_OPTIONS, f"{b.overlay}=RW:{b.base}=RO:{b.home}=RW@/home", str(rootfs)]
+        union = f"{b.overlay}=RW:{b.base}=RO:{b.home}=RW@/home"
+        return [str(QVDFS), *NODE_OPTIONS, union, str(rootfs)]
     if kind == "unionfs-fuse":
         extra = shlex.split(settings["command.unionfs-fuse.args.extra"])
         binary = settings["command.unionfs-fuse"]
@@ -94,7 +97,8 @@ def mount_root(kind: str, branches: Branches, rootfs: Path, settings: Settings) 
 
 def _unescape(field: str) -> str:
     # mountinfo escapes space, tab, newline and backslash as \ooo.
-    return field.encode().decode("unicode_escape").encode("latin-1").decode(errors="surrogateescape")
+    raw = field.encode().decode("unicode_escape").encode("latin-1")
+    return raw.decode(errors="surrogateescape")
 
 
 def mounts_under(path: Path) -> list[str]:
@@ -128,7 +132,9 @@ def unmount_tree(path: Path, *, lazy_fallback: bool = False) -> None:
         if not points:
             return
         point = points[0]
-        result = subprocess.run(["umount", point], capture_output=True, text=True, timeout=UMOUNT_TIMEOUT)
+        result = subprocess.run(
+            ["umount", point], capture_output=True, text=True, timeout=UMOUNT_TIMEOUT
+        )
         if result.returncode != 0 and lazy_fallback:
             log.warning("umount %s failed (%s); detaching it lazily", point, result.stderr.strip())
             result = subprocess.run(

@@ -44,9 +44,16 @@ class Storage:
         return cls(**{name: settings.path(f"path.storage.{name}") for name in STORAGE_FOLDERS})
 
     def ensure(self) -> None:
-        """Create every folder that is missing."""
+        """Create every folder that is missing.
+
+        All but staging/ are created root-only (0700): images carry setuid-root
+        programs and device nodes, which host users must not reach through
+        basefs/, overlayfs/ or a mounted rootfs/. Existing folders are left as
+        the admin made them.
+        """
         for name in STORAGE_FOLDERS:
-            getattr(self, name).mkdir(parents=True, exist_ok=True)
+            mode = 0o755 if name == "staging" else 0o700
+            getattr(self, name).mkdir(mode=mode, parents=True, exist_ok=True)
 
     # --- names (SPEC §1) ----------------------------------------------------
 

@@ -57,7 +57,9 @@ def cleanup_root(root: Path) -> None:
         force_unmount(point)
 
 
-def busybox_tarball(dest: Path, rootfs: Path, compression: str = "gz", extended: bool = False) -> Path:
+def busybox_tarball(
+    dest: Path, rootfs: Path, compression: str = "gz", extended: bool = False
+) -> Path:
     return build_image_tarball(dest, rootfs, compression=compression, extended=extended)
 
 

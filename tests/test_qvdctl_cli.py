@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import hashlib
+import os
+import pty
 import socket
 import sqlite3
 import subprocess
@@ -54,9 +57,11 @@ def test_spec_workflow_from_config_to_mounted_root(cli, tarball):
     cli.run("config", "set", "vm.lxc.unionfs.type=overlayfs", "vm.start.mount_only=1")
     assert cli.run("osf", "add", "name=MyOSF").stdout == "OSF added with id 1\n"
     # A name relative to staging/ is found there, as an admin would type it.
-    assert cli.run("di", "add", "path=my_image.tar.gz", "osf=MyOSF").stdout == "DI added with id 1\n"
+    added = cli.run("di", "add", "path=my_image.tar.gz", "osf=MyOSF").stdout
+    assert added == "DI added with id 1\n"
     assert cli.run("user", "add", "login=test", "password=test").stdout == "User added with id 1\n"
-    assert cli.run("vm", "add", "name=TestVM", "user=test", "osf=MyOSF").stdout == "VM added with id 1\n"
+    added = cli.run("vm", "add", "name=TestVM", "user=test", "osf=MyOSF").stdout
+    assert added == "VM added with id 1\n"
     cli.run("vm", "start", "-f", "name=TestVM")
 
     lines = cli.run("vm", "list", "-f", "name=TestVM").stdout.splitlines()
@@ -162,7 +167,8 @@ def test_config_get_set_del(cli):
 
 def test_passwords_are_stored_hashed(cli):
     cli.run("user", "add", "login=alice", "password=s3cret")
-    stored = sqlite3.connect(cli.root / "qvd.db").execute("select password from users").fetchone()[0]
+    db = sqlite3.connect(cli.root / "qvd.db")
+    stored = db.execute("select password from users").fetchone()[0]
     assert "s3cret" not in stored and stored.startswith("scrypt$")
     assert check_password("s3cret", stored) and not check_password("S3cret", stored)
 
@@ -219,10 +225,12 @@ def test_errors_are_one_line_and_change_nothing(populated, args, expected):
 def test_name_clashes(populated, tarball):
     cli = populated
     cli.run("vm", "add", "name=TestVM", "user=test", "osf=MyOSF")
-    assert "VM 'TestVM' already exists" in cli.fails("vm", "add", "name=TestVM", "user=test", "osf=MyOSF")
+    error = cli.fails("vm", "add", "name=TestVM", "user=test", "osf=MyOSF")
+    assert "VM 'TestVM' already exists" in error
     assert "already exists" in cli.fails("di", "add", f"path={tarball}", "osf=MyOSF")
     cli.run("host", "add", "name=node9", "address=10.0.0.9")
-    assert "host 'node9' already exists" in cli.fails("host", "add", "name=node9", "address=10.0.0.8")
+    error = cli.fails("host", "add", "name=node9", "address=10.0.0.8")
+    assert "host 'node9' already exists" in error
     assert len(cli.json("vm", "list")) == 1 and len(cli.json("di", "list")) == 1
 
 
@@ -276,3 +284,37 @@ def test_concurrent_writers_never_corrupt_the_database(cli):
     db = sqlite3.connect(cli.root / "qvd.db")
     assert db.execute("pragma integrity_check").fetchone()[0] == "ok"
     assert db.execute("pragma journal_mode").fetchone()[0] == "wal"
+
+
+def test_progress_bar_only_on_a_terminal(cli, tarball):
+    cli.run("osf", "add", "name=o")
+    quiet = cli.run("di", "add", f"path={tarball}", "osf=o")
+    assert quiet.stderr == ""
+    cli.run("di", "del", "-f", "id=1")
+    leader, follower = pty.openpty()
+    try:
+        result = subprocess.run(
+            [QVDCTL, "--root", str(cli.root), "di", "add", f"path={tarball}", "osf=o"],
+            stdout=subprocess.PIPE, stderr=follower, text=True, timeout=60,
+        )
+        os.close(follower)
+        follower = -1
+        shown = b""
+        with contextlib.suppress(OSError):  # EIO once the terminal has no writer left
+            while chunk := os.read(leader, 65536):
+                shown += chunk
+    finally:
+        os.close(leader)
+        if follower != -1:
+            os.close(follower)
+    assert result.returncode == 0 and result.stdout == "DI added with id 2\n"
+    assert b"copying image.0.22.tgz" in shown
+
+
+def test_ids_are_never_reused(cli):
+    """A VM id names its home folder: a new VM must not inherit a deleted VM's home."""
+    cli.run("osf", "add", "name=o")
+    cli.run("user", "add", "login=u", "password=p")
+    assert cli.json("vm", "add", "name=a", "user=u", "osf=o")["id"] == 1
+    cli.run("vm", "del", "-f", "name=a")
+    assert cli.json("vm", "add", "name=b", "user=u", "osf=o")["id"] == 2

@@ -152,7 +152,8 @@ def test_owners_modes_links_devices_and_xattrs_are_kept(tmp_path):
     assert (target / "etc" / "hard").lstat().st_ino == owned.st_ino
     assert os.readlink(target / "etc" / "soft") == "/etc/owned"
     null = (target / "dev" / "null").lstat()
-    assert stat.S_ISCHR(null.st_mode) and os.major(null.st_rdev) == 1 and os.minor(null.st_rdev) == 3
+    assert stat.S_ISCHR(null.st_mode)
+    assert (os.major(null.st_rdev), os.minor(null.st_rdev)) == (1, 3)
     assert stat.S_IMODE((target / "tmp").lstat().st_mode) == 0o1777
 
 

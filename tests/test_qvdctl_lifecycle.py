@@ -94,7 +94,9 @@ def _wait_gone(mountpoint: Path) -> None:
 
 MODES = {
     "qvdfs": {"vm.lxc.unionfs.type": "qvdfs"},
-    "unionfs-fuse=qvdfs": {"vm.lxc.unionfs.type": "unionfs-fuse", "command.unionfs-fuse": str(QVDFS)},
+    "unionfs-fuse=qvdfs": {
+        "vm.lxc.unionfs.type": "unionfs-fuse", "command.unionfs-fuse": str(QVDFS),
+    },
     "unionfs-fuse=stock": {"vm.lxc.unionfs.type": "unionfs-fuse"},  # through the wrapper
     "overlayfs": {"vm.lxc.unionfs.type": "overlayfs"},
 }
@@ -152,10 +154,11 @@ def test_non_persistent_overlay_is_moved_aside_at_each_start(cli):
         assert not (p["rootfs"] / "root" / "session").exists()
         (p["rootfs"] / "root" / "session").write_text(session)
         cli.run("vm", "stop", "-f", "name=v")
-    names = sorted(x.name for x in (cli.root / "overlayfs").iterdir() if not x.name.endswith(".work"))
+    overlays = cli.root / "overlayfs"
+    names = sorted(x.name for x in overlays.iterdir() if not x.name.endswith(".work"))
     assert names == ["1-1-overlayfs", "deleteme-1-1-overlayfs", "deleteme-1-1-overlayfs.1"]
-    assert (cli.root / "overlayfs" / "deleteme-1-1-overlayfs" / "root" / "session").read_text() == "one"
-    assert (cli.root / "overlayfs" / "deleteme-1-1-overlayfs.1" / "root" / "session").read_text() == "two"
+    assert (overlays / "deleteme-1-1-overlayfs" / "root" / "session").read_text() == "one"
+    assert (overlays / "deleteme-1-1-overlayfs.1" / "root" / "session").read_text() == "two"
     assert (p["overlay"] / "root" / "session").read_text() == "three"
 
 

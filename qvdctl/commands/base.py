@@ -44,7 +44,8 @@ class Request:
                 )
         missing = [k for k in required if k not in values]
         if missing:
-            raise QvdError(f"{self.obj} {self.command} needs {', '.join(k + '=...' for k in missing)}")
+            needed = ", ".join(k + "=..." for k in missing)
+            raise QvdError(f"{self.obj} {self.command} needs {needed}")
         return values
 
     def no_filter(self) -> None:

@@ -19,7 +19,9 @@ from qvdctl.errors import QvdError
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["Id", "Name", "User", "Ip", "OSF", "DI_Tag", "DI", "Host", "State", "UserState", "Blocked"]
+COLUMNS = [
+    "Id", "Name", "User", "Ip", "OSF", "DI_Tag", "DI", "Host", "State", "UserState", "Blocked",
+]
 KEYS = ["id", "name", "user", "ip", "osf", "di_tag", "di", "host", "state", "user_state", "blocked"]
 
 

@@ -45,8 +45,13 @@ class Database:
         self.engine: Engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
         event.listen(self.engine, "connect", _sqlite_connect)
         event.listen(self.engine, "begin", _sqlite_begin)
-        with self.writer() as conn:
-            migrations.upgrade(conn)
+        with self.reader() as conn:
+            current = migrations.current_version(conn)
+        if current != migrations.LATEST:
+            # Under the write lock: of two processes opening a fresh database, one
+            # creates it and the other then finds it up to date.
+            with self.writer() as conn:
+                migrations.upgrade(conn)
 
     @contextlib.contextmanager
     def writer(self) -> Iterator[Connection]:

@@ -1,6 +1,10 @@
 """Tables of the node's database (SQLAlchemy Core, so PostgreSQL can come later).
 
 Names follow QVD where it has them (osfs, dis, di_tags, users, vms, hosts).
+Ids are never reused (AUTOINCREMENT): they name containers and folders on
+disk (``<vm id>-<user id>-homefs``), so a new VM must never inherit a deleted
+one's id, and with it that VM's home.
+
 A VM's runtime state (state, host, current DI, timestamps) sits in its own row:
 this node only ever runs its own VMs, and one row keeps the queries simple.
 """
@@ -41,6 +45,7 @@ osfs = Table(
     Column("name", String(200), nullable=False, unique=True),
     Column("memory", Integer, nullable=False),  # MiB, the container's limit
     Column("user_storage", Integer, nullable=False),  # MiB, 0 = unlimited
+    sqlite_autoincrement=True,
 )
 
 dis = Table(
@@ -55,6 +60,7 @@ dis = Table(
     Column("size", Integer, nullable=False),
     Column("created", DateTime, nullable=False),
     UniqueConstraint("osf_id", "version"),
+    sqlite_autoincrement=True,
 )
 
 di_tags = Table(
@@ -66,6 +72,7 @@ di_tags = Table(
     Column("osf_id", Integer, ForeignKey("osfs.id"), nullable=False),
     Column("tag", String(200), nullable=False),
     UniqueConstraint("osf_id", "tag"),
+    sqlite_autoincrement=True,
 )
 
 users = Table(
@@ -75,6 +82,7 @@ users = Table(
     Column("login", String(200), nullable=False, unique=True),
     Column("password", String(300), nullable=False),  # scrypt, see commands/user.py
     Column("blocked", Integer, nullable=False, default=0),
+    sqlite_autoincrement=True,
 )
 
 hosts = Table(
@@ -84,6 +92,7 @@ hosts = Table(
     Column("name", String(253), nullable=False, unique=True),
     Column("address", String(64), nullable=False),
     Column("created", DateTime, nullable=False),
+    sqlite_autoincrement=True,
 )
 
 vms = Table(
@@ -103,4 +112,5 @@ vms = Table(
     Column("current_di_id", Integer, ForeignKey("dis.id"), nullable=True),
     Column("created", DateTime, nullable=False),
     Column("state_changed", DateTime, nullable=False),
+    sqlite_autoincrement=True,
 )

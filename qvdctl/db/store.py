@@ -108,13 +108,16 @@ def count_dis(conn: Connection, osf_id: int) -> int:
 
 
 def versions_like(conn: Connection, osf_id: int, prefix: str) -> list[str]:
-    stmt = select(dis.c.version).where(and_(dis.c.osf_id == osf_id, dis.c.version.like(prefix + "%")))
+    stmt = select(dis.c.version).where(
+        and_(dis.c.osf_id == osf_id, dis.c.version.like(prefix + "%"))
+    )
     return list(conn.execute(stmt).scalars())
 
 
 def tag_di(conn: Connection, di: Row, tag: str) -> None:
     """Put ``tag`` on ``di``, taking it off whichever DI of the same OSF had it."""
-    conn.execute(delete(di_tags).where(and_(di_tags.c.osf_id == di["osf_id"], di_tags.c.tag == tag)))
+    same = and_(di_tags.c.osf_id == di["osf_id"], di_tags.c.tag == tag)
+    conn.execute(delete(di_tags).where(same))
     conn.execute(insert(di_tags).values(di_id=di["id"], osf_id=di["osf_id"], tag=tag))
 
 
@@ -171,7 +174,8 @@ def del_di(conn: Connection, di: Row) -> None:
 def add_user(conn: Connection, login: str, password_hash: str) -> int:
     if conn.execute(select(users.c.id).where(users.c.login == login)).first():
         raise QvdError(f"user '{login}' already exists")
-    return _insert(conn, insert(users).values(login=login, password=password_hash), f"user '{login}'")
+    stmt = insert(users).values(login=login, password=password_hash)
+    return _insert(conn, stmt, f"user '{login}'")
 
 
 def list_users(conn: Connection) -> list[Row]:
@@ -188,7 +192,9 @@ def user_by_login(conn: Connection, login: str) -> Row:
 def del_user(conn: Connection, user: Row) -> None:
     names = list(conn.execute(select(vms.c.name).where(vms.c.user_id == user["id"])).scalars())
     if names:
-        raise QvdError(f"user '{user['login']}' still has VMs ({', '.join(names)}); delete them first")
+        raise QvdError(
+            f"user '{user['login']}' still has VMs ({', '.join(names)}); delete them first"
+        )
     conn.execute(delete(users).where(users.c.id == user["id"]))
 
 
@@ -237,8 +243,8 @@ def used_ips(conn: Connection) -> set[str]:
     return set(conn.execute(select(vms.c.ip)).scalars())
 
 
-def list_vms(conn: Connection) -> list[Row]:
-    """Every VM joined with its user, OSF, host and current DI."""
+def list_vms(conn: Connection, vm_id: int | None = None) -> list[Row]:
+    """Every VM (or only ``vm_id``) joined with its user, OSF, host and current DI."""
     current = dis.alias("current")
     stmt = (
         select(
@@ -256,14 +262,16 @@ def list_vms(conn: Connection) -> list[Row]:
         .outerjoin(current, current.c.id == vms.c.current_di_id)
         .order_by(vms.c.id)
     )
+    if vm_id is not None:
+        stmt = stmt.where(vms.c.id == vm_id)
     return _rows(conn.execute(stmt))
 
 
 def get_vm(conn: Connection, vm_id: int) -> Row:
-    for row in list_vms(conn):
-        if row["id"] == vm_id:
-            return row
-    raise QvdError(f"no VM with id {vm_id}")
+    rows = list_vms(conn, vm_id)
+    if not rows:
+        raise QvdError(f"no VM with id {vm_id}")
+    return rows[0]
 
 
 def set_vm_state(

@@ -74,7 +74,9 @@ def check_member(entry: libarchive.ArchiveEntry, symlinks: set[PurePosixPath]) -
     path = _member_path(entry.pathname)
     through = [p for p in path.parents if p in symlinks]
     if through:
-        raise HostileArchive(f"member '{entry.pathname}' is written through the symlink '{through[0]}'")
+        raise HostileArchive(
+            f"member '{entry.pathname}' is written through the symlink '{through[0]}'"
+        )
     if entry.issym:
         # A symlink may point anywhere (images hold /bin/sh -> busybox); only
         # writing through it is dangerous, and that is checked above.
@@ -194,8 +196,10 @@ def ensure_extracted(archive: Path, target: Path) -> bool:
 
 
 def _extract_in_child(archive: Path, dest: Path) -> None:
-    cmd = [sys.executable, "-m", "qvdctl.images.extract", str(archive), str(dest)]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    # -I: the child runs as root; it must not import modules from the caller's
+    # current folder or obey PYTHON* variables.
+    cmd = [sys.executable, "-I", "-m", "qvdctl.images.extract", str(archive.absolute()), str(dest)]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd="/")
     if result.returncode != 0:
         lines = result.stderr.strip().splitlines() or [f"exit status {result.returncode}"]
         raise QvdError(f"extracting {archive.name} failed: {lines[-1]}")
