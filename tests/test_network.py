@@ -8,6 +8,7 @@ Each namespace is deleted in a ``finally``; its bridge and veths go with it.
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -396,3 +397,25 @@ def test_mounts_made_in_the_namespace_reach_the_host(netns: str, tmp_path: Path)
             force_unmount(root / "mnt")
     with open("/proc/self/mountinfo") as f:
         assert str(root) not in f.read()
+
+
+@pytest.mark.timeout(60)
+def test_entering_leaves_a_shared_hosts_sysfs_alone(netns: str) -> None:
+    """On hosts with shared mounts (systemd), entering must not replace the host's
+    /sys/class/net with the namespace's view. Simulated in a throwaway mount namespace
+    made rshared, so this machine's own mounts are not touched."""
+    import shlex
+
+    host_links = sorted(os.listdir("/sys/class/net"))
+    script = (
+        "mount --make-rshared / && "
+        f"{shlex.join(netns_argv(netns, ['ls', '/sys/class/net']))} && "
+        "echo outer && ls /sys/class/net"
+    )
+    out = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", script],
+        capture_output=True, text=True, check=True, timeout=30,
+    ).stdout.split()  # fmt: skip
+    inner, outer = out[: out.index("outer")], out[out.index("outer") + 1 :]
+    assert inner == ["lo"]
+    assert sorted(outer) == host_links

@@ -28,9 +28,14 @@ from pyroute2 import IPRoute, netns
 log = logging.getLogger(__name__)
 
 # Runs as `sh -c SCRIPT sh ARGV...` inside the target netns and a new mount namespace.
+# On hosts whose mounts are shared (systemd's default) the new namespace's copies are
+# peers of the host's: /sys and the mount holding the temporary view are made private
+# first, or the sysfs view would replace the host's own /sys/class/net.
 _ENTER_SCRIPT = """\
 set -e
-view=$(mktemp -d /tmp/qvd-sysfs.XXXXXX)
+view=$(mktemp -d -t qvd-sysfs.XXXXXX)
+mount --make-rprivate /sys
+mount --make-private "$(stat -c %m "$view")"
 mount -t sysfs sysfs "$view"
 mount --bind "$view/class/net" /sys/class/net
 mount --bind "$view/devices/virtual/net" /sys/devices/virtual/net
