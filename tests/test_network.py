@@ -7,6 +7,7 @@ Each namespace is deleted in a ``finally``; its bridge and veths go with it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -21,10 +22,9 @@ import pytest
 from qvdctl.imagebuild import build_busybox_rootfs
 from qvdctl.network import gateway_cidr, mac_for_ip, prefix_length, veth_name
 from qvdctl.network.sandbox import netns_argv, scratch_netns
-from tests.mounts import force_unmount
+from tests.mounts import NODE_OPTIONS, force_unmount, qvdfs_mount
 
 REPO = Path(__file__).resolve().parent.parent
-STOCK_OPTIONS = ["-o", "cow", "-o", "suid", "-o", "dev", "-o", "allow_other"]
 
 
 def run_in_netns(ns: str, code: str, *args: str, timeout: float = 90) -> dict:
@@ -187,21 +187,17 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def two_roots(tmp_path: Path, base: Path) -> Iterator[list[Path]]:
-    roots = []
-    try:
+    """Two busybox roots, each mounted by qvdfs with the node's command line."""
+    with contextlib.ExitStack() as stack:
+        roots = []
         for i in range(2):
             overlay, mnt = tmp_path / f"overlay{i}", tmp_path / f"root{i}"
             overlay.mkdir()
             mnt.mkdir()
-            subprocess.run(
-                ["unionfs", *STOCK_OPTIONS, f"{overlay}=RW:{base}=RO", str(mnt)],
-                check=True, timeout=30,
-            )  # fmt: skip
-            roots.append(mnt)
+            roots.append(stack.enter_context(
+                qvdfs_mount(f"{overlay}=RW:{base}=RO", mnt, *NODE_OPTIONS)
+            ))  # fmt: skip
         yield roots
-    finally:
-        for mnt in roots:
-            force_unmount(mnt)
 
 
 def _cleanup_containers(ns: str, lxcpath: Path) -> None:
