@@ -31,6 +31,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from pyroute2 import netns
 from rich.console import Console
 
 from qvdctl.container.config import DEFAULT_LXCPATH
@@ -261,25 +262,53 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
 
     started = time.monotonic()
+    made: dict[str, Path | str] = {}
+    failure = None
     try:
         with contextlib.ExitStack() as stack:
-            workdir = stack.enter_context(_scratch_dir())
+            workdir = made["workdir"] = stack.enter_context(_scratch_dir())
             root = workdir / "storage"
             root.mkdir()
             stack.enter_context(shared_mount(root))
-            netns = stack.enter_context(scratch_netns("qvddemo"))
-            stack.callback(_cleanup, root, netns)
-            console.print(f"storage root {root}, network namespace {netns}")
-            run(root, netns, workdir, args.vms)
-    except (DemoError, OSError, subprocess.SubprocessError) as exc:
-        console.print(f"[bold red]demo failed:[/] {exc}")
-        print(f"Error: {exc}", file=sys.stderr)
+            netns_name = made["netns"] = stack.enter_context(scratch_netns("qvddemo"))
+            stack.callback(_cleanup, root, netns_name)
+            console.print(f"storage root {root}, network namespace {netns_name}")
+            run(root, netns_name, workdir, args.vms)
+    except DemoError as exc:
+        failure = str(exc)
+    except Exception as exc:  # anything else: still one line, after the cleanup above
+        failure = f"{type(exc).__name__}: {exc}"
+    left = _leftovers(made)
+    if left:
+        failure = (failure + "; " if failure else "") + f"left on the host: {', '.join(left)}"
+    if failure:
+        console.print(f"[bold red]demo failed:[/] {failure}")
+        print(f"Error: {failure}", file=sys.stderr)
         return 1
     console.print(
         f"\n[bold green]demo finished in {time.monotonic() - started:.1f} s; "
-        "the host is as it was[/]"
+        "checked: no mount, namespace, container or file of it is left on the host[/]"
     )
     return 0
+
+
+def _leftovers(made: dict[str, Path | str]) -> list[str]:
+    """What of this run is still on the host after its cleanup."""
+    left = []
+    workdir = made.get("workdir")
+    if isinstance(workdir, Path):
+        left += [f"mount {m}" for m in _mounts_under(workdir)]
+        if workdir.exists():
+            left.append(f"folder {workdir}")
+        if DEFAULT_LXCPATH.is_dir():
+            for config in DEFAULT_LXCPATH.glob("qvd-*/config"):
+                with contextlib.suppress(OSError):
+                    if f"dir:{workdir}/" in config.read_text():
+                        left.append(f"container {config.parent.name}")
+    name = made.get("netns")
+    if isinstance(name, str) and name in netns.listnetns():
+        left.append(f"network namespace {name}")
+    return left
 
 
 if __name__ == "__main__":
