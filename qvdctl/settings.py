@@ -115,6 +115,8 @@ KNOWN: dict[str, tuple[str, Callable[[str], str]]] = {
     "vm.stop.timeout": ("30", _seconds),
     # Ours: leave a started VM with only its root mounted (tests, inspecting an image).
     "vm.start.mount_only": ("0", _bool),
+    # Where LXC keeps container configs; empty: liblxc's default (read by qvdctl/container/).
+    "vm.lxc.lxcpath": ("", _optional_path),
     # Ours: the name this node goes by in the hosts table and the Host column.
     "nodename": ("", _hostname),
     "path.storage.root": ("", _optional_path),

@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import os
 import pty
+import shutil
 import socket
 import sqlite3
 import subprocess
@@ -37,14 +38,22 @@ def cli(tmp_path):
         cleanup_root(root)
 
 
+@pytest.fixture(scope="module")
+def populated_template(tmp_path_factory, tarball) -> Path:
+    """Built once: an OSF with one image, a user, settings for a mount-only overlayfs start."""
+    template = Cli(tmp_path_factory.mktemp("template") / "root")
+    template.run("config", "set", "vm.hypervisor=lxc", "vm.lxc.unionfs.type=overlayfs",
+                 "vm.start.mount_only=1")
+    template.run("osf", "add", "name=MyOSF")
+    template.run("di", "add", f"path={tarball}", "osf=MyOSF")
+    template.run("user", "add", "login=test", "password=test")
+    return template.root
+
+
 @pytest.fixture
-def populated(cli, tarball) -> Cli:
-    """An OSF with one image, a user, and settings for a mount-only overlayfs start."""
-    cli.run("config", "set", "vm.hypervisor=lxc", "vm.lxc.unionfs.type=overlayfs",
-            "vm.start.mount_only=1")
-    cli.run("osf", "add", "name=MyOSF")
-    cli.run("di", "add", f"path={tarball}", "osf=MyOSF")
-    cli.run("user", "add", "login=test", "password=test")
+def populated(cli, populated_template) -> Cli:
+    """A copy of the template root (no process has its database open)."""
+    shutil.copytree(populated_template, cli.root, symlinks=True)
     return cli
 
 
@@ -318,3 +327,18 @@ def test_ids_are_never_reused(cli):
     assert cli.json("vm", "add", "name=a", "user=u", "osf=o")["id"] == 1
     cli.run("vm", "del", "-f", "name=a")
     assert cli.json("vm", "add", "name=b", "user=u", "osf=o")["id"] == 2
+
+
+def test_database_url_from_the_environment(cli, tmp_path):
+    elsewhere = tmp_path / "elsewhere.db"
+    cli.run("osf", "add", "name=o", env={"QVD_DB_URL": f"sqlite:///{elsewhere}"})
+    names = sqlite3.connect(elsewhere).execute("select name from osfs").fetchall()
+    assert names == [("o",)]
+    assert not (cli.root / "qvd.db").exists()
+
+
+def test_a_database_newer_than_qvdctl_is_refused(cli):
+    cli.run("osf", "add", "name=o")
+    with sqlite3.connect(cli.root / "qvd.db") as db:
+        db.execute("update schema_version set version = 99")
+    assert "schema version 99 is newer than this qvdctl" in cli.fails("osf", "list")

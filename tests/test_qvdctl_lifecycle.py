@@ -262,3 +262,16 @@ def test_many_vms_of_one_image_start_together_on_one_extraction(cli):
     assert {x.resolve() for x in entries} == {basefs / ".images" / "image.0.22.tgz"}
     cli.run("vm", "stop", "-f", "name=v*")
     assert mounts_under(cli.root / "rootfs") == []
+
+
+@pytest.mark.timeout(180)
+def test_two_starts_of_one_vm_race_and_one_wins(cli):
+    cli.run("config", "set", "vm.lxc.unionfs.type=overlayfs")
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: cli.run("vm", "start", "-f", "name=v", check=False),
+                                range(2)))
+    assert sorted(r.returncode for r in results) == [0, 1]
+    (loser,) = [r for r in results if r.returncode]
+    assert "not stopped" in loser.stderr and len(loser.stderr.splitlines()) == 1
+    assert mounts_under(_paths(cli)["rootfs"]) == [str(_paths(cli)["rootfs"])]
+    cli.run("vm", "stop", "-f", "name=v")
