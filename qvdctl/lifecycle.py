@@ -116,7 +116,10 @@ def start_vm(node: Node, vm: Vm) -> MountedRoot:
             undo = [lambda: mounting.unmount_tree(mounted.rootfs, lazy_fallback=True)]
             _fail_start(node, vm, "starting the container", exc, undo, mounted.overlay)
     with node.db.writer() as conn:
-        store.set_vm_state(conn, vm.id, "running", expect=("starting",))
+        if not store.set_vm_state(conn, vm.id, "running", expect=("starting",)):
+            # A `vm stop` ran during the start and owns the VM now; say so rather
+            # than report a VM as started that is being torn down.
+            raise QvdError(f"VM '{vm.name}' was stopped while it started")
     return mounted
 
 
@@ -187,6 +190,7 @@ def prepare_and_mount(node: Node, vm: Vm) -> MountedRoot:
 
 def _claim(node: Node, vm: Vm) -> dict:
     """Resolve the VM's DI and move it ``stopped`` -> ``starting``; return the DI row."""
+    node_name = node.name()
     with node.db.writer() as conn:
         row = store.get_vm(conn, vm.id)
         if row["blocked"]:
@@ -194,7 +198,7 @@ def _claim(node: Node, vm: Vm) -> dict:
         di = store.di_for_tag(conn, row["osf_id"], row["di_tag"])
         if di is None:
             raise QvdError(f"OSF '{row['osf']}' has no disk image tagged '{row['di_tag']}'")
-        host_id = store.ensure_host(conn, node.name())
+        host_id = store.ensure_host(conn, node_name)
         if not store.set_vm_state(
             conn, vm.id, "starting", expect=("stopped",), host_id=host_id, current_di_id=di["id"]
         ):
