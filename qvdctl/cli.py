@@ -1,6 +1,7 @@
 """``qvdctl``: the node's admin command line, in qvd-admin.pl's grammar.
 
     qvdctl [--root DIR] [-q] [--json] [-v] <object> <command> [-f k=v[,k=v]]... [key=value ...]
+    qvdctl vm exec -f name=VM -- COMMAND [ARG ...]
 
 Global options may come anywhere. Every failure an admin can cause prints one
 line, ``Error: ...``, on stderr and exits 1 having changed nothing.
@@ -53,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; return the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after "--" is a command line for `vm exec`, never our options.
+    rest: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, rest = argv[:cut], argv[cut + 1:]
     try:
         ns = _parser().parse_intermixed_args(argv)
         level = {0: logging.WARNING, 1: logging.INFO}.get(ns.verbose, logging.DEBUG)
@@ -69,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         node = Node(ns.root)
         try:
             out = Output(quiet=ns.quiet, as_json=ns.json)
-            command(Request(ns.object, ns.command, node, out, filters, ns.words))
+            command(Request(ns.object, ns.command, node, out, filters, ns.words, rest))
         finally:
             node.close()
     except QvdError as exc:

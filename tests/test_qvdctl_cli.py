@@ -221,6 +221,10 @@ def _db_dump(cli) -> list[str]:
     (["osf", "del", "-f", "name=MyOSF"], "still has disk images"),
     (["user", "add", "login=x"], "needs password=..."),
     (["--bogus", "vm", "list"], "unrecognized arguments"),
+    (["vm", "list", "--", "ls"], "vm list takes nothing after '--'"),
+    (["vm", "exec", "-f", "name=TestVM"], "vm exec needs a command after '--'"),
+    (["vm", "exec", "-f", "name=TestVM", "--", "true"], "VM 'TestVM' is stopped, not running"),
+    (["vm", "console", "-f", "name=*"], "VM 'TestVM' is stopped, not running"),
 ])
 def test_errors_are_one_line_and_change_nothing(populated, args, expected):
     cli = populated

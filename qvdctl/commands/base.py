@@ -31,9 +31,13 @@ class Request:
     out: Output
     filters: list[tuple[str, str]]
     words: list[str]
+    # The words after "--" (a command line for `vm exec`); other commands refuse them.
+    after_dashes: list[str] = dataclasses.field(default_factory=list)
 
     def args(self, *, required: Sequence[str] = (), optional: Sequence[str] = ()) -> dict[str, str]:
         """The key=value words, checked against the keys this command takes."""
+        if self.after_dashes:
+            raise QvdError(f"{self.obj} {self.command} takes nothing after '--'")
         values = parse_pairs(self.words, "argument")
         allowed = set(required) | set(optional)
         for key in values:

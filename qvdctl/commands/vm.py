@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 
 from qvdctl import addressing, lifecycle
 from qvdctl.commands.base import Request
@@ -107,21 +108,49 @@ def stop(req: Request) -> None:
         req.out.message(f"VM {vm.name} stopped", id=vm.id)
 
 
-def console(req: Request) -> None:
-    """``vm console -f ...``: attach to the container's console (Ctrl+a q leaves)."""
+def _one_running(req: Request, what: str) -> lifecycle.Vm:
     vms = _selected(req)
     if len(vms) != 1:
-        raise QvdError(f"the filter matches {len(vms)} VMs; a console needs exactly one")
-    vm = vms[0]
-    if vm.state != "running":
-        raise QvdError(f"VM '{vm.name}' is {vm.state}, not running")
-    program = shutil.which("lxc-console")
+        raise QvdError(f"the filter matches {len(vms)} VMs; {what} needs exactly one")
+    if vms[0].state != "running":
+        raise QvdError(f"VM '{vms[0].name}' is {vms[0].state}, not running")
+    return vms[0]
+
+
+def console(req: Request) -> None:
+    """``vm console -f ...``: attach to the container's console (Ctrl+a q leaves)."""
+    from qvdctl.container import seam  # here: trio and liblxc load only when needed
+
+    vm = _one_running(req, "a console")
+    argv = seam.console_command(vm.id, settings=req.node.settings())
+    program = shutil.which(argv[0])
     if program is None:
-        raise QvdError("lxc-console is not installed")
+        raise QvdError(f"{argv[0]} is not installed")
     req.node.close()
-    os.execv(program, [program, "-n", vm.container_name])
+    os.execv(program, [program, *argv[1:]])
+
+
+def exec_(req: Request) -> None:
+    """``vm exec -f ... -- COMMAND [ARG ...]``: run a command in the VM, exit with its status."""
+    argv, req.after_dashes = req.after_dashes, []
+    if not argv:
+        raise QvdError("vm exec needs a command after '--'")
+    vm = _one_running(req, "vm exec")
+    from qvdctl.container import seam  # here: trio and liblxc load only when needed
+
+    try:
+        result = seam.exec_in_vm(vm.id, argv, settings=req.node.settings())
+    except Exception as exc:
+        raise QvdError(f"vm exec in '{vm.name}': {exc}") from exc
+    sys.stdout.buffer.write(result.stdout)
+    sys.stdout.flush()
+    sys.stderr.buffer.write(result.stderr)
+    sys.stderr.flush()
+    if result.returncode:
+        raise SystemExit(result.returncode)
 
 
 COMMANDS = {
     "add": add, "list": list_, "del": del_, "start": start, "stop": stop, "console": console,
+    "exec": exec_,
 }
