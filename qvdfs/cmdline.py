@@ -25,10 +25,11 @@ log = logging.getLogger(__name__)
 VERSION_TEXT = f"qvdfs {__version__} (unionfs-fuse compatible)"
 
 # Options that set a boolean field of MountConfig of the same name.
-_OWN_FLAGS = frozenset({"cow", "hide_meta_files", "statfs_omit_ro", "relaxed_permissions", "direct_io"})
+_OWN_FLAGS = frozenset({"cow", "hide_meta_files", "statfs_omit_ro", "relaxed_permissions",
+                        "direct_io"})
 # libfuse mount options handed to the kernel unchanged.
-_FUSE_FLAGS = frozenset({"allow_other", "allow_root", "default_permissions", "suid", "dev", "nosuid",
-                         "nodev"})
+_FUSE_FLAGS = frozenset({"allow_other", "allow_root", "default_permissions", "suid", "dev",
+                         "nosuid", "nodev"})
 # Pairs where the later option wins, as libfuse's mount flags do.
 _OPPOSITES = {"suid": "nosuid", "nosuid": "suid", "dev": "nodev", "nodev": "dev"}
 # Accepted so that unionfs-fuse command lines keep working, but they change nothing here.

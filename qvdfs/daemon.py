@@ -100,7 +100,7 @@ def check_fuse_device(path: str = FUSE_DEVICE) -> None:
     try:
         mode = os.stat(path).st_mode
     except OSError as exc:
-        raise MountError(f"{path} is missing ({exc.strerror}): is the fuse module loaded?") from None
+        raise MountError(f"{path} is missing ({exc.strerror}): is fuse loaded?") from None
     if not stat.S_ISCHR(mode):
         raise MountError(f"{path} is not a character device")
 
@@ -108,7 +108,7 @@ def check_fuse_device(path: str = FUSE_DEVICE) -> None:
 def check_mountpoint(path: str) -> None:
     """Raise MountError unless ``path`` is a directory that nothing is mounted on."""
     # First, because the mount left by a crashed daemon cannot even be stat'ed (ENOTCONN).
-    if os.path.realpath(path) in mounted_paths():
+    if _is_mounted(path):
         raise MountError(f"mountpoint {path} is busy: something is already mounted on it")
     try:
         mode = os.stat(path).st_mode
@@ -142,8 +142,9 @@ def check_branches(config: MountConfig) -> None:
 def raise_file_limit(max_files: int) -> int:
     """Raise the soft RLIMIT_NOFILE to ``max_files``, or to the hard limit if that is lower.
 
-    A soft limit already higher is kept. Returns the soft limit now in force. A hard limit below ``max_files`` is a warning, not an
-    error: unionfs-fuse starts anyway, and so must we.
+    A soft limit already higher is kept. Returns the soft limit now in force. A hard limit
+    below ``max_files`` is a warning, not an error: on this kind of machine stock unionfs-fuse
+    fails to start ("Setting the maximum number of files failed"), and the node needs a mount.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = max_files if hard == resource.RLIM_INFINITY else min(max_files, hard)
@@ -230,7 +231,7 @@ def _wait_for_daemon(read_fd: int) -> NoReturn:
             pyfuse3.close(unmount=True)
         except Exception:  # noqa: BLE001 - best effort, the error below is what matters
             pass
-    text = message.decode(errors="replace").strip() or "the daemon exited before the mount was ready"
+    text = message.decode(errors="replace").strip() or "the daemon died before the mount was ready"
     print(f"qvdfs: {text}", file=sys.stderr, flush=True)
     os._exit(1)
 
@@ -255,8 +256,16 @@ async def _serve(ops: Any, config: MountConfig, ready_fd: int | None) -> int:
         nonlocal ready, ready_fd
         # A stat of the mountpoint goes through the kernel to our own loop: once it returns,
         # the FUSE handshake is done and requests are answered.
-        with trio.fail_after(READY_TIMEOUT):
-            await trio.to_thread.run_sync(os.stat, config.mountpoint, abandon_on_cancel=True)
+        try:
+            with trio.fail_after(READY_TIMEOUT):
+                await trio.to_thread.run_sync(os.stat, config.mountpoint, abandon_on_cancel=True)
+        except trio.TooSlowError:
+            raise MountError(f"the mount did not answer within {READY_TIMEOUT:g} s") from None
+        except OSError as exc:
+            if not _is_mounted(config.mountpoint):
+                return  # unmounted while we asked (ECONNABORTED): the loop is ending anyway
+            # e.g. ECONNREFUSED when libfuse turned down the kernel's INIT
+            raise MountError(f"the mount refused its first request ({exc.strerror})") from None
         ready = True
         log.info("serving %s", config.mountpoint)
         if ready_fd is not None:
@@ -278,14 +287,16 @@ async def _serve(ops: Any, config: MountConfig, ready_fd: int | None) -> int:
                 nursery.start_soon(confirm_serving)
                 await pyfuse3.main()
                 nursery.cancel_scope.cancel()
-            if not ready and not stopped_by_us:
+            # Ended from the kernel's side before our first request got through: a plain
+            # umount that came early removed the mount; a refused INIT leaves it in place.
+            if not ready and not stopped_by_us and _is_mounted(config.mountpoint):
                 error = "the FUSE session ended before the mount answered"
             await _destroy(ops)
         except Exception as exc:  # noqa: BLE001 - log it, unmount, exit non-zero
             log.exception("qvdfs daemon stopped on an error")
             cause = _single(exc)
-            error = (f"the mount did not answer within {READY_TIMEOUT:g} s"
-                     if isinstance(cause, trio.TooSlowError) else f"{type(cause).__name__}: {cause}")
+            error = str(cause) if isinstance(cause, MountError) else \
+                f"{type(cause).__name__}: {cause}"
             stopped_by_us = True
 
         # When the kernel ended a session that was serving (umount, fusermount3 -u), the mount
@@ -294,9 +305,15 @@ async def _serve(ops: Any, config: MountConfig, ready_fd: int | None) -> int:
         pyfuse3.close(unmount=stopped_by_us or not ready)
         log.info("unmounted %s", config.mountpoint)
     if ready_fd is not None:  # still open: the parent is waiting for our verdict
-        _report(ready_fd, (error or "stopped before the mount was ready").encode() + b"\n")
+        reason = error or ("stopped by a signal" if stopped_by_us else "unmounted") + \
+            " before the mount answered"
+        _report(ready_fd, f"{reason}\n".encode())
         os.close(ready_fd)
     return 1 if error else 0
+
+
+def _is_mounted(path: str) -> bool:
+    return os.path.realpath(path) in mounted_paths()
 
 
 def _single(exc: BaseException) -> BaseException:
