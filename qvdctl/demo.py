@@ -73,8 +73,8 @@ class Demo:
             raise DemoError(f"qvdctl {' '.join(args)}: {why[0]}")
         return done.stdout
 
-    def in_vm(self, vm_id: int, vm_name: str, script: str) -> subprocess.CompletedProcess[str]:
-        """Run ``sh -c SCRIPT`` inside a VM: ``vm exec`` once the CLI has it, else lxc-attach."""
+    def in_vm(self, vm_name: str, script: str) -> subprocess.CompletedProcess[str]:
+        """Run ``sh -c SCRIPT`` inside a VM with ``qvdctl vm exec``; print its output."""
         console.print(f"[bold cyan]$ qvdctl vm exec -f name={vm_name} -- sh -c {script!r}[/]")
         done = subprocess.run(
             netns_argv(self.netns, [
@@ -83,16 +83,6 @@ class Demo:
             ]),
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
-        if "unknown command 'exec'" in done.stderr:
-            # WAITS ON THE CLI: `vm exec` is not in qvdctl yet; the admin's own tool
-            # (SPEC §4) does the same meanwhile.
-            console.print(f"[yellow]  (no `vm exec` yet) $ lxc-attach -n qvd-{vm_id} -- ...[/]")
-            done = subprocess.run(
-                netns_argv(self.netns, [
-                    "lxc-attach", "-n", f"qvd-{vm_id}", "--clear-env", "--", "sh", "-c", script,
-                ]),
-                capture_output=True, text=True, timeout=120,
-            )  # fmt: skip
         if done.stdout.strip():
             console.print(done.stdout.rstrip(), markup=False)
         return done
@@ -150,9 +140,9 @@ def run(root: Path, netns: str, workdir: Path, n_vms: int) -> None:
     ips = {row["Name"]: row["Ip"] for row in table}
 
     _step("A command in each VM: write outside /home and inside /home")
-    for vm_id, name, _ in vms:
+    for _, name, _ in vms:
         done = demo.in_vm(
-            vm_id, name,
+            name,
             f"hostname; echo 'written in {name}' > /root/demo.txt; "
             f"echo 'home of {name}' > /home/notes.txt; cat /var/log/boot.log",
         )  # fmt: skip
@@ -179,10 +169,10 @@ def run(root: Path, netns: str, workdir: Path, n_vms: int) -> None:
         console.print(f"{name}: basefs/{base.name}/root/demo.txt absent: the base is untouched")
 
     _step("Network: VM to VM and VM to gateway over the bridge")
-    first_id, first, _ = vms[0]
+    first = vms[0][1]
     targets = [ips[name] for _, name, _ in vms[1:]] + [f"{NET}.1"]
     for target in targets:
-        done = demo.in_vm(first_id, first, f"ping -c1 -W2 {target}")
+        done = demo.in_vm(first, f"ping -c1 -W2 {target}")
         if done.returncode != 0:
             raise DemoError(f"{first} cannot reach {target}")
 
