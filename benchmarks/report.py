@@ -168,7 +168,8 @@ def markdown(results: Results) -> str:
             notes.append(f"- {target} failed {workload} ({len(messages)}×): {messages[0]}")
     checks = goals(results)
     if checks:
-        notes.append("")
+        if notes:
+            notes.append("")
         notes.append("qvdfs goals (ratio = unionfs-fuse median / qvdfs median):")
         notes.append("")
         for g in checks:
