@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -232,3 +233,36 @@ def write(results: Results, out: Path) -> tuple[Path, Path, Path]:
     md_path.write_text(markdown(results))
     chart(results, png_path)
     return json_path, md_path, png_path
+
+
+def from_json(data: dict[str, Any]) -> Results:
+    """Rebuild the results of an earlier run from its ``latest.json``."""
+    samples: dict[str, dict[str, list[float]]] = {}
+    for metric, info in data["metrics"].items():
+        for target, figures in info["targets"].items():
+            samples.setdefault(target, {})[metric] = figures["samples"]
+    return Results(data["targets"], data["skipped"], samples, data["errors"], data["meta"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.report JSON [--chart PNG]``: print an earlier run's table again."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report",
+                                     description="Print the Markdown table of a saved run.")
+    parser.add_argument("json", type=Path, help="a latest.json written by benchmarks.run")
+    parser.add_argument("--chart", type=Path, help="also redraw the chart into this PNG")
+    args = parser.parse_args(argv)
+    try:
+        results = from_json(json.loads(args.json.read_text()))
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"bench: cannot read {args.json}: {exc}", file=sys.stderr)
+        return 1
+    print(markdown(results), end="")
+    if args.chart:
+        chart(results, args.chart)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

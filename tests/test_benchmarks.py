@@ -64,6 +64,12 @@ def test_tiny_run_writes_json_table_and_chart(tmp_path: Path) -> None:
         assert row.count("×)") == 2
     assert "| metric | plain | kernel-overlay |" in done.stdout  # printed at the end too
 
+    # A saved run prints the same table again.
+    again = subprocess.run([sys.executable, "-m", "benchmarks.report", str(out / "latest.json")],
+                           cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == table
+
     png = (out / "latest.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
 
