@@ -11,8 +11,9 @@ to the gateway, ``vm stop``.
 It leaves the host as it found it: the storage root is a temporary folder and
 every qvdctl command runs inside a network namespace made for the demo (see
 ``qvdctl/network/sandbox.py``), holding the bridge and the VMs' veths. The
-containers use liblxc's default lxcpath, so while the demo runs an admin can watch
-them from that namespace: ``ip netns exec <ns> lxc-ls -f`` (the demo prints ``<ns>``).
+containers live in an lxcpath inside the temporary root (setting ``vm.lxc.lxcpath``),
+so they never meet a node's own ``qvd-<id>``; while the demo runs an admin can watch
+them from its namespace: ``ip netns exec <ns> lxc-ls -P <root>/lxc -f`` (both printed).
 On any failure it still stops the VMs, unmounts, deletes the namespace and the
 temporary folder, and exits 1.
 """
@@ -34,7 +35,6 @@ from pathlib import Path
 from pyroute2 import netns
 from rich.console import Console
 
-from qvdctl.container.config import DEFAULT_LXCPATH
 from qvdctl.imagebuild import build_busybox_rootfs, build_image_tarball
 from qvdctl.network.sandbox import netns_argv, scratch_netns, shared_mount
 
@@ -113,7 +113,7 @@ def run(root: Path, netns: str, workdir: Path, n_vms: int) -> None:
         "config", "set", "vm.hypervisor=lxc", "vm.lxc.unionfs.type=qvdfs",
         f"vm.network.bridge={BRIDGE}", f"vm.network.ip.start={NET}.2",
         "vm.network.netmask=255.255.255.0", f"vm.network.gateway={NET}.1",
-        "vm.stop.timeout=10",
+        "vm.stop.timeout=10", f"vm.lxc.lxcpath={root / 'lxc'}",
     )  # fmt: skip
 
     _step("An OS flavour, its disk image, users and VMs")
@@ -199,21 +199,28 @@ def _mounts_under(path: Path) -> list[str]:
     return sorted(found, key=len, reverse=True)
 
 
+def _lxc_monitors(under: Path) -> list[int]:
+    """Pids of liblxc monitors (one per running container) whose lxcpath is under ``under``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if cmdline.startswith("[lxc monitor]") and f" {under}/" in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
 def _cleanup(root: Path, netns: str) -> None:
-    """Stop every container whose root is under ``root``, then unmount what is left."""
-    if DEFAULT_LXCPATH.is_dir():
-        for folder in DEFAULT_LXCPATH.glob("qvd-*"):
-            config = folder / "config"
-            with contextlib.suppress(OSError):
-                if f"dir:{root}/" not in config.read_text():
-                    continue  # not one of the demo's containers
-                console.print(f"[yellow]cleanup: stopping {folder.name}[/]")
-                subprocess.run(
-                    netns_argv(netns, ["lxc-stop", "-n", folder.name, "-k"]),
-                    capture_output=True, timeout=60,
-                )  # fmt: skip
-                if (folder / ".qvdctl").exists():
-                    shutil.rmtree(folder)
+    """Stop the demo's containers that are still there, then unmount what is left."""
+    lxcpath = root / "lxc"
+    for folder in sorted(lxcpath.glob("qvd-*")) if lxcpath.is_dir() else ():
+        console.print(f"[yellow]cleanup: stopping {folder.name}[/]")
+        subprocess.run(
+            netns_argv(netns, ["lxc-stop", "-P", str(lxcpath), "-n", folder.name, "-k"]),
+            capture_output=True, timeout=60,
+        )  # fmt: skip
     for target in _mounts_under(root):
         if target == str(root.resolve()):
             continue  # the shared bind mount itself; its context manager removes it
@@ -262,7 +269,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             stack.enter_context(shared_mount(root))
             netns_name = made["netns"] = stack.enter_context(scratch_netns("qvddemo"))
             stack.callback(_cleanup, root, netns_name)
-            console.print(f"storage root {root}, network namespace {netns_name}")
+            console.print(
+                f"storage root {root}, lxcpath {root / 'lxc'}, network namespace {netns_name}"
+            )
             run(root, netns_name, workdir, args.vms)
     except DemoError as exc:
         failure = str(exc)
@@ -290,11 +299,7 @@ def _leftovers(made: dict[str, Path | str]) -> list[str]:
         left += [f"mount {m}" for m in _mounts_under(workdir)]
         if workdir.exists():
             left.append(f"folder {workdir}")
-        if DEFAULT_LXCPATH.is_dir():
-            for config in DEFAULT_LXCPATH.glob("qvd-*/config"):
-                with contextlib.suppress(OSError):
-                    if f"dir:{workdir}/" in config.read_text():
-                        left.append(f"container {config.parent.name}")
+        left += [f"container monitor {pid}" for pid in _lxc_monitors(workdir)]
     name = made.get("netns")
     if isinstance(name, str) and name in netns.listnetns():
         left.append(f"network namespace {name}")

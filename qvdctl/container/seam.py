@@ -86,10 +86,11 @@ def start_vm_container(
     return trio.run(launch, spec, lxcpath_from(settings), START_TIMEOUT)
 
 
-def stop_vm_container(*, vm_id: int, settings: Mapping[str, str] | None = None) -> bool:
+def stop_vm_container(*, vm_id: int, settings: Mapping[str, str]) -> bool:
     """Stop VM ``vm_id``'s container: halt, hard stop after ``vm.stop.timeout``, clean up.
 
-    Without ``settings``: a 30 s timeout and the default lxcpath.
+    ``settings`` is required: with the wrong lxcpath the container would look absent
+    and stay running while its root is unmounted under it.
 
     Idempotent: no container, or a stopped one, is fine. Returns True if it halted
     by itself (or was not running), False if it was killed.
@@ -98,8 +99,7 @@ def stop_vm_container(*, vm_id: int, settings: Mapping[str, str] | None = None) 
         ContainerError: it could not be stopped (its config is kept for a retry).
         NetworkError: its veth could not be removed.
     """
-    settings = settings or {}
-    timeout = float(settings.get("vm.stop.timeout") or 30)
+    timeout = float(settings["vm.stop.timeout"] or 30)
     return trio.run(halt, container_name(vm_id), veth_name(vm_id), lxcpath_from(settings), timeout)
 
 
@@ -124,6 +124,6 @@ def vm_container_states(*, settings: Mapping[str, str]) -> dict[int, str]:
     return {int(name.removeprefix("qvd-")): state for name, state in states.items()}
 
 
-def console_command(vm_id: int, *, settings: Mapping[str, str] | None = None) -> list[str]:
+def console_command(vm_id: int, *, settings: Mapping[str, str]) -> list[str]:
     """The ``lxc-console`` command line for VM ``vm_id`` (Ctrl+a q leaves), to exec."""
-    return runtime.console_argv(container_name(vm_id), lxcpath_from(settings or {}))
+    return runtime.console_argv(container_name(vm_id), lxcpath_from(settings))
