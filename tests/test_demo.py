@@ -1,0 +1,86 @@
+"""``make demo`` end to end: it must succeed and leave the host as it found it."""
+
+from __future__ import annotations
+
+import glob
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qvdctl import lifecycle
+from qvdctl.network.sandbox import netns
+
+REPO = Path(__file__).resolve().parent.parent
+
+# `vm start` reaches containers only once lifecycle.start_container calls
+# qvdctl.container.seam (the lead wires it). Until then the demo stops at that step;
+# strict, so the marker below goes away by itself once the seam is wired.
+SEAM_UNWIRED = "no container runtime wired yet" in inspect.getsource(lifecycle.start_container)
+
+
+def _host_state() -> dict[str, set[str]]:
+    with open("/proc/self/mountinfo") as f:
+        mounts = {line.split()[4] for line in f if "qvd-demo-" in line}
+    monitors = set()
+    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            text = Path(cmdline).read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text.startswith("[lxc monitor]") and "qvd-demo-" in text:
+            monitors.add(text)
+    return {
+        "netns": {n for n in netns.listnetns() if n.startswith("qvddemo-")},
+        "tmp": set(glob.glob("/tmp/qvd-demo-*")),
+        "mounts": mounts,
+        "monitors": monitors,
+    }
+
+
+@pytest.fixture(scope="module")
+def demo_run() -> tuple[subprocess.CompletedProcess[str], dict, dict]:
+    """One run of ``python -m qvdctl.demo``, with the host's state before and after."""
+    before = _host_state()
+    done = subprocess.run(
+        [sys.executable, "-m", "qvdctl.demo"], cwd=REPO, capture_output=True, text=True,
+        timeout=580,
+    )  # fmt: skip
+    return done, before, _host_state()
+
+
+@pytest.mark.timeout(600)
+def test_demo_leaves_the_host_as_it_found_it(demo_run) -> None:
+    done, before, after = demo_run
+    assert after == before, done.stdout[-2000:]
+    # A failed run says why in one line; a good one says it checked the host.
+    if done.returncode != 0:
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    else:
+        assert "checked: no mount, namespace, container or file of it is left" in done.stdout
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.xfail(SEAM_UNWIRED, reason="lifecycle.start_container not wired yet", strict=True)
+def test_demo_runs_the_workflow(demo_run) -> None:
+    done, _, _ = demo_run
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    for expected in (
+        "VM Desk1 started", "VM Desk2 started",
+        "overlayfs/1-1-overlayfs/root/demo.txt = 'written in Desk1'",
+        "homefs/2-2-homefs/notes.txt = 'home of Desk2'",
+        "the base is untouched", "1 packets received",
+        "VM Desk1 stopped", "VM Desk2 stopped",
+    ):
+        assert expected in done.stdout, expected
+
+
+def test_demo_refuses_bad_arguments() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "qvdctl.demo", "--vms", "1"], cwd=REPO, capture_output=True,
+        text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.strip() == "Error: --vms must be between 2 and 50"
