@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import FrameType
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 DEFAULT_REPS = 5
+# A workload normally takes seconds; past this its daemon is taken to be hung.
+WORKLOAD_TIMEOUT = 300.0
 
 
 class UsageError(Exception):
@@ -162,7 +165,14 @@ def _one(rep: int, reps: int, workload: workloads.Workload, target: targets.Targ
     try:
         with targets.mount(target, fx.lower, scratch / f"{rep}-{workload.name}-{target.name}") \
                 as mounted:
-            values = workload.run(workloads.Context(mounted, fx))
+            # A hung FUSE daemon would block the workload's syscalls forever; killing it
+            # makes them fail, so the run reports the hang and goes on.
+            watchdog = threading.Timer(WORKLOAD_TIMEOUT, _abort_hung, (mounted, label))
+            watchdog.start()
+            try:
+                values = workload.run(workloads.Context(mounted, fx))
+            finally:
+                watchdog.cancel()
         if mounted.mount_seconds is not None:
             values["mount-time"] = mounted.mount_seconds
         if mounted.unmount_seconds is not None:
@@ -181,6 +191,12 @@ def _one(rep: int, reps: int, workload: workloads.Workload, target: targets.Targ
         per.setdefault(metric, []).append(value)
     shown = " ".join(f"{m}={v:.3g}" for m, v in values.items() if not m.endswith("mount-time"))
     print(f"{label} {shown}", flush=True)
+
+
+def _abort_hung(mounted: targets.Mounted, label: str) -> None:
+    aborted = mounted.abort()
+    print(f"{label} still running after {WORKLOAD_TIMEOUT:g} s; "
+          + ("killed its daemon" if aborted else "no daemon to kill"), flush=True)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -49,6 +50,21 @@ class Mounted:
     daemon_pid: int | None  # the FUSE daemon serving ``root``, if any
     # From ``umount`` until the daemon has exited; set once the mount is down.
     unmount_seconds: float | None = None
+
+    def abort(self) -> bool:
+        """Kill the FUSE daemon, so calls stuck in it fail (ECONNABORTED) instead of hanging.
+
+        Its closed /dev/fuse ends the connection; the mount stays until ``unmount``. (The
+        fusectl ``abort`` file would do the same, but fusectl is not mounted everywhere.)
+        Returns False if there is no daemon to kill.
+        """
+        if self.daemon_pid is None:
+            return False
+        try:
+            os.kill(self.daemon_pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return False
+        return True
 
     def daemon_rss_mib(self) -> float | None:
         """Resident memory of the FUSE daemon now, from /proc/<pid>/status VmRSS."""

@@ -7,15 +7,19 @@ report, a Markdown table and a PNG chart with sane numbers, and leaves no mount 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
-from benchmarks import report, workloads
+from benchmarks import report, targets, workloads
 
 REPO = Path(__file__).resolve().parent.parent
 WORKLOAD_METRICS = {"stat-cold", "stat-warm", "smallfiles-create", "smallfiles-delete"}
@@ -105,3 +109,37 @@ def test_ratios_and_goals_from_samples() -> None:
     assert by_text["copyup: ≥ 3× unionfs-fuse"].passed is False  # only 2×
     assert by_text["daemon RSS after the stat walk ≤ 40 MiB"].passed is False
     assert by_text["mount time ≤ 300 ms"].passed is None  # not measured
+
+
+@pytest.mark.timeout(60)
+def test_abort_frees_calls_stuck_in_a_hung_daemon(tmp_path: Path) -> None:
+    lower = tmp_path / "lower"
+    lower.mkdir()
+    (lower / "file").write_text("base\n")
+    with targets.mount(targets.UNIONFS, lower, tmp_path / "scratch") as mounted:
+        assert mounted.daemon_pid is not None
+        os.kill(mounted.daemon_pid, signal.SIGSTOP)  # the daemon now answers nothing
+        try:
+            outcome: list[BaseException | str] = []
+
+            def stat_it() -> None:
+                try:
+                    os.stat(mounted.root / "file")
+                    outcome.append("answered")
+                except OSError as exc:
+                    outcome.append(exc)
+
+            caller = threading.Thread(target=stat_it)
+            caller.start()
+            caller.join(1.0)
+            assert caller.is_alive(), "the stat should be stuck in the stopped daemon"
+            assert mounted.abort()
+            caller.join(10)
+            assert not caller.is_alive()
+            assert isinstance(outcome[0], OSError)
+            assert outcome[0].errno in (errno.ECONNABORTED, errno.ENOTCONN)
+        finally:
+            # Lets the daemon be unmounted normally if the test failed before killing it.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(mounted.daemon_pid, signal.SIGCONT)
+    assert _mounts_below(tmp_path) == []
