@@ -177,9 +177,11 @@ def markdown(results: Results) -> str:
             mark = {True: "met", False: "MISSED", None: "not measured"}[g.passed]
             value = "" if g.value is None else f" — {g.value:.3g}"
             notes.append(f"- {mark}: {g.text}{value}")
-    reps = results.meta.get("reps")
-    header = (f"Medians of {reps} repetition(s); in brackets, {results.baseline}'s median divided "
-              "by the target's (higher is better).")
+    meta = results.meta
+    header = (f"Run of {meta.get('date', '?')} (qvdfs at {meta.get('qvdfs_version', '?')}, "
+              f"{meta.get('fixture_entries', '?')} files, {meta.get('cpus', '?')} CPUs): medians "
+              f"of {meta.get('reps')} repetition(s); in brackets, {results.baseline}'s median "
+              "divided by the target's (higher is better).")
     return "\n".join([header, "", *lines, "", *notes]).rstrip() + "\n"
 
 

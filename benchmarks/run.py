@@ -124,6 +124,7 @@ def run(args: argparse.Namespace) -> report.Results:
         "fixture_entries": len(fx.entries),
         "fixture_dirs": len(fx.dirs),
         "workloads": [w.name for w in args.workloads],
+        "qvdfs_version": _source_version(),
         "interrupted": False,
     }
     try:
@@ -191,6 +192,19 @@ def _one(rep: int, reps: int, workload: workloads.Workload, target: targets.Targ
         per.setdefault(metric, []).append(value)
     shown = " ".join(f"{m}={v:.3g}" for m, v in values.items() if not m.endswith("mount-time"))
     print(f"{label} {shown}", flush=True)
+
+
+def _source_version() -> str:
+    """The repository's commit, marked ``+changes`` if qvdfs/ differs from it: what was measured."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo,
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "qvdfs"], cwd=repo,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (commit or "unknown") + ("+changes" if dirty else "")
 
 
 def _abort_hung(mounted: targets.Mounted, label: str) -> None:
