@@ -24,6 +24,7 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from benchmarks import DEFAULT_CACHE, fixture, report, targets, workloads
 
@@ -65,7 +66,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _pick(csv: str, known: dict[str, object], what: str) -> list:
+def _pick(csv: str, known: dict[str, Any], what: str) -> list[Any]:
+    """The entries of ``known`` named in ``csv`` (all of them if it is empty), in that order."""
     if not csv:
         return list(known.values())
     names = [n.strip() for n in csv.split(",") if n.strip()]

@@ -94,6 +94,7 @@ class Target:
         return None
 
     def mount_command(self, lower: Path, upper: Path, work: Path, mnt: Path) -> list[str]:
+        """The command that mounts this target at ``mnt``; ``work`` is for the overlayfs kinds."""
         if self.name == "kernel-overlay":
             opts = f"lowerdir={lower},upperdir={upper},workdir={work}"
             return ["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)]
@@ -119,6 +120,7 @@ BASELINE = UNIONFS.name
 
 
 def is_mounted(path: str | os.PathLike[str]) -> bool:
+    """Whether something is mounted exactly at ``path`` (read from mountinfo, never stat)."""
     target = os.path.realpath(path)
     with open("/proc/self/mountinfo") as f:
         # Field 5 is the mountpoint, with spaces escaped; our scratch paths have none.
