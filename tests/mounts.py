@@ -11,7 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 VENV_BIN = Path(sys.executable).parent
-QVDFS = str(VENV_BIN / "qvdfs")
+# QVDFS_BIN lets the same tests run against another build of the daemon.
+QVDFS = os.environ.get("QVDFS_BIN", str(VENV_BIN / "qvdfs"))
 NODE_OPTIONS = ["-o", "cow", "-o", "max_files=32000", "-o", "suid", "-o", "dev", "-o", "allow_other"]
 
 

@@ -69,7 +69,7 @@ async def copy_up(index: Index, node: Node, *, data: bool) -> None:
     if node.is_dir:
         ensure_dir_on_upper(index, node)
         return
-    if node.on_upper and not (data and node.metacopy):
+    if node.on_upper and not (data and index.is_metacopy(node)):
         return
     upper = require_upper(node)
     if not node.stack.cow:
@@ -102,8 +102,10 @@ async def copy_up(index: Index, node: Node, *, data: bool) -> None:
         raise
     if not node.on_upper:
         _split_hard_links(index, node)
+    index.drop_data_location(node)
     node.branch = upper
-    node.data_branch = upper if (data or not stat.S_ISREG(st.st_mode)) else node.data_branch
+    # After a metadata-only copy the data's place is found again from the xattrs.
+    node.data_branch = None if (stat.S_ISREG(st.st_mode) and not data) else upper
 
 
 async def _copy_regular(index: Index, node: Node, st: os.stat_result, tmp: bytes, *, data: bool) -> None:
@@ -115,8 +117,8 @@ async def _copy_regular(index: Index, node: Node, st: os.stat_result, tmp: bytes
             os.ftruncate(dst, st.st_size)
             os.setxattr(syscalls.proc_fd(dst), markers.METACOPY_XATTR, b"")
             return
-        src = os.open(node.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                      dir_fd=index.parent_fd(node, node.data_branch))
+        _, src_dirfd, src_name = index.data_location(node)
+        src = os.open(src_name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dirfd)
         try:
             if os.fstat(src).st_size > THREAD_COPY_THRESHOLD:
                 await trio.to_thread.run_sync(copy_data, src, dst)

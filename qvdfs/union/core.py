@@ -11,6 +11,7 @@ while reads, lookups and writes to other files go on.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -190,6 +191,7 @@ class Union:
             if whiteout == "dev":
                 del parent.whiteouts[name]
             node = self.index.new_node(parent, name, stack, is_dir, stack.upper)
+            node.data_branch = stack.upper
             node.in_lower = whiteout is not None
             if is_dir:
                 node.listing = {}
@@ -428,6 +430,9 @@ class Union:
             node.whiteouts = {}
             pfd, name = self._ref(node, stack.upper)
             markers.set_opaque(pfd, name)
+            if node.redirect is not None:
+                syscalls.removexattr_at(pfd, name, markers.REDIRECT_XATTR)
+                node.redirect = None
             for b in node.layers[1:]:
                 fd = node.fds.pop(b, None)
                 if fd is not None:
@@ -467,7 +472,7 @@ class Union:
         else:
             await copyup.copy_up(self.index, node, data=True)
         handle = self.handles.get(fh) if fh is not None else None
-        if handle is not None and handle.writable and handle.data_branch == node.branch:
+        if handle is not None and handle.writable:
             os.ftruncate(handle.fd, size)
         else:
             dirfd = self.index.parent_fd(node, node.branch)
@@ -476,10 +481,12 @@ class Union:
                 os.ftruncate(fd, size)
             finally:
                 os.close(fd)
-        if node.metacopy:
-            syscalls.removexattr_at(self.index.parent_fd(node, node.branch), node.name,
-                                    markers.METACOPY_XATTR)
-            node.data_branch = node.branch
+        if self.index.is_metacopy(node):
+            pfd = self.index.parent_fd(node, node.branch)
+            for attr in (markers.METACOPY_XATTR, markers.REDIRECT_XATTR):
+                with contextlib.suppress(OSError):
+                    syscalls.removexattr_at(pfd, node.name, attr)
+            self.index.drop_data_location(node)
 
     def getxattr(self, node: Node, attr: bytes) -> bytes:
         if attr.startswith(markers.OVERLAY_XATTR_PREFIX):
@@ -522,9 +529,11 @@ class Union:
         return self._register(Handle(node, fd, node.branch, True))
 
     def _open_backing(self, node: Node, flags: int, writable: bool) -> int:
-        branch = node.branch if writable else node.data_branch
-        dirfd = self.index.parent_fd(node, branch)
-        fd = os.open(node.name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+        if writable:
+            branch, dirfd, name = node.branch, self.index.parent_fd(node, node.branch), node.name
+        else:
+            branch, dirfd, name = self.index.data_location(node)
+        fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
         return self._register(Handle(node, fd, branch, writable))
 
     def _register(self, handle: Handle) -> int:
@@ -537,12 +546,12 @@ class Union:
     def handle(self, fh: int) -> Handle:
         handle = self.handles[fh]
         node = handle.node
-        if not handle.writable and handle.data_branch != node.data_branch and not node.unlinked:
+        if not handle.writable and not node.unlinked and handle.data_branch != node.data_branch:
             # The file was copied up since this read-only open: follow its data.
-            fd = os.open(node.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         dir_fd=self.index.parent_fd(node, node.data_branch))
+            branch, dirfd, name = self.index.data_location(node)
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
             os.close(handle.fd)
-            handle.fd, handle.data_branch = fd, node.data_branch
+            handle.fd, handle.data_branch = fd, branch
         return handle
 
     def release(self, fh: int) -> None:

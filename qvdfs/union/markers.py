@@ -3,7 +3,9 @@
 Kernel overlayfs format (what qvdfs writes by default):
 - a whiteout is a character device 0/0 carrying the deleted name;
 - a directory whose lower contents are hidden carries ``trusted.overlay.opaque=y``;
-- a file whose data still lives in a lower branch carries ``trusted.overlay.metacopy``.
+- a file whose data still lives in a lower branch carries ``trusted.overlay.metacopy``;
+- a directory renamed by overlayfs with ``redirect_dir=on`` carries
+  ``trusted.overlay.redirect``, the path of its lower part (read, never written).
 
 unionfs-fuse format (read always, written with ``-o whiteout=unionfs``): a deletion of
 ``a/b`` in a writable branch is an empty file ``.unionfs-fuse/a/b_HIDDEN~`` (a folder of
@@ -29,6 +31,7 @@ from qvdfs.union import syscalls
 OVERLAY_XATTR_PREFIX = b"trusted.overlay."
 OPAQUE_XATTR = b"trusted.overlay.opaque"
 METACOPY_XATTR = b"trusted.overlay.metacopy"
+REDIRECT_XATTR = b"trusted.overlay.redirect"
 
 UNIONFS_META_DIRS = (b".unionfs-fuse", b".unionfs")
 UNIONFS_WRITE_DIR = b".unionfs-fuse"
@@ -68,11 +71,24 @@ def has_metacopy(parent_fd: int, name: bytes) -> bool:
         raise
 
 
+def redirect(parent_fd: int, name: bytes) -> bytes | None:
+    """The lower path a renamed upper directory merges with (kernel ``redirect_dir``).
+
+    Absolute (from the layer roots, starting with ``/``) or a sibling name.
+    """
+    try:
+        return syscalls.getxattr_at(parent_fd, name, REDIRECT_XATTR)
+    except OSError as exc:
+        if exc.errno in _ABSENT:
+            return None
+        raise
+
+
 def make_whiteout(parent_fd: int, name: bytes) -> None:
     os.mknod(name, stat.S_IFCHR | 0o000, 0, dir_fd=parent_fd)
 
 
-def _walk(fd: int, parts: list[bytes], *, create: bool = False) -> int | None:
+def walk(fd: int, parts: list[bytes], *, create: bool = False) -> int | None:
     """Open the folder ``parts`` below ``fd`` one component at a time; None if absent."""
     current = os.dup(fd)
     try:
@@ -99,7 +115,7 @@ def unionfs_hidden(meta_fds: list[int], parts: list[bytes]) -> set[bytes]:
     """Names hidden by unionfs-fuse markers for the directory ``parts`` of one branch."""
     hidden: set[bytes] = set()
     for meta_fd in meta_fds:
-        fd = _walk(meta_fd, parts)
+        fd = walk(meta_fd, parts)
         if fd is None:
             continue
         try:
@@ -118,7 +134,7 @@ def unionfs_hide(root_fd: int, parts: list[bytes], name: bytes) -> None:
         os.mkdir(UNIONFS_WRITE_DIR, 0o700, dir_fd=root_fd)
     meta = syscalls.open_dir(root_fd, UNIONFS_WRITE_DIR)
     try:
-        fd = _walk(meta, parts, create=True)
+        fd = walk(meta, parts, create=True)
         if fd is None:
             raise OSError(errno.EIO, "cannot create unionfs-fuse marker folder")
         try:
@@ -134,7 +150,7 @@ def unionfs_hide(root_fd: int, parts: list[bytes], name: bytes) -> None:
 def unionfs_unhide(meta_fds: list[int], parts: list[bytes], name: bytes) -> None:
     """Remove every unionfs-fuse marker of ``parts/name`` in one branch."""
     for meta_fd in meta_fds:
-        fd = _walk(meta_fd, parts)
+        fd = walk(meta_fd, parts)
         if fd is None:
             continue
         try:

@@ -39,7 +39,7 @@ class Node:
     __slots__ = (
         "id", "parent", "name", "stack", "is_dir", "branch", "data_branch", "in_lower",
         "layers", "listing", "whiteouts", "fds", "lookups", "handles", "unlinked",
-        "is_stack_root", "aliases",
+        "is_stack_root", "aliases", "redirect",
     )
 
     def __init__(self, id_: int, parent: Node | None, name: bytes, stack: Stack,
@@ -50,7 +50,9 @@ class Node:
         self.stack = stack
         self.is_dir = is_dir
         self.branch = branch
-        self.data_branch = branch
+        # None until looked up (see Index.data_location); files this daemon creates
+        # set it at once.
+        self.data_branch: int | None = None if not is_dir else branch
         self.in_lower = False
         self.layers: list[int] = [branch] if is_dir else []
         self.listing: dict[bytes, Node] | None = None
@@ -63,6 +65,9 @@ class Node:
         self.is_stack_root = False
         # Other (parent, name) places of a hard-linked file, beside the primary one.
         self.aliases: list[tuple[Node, bytes]] = []
+        # For an upper directory renamed by kernel overlayfs: where its lower part is,
+        # as path components from the stack root.
+        self.redirect: list[bytes] | None = None
 
     def __repr__(self) -> str:
         return f"<Node {self.id} {self.name!r} b{self.branch}{'/' if self.is_dir else ''}>"
@@ -73,9 +78,6 @@ class Node:
             return self.stack.upper is not None
         return self.branch == self.stack.upper
 
-    @property
-    def metacopy(self) -> bool:
-        return self.data_branch != self.branch
 
 
 class Index:
@@ -156,15 +158,20 @@ class Index:
         if node.is_stack_root:
             return node.stack.branches[branch].root_fd
         assert node.parent is not None
-        pfd = self.dir_fd(node.parent, branch)
-        if pfd is None:
-            return None
-        try:
-            fd = syscalls.open_dir(pfd, node.name)
-        except OSError as exc:
-            if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+        if node.redirect is not None and branch != node.stack.upper:
+            fd = markers.walk(node.stack.branches[branch].root_fd, node.redirect)
+            if fd is None:
                 return None
-            raise
+        else:
+            pfd = self.dir_fd(node.parent, branch)
+            if pfd is None:
+                return None
+            try:
+                fd = syscalls.open_dir(pfd, node.name)
+            except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                    return None
+                raise
         node.fds[branch] = fd
         self._fd_lru[(node.id, branch)] = node
         if len(self._fd_lru) > MAX_CACHED_DIR_FDS:
@@ -249,6 +256,8 @@ class Index:
                     entries[name] = node
                     if not is_dir or name in marker_hidden:
                         closed.add(name)
+                    elif b == stack.upper and self._follow_redirect(dir_, node, fd):
+                        closed.add(name)
                     continue
                 if b != stack.upper:
                     node.in_lower = True
@@ -264,35 +273,80 @@ class Index:
             if markers.is_opaque(fd):
                 break
         dir_.layers = layers
-        for node in entries.values():
-            if node.in_lower and node.on_upper and not node.is_dir:
-                self.resolve_data_branch(node)
         graft_path = tuple(self.parts(dir_)) if dir_.stack is self.root.stack else None
         for name, graft in self._grafts.get(graft_path, {}).items():
             graft.parent = dir_
             entries[name] = graft
         return entries
 
-    def resolve_data_branch(self, node: Node) -> None:
-        """Find where a regular file's data lives: below a metadata-only copy-up, if any."""
+    def _follow_redirect(self, dir_: Node, node: Node, fd: int) -> bool:
+        """Merge an upper directory with the lower path its redirect names, if it has one."""
+        target = markers.redirect(fd, node.name)
+        if target is None:
+            return False
+        if target.startswith(b"/"):
+            node.redirect = [p for p in target.split(b"/") if p]
+        else:
+            base = dir_.redirect if dir_.redirect is not None else self.parts(dir_)
+            node.redirect = [*base, target]
+        for b in range(node.stack.upper + 1, len(node.stack.branches)):
+            fd_b = self.dir_fd(node, b)
+            if fd_b is not None:
+                node.layers.append(b)
+                if markers.is_opaque(fd_b):
+                    break
+        node.in_lower = True
+        return True
+
+    def is_metacopy(self, node: Node) -> bool:
+        """True for a file whose upper entry holds metadata only."""
+        return not node.is_dir and self.data_location(node)[0] != node.branch
+
+    def data_location(self, node: Node) -> tuple[int, int, bytes]:
+        """(branch, directory fd, name) of the file that holds ``node``'s data.
+
+        For a metadata-only copy the data is in a lower branch, at the same path or at
+        the one its ``trusted.overlay.redirect`` names; the descriptor of that lower
+        directory is kept in ``node.fds`` (a file has no other use for it).
+        """
+        if node.data_branch is None:
+            self._resolve_data(node)
+        b = node.data_branch
+        assert b is not None
+        if b == node.branch:
+            return b, self.parent_fd(node, b), node.name
+        assert node.redirect is not None
+        return b, node.fds[b], node.redirect[-1]
+
+    def _resolve_data(self, node: Node) -> None:
         node.data_branch = node.branch
-        if node.is_dir or not node.on_upper or not node.in_lower:
+        if not node.on_upper:
             return
         pfd = self.parent_fd(node, node.branch)
         if not markers.has_metacopy(pfd, node.name):
             return
         assert node.parent is not None
-        for b in node.parent.layers:
-            if b == node.branch:
-                continue
-            lfd = self.dir_fd(node.parent, b)
-            if lfd is None:
+        target = markers.redirect(pfd, node.name)
+        if target is not None and target.startswith(b"/"):
+            parts = [p for p in target.split(b"/") if p]
+        else:
+            base = node.parent.redirect if node.parent.redirect is not None else self.parts(node.parent)
+            parts = [*base, target if target is not None else node.name]
+        for b in range(node.stack.upper + 1, len(node.stack.branches)):
+            fd = markers.walk(node.stack.branches[b].root_fd, parts[:-1])
+            if fd is None:
                 continue
             try:
-                st = syscalls.lstat_at(lfd, node.name)
+                if stat.S_ISREG(syscalls.lstat_at(fd, parts[-1]).st_mode):
+                    node.data_branch, node.redirect, node.fds[b] = b, parts, fd
+                    return
             except FileNotFoundError:
-                continue
-            if stat.S_ISREG(st.st_mode):
-                node.data_branch = b
-                return
+                pass
+            os.close(fd)
         log.warning("metacopy file %r has no lower data; serving it empty", self.union_path(node))
+
+    def drop_data_location(self, node: Node) -> None:
+        """The file has its own data in the upper branch now."""
+        self.close_fds(node)
+        node.data_branch = node.branch
+        node.redirect = None
