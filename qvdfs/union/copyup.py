@@ -52,7 +52,13 @@ def ensure_dir_on_upper(index: Index, node: Node) -> int:
         tmp = node.stack.temp_name()
         os.mkdir(tmp, 0o700, dir_fd=work)
         _copy_metadata(lower_fd, None, work, tmp, st)
-        syscalls.renameat2(work, tmp, upper_parent, node.name, syscalls.RENAME_NOREPLACE)
+        try:
+            syscalls.renameat2(work, tmp, upper_parent, node.name, syscalls.RENAME_NOREPLACE)
+        except FileExistsError:
+            # Made behind our back while mounted; adopt it if it is a real directory.
+            os.rmdir(tmp, dir_fd=work)
+            if not stat.S_ISDIR(syscalls.lstat_at(upper_parent, node.name).st_mode):
+                raise
         node.layers.insert(0, upper)
         node.branch = upper
     fd = index.dir_fd(node, upper)

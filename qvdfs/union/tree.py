@@ -226,51 +226,24 @@ class Index:
         closed: set[bytes] = set()     # a non-directory or opaque entry stops merging below
         dir_.whiteouts = {}
         layers = []
-        for b in dir_.layers:
-            fd = self.dir_fd(dir_, b)
-            if fd is None:
-                continue
-            layers.append(b)
+        wanted = set(dir_.layers)
+        for b in range(max(dir_.layers) + 1 if dir_.layers else 0):
             branch = stack.branches[b]
-            marker_hidden = (
-                markers.unionfs_hidden(branch.meta_fds, self.parts(dir_)) if branch.meta_fds else set()
-            )
-            for entry in os.scandir(fd):
-                name = os.fsencode(entry.name)
-                if dir_.is_stack_root and name in markers.RESERVED_ROOT_NAMES:
-                    continue
-                if name in hidden:
-                    continue
-                is_dir = entry.is_dir(follow_symlinks=False)
-                special = not (is_dir or entry.is_file(follow_symlinks=False) or entry.is_symlink())
-                if special and markers.is_whiteout_stat(entry.stat(follow_symlinks=False)):
+            fd = self.dir_fd(dir_, b) if b in wanted else None
+            if fd is not None:
+                layers.append(b)
+                self._scan(dir_, b, fd, entries, hidden, closed)
+            # unionfs-fuse markers hide names below their branch, whether or not the
+            # directory itself exists in it.
+            if branch.meta_fds:
+                for name in markers.unionfs_hidden(branch.meta_fds, self.parts(dir_)):
                     if name not in entries:
                         hidden.add(name)
-                        if b == stack.upper:
-                            dir_.whiteouts[name] = "dev"
-                    continue
-                node = entries.get(name)
-                if node is None:
-                    node = self.new_node(dir_, name, stack, is_dir, b)
-                    node.in_lower = b != stack.upper
-                    entries[name] = node
-                    if not is_dir or name in marker_hidden:
-                        closed.add(name)
-                    elif b == stack.upper and self._follow_redirect(dir_, node, fd):
-                        closed.add(name)
-                    continue
-                if b != stack.upper:
-                    node.in_lower = True
-                if node.is_dir and is_dir and name not in closed:
-                    node.layers.append(b)
-                else:
-                    closed.add(name)
-            for name in marker_hidden:
-                if name not in entries:
-                    hidden.add(name)
-                if b == stack.upper:
-                    dir_.whiteouts.setdefault(name, "marker")
-            if markers.is_opaque(fd):
+                    elif b == entries[name].branch:
+                        closed.add(name)  # recreated after a delete: opaque
+                    if b == stack.upper:
+                        dir_.whiteouts.setdefault(name, "marker")
+            if fd is not None and markers.is_opaque(fd):
                 break
         dir_.layers = layers
         graft_path = tuple(self.parts(dir_)) if dir_.stack is self.root.stack else None
@@ -278,6 +251,41 @@ class Index:
             graft.parent = dir_
             entries[name] = graft
         return entries
+
+    def _scan(self, dir_: Node, b: int, fd: int, entries: dict[bytes, Node], hidden: set[bytes],
+              closed: set[bytes]) -> None:
+        """Merge the entries of ``dir_`` in branch ``b`` into ``entries``."""
+        stack = dir_.stack
+        for entry in os.scandir(fd):
+            name = os.fsencode(entry.name)
+            if dir_.is_stack_root and name in markers.RESERVED_ROOT_NAMES:
+                continue
+            if name in hidden:
+                continue
+            is_dir = entry.is_dir(follow_symlinks=False)
+            special = not (is_dir or entry.is_file(follow_symlinks=False) or entry.is_symlink())
+            if special and markers.is_whiteout_stat(entry.stat(follow_symlinks=False)):
+                if name not in entries:
+                    hidden.add(name)
+                    if b == stack.upper:
+                        dir_.whiteouts[name] = "dev"
+                continue
+            node = entries.get(name)
+            if node is None:
+                node = self.new_node(dir_, name, stack, is_dir, b)
+                node.in_lower = b != stack.upper
+                entries[name] = node
+                if not is_dir:
+                    closed.add(name)
+                elif b == stack.upper and self._follow_redirect(dir_, node, fd):
+                    closed.add(name)
+                continue
+            if b != stack.upper:
+                node.in_lower = True
+            if node.is_dir and is_dir and name not in closed:
+                node.layers.append(b)
+            else:
+                closed.add(name)
 
     def _follow_redirect(self, dir_: Node, node: Node, fd: int) -> bool:
         """Merge an upper directory with the lower path its redirect names, if it has one."""

@@ -1,0 +1,379 @@
+"""Union semantics through a real qvdfs mount with the node's command line.
+
+Each test names one behaviour a Linux userland relies on and checks it both in the
+mount and in the branches: what the union shows, what landed in the upper branch, and
+that the base branch was not touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import mmap
+import os
+import stat
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+
+from tests.mounts import NODE_OPTIONS, qvdfs_mount
+from tests.trees import build_base, describe
+
+
+class Union(NamedTuple):
+    upper: Path
+    base: Path
+    mnt: Path
+
+
+@contextlib.contextmanager
+def mounted(tmp: Path, *options: str, home: Path | None = None, exist_ok: bool = False) -> Iterator[Union]:
+    upper, mnt = tmp / "upper", tmp / "mnt"
+    upper.mkdir(exist_ok=exist_ok)
+    mnt.mkdir()
+    base = build_base(tmp / "base")
+    branches = f"{upper}=RW:{base}=RO" + (f":{home}=RW@/home" if home else "")
+    with qvdfs_mount(branches, mnt, *(options or NODE_OPTIONS)):
+        yield Union(upper, base, mnt)
+
+
+@pytest.fixture
+def union(tmp_path: Path) -> Iterator[Union]:
+    with mounted(tmp_path) as u:
+        yield u
+
+
+@pytest.fixture
+def base_snapshot(union: Union) -> dict:
+    return describe(union.base)
+
+
+def test_merged_listing_shows_each_name_once(tmp_path: Path) -> None:
+    (tmp_path / "upper/etc/conf.d").mkdir(parents=True)  # an existing overlay
+    (tmp_path / "upper/etc/conf.d/b.conf").write_text("upper b\n")
+    with mounted(tmp_path, exist_ok=True) as union:
+        _check_merged_listing(union)
+
+
+def _check_merged_listing(union: Union) -> None:
+    assert (union.mnt / "etc/conf.d/b.conf").read_text() == "upper b\n"
+    assert sorted(os.listdir(union.mnt / "etc/conf.d")) == ["a-hardlink.conf", "a.conf", "b.conf"]
+    (union.mnt / "etc/new").write_text("n")
+    assert sorted(os.listdir(union.mnt / "etc")) == ["conf.d", "new", "passwd"]
+    assert ".qvdfs.work" not in os.listdir(union.mnt)
+
+
+def test_write_copies_up_data_mode_owner_times_and_xattrs(union: Union, base_snapshot: dict) -> None:
+    src = union.base / "var/log/syslog"
+    os.setxattr(src, "user.kept", b"1")
+    before = os.lstat(src)
+    with open(union.mnt / "var/log/syslog", "ab") as f:
+        f.write(b"more\n")
+    up = os.lstat(union.upper / "var/log/syslog")
+    assert (union.upper / "var/log/syslog").read_bytes() == b"boot\nmore\n"
+    assert (up.st_mode, up.st_uid, up.st_gid) == (before.st_mode, before.st_uid, before.st_gid)
+    assert os.getxattr(union.upper / "var/log/syslog", "user.kept") == b"1"
+    assert src.read_bytes() == b"boot\n"
+    # Parents were copied up with their own metadata.
+    assert os.stat(union.upper / "var/log").st_mode == os.stat(union.base / "var/log").st_mode
+
+
+def test_copy_up_keeps_nanosecond_times(union: Union) -> None:
+    os.utime(union.base / "etc/passwd", ns=(1_111_111_111_123_456_789, 1_222_222_222_987_654_321))
+    os.chmod(union.mnt / "etc/passwd", 0o600)  # a metadata-only copy-up
+    st = os.lstat(union.mnt / "etc/passwd")
+    assert (st.st_atime_ns, st.st_mtime_ns) == (1_111_111_111_123_456_789, 1_222_222_222_987_654_321)
+
+
+def test_chmod_chown_utimens_copy_no_data(union: Union) -> None:
+    tool = union.mnt / "usr/bin/tool"
+    data = tool.read_bytes()
+    os.chmod(tool, 0o700)
+    os.chown(tool, 12, 34)
+    os.utime(tool, ns=(5, 6))
+    up = union.upper / "usr/bin/tool"
+    st = os.lstat(up)
+    assert st.st_blocks == 0 and st.st_size == len(data), "data was copied"
+    assert "trusted.overlay.metacopy" in os.listxattr(up)
+    assert tool.read_bytes() == data
+    mst = os.lstat(tool)
+    assert (stat.S_IMODE(mst.st_mode), mst.st_uid, mst.st_gid, mst.st_mtime_ns) == (0o700, 12, 34, 6)
+    # The first write then copies the data in.
+    with open(tool, "r+b") as f:
+        f.write(b"Z")
+    assert up.read_bytes() == b"Z" + data[1:]
+    assert "trusted.overlay.metacopy" not in os.listxattr(up)
+
+
+def test_truncate_to_zero_copies_no_data(union: Union) -> None:
+    os.truncate(union.mnt / "usr/bin/tool", 0)
+    up = union.upper / "usr/bin/tool"
+    assert up.stat().st_size == 0 and "trusted.overlay.metacopy" not in os.listxattr(up)
+    assert (union.mnt / "usr/bin/tool").read_bytes() == b""
+    with open(union.mnt / "etc/passwd", "w") as f:  # O_TRUNC through open
+        f.write("new\n")
+    assert (union.mnt / "etc/passwd").read_text() == "new\n"
+
+
+def test_inode_numbers_stable_and_hard_links_shared(union: Union) -> None:
+    a, b = union.mnt / "etc/conf.d/a.conf", union.mnt / "etc/conf.d/a-hardlink.conf"
+    ino = os.stat(a).st_ino
+    assert os.stat(b).st_ino == ino and os.stat(a).st_nlink == 2
+    os.chmod(union.mnt / "etc/passwd", 0o640)
+    assert os.stat(a).st_ino == ino
+    f = union.mnt / "new"
+    f.write_text("x")
+    os.link(f, union.mnt / "new2")
+    assert os.stat(f).st_ino == os.stat(union.mnt / "new2").st_ino
+    assert os.stat(f).st_nlink == 2
+    os.unlink(union.mnt / "new2")
+    assert os.stat(f).st_nlink == 1
+
+
+def test_merged_directory_link_count(union: Union) -> None:
+    (union.mnt / "usr/extra").mkdir()
+    # usr holds bin, lib (base) and extra (upper): 2 + 3
+    assert os.stat(union.mnt / "usr").st_nlink == 5
+
+
+def test_unlink_and_rmdir_leave_whiteouts(union: Union, base_snapshot: dict) -> None:
+    os.unlink(union.mnt / "etc/passwd")
+    wh = os.lstat(union.upper / "etc/passwd")
+    assert stat.S_ISCHR(wh.st_mode) and wh.st_rdev == 0
+    os.remove(union.mnt / "usr/lib/deep/er/lib.so")
+    os.rmdir(union.mnt / "usr/lib/deep/er")  # looks empty, base still has lib.so
+    assert not (union.mnt / "usr/lib/deep/er").exists()
+    assert sorted(os.listdir(union.mnt / "usr/lib/deep")) == ["file"]
+    assert describe(union.base) == base_snapshot
+
+
+def test_recreated_directory_is_opaque(union: Union) -> None:
+    subprocess.run(["rm", "-rf", str(union.mnt / "etc/conf.d")], check=True)
+    (union.mnt / "etc/conf.d").mkdir()
+    assert os.listdir(union.mnt / "etc/conf.d") == []
+    assert os.getxattr(union.upper / "etc/conf.d", "trusted.overlay.opaque") == b"y"
+
+
+def test_rename_of_base_directory_keeps_every_file(union: Union) -> None:
+    before = describe(union.mnt / "usr/lib")
+    os.rename(union.mnt / "usr/lib", union.mnt / "lib2")
+    assert describe(union.mnt / "lib2") == before
+    assert not (union.mnt / "usr/lib").exists()
+    assert sorted(os.listdir(union.mnt / "usr")) == ["bin"]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _renameat2(old: Path, new: Path, flags: int) -> None:
+    if _libc.renameat2(-100, bytes(old), -100, bytes(new), flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def test_rename_noreplace_and_exchange(union: Union) -> None:
+    m = union.mnt
+    with pytest.raises(FileExistsError):
+        _renameat2(m / "etc/passwd", m / "var/log/syslog", 1)
+    _renameat2(m / "etc/passwd", m / "var/log/syslog", 2)
+    assert (m / "var/log/syslog").read_text().startswith("root:")
+    assert (m / "etc/passwd").read_text() == "boot\n"
+    _renameat2(m / "etc/conf.d", m / "usr/lib", 2)
+    assert sorted(os.listdir(m / "usr/lib")) == ["a-hardlink.conf", "a.conf", "b.conf"]
+    assert sorted(os.listdir(m / "etc/conf.d")) == ["deep"]
+
+
+def test_special_files_as_root(union: Union) -> None:
+    os.mkfifo(union.mnt / "fifo2")
+    os.mknod(union.mnt / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    os.mknod(union.mnt / "blk", stat.S_IFBLK | 0o600, os.makedev(7, 0))
+    os.mknod(union.mnt / "sock", stat.S_IFSOCK | 0o600)
+    assert stat.S_ISFIFO(os.lstat(union.mnt / "fifo2").st_mode)
+    assert os.lstat(union.upper / "null").st_rdev == os.makedev(1, 3)
+    assert stat.S_ISBLK(os.lstat(union.mnt / "blk").st_mode)
+    assert stat.S_ISSOCK(os.lstat(union.mnt / "sock").st_mode)
+    with open(union.mnt / "null", "wb") as f:  # served by the device itself (-o dev)
+        f.write(b"gone")
+    with pytest.raises(PermissionError):  # a forged whiteout
+        os.mknod(union.mnt / "forged", stat.S_IFCHR | 0o600, os.makedev(0, 0))
+
+
+def test_open_then_unlink_leaves_no_litter(union: Union) -> None:
+    with open(union.mnt / "etc/passwd", "w+") as f:
+        os.unlink(union.mnt / "etc/passwd")
+        f.write("still writable")
+        f.seek(0)
+        assert f.read() == "still writable"
+        assert os.fstat(f.fileno()).st_nlink == 0
+    for root, dirs, files in os.walk(union.upper):
+        assert not [n for n in dirs + files if n.startswith(".fuse_hidden")]
+    assert not (union.mnt / "etc/passwd").exists()
+
+
+def test_shared_writable_mmap_and_append(union: Union) -> None:
+    path = union.mnt / "usr/lib/deep/er/lib.so"
+    with open(path, "r+b") as f:
+        with mmap.mmap(f.fileno(), 0) as m:
+            m[0:5] = b"HELLO"
+            m.flush()
+    assert (union.upper / "usr/lib/deep/er/lib.so").read_bytes()[:6] == b"HELLOx"
+    fd = os.open(union.mnt / "etc/passwd", os.O_WRONLY | os.O_APPEND)
+    os.write(fd, b"tail\n")
+    os.close(fd)
+    assert (union.mnt / "etc/passwd").read_text().endswith("/bin/sh\ntail\n")
+
+
+def _as_user(uid: int, gid: int, *cmd: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", *cmd],
+                          capture_output=True, text=True, timeout=30)
+
+
+@pytest.fixture
+def open_union() -> Iterator[Union]:
+    """A union under a folder other users may traverse (pytest's tmp is root-only)."""
+    top = Path(tempfile.mkdtemp(prefix="qvdfs-perm-", dir="/var/tmp"))
+    try:
+        os.chmod(top, 0o755)
+        with mounted(top) as u:
+            os.chmod(u.mnt, 0o755)
+            yield u
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def test_caller_owns_what_it_creates_and_permissions_hold(open_union: Union) -> None:
+    union = open_union
+    os.mkdir(union.mnt / "shared")
+    os.chmod(union.mnt / "shared", 0o777)
+    assert _as_user(1000, 1000, "touch", str(union.mnt / "shared/mine")).returncode == 0
+    st = os.lstat(union.upper / "shared/mine")
+    assert (st.st_uid, st.st_gid) == (1000, 1000)
+    os.mkdir(union.mnt / "sgid")
+    os.chown(union.mnt / "sgid", 0, 50)
+    os.chmod(union.mnt / "sgid", 0o2777)
+    assert _as_user(1000, 1000, "mkdir", str(union.mnt / "sgid/d")).returncode == 0
+    st = os.lstat(union.mnt / "sgid/d")
+    assert st.st_gid == 50 and st.st_mode & stat.S_ISGID
+    denied = _as_user(1000, 1000, "sh", "-c", f"echo x >> {union.mnt}/etc/passwd")
+    assert denied.returncode != 0 and "Permission denied" in denied.stderr
+    assert not (union.upper / "etc/passwd").exists()
+
+
+def test_xattrs_and_acls(union: Union) -> None:
+    p = union.mnt / "etc/passwd"
+    assert os.getxattr(p, "user.origin") == b"base"
+    os.setxattr(p, "trusted.mine", b"t")
+    os.setxattr(p, "security.mine", b"s")
+    assert {"user.origin", "trusted.mine", "security.mine"} <= set(os.listxattr(p))
+    os.removexattr(p, "user.origin")
+    assert "user.origin" not in os.listxattr(p)
+    assert os.getxattr(union.base / "etc/passwd", "user.origin") == b"base"
+    subprocess.run(["setfacl", "-m", "u:1234:rw", str(p)], check=True)
+    acl = subprocess.run(["getfacl", "-c", str(p)], check=True, capture_output=True, text=True).stdout
+    assert "user:1234:rw-" in acl
+
+
+def test_overlay_xattrs_cannot_be_seen_or_forged(union: Union) -> None:
+    os.chmod(union.mnt / "usr/bin/tool", 0o755)  # upper now carries trusted.overlay.metacopy
+    assert not [n for n in os.listxattr(union.mnt / "usr/bin/tool") if n.startswith("trusted.overlay.")]
+    with pytest.raises(OSError) as exc:
+        os.setxattr(union.mnt / "etc", "trusted.overlay.opaque", b"y")
+    assert exc.value.errno == errno.EPERM
+    assert sorted(os.listdir(union.mnt / "etc")) == ["conf.d", "passwd"]
+
+
+def test_fsync_statfs_and_symlinks(union: Union) -> None:
+    fd = os.open(union.mnt / "f", os.O_CREAT | os.O_WRONLY, 0o644)
+    os.write(fd, b"x")
+    os.fsync(fd)
+    os.fdatasync(fd)
+    os.close(fd)
+    assert os.statvfs(union.mnt).f_blocks == os.statvfs(union.upper).f_blocks
+    os.symlink("../lib/deep/file", union.mnt / "usr/bin/another")
+    assert (union.mnt / "usr/bin/another").read_text() == "deep\n"
+    assert os.readlink(union.mnt / "usr/bin/abs-link") == "/etc/passwd"
+
+
+def test_unionfs_fuse_markers_are_honoured(tmp_path: Path) -> None:
+    upper = tmp_path / "upper"
+    (upper / ".unionfs-fuse/etc/conf.d").mkdir(parents=True)
+    (upper / ".unionfs-fuse/etc/passwd_HIDDEN~").touch()
+    (upper / ".unionfs-fuse/etc/conf.d/a.conf_HIDDEN~").touch()
+    (upper / ".unionfs/usr").mkdir(parents=True)
+    (upper / ".unionfs/usr/lib_HIDDEN~").mkdir()
+    (tmp_path / "upper").rename(tmp_path / "upper0")
+    base = build_base(tmp_path / "base")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with qvdfs_mount(f"{tmp_path / 'upper0'}=RW:{base}=RO", mnt, *NODE_OPTIONS):
+        assert sorted(os.listdir(mnt)) == ["etc", "usr", "var"]
+        assert sorted(os.listdir(mnt / "etc")) == ["conf.d"]
+        assert sorted(os.listdir(mnt / "etc/conf.d")) == ["a-hardlink.conf", "b.conf"]
+        assert sorted(os.listdir(mnt / "usr")) == ["bin"]
+        (mnt / "etc/passwd").write_text("again\n")  # recreating drops the marker
+        assert (mnt / "etc/passwd").read_text() == "again\n"
+
+
+def test_whiteout_format_unionfs_writes_markers(tmp_path: Path) -> None:
+    with mounted(tmp_path, *NODE_OPTIONS, "-o", "whiteout=unionfs") as u:
+        os.unlink(u.mnt / "etc/passwd")
+        subprocess.run(["rm", "-rf", str(u.mnt / "usr/lib")], check=True)
+        assert sorted(os.listdir(u.mnt / "etc")) == ["conf.d"]
+        assert ".unionfs-fuse" not in os.listdir(u.mnt)
+    assert (u.upper / ".unionfs-fuse/etc/passwd_HIDDEN~").exists()
+    assert (u.upper / ".unionfs-fuse/usr/lib_HIDDEN~").exists()
+    assert not any(stat.S_ISCHR(os.lstat(os.path.join(r, n)).st_mode)
+                   for r, ds, fs in os.walk(u.upper) for n in fs)
+
+
+def test_without_cow_base_files_are_read_only(tmp_path: Path) -> None:
+    with mounted(tmp_path, "-o", "allow_other") as u:
+        with pytest.raises(OSError) as exc:
+            open(u.mnt / "etc/passwd", "a").close()
+        assert exc.value.errno == errno.EROFS
+        (u.mnt / "fresh").write_text("ok")  # new files still go to the writable branch
+        assert (u.upper / "fresh").read_text() == "ok"
+
+
+def test_home_graft_takes_home_writes(tmp_path: Path) -> None:
+    home = tmp_path / "homefs"
+    (home / "alice").mkdir(parents=True)
+    with mounted(tmp_path, home=home) as u:
+        assert os.listdir(u.mnt / "home") == ["alice"]
+        (u.mnt / "home/alice/notes").write_text("hi")
+        (u.mnt / "var/log/app.log").write_text("log")
+        assert (home / "alice/notes").read_text() == "hi"
+        assert (u.upper / "var/log/app.log").exists() and not (u.upper / "home").exists()
+        with pytest.raises(OSError) as exc:
+            os.rename(u.mnt / "home/alice/notes", u.mnt / "notes")
+        assert exc.value.errno == errno.EXDEV
+        with pytest.raises(OSError) as exc:
+            os.rmdir(u.mnt / "home")
+        assert exc.value.errno in (errno.EBUSY, errno.ENOTEMPTY)
+
+
+def test_work_folder_planted_as_symlink_is_refused(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    os.symlink(outside, upper / ".qvdfs.work")
+    (tmp_path / "mnt").mkdir()
+    base = build_base(tmp_path / "base")
+    res = subprocess.run([*_qvdfs(), *NODE_OPTIONS, f"{upper}=RW:{base}=RO", str(tmp_path / "mnt")],
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode != 0
+    assert "work folder" in res.stderr.strip().splitlines()[-1] and "Traceback" not in res.stderr
+    assert not os.path.ismount(tmp_path / "mnt") and os.listdir(outside) == []
+
+
+def _qvdfs() -> list[str]:
+    from tests.mounts import QVDFS
+
+    return [QVDFS]
