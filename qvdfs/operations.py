@@ -20,7 +20,6 @@ import pyfuse3
 import trio
 
 from qvdfs.config import MountConfig
-from qvdfs.union import syscalls
 from qvdfs.union.core import Union
 from qvdfs.union.tree import Node
 
@@ -73,6 +72,13 @@ class UnionOperations(pyfuse3.Operations):
         return self.union.index.get(inode)
 
     def _attrs(self, node: Node, st: os.stat_result | None = None) -> pyfuse3.EntryAttributes:
+        """The node's attributes as the kernel sees them, from the cache when still true.
+
+        All changes go through this daemon, which drops a node's cached attributes when it
+        changes it, so a warm ``ls -l`` or readdirplus costs no system call.
+        """
+        if node.attr is not None and not node.unlinked:
+            return cast(pyfuse3.EntryAttributes, node.attr)
         if st is None:
             st = self.union.getattr(node)
         attr = pyfuse3.EntryAttributes()
@@ -91,6 +97,7 @@ class UnionOperations(pyfuse3.Operations):
         attr.st_atime_ns = st.st_atime_ns
         attr.st_mtime_ns = st.st_mtime_ns
         attr.st_ctime_ns = st.st_ctime_ns
+        node.attr = attr
         return attr
 
     def _counted(self, node: Node) -> pyfuse3.EntryAttributes:
@@ -247,7 +254,9 @@ class UnionOperations(pyfuse3.Operations):
         return os.pread(self.union.handle(fh).fd, size, off)
 
     async def write(self, fh, off, buf):
-        return os.pwrite(self.union.handle(fh).fd, buf, off)
+        handle = self.union.handle(fh)
+        handle.node.attr = None
+        return os.pwrite(handle.fd, buf, off)
 
     async def flush(self, fh):
         pass

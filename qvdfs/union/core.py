@@ -16,7 +16,7 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import trio
 
@@ -28,6 +28,13 @@ from qvdfs.union.tree import Index, Node
 log = logging.getLogger(__name__)
 
 _OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY
+
+
+def stale(*nodes: Node | None) -> None:
+    """Drop the cached attributes of ``nodes``: they changed."""
+    for node in nodes:
+        if node is not None:
+            node.attr = None
 
 
 class Handle:
@@ -77,6 +84,15 @@ class Union:
             self.index.close_fds(node)
         for stack in (self.stack, *self.grafts):
             stack.close()
+
+    @contextlib.asynccontextmanager
+    async def _changing(self, *nodes: Node | None) -> AsyncIterator[None]:
+        """Serialize a change, and forget the cached attributes of the nodes it touches."""
+        async with self._mutation:
+            try:
+                yield
+            finally:
+                stale(*nodes)
 
     # -- attributes ---------------------------------------------------------------------
 
@@ -149,7 +165,7 @@ class Union:
         syscalls.check_name(name)
         if parent.is_stack_root and name in markers.RESERVED_ROOT_NAMES:
             raise OSError(errno.EPERM, "reserved name")
-        async with self._mutation:
+        async with self._changing(parent):
             if name in self.index.listing(parent):
                 raise OSError(errno.EEXIST, "file exists")
             pfd = copyup.ensure_dir_on_upper(self.index, parent)
@@ -212,7 +228,7 @@ class Union:
         if node.stack is not parent.stack:
             raise OSError(errno.EXDEV, "cross-branch link")
         syscalls.check_name(name)
-        async with self._mutation:
+        async with self._changing(node, parent):
             if name in self.index.listing(parent):
                 raise OSError(errno.EEXIST, "file exists")
             await copyup.copy_up(self.index, node, data=True)
@@ -233,14 +249,14 @@ class Union:
     # -- removing entries ---------------------------------------------------------------
 
     async def unlink(self, parent: Node, name: bytes) -> None:
-        async with self._mutation:
+        async with self._changing(parent):
             node = self.index.lookup(parent, name)
             if node.is_dir:
                 raise OSError(errno.EISDIR, "is a directory")
             self._remove(parent, name, node)
 
     async def rmdir(self, parent: Node, name: bytes) -> None:
-        async with self._mutation:
+        async with self._changing(parent):
             node = self.index.lookup(parent, name)
             if not node.is_dir:
                 raise OSError(errno.ENOTDIR, "not a directory")
@@ -253,6 +269,7 @@ class Union:
     def _remove(self, parent: Node, name: bytes, node: Node) -> None:
         """Take ``parent/name`` out of the union, leaving a whiteout if a lower branch has it."""
         stack = parent.stack
+        stale(node)
         upper = copyup.require_upper(node)
         if not stack.cow and node.in_lower:
             raise OSError(errno.EROFS, "entry lives in a read-only branch")
@@ -320,9 +337,10 @@ class Union:
         syscalls.check_name(name_new)
         if parent_new.is_stack_root and name_new in markers.RESERVED_ROOT_NAMES:
             raise OSError(errno.EPERM, "reserved name")
-        async with self._mutation:
+        async with self._changing(parent_old, parent_new):
             node = self.index.lookup(parent_old, name_old)
             target = self.index.listing(parent_new).get(name_new)
+            stale(node, target)
             exchange = bool(flags & syscalls.RENAME_EXCHANGE)
             if node.is_stack_root or (target is not None and target.is_stack_root):
                 raise OSError(errno.EBUSY, "a grafted branch is mounted here")
@@ -446,7 +464,7 @@ class Union:
     async def setattr(self, node: Node, *, mode: int | None = None, uid: int | None = None,
                       gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
                       mtime_ns: int | None = None, fh: int | None = None) -> None:
-        async with self._mutation:
+        async with self._changing(node):
             if size is not None:
                 await self._truncate(node, size, fh)
             if mode is None and uid is None and gid is None and atime_ns is None and mtime_ns is None:
@@ -500,14 +518,14 @@ class Union:
     async def setxattr(self, node: Node, attr: bytes, value: bytes) -> None:
         if attr.startswith(markers.OVERLAY_XATTR_PREFIX):
             raise OSError(errno.EPERM, "reserved attribute")
-        async with self._mutation:
+        async with self._changing(node):
             await copyup.copy_up(self.index, node, data=False)
             syscalls.setxattr_at(*self._ref(node, node.branch), attr, value)
 
     async def removexattr(self, node: Node, attr: bytes) -> None:
         if attr.startswith(markers.OVERLAY_XATTR_PREFIX):
             raise OSError(errno.EPERM, "reserved attribute")
-        async with self._mutation:
+        async with self._changing(node):
             self.getxattr(node, attr)  # ENODATA before any copy-up
             await copyup.copy_up(self.index, node, data=False)
             syscalls.removexattr_at(*self._ref(node, node.branch), attr)
@@ -517,7 +535,7 @@ class Union:
     async def open(self, node: Node, flags: int) -> int:
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         if writable or flags & os.O_TRUNC:
-            async with self._mutation:
+            async with self._changing(node):
                 if flags & os.O_TRUNC:
                     await self._truncate(node, 0, None)
                 else:
@@ -556,6 +574,8 @@ class Union:
 
     def release(self, fh: int) -> None:
         handle = self.handles.pop(fh)
+        if handle.writable:
+            stale(handle.node)  # shared mmap writes may have landed without a write call
         os.close(handle.fd)
         handle.node.handles.remove(handle)
         self.index.maybe_free(handle.node)

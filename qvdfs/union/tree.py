@@ -39,7 +39,7 @@ class Node:
     __slots__ = (
         "id", "parent", "name", "stack", "is_dir", "branch", "data_branch", "in_lower",
         "layers", "listing", "whiteouts", "fds", "lookups", "handles", "unlinked",
-        "is_stack_root", "aliases", "redirect",
+        "is_stack_root", "aliases", "redirect", "attr",
     )
 
     def __init__(self, id_: int, parent: Node | None, name: bytes, stack: Stack,
@@ -68,6 +68,9 @@ class Node:
         # For an upper directory renamed by kernel overlayfs: where its lower part is,
         # as path components from the stack root.
         self.redirect: list[bytes] | None = None
+        # The attributes last sent to the kernel, kept by the FUSE layer; every change
+        # the daemon makes to the node sets it back to None.
+        self.attr: object | None = None
 
     def __repr__(self) -> str:
         return f"<Node {self.id} {self.name!r} b{self.branch}{'/' if self.is_dir else ''}>"
