@@ -20,10 +20,16 @@ import pyfuse3
 import trio
 
 from qvdfs.config import MountConfig
-from qvdfs.union.core import Union
+from qvdfs.union.core import Union, backing_flags
 from qvdfs.union.tree import Node
 
 log = logging.getLogger(__name__)
+
+# The kernel's writeback cache gathers small writes into large requests, but it adds a
+# setattr (mtime) to every close: measured here, sequential writes gained ~20% while
+# creating 3000 small files took ~1.5x as long. Off; the backing files are opened to
+# suit it either way (see union.core.backing_flags).
+WRITEBACK_CACHE = False
 
 
 def _map_errors(handler: Any) -> Any:
@@ -50,7 +56,7 @@ class UnionOperations(pyfuse3.Operations):
     """
 
     supports_dot_lookup = False
-    enable_writeback_cache = False
+    enable_writeback_cache = WRITEBACK_CACHE
 
     def __init__(self, config: MountConfig) -> None:
         super().__init__()
@@ -238,11 +244,11 @@ class UnionOperations(pyfuse3.Operations):
                                 direct_io=self.config.direct_io)
 
     async def open(self, inode, flags, ctx):
-        fh = await self.union.open(self._node(inode), flags)
+        fh = await self.union.open(self._node(inode), flags, writeback=WRITEBACK_CACHE)
         return self._file_info(fh)
 
     async def create(self, parent_inode, name, mode, flags, ctx):
-        open_flags = (flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_ACCMODE)) | os.O_RDWR
+        open_flags = backing_flags((flags & ~os.O_ACCMODE) | os.O_RDWR, WRITEBACK_CACHE)
         node, fd = await self.union.create_entry(
             self._node(parent_inode), name, stat.S_IFREG, ctx.uid, ctx.gid,
             lambda dirfd, n: os.open(n, open_flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW

@@ -62,8 +62,13 @@ def apply(root: Path, op: tuple) -> int | None:
     try:
         if name == "write":
             rel, content, append = args
-            with open(p(rel), "ab" if append else "wb") as f:
-                f.write(content)
+            # O_NONBLOCK: opening a fifo without a reader fails (ENXIO) instead of hanging.
+            mode = os.O_APPEND if append else os.O_TRUNC
+            fd = os.open(p(rel), os.O_WRONLY | os.O_CREAT | os.O_NONBLOCK | mode, 0o644)
+            try:
+                os.write(fd, content)
+            finally:
+                os.close(fd)
         elif name == "truncate":
             os.truncate(p(args[0]), args[1])
         elif name == "mkdir":

@@ -30,6 +30,19 @@ log = logging.getLogger(__name__)
 _OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY
 
 
+def backing_flags(flags: int, writeback: bool) -> int:
+    """Flags to open a backing file with, for a FUSE open with ``flags``.
+
+    With the kernel's writeback cache, the kernel fills partial pages by reading and
+    computes append offsets itself: a writable backing file must be readable too, and
+    O_APPEND must go (the kernel's offsets are already the end of the file).
+    """
+    flags &= ~_OPEN_STRIP
+    if writeback and (flags & os.O_ACCMODE) != os.O_RDONLY:
+        flags = (flags & ~(os.O_ACCMODE | os.O_APPEND)) | os.O_RDWR
+    return flags
+
+
 def stale(*nodes: Node | None) -> None:
     """Drop the cached attributes of ``nodes``: they changed."""
     for node in nodes:
@@ -532,7 +545,7 @@ class Union:
 
     # -- open files -----------------------------------------------------------------------
 
-    async def open(self, node: Node, flags: int) -> int:
+    async def open(self, node: Node, flags: int, *, writeback: bool = False) -> int:
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         if writable or flags & os.O_TRUNC:
             async with self._changing(node):
@@ -540,7 +553,7 @@ class Union:
                     await self._truncate(node, 0, None)
                 else:
                     await copyup.copy_up(self.index, node, data=True)
-        return self._open_backing(node, flags & ~_OPEN_STRIP, writable)
+        return self._open_backing(node, backing_flags(flags, writeback), writable)
 
     def adopt(self, node: Node, fd: int) -> int:
         """Register ``fd``, opened read-write by ``create``, as a handle of ``node``."""
