@@ -1,34 +1,49 @@
-"""The storage side of a VM's life: from ``stopped`` to a mounted root and back.
+"""A VM's life on this node: from ``stopped`` to a running container and back.
 
     vm start:  prepare_and_mount(node, vm) -> MountedRoot      state: starting
                start_container(vm, mounted_root)                state: running
-    vm stop:   stop_container(vm)                              state: stopping
+    vm stop:   stop_container(vm, settings)                     state: stopping
                unmount_and_release(node, vm)                    state: stopped (or zombie)
+    vm list:   reconcile(node)                                  running -> zombie if broken
 
 ``start_container`` / ``stop_container`` are the one seam to the container
-layer (``qvdctl/container/``). Until it is wired in, ``start_container``
-raises, and ``vm start`` takes the normal failure path; the setting
-``vm.start.mount_only=1`` skips the container and leaves the VM ``running``
-with only its root mounted (tests, or an admin inspecting a root).
+layer (``qvdctl/container/seam.py``). The setting ``vm.start.mount_only=1``
+skips the container and leaves the VM ``running`` with only its root mounted
+(tests, or an admin inspecting a root).
 
 Failure contract of a start: whatever step fails, the steps already done are
 undone in reverse, the VM's overlay (if this start got as far as preparing it)
 is renamed ``deleteme-...`` for the admin to read, the VM is ``stopped``, and
-one QvdError names the VM, the failed step and the kept overlay.
+one QvdError names the VM, the failed step and the kept overlay. If undoing
+the container itself fails, nothing under it is touched (no unmount, no
+rename: a container may still run on that root) and the VM is ``zombie``.
+
+``zombie`` means "this VM serves nobody, and something of it is left on the
+node": a cleanup that failed, or (found by ``vm list``) a VM recorded
+``running`` whose container died or was stopped from outside, or whose union
+daemon died under it. It is never silently reset to ``stopped``, since its
+root may still be mounted and its overlay busy; the next ``vm stop`` or
+``vm start`` of it retries the whole cleanup (container, veth, config, mounts)
+and only then calls it ``stopped``.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import shutil
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 from qvdctl import mounting
+from qvdctl.container import seam
+from qvdctl.container.vm import LaunchError
 from qvdctl.db import store
 from qvdctl.errors import QvdError
 from qvdctl.images.extract import ensure_extracted, find_root
@@ -38,6 +53,8 @@ from qvdctl.progress import status
 from qvdctl.storage import Storage, move_aside
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # States from which `vm stop` may clean up (a crashed start leaves `starting`).
 STOPPABLE = ("running", "starting", "stopping", "zombie", "debugging")
@@ -94,24 +111,62 @@ def load_vm(node: Node, vm_id: int) -> Vm:
 # --- the seam to the container layer -----------------------------------------
 
 
+# What the admin reads for each step of the container layer's launch.
+LAUNCH_STEPS = {
+    "network": "setting up the network",
+    "config": "writing the container config",
+    "start": "starting the container",
+}
+
+
 def start_container(vm: Vm, mounted_root: MountedRoot) -> None:
-    """Start the LXC container ``qvd-<id>`` on ``mounted_root``; raise on failure."""
-    raise QvdError("no container runtime wired yet")
+    """Start the LXC container ``qvd-<id>`` on ``mounted_root`` and wait until its init runs.
+
+    Raises:
+        LaunchError: a step failed; the container layer undid its own steps, unless
+            ``cleanup_error`` says that failed too.
+        Exception: a setting or VM value the container config cannot take.
+    """
+    seam.start_vm_container(
+        vm_id=vm.id, vm_name=vm.name, ip=vm.ip, rootfs=mounted_root.rootfs,
+        home=None if mounted_root.home_in_union else mounted_root.home,
+        memory_mb=vm.memory, settings=mounted_root.settings,
+    )  # fmt: skip
 
 
-def stop_container(vm: Vm) -> None:
-    """Stop the container of ``vm`` if one runs. No runtime is wired yet, so none does."""
+def stop_container(vm: Vm, settings: Mapping[str, str]) -> None:
+    """Stop ``vm``'s container (halt, hard stop after ``vm.stop.timeout``), veth and config.
+
+    Idempotent: no container is fine. ``settings`` gives the lxcpath; a wrong one
+    would make a running container look absent.
+    """
+    seam.stop_vm_container(vm_id=vm.id, settings=settings)
 
 
 # --- start ---------------------------------------------------------------------
 
 
 def start_vm(node: Node, vm: Vm) -> MountedRoot:
-    """``vm start``: mount the root, then hand over to the container layer."""
+    """``vm start``: mount the root, then start the container on it.
+
+    A zombie is cleaned up first (see the module docstring), then started.
+
+    Raises:
+        QvdError: one line naming the VM and the failed step; see the module docstring.
+    """
+    if vm.state == "zombie":
+        log.info("VM %s is a zombie: retrying its cleanup before the start", vm.name)
+        stop_vm(node, vm)
     mounted = prepare_and_mount(node, vm)
     if mounted.settings["vm.start.mount_only"] != "1":
         try:
             start_container(vm, mounted)
+        except LaunchError as exc:
+            if exc.cleanup_error:
+                _zombie_after_start(node, vm, exc)
+            step = LAUNCH_STEPS.get(exc.step, "starting the container")
+            undo = [lambda: mounting.unmount_tree(mounted.rootfs, lazy_fallback=True)]
+            _fail_start(node, vm, step, exc, undo, mounted.overlay)
         except Exception as exc:
             undo = [lambda: mounting.unmount_tree(mounted.rootfs, lazy_fallback=True)]
             _fail_start(node, vm, "starting the container", exc, undo, mounted.overlay)
@@ -223,6 +278,17 @@ def _prepare_base(storage: Storage, vm_id: int, image_file: str) -> Path:
     return entry
 
 
+def _zombie_after_start(node: Node, vm: Vm, exc: LaunchError) -> NoReturn:
+    """A failed launch whose own cleanup failed: leave everything in place, mark a zombie."""
+    with node.db.writer() as conn:
+        store.set_vm_state(conn, vm.id, "zombie")
+    step = LAUNCH_STEPS.get(exc.step, "starting the container")
+    raise QvdError(
+        f"cannot start VM '{vm.name}': {step} failed: {exc}; it is now a zombie"
+        " (vm stop retries the cleanup)"
+    ) from exc
+
+
 def _fail_start(
     node: Node,
     vm: Vm,
@@ -251,13 +317,21 @@ def _fail_start(
 
 
 def stop_vm(node: Node, vm: Vm) -> None:
-    """``vm stop``: stop the container, then unmount and release the root."""
+    """``vm stop``: stop the container, then unmount and release the root.
+
+    Also the cleanup of a zombie: every step is idempotent, so it is simply run again.
+
+    Raises:
+        QvdError: the VM is not in a stoppable state, or a step failed (it is then zombie).
+    """
     with node.db.writer() as conn:
         if not store.set_vm_state(conn, vm.id, "stopping", expect=STOPPABLE):
             state = store.get_vm(conn, vm.id)["state"]
             raise QvdError(f"VM '{vm.name}' is {state}; there is nothing to stop")
+    settings = node.settings()
     try:
-        stop_container(vm)
+        if _may_have_container(vm, settings):
+            stop_container(vm, settings)
     except Exception as exc:
         with node.db.writer() as conn:
             store.set_vm_state(conn, vm.id, "zombie")
@@ -265,6 +339,18 @@ def stop_vm(node: Node, vm: Vm) -> None:
             f"VM '{vm.name}': stopping the container failed: {exc}; it is now a zombie"
         ) from exc
     unmount_and_release(node, vm)
+
+
+def _may_have_container(vm: Vm, settings: Mapping[str, str]) -> bool:
+    """Whether stopping ``vm`` involves its container at all.
+
+    A mount-only node never made one; there, ``halt`` is skipped unless liblxc knows
+    a ``qvd-<id>`` in our lxcpath (the setting changed while the VM ran). Skipping it
+    keeps mount-only use from touching any network link named like a VM's veth.
+    """
+    if settings["vm.start.mount_only"] != "1":
+        return True
+    return vm.id in seam.vm_container_states(settings=settings)
 
 
 def unmount_and_release(node: Node, vm: Vm) -> None:
@@ -284,3 +370,127 @@ def unmount_and_release(node: Node, vm: Vm) -> None:
     with node.db.writer() as conn:
         store.set_vm_state(conn, vm.id, "stopped", host_id=None)
     log.info("VM %s stopped", vm.name)
+
+
+# --- vm list: the database against what runs -----------------------------------
+
+# How long `vm list` waits for a union to answer before calling it hung.
+ROOT_CHECK_TIMEOUT = 5.0
+
+
+def reconcile(node: Node) -> list[tuple[str, str]]:
+    """Mark ``zombie`` each VM of this node recorded ``running`` that no longer serves.
+
+    Broken means: its root is no longer mounted, its union does not answer (the
+    daemon died: ENOTCONN, or hung), or, unless the node is mount-only, its container
+    is not running (it died, or an admin stopped or destroyed it with the LXC tools).
+    VMs in ``starting`` / ``stopping`` belong to a command still at work and are left
+    alone; the state change is conditional, so a concurrent stop wins.
+
+    Returns (VM name, why) for every VM this call marked.
+    """
+    settings = node.settings()
+    node_name = node.name()
+    with node.db.reader() as conn:
+        running = [
+            row for row in store.list_vms(conn)
+            if row["state"] == "running" and row["host"] == node_name
+        ]  # fmt: skip
+    if not running:
+        return []  # no liblxc query: `vm list` stays instant on an idle node
+    storage = Storage.from_settings(settings)
+    containers = None
+    if settings["vm.start.mount_only"] != "1":
+        containers = seam.vm_container_states(settings=settings)
+    marked = []
+    for row in running:
+        why = _root_problem(storage.rootfs_entry(row["user_id"], row["id"]))
+        if why is None and containers is not None:
+            why = _container_problem(row["id"], containers, seam.lxcpath_from(settings))
+        if why is None:
+            continue
+        with node.db.writer() as conn:
+            if store.set_vm_state(conn, row["id"], "zombie", expect=("running",)):
+                log.warning("VM %s: %s; marked zombie (vm stop cleans it up)", row["name"], why)
+                marked.append((row["name"], why))
+    return marked
+
+
+def _root_problem(rootfs: Path) -> str | None:
+    """Why the mounted root at ``rootfs`` does not serve, or None if it does."""
+    if not mounting.is_mounted(rootfs):
+        return "its root is not mounted"
+    # Opening the folder is a real request to the union daemon (a stat could be
+    # answered from the kernel's cache). In a thread: a hung daemon would block us.
+    answer: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            with os.scandir(rootfs):
+                answer.append(None)
+        except OSError as exc:
+            if exc.errno == errno.ENOTCONN:
+                answer.append("its union daemon died (transport endpoint not connected)")
+            else:
+                answer.append(f"its root does not answer: {os.strerror(exc.errno or 0)}")
+
+    worker = threading.Thread(target=probe, daemon=True)
+    worker.start()
+    worker.join(ROOT_CHECK_TIMEOUT)
+    if not answer:
+        return f"its root did not answer within {ROOT_CHECK_TIMEOUT:.0f} s"
+    return answer[0]
+
+
+def _container_problem(vm_id: int, containers: Mapping[int, str], lxcpath: Path) -> str | None:
+    """Why VM ``vm_id``'s container does not run, or None if it does."""
+    state = containers.get(vm_id)
+    if state == "RUNNING":
+        return None
+    # liblxc asks a running container over an abstract socket of the network namespace
+    # that started it; from another namespace it answers STOPPED. Its monitor process
+    # is visible from anywhere, so that decides.
+    if _has_monitor(f"qvd-{vm_id}", lxcpath):
+        return None
+    return "its container is gone" if state is None else f"its container is {state.lower()}"
+
+
+def _has_monitor(name: str, lxcpath: Path) -> bool:
+    """Whether liblxc's monitor ``[lxc monitor] <lxcpath> <name>`` runs (one per container)."""
+    wanted = f"[lxc monitor] {lxcpath} {name}".encode()
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                    cmdline = f.read()
+            except OSError:
+                continue
+            if cmdline.rstrip(b"\0") == wanted:
+                return True
+    return False
+
+
+# --- several VMs at once -------------------------------------------------------
+
+
+def run_each(
+    action: Callable[[Vm], T], vms: list[Vm], limit: int
+) -> list[tuple[Vm, T | None, QvdError | None]]:
+    """Run ``action`` on every VM, at most ``limit`` at a time; one failure stops no other.
+
+    Returns (vm, result, error) in the order of ``vms``, with exactly one of result
+    and error set. Only QvdError is caught: anything else is a bug and propagates
+    once every running action has finished.
+    """
+    if len(vms) <= 1 or limit <= 1:
+        return [_attempt(action, vm) for vm in vms]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(limit, len(vms))) as pool:
+        futures = [pool.submit(_attempt, action, vm) for vm in vms]
+    return [future.result() for future in futures]
+
+
+def _attempt(action: Callable[[Vm], T], vm: Vm) -> tuple[Vm, T | None, QvdError | None]:
+    try:
+        return vm, action(vm), None
+    except QvdError as exc:
+        return vm, None, exc

@@ -46,6 +46,12 @@ def _seconds(value: str) -> str:
     return value
 
 
+def _parallel(value: str) -> str:
+    if not re.fullmatch(r"[0-9]+", value) or not 1 <= int(value) <= 64:
+        raise ValueError("must be a whole number between 1 and 64")
+    return value
+
+
 def _ipv4(value: str) -> str:
     try:
         return str(ipaddress.IPv4Address(value))
@@ -113,6 +119,8 @@ KNOWN: dict[str, tuple[str, Callable[[str], str]]] = {
     "vm.network.netmask": ("255.255.192.0", _netmask),
     "vm.network.gateway": ("", _optional_ipv4),
     "vm.stop.timeout": ("30", _seconds),
+    # Ours: how many VMs one `vm start` / `vm stop` works on at a time.
+    "vm.lifecycle.parallel": ("4", _parallel),
     # Ours: leave a started VM with only its root mounted (tests, inspecting an image).
     "vm.start.mount_only": ("0", _bool),
     # Where LXC keeps container configs; empty: liblxc's default (read by qvdctl/container/).

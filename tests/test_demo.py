@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import glob
-import inspect
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from qvdctl import lifecycle
 from qvdctl.network.sandbox import netns
 
 REPO = Path(__file__).resolve().parent.parent
-
-# `vm start` reaches containers only once lifecycle.start_container calls
-# qvdctl.container.seam (the lead wires it). Until then the demo stops at that step;
-# strict, so the marker below goes away by itself once the seam is wired.
-SEAM_UNWIRED = "no container runtime wired yet" in inspect.getsource(lifecycle.start_container)
 
 
 def _host_state() -> dict[str, set[str]]:
@@ -63,7 +56,6 @@ def test_demo_leaves_the_host_as_it_found_it(demo_run) -> None:
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.xfail(SEAM_UNWIRED, reason="lifecycle.start_container not wired yet", strict=True)
 def test_demo_runs_the_workflow(demo_run) -> None:
     done, _, _ = demo_run
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]

@@ -7,6 +7,7 @@ import os
 import resource
 import signal
 import sqlite3
+import subprocess
 import time
 from pathlib import Path
 
@@ -195,13 +196,14 @@ def test_a_failed_mount_leaves_the_vm_stopped_and_its_overlay_renamed(cli, comma
     assert (row["State"], row["Host"]) == ("stopped", None)
 
 
-def test_without_a_container_runtime_the_start_fails_cleanly(cli):
-    """The container seam (lifecycle.start_container) is not wired in this task."""
+def test_a_container_the_layer_refuses_fails_the_start_cleanly(cli):
+    """The wired seam: without a gateway no container config can be written."""
     cli.run("config", "set", "vm.lxc.unionfs.type=overlayfs", "vm.start.mount_only=0")
     p = _paths(cli)
     error = cli.fails("vm", "start", "-f", "name=v")
-    assert "starting the container failed: no container runtime wired yet" in error
-    assert "deleteme-1-1-overlayfs" in error
+    assert "cannot start VM 'v': starting the container failed: vm.network.gateway is not set" \
+        in error
+    assert error.endswith("its overlay is kept as deleteme-1-1-overlayfs")
     assert mounts_under(p["rootfs"]) == []
     assert cli.vm("v")["State"] == "stopped"
 
@@ -236,12 +238,79 @@ def test_a_busy_root_makes_a_zombie_that_the_next_stop_cleans(cli):
         error = cli.fails("vm", "stop", "-f", "name=v")
         assert "could not be cleaned up" in error and "zombie" in error
         assert cli.vm("v")["State"] == "zombie"
-        assert "is zombie, not stopped" in cli.fails("vm", "start", "-f", "name=v")
+        # A start of a zombie retries its cleanup first; still busy, it stays a zombie.
+        error = cli.fails("vm", "start", "-f", "name=v")
+        assert "could not be cleaned up" in error and "zombie" in error
+        assert cli.vm("v")["State"] == "zombie"
     finally:
         busy.close()
     cli.run("vm", "stop", "-f", "name=v")
     assert cli.vm("v")["State"] == "stopped"
     assert mounts_under(p["rootfs"]) == []
+
+
+@pytest.mark.timeout(180)
+def test_a_zombie_is_cleaned_and_started_by_the_next_start(cli):
+    cli.run("config", "set", "vm.lxc.unionfs.type=overlayfs")
+    p = _paths(cli)
+    cli.run("vm", "start", "-f", "name=v")
+    with open(p["rootfs"] / "etc" / "inittab"):
+        cli.fails("vm", "stop", "-f", "name=v")
+    assert cli.vm("v")["State"] == "zombie"
+    out = cli.run("vm", "start", "-f", "name=v").stdout
+    assert "VM v started" in out
+    assert cli.vm("v")["State"] == "running"
+    assert mounts_under(p["rootfs"]) == [str(p["rootfs"])]
+    cli.run("vm", "stop", "-f", "name=v")
+
+
+@pytest.mark.timeout(180)
+def test_list_marks_a_running_vm_whose_union_died_zombie_and_stop_cleans_it(cli):
+    cli.run("config", "set", "vm.lxc.unionfs.type=qvdfs")
+    p = _paths(cli)
+    cli.run("vm", "start", "-f", "name=v")
+    assert cli.vm("v")["State"] == "running"
+    for pid in _processes_serving(p["rootfs"]):
+        os.kill(pid, signal.SIGKILL)
+    _wait_gone(p["rootfs"])
+    assert cli.vm("v")["State"] == "zombie"
+    assert cli.vm("v")["State"] == "zombie"  # recorded, not only shown
+    cli.run("vm", "stop", "-f", "name=v")
+    assert (cli.vm("v")["State"], cli.vm("v")["Host"]) == ("stopped", None)
+    assert mounts_under(p["rootfs"]) == []
+
+
+@pytest.mark.timeout(180)
+def test_list_marks_a_running_vm_whose_root_was_unmounted_zombie(cli):
+    cli.run("config", "set", "vm.lxc.unionfs.type=overlayfs")
+    p = _paths(cli)
+    cli.run("vm", "start", "-f", "name=v")
+    subprocess.run(["umount", str(p["rootfs"])], check=True)
+    assert cli.vm("v")["State"] == "zombie"
+    cli.run("vm", "stop", "-f", "name=v")
+    assert cli.vm("v")["State"] == "stopped"
+
+
+@pytest.mark.timeout(240)
+def test_stop_of_several_vms_reports_each_failure_and_stops_the_rest(cli):
+    cli.run("config", "set", "vm.lxc.unionfs.type=overlayfs")
+    for i in range(2, 4):
+        cli.run("vm", "add", f"name=v{i}", "user=u", "osf=o")
+    cli.run("vm", "start", "-f", "name=v*")
+    busy = open(cli.root / "rootfs" / "1-2-fs" / "etc" / "inittab")  # v2 is VM 2
+    try:
+        result = cli.run("vm", "stop", "-f", "name=v*", check=False)
+    finally:
+        busy.close()
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        line for line in result.stderr.splitlines() if line.startswith("Error: VM 'v2'")
+    ] and len(result.stderr.splitlines()) == 1, result.stderr
+    assert sorted(result.stdout.split("\n")) == ["", "VM v stopped", "VM v3 stopped"]
+    states = {r["Name"]: r["State"] for r in cli.json("vm", "list")}
+    assert states == {"v": "stopped", "v2": "zombie", "v3": "stopped"}
+    cli.run("vm", "stop", "-f", "name=v2")
+    assert mounts_under(cli.root / "rootfs") == []
 
 
 @pytest.mark.timeout(240)

@@ -1,7 +1,11 @@
-"""``qvdctl vm add/list/del/start/stop/console``.
+"""``qvdctl vm add/list/del/start/stop/console/exec``.
 
 Starting and stopping are in ``qvdctl/lifecycle.py``; this module parses,
-selects the VMs and prints.
+selects the VMs and prints. ``vm start`` / ``vm stop`` work on the matched VMs
+concurrently (``vm.lifecycle.parallel`` at a time); each success prints its line
+on stdout, each failure one ``Error:`` line on stderr, and any failure makes the
+exit status 1. ``vm list`` first reconciles the database with what really runs
+(``lifecycle.reconcile``).
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ def _rows(conn) -> list[dict]:
 
 def list_(req: Request) -> None:
     req.args()
+    lifecycle.reconcile(req.node)
     with req.node.db.reader() as conn:
         rows = req.select(_rows(conn), KEYS, need=False)
     req.out.table(COLUMNS, [[r[k] for k in KEYS] for r in rows])
@@ -95,17 +100,42 @@ def _selected(req: Request) -> list[lifecycle.Vm]:
     return [lifecycle.load_vm(req.node, row["id"]) for row in rows]
 
 
+def _parallel(req: Request) -> int:
+    return int(req.node.settings()["vm.lifecycle.parallel"])
+
+
+def _report_failures(results: list) -> None:
+    """One ``Error:`` line per failed VM on stderr; exit status 1 if there was any."""
+    failures = [error for _, _, error in results if error is not None]
+    if len(failures) == 1 and len(results) == 1:
+        raise failures[0]
+    for error in failures:
+        print(f"Error: {error}", file=sys.stderr)
+    if failures:
+        raise SystemExit(1)
+
+
 def start(req: Request) -> None:
-    for vm in _selected(req):
-        mounted = lifecycle.start_vm(req.node, vm)
-        how = " (root mounted only)" if mounted.settings["vm.start.mount_only"] == "1" else ""
-        req.out.message(f"VM {vm.name} started{how}", id=vm.id, rootfs=str(mounted.rootfs))
+    vms = _selected(req)
+    results = lifecycle.run_each(
+        lambda vm: lifecycle.start_vm(req.node, vm), vms, _parallel(req)
+    )
+    for vm, mounted, _ in results:
+        if mounted is not None:
+            how = " (root mounted only)" if mounted.settings["vm.start.mount_only"] == "1" else ""
+            req.out.message(f"VM {vm.name} started{how}", id=vm.id, rootfs=str(mounted.rootfs))
+    _report_failures(results)
 
 
 def stop(req: Request) -> None:
-    for vm in _selected(req):
-        lifecycle.stop_vm(req.node, vm)
-        req.out.message(f"VM {vm.name} stopped", id=vm.id)
+    vms = _selected(req)
+    results = lifecycle.run_each(
+        lambda vm: lifecycle.stop_vm(req.node, vm), vms, _parallel(req)
+    )
+    for vm, _, error in results:
+        if error is None:
+            req.out.message(f"VM {vm.name} stopped", id=vm.id)
+    _report_failures(results)
 
 
 def _one_running(req: Request, what: str) -> lifecycle.Vm:
