@@ -57,6 +57,9 @@ class UnionOperations(pyfuse3.Operations):
 
     supports_dot_lookup = False
     enable_writeback_cache = WRITEBACK_CACHE
+    # The kernel enforces POSIX ACLs and caches them per inode, so `ls -l` and every
+    # permission check stop asking the daemon for system.posix_acl_access.
+    enable_acl = True
 
     def __init__(self, config: MountConfig) -> None:
         super().__init__()
@@ -198,9 +201,21 @@ class UnionOperations(pyfuse3.Operations):
     async def fsyncdir(self, fh, datasync):
         pass
 
+    def _mode(self, parent: Node, mode: int, ctx: pyfuse3.RequestContext) -> int:
+        """The caller's mode after its umask, which the kernel leaves to us with ACLs on.
+
+        A directory with a default ACL ignores the umask: the branch's filesystem then
+        derives the mode from that ACL as the entry is created.
+        """
+        if self.union.has_default_acl(parent):
+            return mode
+        return mode & ~ctx.umask
+
     async def mkdir(self, parent_inode, name, mode, ctx):
+        parent = self._node(parent_inode)
+        mode = self._mode(parent, mode, ctx)
         node, _ = await self.union.create_entry(
-            self._node(parent_inode), name, stat.S_IFDIR, ctx.uid, ctx.gid,
+            parent, name, stat.S_IFDIR, ctx.uid, ctx.gid,
             lambda dirfd, n: os.mkdir(n, stat.S_IMODE(mode), dir_fd=dirfd))
         return self._counted(node)
 
@@ -209,8 +224,10 @@ class UnionOperations(pyfuse3.Operations):
             # A 0/0 device is a whiteout on disk; letting one be made would let a
             # container forge deletions.
             raise pyfuse3.FUSEError(errno.EPERM)
+        parent = self._node(parent_inode)
+        mode = self._mode(parent, mode, ctx)
         node, _ = await self.union.create_entry(
-            self._node(parent_inode), name, stat.S_IFMT(mode), ctx.uid, ctx.gid,
+            parent, name, stat.S_IFMT(mode), ctx.uid, ctx.gid,
             lambda dirfd, n: os.mknod(n, mode, rdev, dir_fd=dirfd))
         return self._counted(node)
 
@@ -249,8 +266,10 @@ class UnionOperations(pyfuse3.Operations):
 
     async def create(self, parent_inode, name, mode, flags, ctx):
         open_flags = backing_flags((flags & ~os.O_ACCMODE) | os.O_RDWR, WRITEBACK_CACHE)
+        parent = self._node(parent_inode)
+        mode = self._mode(parent, mode, ctx)
         node, fd = await self.union.create_entry(
-            self._node(parent_inode), name, stat.S_IFREG, ctx.uid, ctx.gid,
+            parent, name, stat.S_IFREG, ctx.uid, ctx.gid,
             lambda dirfd, n: os.open(n, open_flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                                      | os.O_CLOEXEC, stat.S_IMODE(mode), dir_fd=dirfd))
         fh = self.union.adopt(node, fd)

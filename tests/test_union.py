@@ -377,3 +377,25 @@ def _qvdfs() -> list[str]:
     from tests.mounts import QVDFS
 
     return [QVDFS]
+
+
+def test_umask_default_acl_and_acl_enforcement(open_union: Union) -> None:
+    m = open_union.mnt
+    made = subprocess.run(["sh", "-c", f"umask 077 && echo x > {m}/private && mkdir {m}/pdir"],
+                          timeout=30)
+    assert made.returncode == 0
+    assert stat.S_IMODE(os.lstat(m / "private").st_mode) == 0o600
+    assert stat.S_IMODE(os.lstat(m / "pdir").st_mode) == 0o700
+    os.mkdir(m / "inherit")
+    subprocess.run(["setfacl", "-d", "-m", "u:1234:rwx", str(m / "inherit")], check=True)
+    subprocess.run(["sh", "-c", f"umask 077 && touch {m}/inherit/child"], check=True, timeout=30)
+    acl = subprocess.run(["getfacl", "-c", str(m / "inherit/child")], check=True,
+                         capture_output=True, text=True).stdout
+    assert "user:1234:" in acl  # inherited from the default ACL, umask ignored
+    secret = m / "secret"
+    secret.write_text("s")
+    os.chmod(secret, 0o600)
+    assert _as_user(1000, 1000, "cat", str(secret)).returncode != 0
+    subprocess.run(["setfacl", "-m", "u:1000:r", str(secret)], check=True)
+    reader = _as_user(1000, 1000, "cat", str(secret))
+    assert reader.returncode == 0 and reader.stdout == "s"

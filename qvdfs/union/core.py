@@ -148,6 +148,15 @@ class Union:
     def entries(self, dir_: Node) -> list[tuple[bytes, Node]]:
         return list(self.index.listing(dir_).items())
 
+    def has_default_acl(self, dir_: Node) -> bool:
+        try:
+            self.getxattr(dir_, b"system.posix_acl_default")
+            return True
+        except OSError as exc:
+            if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+                return False
+            raise
+
     def readlink(self, node: Node) -> bytes:
         return os.readlink(node.name, dir_fd=self.index.parent_fd(node, node.branch))
 
