@@ -267,3 +267,100 @@ def test_fsx_random_io_on_a_base_file_and_a_new_file(tmp_path: Path) -> None:
     assert (base / "from-base").read_bytes() == original, "the base file changed"
     print(f"\nfsx: {steps} operations verified {counts}")
     assert steps > 500
+
+
+# --- ten VMs, started and stopped again and again ---------------------------------------
+
+VMS = 10
+CYCLES = 3
+
+
+def _under(root: Path) -> dict[str, object]:
+    """What the host holds for the VMs of ``root``: mounts, processes, their fds and memory."""
+    prefix = str(root)
+    with open("/proc/self/mountinfo") as f:
+        mounts = sorted(line.split()[4] for line in f
+                        if line.split()[4].startswith(prefix + "/"))
+    procs, fds, rss_kib = [], 0, 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if prefix not in argv:
+                continue
+            status = Path(f"/proc/{entry}/status").read_text()
+            if "\nState:\tZ" in status:
+                continue
+            procs.append(argv.split(" ", 1)[0])
+            fds += len(os.listdir(f"/proc/{entry}/fd"))
+            rss_kib += int(next(line.split()[1] for line in status.splitlines()
+                                if line.startswith("VmRSS:")))
+        except (OSError, StopIteration):
+            continue
+    return {"mounts": mounts, "procs": sorted(procs), "fds": fds, "rss_kib": rss_kib}
+
+
+def _links(ns: str) -> list[str]:
+    from pyroute2 import IPRoute
+    with IPRoute(netns=ns) as ipr:
+        return sorted(link.get_attr("IFLA_IFNAME") for link in ipr.get_links())
+
+
+@pytest.mark.timeout(600)
+def test_ten_vms_started_and_stopped_repeatedly_leak_nothing(tmp_path: Path) -> None:
+    from qvdctl.demo import Demo
+    from qvdctl.imagebuild import build_busybox_rootfs, build_image_tarball
+    from qvdctl.network.sandbox import scratch_netns, shared_mount
+
+    root = tmp_path / "storage"
+    (root / "staging").mkdir(parents=True)
+    tarball = build_image_tarball(root / "staging" / "soak.tar.gz",
+                                  build_busybox_rootfs(tmp_path / "image-root"), compression="gz")
+    figures = []
+    with shared_mount(root), scratch_netns("qvdsoak") as ns:
+        demo = Demo(root, ns)
+        try:
+            demo.qvdctl("config", "set", "vm.hypervisor=lxc", "vm.lxc.unionfs.type=qvdfs",
+                        "vm.network.bridge=qvdsoak0", "vm.network.ip.start=10.213.78.2",
+                        "vm.network.netmask=255.255.255.0", "vm.network.gateway=10.213.78.1",
+                        "vm.stop.timeout=10", f"vm.lxc.lxcpath={root / 'lxc'}", show=False)
+            demo.qvdctl("osf", "add", "name=o", show=False)
+            demo.qvdctl("di", "add", f"path={tarball.name}", "osf=o", show=False)
+            for i in range(VMS):
+                demo.qvdctl("user", "add", f"login=u{i}", "password=p", show=False)
+                demo.qvdctl("vm", "add", f"name=v{i}", f"user=u{i}", "osf=o", show=False)
+            idle = _under(root)
+            for cycle in range(CYCLES):
+                started = time.monotonic()
+                demo.qvdctl("vm", "start", "-f", "name=v*", show=False)
+                start_s = time.monotonic() - started
+                table = json.loads(demo.qvdctl("--json", "vm", "list", show=False))
+                assert [r["State"] for r in table] == ["running"] * VMS, table
+                running = _under(root)
+                links_running = _links(ns)
+                started = time.monotonic()
+                demo.qvdctl("vm", "stop", "-f", "name=v*", show=False)
+                stop_s = time.monotonic() - started
+                table = json.loads(demo.qvdctl("--json", "vm", "list", show=False))
+                assert [r["State"] for r in table] == ["stopped"] * VMS, table
+                after = _under(root)
+                assert after == idle, f"cycle {cycle} left {after}"
+                assert [n for n in _links(ns) if n.startswith("qvd") and n != "qvdsoak0"] == []
+                figures.append({
+                    "cycle": cycle, "start_s": round(start_s, 2), "stop_s": round(stop_s, 2),
+                    "mounts_running": len(running["mounts"]), "procs_running": len(running["procs"]),
+                    "fds_running": running["fds"], "rss_mib_running": running["rss_kib"] // 1024,
+                    "links_running": len(links_running),
+                })
+        finally:
+            subprocess.run(["sh", "-c", f"for c in {root}/lxc/qvd-*; do [ -d \"$c\" ] && "
+                            f"lxc-stop -P {root}/lxc -n $(basename $c) -k; done"],
+                           capture_output=True, timeout=120)
+            for target in sorted(_under(root)["mounts"], key=len, reverse=True):
+                force_unmount(target)
+    print("\nten VMs:", *figures, sep="\n  ")
+    # Nothing grows from one cycle to the next: the same mounts, processes and fds.
+    for key in ("mounts_running", "procs_running", "fds_running", "links_running"):
+        assert len({f[key] for f in figures}) == 1, (key, figures)
+    assert figures[-1]["rss_mib_running"] <= figures[0]["rss_mib_running"] * 1.2 + 20, figures
