@@ -8,27 +8,40 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
 
 from qvdctl.imagebuild import build_busybox_rootfs, build_image_tarball
 from qvdctl.mounting import mounts_under
+from qvdctl.network.sandbox import netns_argv
 from tests.mounts import force_unmount
 
 QVDCTL = str(Path(sys.executable).parent / "qvdctl")
+STOCK_UNIONFS = "/usr/bin/unionfs"
 
 
 class Cli:
-    """``qvdctl --root ROOT ...`` as a subprocess, as an admin would type it."""
+    """``qvdctl --root ROOT ...`` as a subprocess, as an admin would type it.
 
-    def __init__(self, root: Path) -> None:
+    With ``netns``, every command runs inside that network namespace (see
+    ``qvdctl/network/sandbox.py``), as the demo does: the tests' bridges, veths
+    and containers never meet the host's network.
+    """
+
+    def __init__(self, root: Path, netns: str | None = None) -> None:
         self.root = root
+        self.netns = netns
+
+    def argv(self, *args: str) -> list[str]:
+        argv = [QVDCTL, "--root", str(self.root), *args]
+        return netns_argv(self.netns, argv) if self.netns else argv
 
     def run(self, *args: str, check: bool = True, env: dict | None = None,
             preexec_fn=None, timeout: float = 120) -> subprocess.CompletedProcess:
         result = subprocess.run(
-            [QVDCTL, "--root", str(self.root), *args],
+            self.argv(*args),
             capture_output=True, text=True, timeout=timeout,
             env={**os.environ, **(env or {})}, preexec_fn=preexec_fn,
         )
@@ -65,3 +78,26 @@ def busybox_tarball(
 
 def make_rootfs(dest: Path) -> Path:
     return build_busybox_rootfs(dest)
+
+
+def stock_unionfs_wrapper(dest: Path) -> Path:
+    """A stand-in for ``command.unionfs-fuse`` that records its argv, then runs the stock binary.
+
+    Stock unionfs raises RLIMIT_NOFILE to max_files and refuses to start when that
+    exceeds the hard limit: 20000 here, and this machine's root lacks
+    CAP_SYS_RESOURCE, so the limit cannot be raised. The wrapper passes every word
+    through unchanged except max_files=32000, lowered to the hard limit; the tests
+    check the recorded argv (``<dest>.argv``) is exactly SPEC §3's line.
+    """
+    hard = min(resource.getrlimit(resource.RLIMIT_NOFILE)[1], 32000)
+    dest.write_text(
+        "#!/bin/sh\n"
+        f'printf "%s\\n" "$0" "$@" > "{dest}.argv"\n'
+        "for a in \"$@\"; do\n"
+        f'  [ "$a" = max_files=32000 ] && a=max_files={hard}\n'
+        '  set -- "$@" "$a"; shift\n'
+        "done\n"
+        f'exec {STOCK_UNIONFS} "$@"\n'
+    )
+    dest.chmod(0o755)
+    return dest

@@ -14,9 +14,14 @@ from pathlib import Path
 import pytest
 
 from qvdctl.mounting import QVDFS, mounts_under
-from tests.qvdctl_support import Cli, busybox_tarball, cleanup_root, make_rootfs
-
-STOCK_UNIONFS = "/usr/bin/unionfs"
+from tests.qvdctl_support import (
+    STOCK_UNIONFS,
+    Cli,
+    busybox_tarball,
+    cleanup_root,
+    make_rootfs,
+    stock_unionfs_wrapper,
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,29 +43,6 @@ def cli(tmp_path, tarball):
         yield cli
     finally:
         cleanup_root(cli.root)
-
-
-def stock_unionfs_wrapper(dest: Path) -> Path:
-    """A stand-in for ``command.unionfs-fuse`` that records its argv, then runs the stock binary.
-
-    Stock unionfs raises RLIMIT_NOFILE to max_files and refuses to start when that
-    exceeds the hard limit: 20000 here, and this machine's root lacks
-    CAP_SYS_RESOURCE, so the limit cannot be raised. The wrapper passes every word
-    through unchanged except max_files=32000, lowered to the hard limit; the test
-    checks the recorded argv is exactly SPEC §3's line.
-    """
-    hard = min(resource.getrlimit(resource.RLIMIT_NOFILE)[1], 32000)
-    dest.write_text(
-        "#!/bin/sh\n"
-        f'printf "%s\\n" "$0" "$@" > "{dest}.argv"\n'
-        "for a in \"$@\"; do\n"
-        f'  [ "$a" = max_files=32000 ] && a=max_files={hard}\n'
-        '  set -- "$@" "$a"; shift\n'
-        "done\n"
-        f'exec {STOCK_UNIONFS} "$@"\n'
-    )
-    dest.chmod(0o755)
-    return dest
 
 
 def _paths(cli: Cli) -> dict[str, Path]:

@@ -1,0 +1,470 @@
+"""``qvdctl vm start/stop/list/exec/console`` on real LXC containers booted on real union mounts.
+
+Every test runs the real CLI inside a network namespace of its own (bridge, veths
+and containers stay there) on a storage root made a shared mount, exactly as the
+demo does; containers live in an lxcpath inside that root (``vm.lxc.lxcpath``).
+"Leaves nothing behind" is checked each time: no mount under the root, no veth in
+the namespace, no container config, no liblxc monitor, no new LXC cgroup.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import pty
+import select
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pyroute2 import IPRoute
+
+from qvdctl.mounting import QVDFS, mounts_under
+from qvdctl.network.sandbox import netns_argv, scratch_netns, shared_mount
+from tests.mounts import force_unmount
+from tests.qvdctl_support import Cli, busybox_tarball, make_rootfs, stock_unionfs_wrapper
+
+NET = "10.219.5"  # only ever configured inside each test's own namespace
+BRIDGE = "qvdtbr0"
+IMAGE = "image.0.22.tgz"
+
+MODES = {
+    "qvdfs": {"vm.lxc.unionfs.type": "qvdfs"},
+    "unionfs-fuse=qvdfs": {
+        "vm.lxc.unionfs.type": "unionfs-fuse", "command.unionfs-fuse": str(QVDFS),
+    },
+    # The stock binary through the recording wrapper (see stock_unionfs_wrapper).
+    "unionfs-fuse=stock": {"vm.lxc.unionfs.type": "unionfs-fuse"},
+}
+
+
+@pytest.fixture(scope="module")
+def rootfs(tmp_path_factory) -> Path:
+    return make_rootfs(tmp_path_factory.mktemp("busybox") / "root")
+
+
+@pytest.fixture(scope="module")
+def tarball(tmp_path_factory, rootfs) -> Path:
+    return busybox_tarball(tmp_path_factory.mktemp("tarballs") / IMAGE, rootfs)
+
+
+@pytest.fixture(scope="module")
+def no_init_tarball(tmp_path_factory, rootfs) -> Path:
+    """An image that extracts fine but cannot boot: its /sbin/init is missing."""
+    root = tmp_path_factory.mktemp("noinit") / "root"
+    shutil.copytree(rootfs, root, symlinks=True)
+    (root / "sbin" / "init").unlink()
+    return busybox_tarball(tmp_path_factory.mktemp("tarballs") / "noinit.0.1.tgz", root)
+
+
+def _lxc_cgroups() -> set[Path]:
+    root = Path("/sys/fs/cgroup")
+    return set(root.glob("lxc.*.qvd-*")) | set(root.glob("*/lxc.*.qvd-*"))
+
+
+def _monitors(lxcpath: Path) -> list[str]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if cmdline.startswith(f"[lxc monitor] {lxcpath} "):
+                found.append(cmdline)
+    return found
+
+
+class Node:
+    """The CLI on a throwaway root in a throwaway namespace, and what to look at."""
+
+    def __init__(self, root: Path, netns: str) -> None:
+        self.root = root
+        self.netns = netns
+        self.cli = Cli(root, netns)
+        self.lxcpath = root / "lxc"
+
+    def links(self) -> set[str]:
+        with IPRoute(netns=self.netns) as ipr:
+            return {link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+
+    def veths(self) -> set[str]:
+        return {name for name in self.links() if name.startswith("qvd") and name != BRIDGE}
+
+    def in_ns(self, *argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            netns_argv(self.netns, list(argv)), capture_output=True, text=True, timeout=60
+        )
+
+    def exec(self, vm: str, script: str) -> subprocess.CompletedProcess[str]:
+        return self.cli.run("vm", "exec", "-f", f"name={vm}", "--", "sh", "-c", script,
+                            check=False)
+
+    def state(self, vm: str) -> str:
+        return self.cli.vm(vm)["State"]
+
+    def assert_nothing_left(self, cgroups_before: set[Path]) -> None:
+        """No mount under rootfs/, no veth, no container, no monitor, no new cgroup."""
+        assert mounts_under(self.root / "rootfs") == []
+        assert self.veths() == set()
+        assert not self.lxcpath.exists() or list(self.lxcpath.iterdir()) == []
+        deadline = time.monotonic() + 5  # a failed start's monitor exits a moment later
+        while (_monitors(self.lxcpath) or _lxc_cgroups() - cgroups_before) and (
+            time.monotonic() < deadline
+        ):
+            time.sleep(0.1)
+        assert _monitors(self.lxcpath) == []
+        assert _lxc_cgroups() - cgroups_before == set()
+
+
+@pytest.fixture
+def node(tmp_path, tarball) -> Iterator[Node]:
+    """A node with settings for LXC in its own namespace, one image and VM 'v' (id 1)."""
+    root = tmp_path / "root"
+    root.mkdir()
+    with shared_mount(root), scratch_netns("qvdtest") as ns:
+        n = Node(root, ns)
+        try:
+            n.cli.run(
+                "config", "set", "vm.hypervisor=lxc", "vm.lxc.unionfs.type=qvdfs",
+                f"vm.network.bridge={BRIDGE}", f"vm.network.ip.start={NET}.2",
+                "vm.network.netmask=24", f"vm.network.gateway={NET}.1",
+                "vm.stop.timeout=10", f"vm.lxc.lxcpath={n.lxcpath}",
+            )  # fmt: skip
+            n.cli.run("osf", "add", "name=o", "memory=256")
+            n.cli.run("di", "add", f"path={tarball}", "osf=o")
+            n.cli.run("user", "add", "login=u", "password=p")
+            n.cli.run("vm", "add", "name=v", "user=u", "osf=o")
+            yield n
+        finally:
+            # Whatever a failed test left running is stopped by name, in our lxcpath only.
+            for entry in n.lxcpath.iterdir() if n.lxcpath.is_dir() else ():
+                n.in_ns("lxc-stop", "-P", str(n.lxcpath), "-n", entry.name, "-k")
+            for point in mounts_under(root):
+                if point != str(root):
+                    force_unmount(point)
+
+
+def _paths(node: Node, vm_id: int = 1, user_id: int = 1, di_id: int = 1) -> dict[str, Path]:
+    r = node.root
+    return {
+        "rootfs": r / "rootfs" / f"{user_id}-{vm_id}-fs",
+        "overlay": r / "overlayfs" / f"{di_id}-{vm_id}-overlayfs",
+        "home": r / "homefs" / f"{vm_id}-{user_id}-homefs",
+        "base": r / "basefs" / f"{vm_id}-{IMAGE}",
+    }
+
+
+# --- the lifecycle, on each union ------------------------------------------------
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("mode", list(MODES))
+def test_start_list_exec_stop(node: Node, mode: str, tmp_path: Path) -> None:
+    settings = dict(MODES[mode])
+    if mode == "unionfs-fuse=stock":
+        wrapper = stock_unionfs_wrapper(tmp_path / "unionfs")
+        settings["command.unionfs-fuse"] = str(wrapper)
+    node.cli.run("config", "set", *(f"{k}={v}" for k, v in settings.items()))
+    cgroups = _lxc_cgroups()
+    p = _paths(node)
+
+    assert node.cli.run("vm", "start", "-f", "name=v").stdout == "VM v started\n"
+    if mode == "unionfs-fuse=stock":
+        shared = node.root / "basefs" / ".images" / IMAGE
+        assert Path(f"{wrapper}.argv").read_text().splitlines()[1:] == [
+            "-o", "cow", "-o", "max_files=32000", "-o", "suid", "-o", "dev", "-o", "allow_other",
+            f"{p['overlay']}=RW:{shared}=RO", str(p["rootfs"]),
+        ]
+    row = node.cli.vm("v")
+    assert (row["State"], row["Ip"]) == ("running", f"{NET}.254")
+    assert row["Host"] == node.cli.json("host", "list")[0]["Name"]
+    # The standard LXC tools see it (SPEC §4), with -P for the node's lxcpath.
+    listed = node.in_ns("lxc-ls", "-P", str(node.lxcpath), "-f", "-F", "NAME,STATE")
+    assert "qvd-1" in listed.stdout and "RUNNING" in listed.stdout, listed
+    assert node.veths() == {"qvd1"}
+
+    done = node.exec("v", "hostname; echo os > /root/f; echo mine > /home/f; ip -4 addr show eth0")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("v\n") and f"{NET}.254/24" in done.stdout
+    assert (p["overlay"] / "root" / "f").read_text() == "os\n"
+    assert not (p["base"] / "root" / "f").exists()
+    assert (p["home"] / "f").read_text() == "mine\n"
+    assert not (p["overlay"] / "home" / "f").exists()
+    # The command's own status comes back as qvdctl's.
+    assert node.exec("v", "exit 7").returncode == 7
+    # The VM reaches the gateway over the bridge.
+    assert node.exec("v", f"ping -c1 -W2 {NET}.1").returncode == 0
+
+    assert node.cli.run("vm", "stop", "-f", "name=v").stdout == "VM v stopped\n"
+    assert (node.state("v"), node.cli.vm("v")["Host"]) == ("stopped", None)
+    assert list(p["rootfs"].iterdir()) == []
+    node.assert_nothing_left(cgroups)
+    # Started again on the same root: the lifecycle repeats cleanly.
+    node.cli.run("vm", "start", "-f", "name=v")
+    assert node.exec("v", "cat /home/f").stdout == "mine\n"
+    node.cli.run("vm", "stop", "-f", "name=v")
+    node.assert_nothing_left(cgroups)
+
+
+@pytest.mark.timeout(120)
+def test_console_through_the_cli(node: Node) -> None:
+    node.cli.run("vm", "start", "-f", "name=v")
+    try:
+        primary, secondary = pty.openpty()
+        proc = subprocess.Popen(
+            node.cli.argv("vm", "console", "-f", "name=v"), stdin=secondary, stdout=secondary,
+            stderr=secondary, start_new_session=True,
+        )  # fmt: skip
+        os.close(secondary)
+        seen = b""
+        try:
+            time.sleep(1)
+            os.write(primary, b"\recho console-says-$((6*7))\r")
+            deadline = time.monotonic() + 15
+            while b"console-says-42" not in seen and time.monotonic() < deadline:
+                if select.select([primary], [], [], 0.5)[0]:
+                    seen += os.read(primary, 4096)
+            os.write(primary, b"\x01q")  # Ctrl+a q leaves
+            assert proc.wait(timeout=10) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            os.close(primary)
+        assert b"console-says-42" in seen, seen[-500:]
+        assert node.state("v") == "running"  # leaving the console does not stop the VM
+    finally:
+        node.cli.run("vm", "stop", "-f", "name=v")
+
+
+@pytest.mark.timeout(120)
+def test_exec_and_console_refuse_a_stopped_vm(node: Node) -> None:
+    assert node.cli.fails("vm", "exec", "-f", "name=v", "--", "true") == (
+        "Error: VM 'v' is stopped, not running"
+    )
+    assert node.cli.fails("vm", "console", "-f", "name=v") == (
+        "Error: VM 'v' is stopped, not running"
+    )
+
+
+# --- several VMs -------------------------------------------------------------------
+
+
+@pytest.mark.timeout(240)
+def test_concurrent_starts_reach_each_other_and_one_failure_spares_the_rest(node: Node) -> None:
+    cgroups = _lxc_cgroups()
+    for i in range(2, 5):
+        node.cli.run("vm", "add", f"name=v{i}", "user=u", "osf=o")
+    node.cli.run("config", "set", "vm.lifecycle.parallel=4")
+    # v3 cannot start: its mountpoint holds a stray file (checked before mounting).
+    stray = _paths(node, vm_id=3)["rootfs"]
+    stray.mkdir(parents=True)
+    (stray / "stray").write_text("x")
+    result = node.cli.run("vm", "start", "-f", "name=v*", check=False)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"Error: cannot start VM 'v3': preparing the mountpoint failed: {stray} is not empty;"
+        " its overlay is kept as deleteme-1-3-overlayfs"
+    ]
+    assert sorted(result.stdout.splitlines()) == ["VM v started", "VM v2 started", "VM v4 started"]
+    table = {r["Name"]: r for r in node.cli.json("vm", "list")}
+    assert {n: r["State"] for n, r in table.items()} == {
+        "v": "running", "v2": "running", "v3": "stopped", "v4": "running",
+    }
+    assert node.veths() == {"qvd1", "qvd2", "qvd4"}
+    for other in ("v2", "v4"):
+        assert node.exec("v", f"ping -c1 -W2 {table[other]['Ip']}").returncode == 0
+    node.cli.run("vm", "stop", "-f", "name=v*", check=False)  # v3 is stopped: one error line
+    assert {r["State"] for r in node.cli.json("vm", "list")} == {"stopped"}
+    (stray / "stray").unlink()
+    node.assert_nothing_left(cgroups)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_ten_vms_started_together(node: Node) -> None:
+    """Ten VMs in one ``vm start`` (``vm.lifecycle.parallel=10``); prints the time taken."""
+    cgroups = _lxc_cgroups()
+    for i in range(2, 11):
+        node.cli.run("vm", "add", f"name=v{i}", "user=u", "osf=o")
+    node.cli.run("config", "set", "vm.lifecycle.parallel=10")
+    started = time.monotonic()
+    node.cli.run("vm", "start", "-f", "name=v*", timeout=300)
+    elapsed = time.monotonic() - started
+    print(f"vm start of 10 VMs: {elapsed:.2f} s")
+    try:
+        assert [r["State"] for r in node.cli.json("vm", "list")] == ["running"] * 10
+        assert len(node.veths()) == 10
+    finally:
+        node.cli.run("vm", "stop", "-f", "name=v*", timeout=300)
+    node.assert_nothing_left(cgroups)
+
+
+# --- each failure path leaves nothing behind ------------------------------------------
+
+
+def _assert_failed_cleanly(node: Node, error: str, step: str, cgroups: set[Path]) -> None:
+    assert error.startswith(f"Error: cannot start VM 'v': {step} failed: "), error
+    row = node.cli.vm("v")
+    assert (row["State"], row["Host"]) == ("stopped", None)
+    node.assert_nothing_left(cgroups)
+
+
+@pytest.mark.timeout(120)
+def test_missing_image(node: Node) -> None:
+    cgroups = _lxc_cgroups()
+    (node.root / "images" / IMAGE).unlink()
+    error = node.cli.fails("vm", "start", "-f", "name=v")
+    _assert_failed_cleanly(node, error, "extracting the image", cgroups)
+    # It failed before preparing the overlay: there is none to keep.
+    assert not (node.root / "overlayfs" / "deleteme-1-1-overlayfs").exists()
+
+
+@pytest.mark.timeout(120)
+def test_corrupt_image(node: Node) -> None:
+    cgroups = _lxc_cgroups()
+    image = node.root / "images" / IMAGE
+    data = bytearray(image.read_bytes())
+    data[len(data) // 2:] = b"\0" * (len(data) - len(data) // 2)
+    image.write_bytes(bytes(data))
+    error = node.cli.fails("vm", "start", "-f", "name=v")
+    _assert_failed_cleanly(node, error, "extracting the image", cgroups)
+    assert not (node.root / "basefs" / ".images" / IMAGE).exists()
+
+
+@pytest.mark.timeout(120)
+def test_mount_failure(node: Node) -> None:
+    cgroups = _lxc_cgroups()
+    node.cli.run("config", "set", "vm.lxc.unionfs.type=unionfs-fuse",
+                 "command.unionfs-fuse=/bin/false")
+    error = node.cli.fails("vm", "start", "-f", "name=v")
+    _assert_failed_cleanly(node, error, "mounting the root", cgroups)
+    assert error.endswith("its overlay is kept as deleteme-1-1-overlayfs")
+    assert (node.root / "overlayfs" / "deleteme-1-1-overlayfs").is_dir()
+    assert not _paths(node)["overlay"].exists()
+
+
+@pytest.mark.timeout(120)
+def test_lxc_start_failure(node: Node, no_init_tarball: Path) -> None:
+    cgroups = _lxc_cgroups()
+    node.cli.run("osf", "add", "name=broken")
+    node.cli.run("di", "add", f"path={no_init_tarball}", "osf=broken")
+    node.cli.run("vm", "del", "-f", "name=v")
+    node.cli.run("vm", "add", "name=v", "user=u", "osf=broken")  # VM 2, DI 2
+    error = node.cli.fails("vm", "start", "-f", "name=v")
+    _assert_failed_cleanly(node, error, "starting the container", cgroups)
+    assert "/sbin/init" in error  # liblxc's own reason
+    assert error.endswith("its overlay is kept as deleteme-2-2-overlayfs")
+    assert (node.root / "overlayfs" / "deleteme-2-2-overlayfs").is_dir()
+
+
+@pytest.mark.timeout(120)
+def test_network_failure(node: Node) -> None:
+    cgroups = _lxc_cgroups()
+    with IPRoute(netns=node.netns) as ipr:  # a link with the bridge's name, not a bridge
+        ipr.link("add", ifname=BRIDGE, kind="veth", peer="tpeer0")
+    error = node.cli.fails("vm", "start", "-f", "name=v")
+    _assert_failed_cleanly(node, error, "setting up the network", cgroups)
+    assert "is a veth, not a bridge" in error
+    assert error.endswith("its overlay is kept as deleteme-1-1-overlayfs")
+    assert BRIDGE in node.links()  # the admin's link is left alone
+    with IPRoute(netns=node.netns) as ipr:
+        ipr.link("del", ifname=BRIDGE)
+
+
+# --- overlays ------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("persistent", ["0", "1"])
+def test_overlay_across_sessions(node: Node, persistent: str) -> None:
+    node.cli.run("config", "set", f"vm.overlay.persistent={persistent}")
+    p = _paths(node)
+    node.cli.run("vm", "start", "-f", "name=v")
+    assert node.exec("v", "echo first > /root/session; echo h > /home/h").returncode == 0
+    node.cli.run("vm", "stop", "-f", "name=v")
+    node.cli.run("vm", "start", "-f", "name=v")
+    try:
+        kept = node.exec("v", "cat /root/session").stdout
+        assert node.exec("v", "cat /home/h").stdout == "h\n"  # homes always persist
+    finally:
+        node.cli.run("vm", "stop", "-f", "name=v")
+    aside = node.root / "overlayfs" / "deleteme-1-1-overlayfs"
+    if persistent == "1":
+        assert kept == "first\n"
+        assert not aside.exists()
+    else:
+        assert kept == ""
+        assert (aside / "root" / "session").read_text() == "first\n"
+        assert not (p["overlay"] / "root" / "session").exists()
+
+
+# --- reconciliation with liblxc ---------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_list_shows_a_container_stopped_from_outside_and_stop_cleans_it(node: Node) -> None:
+    cgroups = _lxc_cgroups()
+    node.cli.run("vm", "start", "-f", "name=v")
+    done = node.in_ns("lxc-stop", "-P", str(node.lxcpath), "-n", "qvd-1", "-k")
+    assert done.returncode == 0, done.stderr
+    assert node.state("v") == "zombie"
+    assert mounts_under(_paths(node)["rootfs"]) != []  # list itself cleans nothing up
+    node.cli.run("vm", "stop", "-f", "name=v")
+    assert node.state("v") == "stopped"
+    node.assert_nothing_left(cgroups)
+
+
+@pytest.mark.timeout(120)
+def test_list_from_another_namespace_does_not_mistake_a_running_vm(node: Node) -> None:
+    """liblxc answers STOPPED outside the starting namespace; the monitor decides."""
+    node.cli.run("vm", "start", "-f", "name=v")
+    try:
+        assert Cli(node.root).vm("v")["State"] == "running"  # the host's namespace
+    finally:
+        node.cli.run("vm", "stop", "-f", "name=v")
+
+
+@pytest.mark.timeout(120)
+def test_list_shows_a_vm_whose_union_daemon_died_and_stop_cleans_it(node: Node) -> None:
+    cgroups = _lxc_cgroups()
+    p = _paths(node)
+    node.cli.run("vm", "start", "-f", "name=v")
+    daemons = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if str(QVDFS).encode() in argv[:2] and os.fsencode(str(p["rootfs"])) in argv:
+                daemons.append(int(entry.name))
+    assert len(daemons) == 1, daemons
+    os.kill(daemons[0], 9)
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{daemons[0]}") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert node.state("v") == "zombie"
+    node.cli.run("vm", "stop", "-f", "name=v")
+    assert node.state("v") == "stopped"
+    node.assert_nothing_left(cgroups)
+
+
+@pytest.mark.timeout(120)
+def test_concurrent_cli_starts_of_different_vms(node: Node) -> None:
+    """Separate ``vm start`` processes at once, as several admins or scripts would."""
+    for i in range(2, 4):
+        node.cli.run("vm", "add", f"name=v{i}", "user=u", "osf=o")
+    names = ["v", "v2", "v3"]
+    with concurrent.futures.ThreadPoolExecutor(len(names)) as pool:
+        results = list(pool.map(
+            lambda n: node.cli.run("vm", "start", "-f", f"name={n}", check=False), names))
+    try:
+        assert [r.returncode for r in results] == [0, 0, 0], [r.stderr for r in results]
+        assert [r["State"] for r in node.cli.json("vm", "list")] == ["running"] * 3
+    finally:
+        node.cli.run("vm", "stop", "-f", "name=v*")
