@@ -376,6 +376,30 @@ def test_network_failure(node: Node) -> None:
         ipr.link("del", ifname=BRIDGE)
 
 
+@pytest.mark.timeout(120)
+def test_a_failed_start_whose_cleanup_fails_is_a_zombie_until_stop_succeeds(node: Node) -> None:
+    """A bridge squatting the VM's veth name: liblxc cannot make the veth, and the
+    cleanup refuses to delete a link that is not a veth, so the VM is left a zombie."""
+    cgroups = _lxc_cgroups()
+    with IPRoute(netns=node.netns) as ipr:
+        ipr.link("add", ifname="qvd1", kind="bridge")
+    error = node.cli.fails("vm", "start", "-f", "name=v")
+    assert error.startswith("Error: cannot start VM 'v': starting the container failed: ")
+    assert "refusing to delete network link 'qvd1'" in error
+    assert error.endswith("it is now a zombie (vm stop retries the cleanup)")
+    assert node.state("v") == "zombie"
+    # Nothing under a container that may still run was touched: root mounted, overlay kept.
+    assert mounts_under(_paths(node)["rootfs"]) == [str(_paths(node)["rootfs"])]
+    assert _paths(node)["overlay"].is_dir()
+    assert "zombie" in node.cli.fails("vm", "stop", "-f", "name=v")  # still refused
+    assert node.state("v") == "zombie"
+    with IPRoute(netns=node.netns) as ipr:  # the admin removes the squatter
+        ipr.link("del", ifname="qvd1")
+    node.cli.run("vm", "stop", "-f", "name=v")
+    assert node.state("v") == "stopped"
+    node.assert_nothing_left(cgroups)
+
+
 # --- overlays ------------------------------------------------------------------------
 
 

@@ -76,7 +76,9 @@ async def launch(
             try:
                 await halt(spec.name, spec.veth, lxcpath, timeout=0)
             except Exception as cleanup:
-                log.error("cleanup after failed start of %s failed: %s", spec.name, cleanup)
+                # Not an error log: the caller reports it (LaunchError.cleanup_error), and
+                # the CLI's contract is one error line.
+                log.info("cleanup after failed start of %s failed: %s", spec.name, cleanup)
                 cleanup_error = str(cleanup)
         if isinstance(exc, runtime.ContainerError):
             raise LaunchError("start", str(exc), cleanup_error) from exc
