@@ -57,14 +57,15 @@ class UnionOperations(pyfuse3.Operations):
 
     supports_dot_lookup = False
     enable_writeback_cache = WRITEBACK_CACHE
-    # The kernel enforces POSIX ACLs and caches them per inode, so `ls -l` and every
-    # permission check stop asking the daemon for system.posix_acl_access.
-    enable_acl = True
 
     def __init__(self, config: MountConfig) -> None:
         super().__init__()
         self.config = config
         self.union = Union(config)
+        # The kernel enforces POSIX ACLs and caches them per inode, so `ls -l` and every
+        # permission check stop asking the daemon for system.posix_acl_access. ACLs turn
+        # on the kernel's permission checks, so not with relaxed_permissions.
+        self.enable_acl = "default_permissions" in config.fuse_options
         self.union.index.invalidate = self._invalidate
         self._dirs: dict[int, list[tuple[bytes, Node]]] = {}
         self._next_dir_fh = 1
@@ -207,7 +208,7 @@ class UnionOperations(pyfuse3.Operations):
         A directory with a default ACL ignores the umask: the branch's filesystem then
         derives the mode from that ACL as the entry is created.
         """
-        if self.union.has_default_acl(parent):
+        if not self.enable_acl or self.union.has_default_acl(parent):
             return mode
         return mode & ~ctx.umask
 
