@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -379,3 +379,183 @@ def test_enospc_on_many_small_files_then_recovery(dirs: dict[str, Path]) -> None
             os.unlink(p)
         (mnt / "after").write_text("room again\n")
         assert (mnt / "after").read_text() == "room again\n"
+
+
+# --- a node's VMs: the union daemon dies, qvdctl is killed mid-command ----------------------
+
+
+class Node:
+    """A throwaway node: storage root (shared mount), its own netns, two VMs of one image."""
+
+    def __init__(self, root: Path, ns: str) -> None:
+        from qvdctl.network.sandbox import netns_argv
+        self.root, self.ns, self._argv = root, ns, netns_argv
+
+    def argv(self, *args: str) -> list[str]:
+        return self._argv(self.ns, [str(Path(sys.executable).parent / "qvdctl"),
+                                    "--root", str(self.root), *args])
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(self.argv(*args), capture_output=True, text=True, timeout=180)
+        if check:
+            assert done.returncode == 0, (args, done.stderr)
+        return done
+
+    def states(self) -> dict[str, str]:
+        import json
+        return {r["Name"]: r["State"] for r in json.loads(self.run("--json", "vm", "list").stdout)}
+
+    def leftovers(self, vm: str) -> dict[str, list]:
+        """Mounts, processes and veths a stopped VM must not have."""
+        with open("/proc/self/mountinfo") as f:
+            mounts = [line.split()[4] for line in f
+                      if line.split()[4].startswith(str(self.root / "rootfs"))]
+        vm_id = self.vm_id(vm)
+        procs = []
+        mine = str(self.root).encode()
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError):
+                    argv = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
+                    if mine not in argv:
+                        continue  # another test's VM with the same id
+                    if f"-{vm_id}-fs".encode() in argv or f" qvd-{vm_id} ".encode() in argv + b" ":
+                        if "\nState:\tZ" not in Path(f"/proc/{entry}/status").read_text():
+                            procs.append(argv.decode()[:80])
+        links = subprocess.run(["ip", "-n", self.ns, "-o", "link"], capture_output=True,
+                               text=True, timeout=30).stdout
+        veths = [w for w in links.split() if w.rstrip(":").split("@")[0] == f"qvd{vm_id}"]
+        return {"mounts": [m for m in mounts if f"-{vm_id}-fs" in m], "procs": procs,
+                "veths": veths}
+
+    def vm_id(self, vm: str) -> int:
+        import json
+        (row,) = json.loads(self.run("--json", "vm", "list", "-f", f"name={vm}").stdout)
+        return int(row["Id"])
+
+    def stop_until_clean(self, vm: str) -> None:
+        """vm stop, retried once if it reports a zombie; then nothing of the VM is left."""
+        for _ in range(2):
+            done = self.run("vm", "stop", "-f", f"name={vm}", check=False)
+            if done.returncode:
+                lines = done.stderr.strip().splitlines()
+                assert len(lines) == 1, done.stderr
+            if self.states()[vm] == "stopped":
+                break
+        assert self.states()[vm] == "stopped"
+        assert self.leftovers(vm) == {"mounts": [], "procs": [], "veths": []}
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
+    from qvdctl.imagebuild import build_busybox_rootfs, build_image_tarball
+    from qvdctl.network.sandbox import netns_argv, scratch_netns, shared_mount
+
+    tmp = tmp_path_factory.mktemp("node")
+    root = tmp / "storage"
+    (root / "staging").mkdir(parents=True)
+    build_image_tarball(root / "staging" / "img.tar.gz", build_busybox_rootfs(tmp / "image"),
+                        compression="gz")
+    with shared_mount(root), scratch_netns("qvdfault") as ns:
+        n = Node(root, ns)
+        try:
+            n.run("config", "set", "vm.hypervisor=lxc", "vm.lxc.unionfs.type=qvdfs",
+                  "vm.network.bridge=qvdfault0", "vm.network.ip.start=10.213.79.2",
+                  "vm.network.netmask=255.255.255.0", "vm.network.gateway=10.213.79.1",
+                  "vm.stop.timeout=10", f"vm.lxc.lxcpath={root / 'lxc'}")
+            n.run("osf", "add", "name=o")
+            n.run("di", "add", "path=img.tar.gz", "osf=o")
+            for vm in ("a", "b"):
+                n.run("user", "add", f"login={vm}", "password=p")
+                n.run("vm", "add", f"name={vm}", f"user={vm}", "osf=o")
+            yield n
+        finally:
+            # liblxc reaches a container only from the namespace that started it.
+            n.run("vm", "stop", "-f", "name=*", check=False)
+            subprocess.run(netns_argv(ns, ["sh", "-c", f"for c in {root}/lxc/qvd-*; do "
+                                      f"[ -d \"$c\" ] && lxc-stop -P {root}/lxc "
+                                      "-n $(basename $c) -k; done"]),
+                           capture_output=True, timeout=120)
+            with open("/proc/self/mountinfo") as f:
+                left = [line.split()[4] for line in f if line.split()[4].startswith(f"{root}/")]
+            for target in sorted(left, key=len, reverse=True):
+                force_unmount(target)
+
+
+@pytest.mark.timeout(300)
+def test_the_union_daemon_of_a_running_vm_dies(node: Node) -> None:
+    """SIGKILL the qvdfs of VM a: vm list shows it broken, vm stop cleans, the next start works."""
+    node.run("vm", "start", "-f", "name=*")
+    assert node.states() == {"a": "running", "b": "running"}
+    node.run("vm", "exec", "-f", "name=a", "--", "sh", "-c", "echo kept > /home/notes")
+    # Exactly this node's mountpoint: other tests on the machine run VMs with the same ids.
+    (a_root,) = [str(p) for p in (node.root / "rootfs").glob(f"*-{node.vm_id('a')}-fs")]
+    assert is_mounted(a_root)
+    pids = _daemon_pids(a_root)
+    assert len(pids) == 1
+    os.kill(pids[0], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while _alive(pids[0]):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert node.states() == {"a": "zombie", "b": "running"}
+    node.stop_until_clean("a")
+    assert node.states() == {"a": "stopped", "b": "running"}
+    node.run("vm", "start", "-f", "name=a")
+    done = node.run("vm", "exec", "-f", "name=a", "--", "cat", "/home/notes")
+    assert done.stdout == "kept\n"
+    node.run("vm", "exec", "-f", "name=b", "--", "true")
+    for vm in ("a", "b"):
+        node.stop_until_clean(vm)
+
+
+def _moment(node: Node, vm_id: int, moment: str) -> Callable[[], bool]:
+    """When to strike: a step of the command seen from outside, or a fixed delay."""
+    if moment.endswith("s"):
+        deadline = time.monotonic() + float(moment[:-1])
+        return lambda: time.monotonic() >= deadline
+    monitor = f"[lxc monitor] {node.root / 'lxc'} qvd-{vm_id}".encode()
+
+    def mounted() -> bool:
+        with open("/proc/self/mountinfo") as f:
+            return any(f"-{vm_id}-fs" in line and str(node.root) in line for line in f)
+
+    def container_up() -> bool:
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError):
+                    if Path(f"/proc/{entry}/cmdline").read_bytes().rstrip(b"\0") == monitor:
+                        return True
+        return False
+
+    return {"mounted": mounted, "container up": container_up,
+            "container gone": lambda: not container_up()}[moment]
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize(("command", "moment"), [
+    ("start", "0.2s"), ("start", "mounted"), ("start", "container up"),
+    ("stop", "0.2s"), ("stop", "container gone"),
+])
+def test_qvdctl_killed_mid_command_leaves_a_state_the_next_command_repairs(
+        node: Node, command: str, moment: str) -> None:
+    if node.states()["a"] != "stopped":  # an earlier failure must not spill over
+        node.stop_until_clean("a")
+    if command == "stop":
+        node.run("vm", "start", "-f", "name=a")
+    strike = _moment(node, node.vm_id("a"), moment)
+    proc = subprocess.Popen(node.argv("vm", command, "-f", "name=a"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(lambda: strike() or proc.poll() is not None, 60, moment)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "the command ended before the kill"
+    state = node.states()["a"]
+    print(f"\nvm {command} killed at {moment}: state {state}, left {node.leftovers('a')}")
+    assert state in ("stopped", "starting", "running", "stopping", "zombie"), state
+    # Whatever was left, stop cleans it up, and the VM starts and stops normally again.
+    node.stop_until_clean("a")
+    node.run("vm", "start", "-f", "name=a")
+    assert node.states()["a"] == "running"
+    node.run("vm", "exec", "-f", "name=a", "--", "true")
+    node.stop_until_clean("a")

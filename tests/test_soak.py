@@ -311,7 +311,7 @@ def _links(ns: str) -> list[str]:
 def test_ten_vms_started_and_stopped_repeatedly_leak_nothing(tmp_path: Path) -> None:
     from qvdctl.demo import Demo
     from qvdctl.imagebuild import build_busybox_rootfs, build_image_tarball
-    from qvdctl.network.sandbox import scratch_netns, shared_mount
+    from qvdctl.network.sandbox import netns_argv, scratch_netns, shared_mount
 
     root = tmp_path / "storage"
     (root / "staging").mkdir(parents=True)
@@ -354,8 +354,11 @@ def test_ten_vms_started_and_stopped_repeatedly_leak_nothing(tmp_path: Path) -> 
                     "links_running": len(links_running),
                 })
         finally:
-            subprocess.run(["sh", "-c", f"for c in {root}/lxc/qvd-*; do [ -d \"$c\" ] && "
-                            f"lxc-stop -P {root}/lxc -n $(basename $c) -k; done"],
+            # liblxc reaches a container only from the namespace that started it.
+            demo.qvdctl("vm", "stop", "-f", "name=*", check=False, show=False)
+            subprocess.run(netns_argv(ns, ["sh", "-c", f"for c in {root}/lxc/qvd-*; do "
+                                      f"[ -d \"$c\" ] && lxc-stop -P {root}/lxc "
+                                      "-n $(basename $c) -k; done"]),
                            capture_output=True, timeout=120)
             for target in sorted(_under(root)["mounts"], key=len, reverse=True):
                 force_unmount(target)
