@@ -559,3 +559,95 @@ def test_qvdctl_killed_mid_command_leaves_a_state_the_next_command_repairs(
     assert node.states()["a"] == "running"
     node.run("vm", "exec", "-f", "name=a", "--", "true")
     node.stop_until_clean("a")
+
+
+# --- di add killed mid-copy, and two di add racing --------------------------------------
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Iterator:
+    from tests.qvdctl_support import Cli, cleanup_root
+    root = tmp_path / "root"
+    try:
+        c = Cli(root)
+        c.run("osf", "add", "name=o")
+        yield c
+    finally:
+        cleanup_root(root)
+
+
+def _big_image(tmp_path: Path) -> Path:
+    from qvdctl.imagebuild import build_busybox_rootfs, build_image_tarball
+    root = build_busybox_rootfs(tmp_path / "image-root")
+    _big_file(root / "payload", 300)
+    return build_image_tarball(tmp_path / "big.tar", root, compression="")
+
+
+@pytest.mark.timeout(300)
+def test_di_add_killed_mid_copy_registers_nothing_and_can_be_redone(cli, tmp_path: Path) -> None:
+    import json
+    tarball = _big_image(tmp_path)
+    images = cli.root / "images"
+    proc = subprocess.Popen(cli_argv(cli, "di", "add", f"path={tarball}", "osf=o"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(lambda: proc.poll() is not None or any(
+        p.name.startswith(".tmp-") and p.stat().st_size > 0
+        for p in (images.iterdir() if images.exists() else ())), 60, "the copy to start")
+    proc.kill()
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "di add finished before the kill"
+    assert json.loads(cli.run("--json", "di", "list").stdout) == []
+    assert not (images / tarball.name).exists(), "a half copy sits under the real name"
+    leftovers = [p.name for p in images.iterdir() if p.name.startswith(".tmp-")]
+    print(f"\ndi add killed mid-copy left {leftovers} in images/")
+    cli.run("di", "add", f"path={tarball}", "osf=o")
+    (row,) = json.loads(cli.run("--json", "di", "list").stdout)
+    assert _sha(images / tarball.name) == _sha(tarball)
+
+
+def test_two_di_add_of_one_file_race_and_one_wins(cli, tmp_path: Path) -> None:
+    import json
+    tarball = _big_image(tmp_path)
+    procs = [subprocess.Popen(cli_argv(cli, "di", "add", f"path={tarball}", "osf=o"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [(p.wait(timeout=120), *p.communicate()) for p in procs]
+    codes = sorted(r[0] for r in results)
+    assert codes == [0, 1], results
+    loser = next(r for r in results if r[0] == 1)
+    assert len(loser[2].strip().splitlines()) == 1 and loser[2].startswith("Error: ")
+    (row,) = json.loads(cli.run("--json", "di", "list").stdout)
+    images = cli.root / "images"
+    assert [p.name for p in images.iterdir()] == [tarball.name]
+    assert _sha(images / tarball.name) == _sha(tarball)
+
+
+def cli_argv(cli, *args: str) -> list[str]:
+    from tests.qvdctl_support import QVDCTL
+    return [QVDCTL, "--root", str(cli.root), *args]
+
+
+@pytest.mark.timeout(300)
+def test_start_and_stop_of_one_vm_racing_end_consistent(node: Node) -> None:
+    """vm start and vm stop at once: each ends cleanly or with one error line; then it is
+    either running (and stops cleanly) or stopped with nothing left."""
+    if node.states()["a"] != "stopped":
+        node.stop_until_clean("a")
+    for delay in (0.0, 0.3):
+        start = subprocess.Popen(node.argv("vm", "start", "-f", "name=a"),
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        stop = subprocess.Popen(node.argv("vm", "stop", "-f", "name=a"),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for proc in (start, stop):
+            _out, err = proc.communicate(timeout=120)
+            assert proc.returncode in (0, 1), err
+            if proc.returncode:
+                assert len(err.strip().splitlines()) == 1 and err.startswith("Error: "), err
+        state = node.states()["a"]
+        print(f"\nstart and stop {delay}s apart: start {start.returncode}, "
+              f"stop {stop.returncode}, state {state}")
+        assert state in ("running", "stopped", "zombie"), state
+        if state == "running":
+            node.run("vm", "exec", "-f", "name=a", "--", "true")
+        node.stop_until_clean("a")
