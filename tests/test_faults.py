@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -23,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.mounts import NODE_OPTIONS, QVDFS, _daemon_pids, force_unmount, is_mounted, qvdfs_mount
+from tests.qvdctl_support import QVDCTL, Cli, cleanup_root
 
 WORK = ".qvdfs.work"
 MiB = 1 << 20
@@ -402,7 +404,6 @@ class Node:
         return done
 
     def states(self) -> dict[str, str]:
-        import json
         return {r["Name"]: r["State"] for r in json.loads(self.run("--json", "vm", "list").stdout)}
 
     def leftovers(self, vm: str) -> dict[str, list]:
@@ -429,7 +430,6 @@ class Node:
                 "veths": veths}
 
     def vm_id(self, vm: str) -> int:
-        import json
         (row,) = json.loads(self.run("--json", "vm", "list", "-f", f"name={vm}").stdout)
         return int(row["Id"])
 
@@ -566,7 +566,6 @@ def test_qvdctl_killed_mid_command_leaves_a_state_the_next_command_repairs(
 
 @pytest.fixture
 def cli(tmp_path: Path) -> Iterator:
-    from tests.qvdctl_support import Cli, cleanup_root
     root = tmp_path / "root"
     try:
         c = Cli(root)
@@ -585,7 +584,6 @@ def _big_image(tmp_path: Path) -> Path:
 
 @pytest.mark.timeout(300)
 def test_di_add_killed_mid_copy_registers_nothing_and_can_be_redone(cli, tmp_path: Path) -> None:
-    import json
     tarball = _big_image(tmp_path)
     images = cli.root / "images"
     proc = subprocess.Popen(cli_argv(cli, "di", "add", f"path={tarball}", "osf=o"),
@@ -606,7 +604,6 @@ def test_di_add_killed_mid_copy_registers_nothing_and_can_be_redone(cli, tmp_pat
 
 
 def test_two_di_add_of_one_file_race_and_one_wins(cli, tmp_path: Path) -> None:
-    import json
     tarball = _big_image(tmp_path)
     procs = [subprocess.Popen(cli_argv(cli, "di", "add", f"path={tarball}", "osf=o"),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -623,30 +620,36 @@ def test_two_di_add_of_one_file_race_and_one_wins(cli, tmp_path: Path) -> None:
 
 
 def cli_argv(cli, *args: str) -> list[str]:
-    from tests.qvdctl_support import QVDCTL
     return [QVDCTL, "--root", str(cli.root), *args]
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.xfail(strict=True, reason=(
+    "bug, reported to lead: a vm stop racing a vm start leaves the VM 'stopped' with its "
+    "qvdfs mount, container and veth still up (start says 'was stopped while it started'), "
+    "or the start's undo prints WARNING lines besides its error"))
 def test_start_and_stop_of_one_vm_racing_end_consistent(node: Node) -> None:
     """vm start and vm stop at once: each ends cleanly or with one error line; then it is
     either running (and stops cleanly) or stopped with nothing left."""
     if node.states()["a"] != "stopped":
         node.stop_until_clean("a")
-    for delay in (0.0, 0.3):
+    for delay in (0.0, 0.0, 0.0, 0.05, 0.1, 0.3):
         start = subprocess.Popen(node.argv("vm", "start", "-f", "name=a"),
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         time.sleep(delay)
         stop = subprocess.Popen(node.argv("vm", "stop", "-f", "name=a"),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        errors = []
         for proc in (start, stop):
             _out, err = proc.communicate(timeout=120)
             assert proc.returncode in (0, 1), err
             if proc.returncode:
                 assert len(err.strip().splitlines()) == 1 and err.startswith("Error: "), err
+            errors.append(err.strip())
         state = node.states()["a"]
         print(f"\nstart and stop {delay}s apart: start {start.returncode}, "
-              f"stop {stop.returncode}, state {state}")
+              f"stop {stop.returncode}, state {state}, errors {errors}, "
+              f"left {node.leftovers('a')}")
         assert state in ("running", "stopped", "zombie"), state
         if state == "running":
             node.run("vm", "exec", "-f", "name=a", "--", "true")

@@ -454,7 +454,8 @@ def test_a_container_wiping_its_root_cannot_touch_another_vms_view(tmp_path: Pat
         # No rm binary inside the chroot: remove everything the way rm -rf / would.
         def wipe_in_python() -> list[str]:
             for dirpath, dirnames, filenames in os.walk("/", topdown=False):
-                for n in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+                links = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+                for n in filenames + links:
                     os.unlink(os.path.join(dirpath, n))
                 for n in dirnames:
                     p = os.path.join(dirpath, n)
@@ -597,8 +598,8 @@ def test_unicode_names_round_trip_and_stay_out_of_paths(cli: Cli) -> None:
 # --- hostile images (what tests/test_qvdctl_images.py does not cover yet) -----------------
 
 
-def _image(path: Path, members: list[tuple[tarfile.TarInfo, bytes]], fmt=tarfile.PAX_FORMAT) -> Path:
-    with tarfile.open(path, "w:gz", format=fmt) as tar:
+def _image(path: Path, members: list[tuple[tarfile.TarInfo, bytes]]) -> Path:
+    with tarfile.open(path, "w:gz", format=tarfile.PAX_FORMAT) as tar:
         sbin = tarfile.TarInfo("sbin")
         sbin.type, sbin.mode = tarfile.DIRTYPE, 0o755
         tar.addfile(sbin)

@@ -123,7 +123,8 @@ while time.monotonic() < deadline:
 for rel in list(model):
     verify(rel)
 with open(out, "w") as f:
-    json.dump({"ops": ops, "files": {r: hashlib.sha256(d).hexdigest() for r, d in model.items()}}, f)
+    digests = {r: hashlib.sha256(d).hexdigest() for r, d in model.items()}
+    json.dump({"ops": ops, "files": digests}, f)
 """
 
 
@@ -349,7 +350,8 @@ def test_ten_vms_started_and_stopped_repeatedly_leak_nothing(tmp_path: Path) -> 
                 assert [n for n in _links(ns) if n.startswith("qvd") and n != "qvdsoak0"] == []
                 figures.append({
                     "cycle": cycle, "start_s": round(start_s, 2), "stop_s": round(stop_s, 2),
-                    "mounts_running": len(running["mounts"]), "procs_running": len(running["procs"]),
+                    "mounts_running": len(running["mounts"]),
+                    "procs_running": len(running["procs"]),
                     "fds_running": running["fds"], "rss_mib_running": running["rss_kib"] // 1024,
                     "links_running": len(links_running),
                 })
