@@ -111,7 +111,7 @@ class Node:
         assert mounts_under(self.root / "rootfs") == []
         assert self.veths() == set()
         assert not self.lxcpath.exists() or list(self.lxcpath.iterdir()) == []
-        deadline = time.monotonic() + 5  # a failed start's monitor exits a moment later
+        deadline = time.monotonic() + 15  # a failed start's monitor exits a moment later
         while (_monitors(self.lxcpath) or _lxc_cgroups() - cgroups_before) and (
             time.monotonic() < deadline
         ):
