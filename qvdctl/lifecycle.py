@@ -485,8 +485,8 @@ def run_each(
     if len(vms) <= 1 or limit <= 1:
         return [_attempt(action, vm) for vm in vms]
     # Threads, since each action is blocking (the container seam runs its own trio loop
-    # per call). Leaving the pool waits for every action: a Ctrl+C lands once the VMs
-    # already in progress are started or failed cleanly, never half-way through one.
+    # per call). On Ctrl+C the process still waits for its worker threads before it
+    # exits, so each action in progress ends through its own success or failure path.
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(limit, len(vms))) as pool:
         futures = [pool.submit(_attempt, action, vm) for vm in vms]
     return [future.result() for future in futures]
