@@ -24,7 +24,6 @@ caller's directory and threads alone.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import shutil
@@ -36,6 +35,7 @@ import libarchive
 from libarchive import extract as ae
 from libarchive.exception import ArchiveError
 
+from qvdctl import locks
 from qvdctl.errors import QvdError
 
 log = logging.getLogger(__name__)
@@ -172,9 +172,7 @@ def ensure_extracted(archive: Path, target: Path) -> bool:
             filesystem, or the disk is full. ``target`` is then left absent.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = target.parent / f".{target.name}.lock"
-    with open(lock_path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with locks.exclusive(target.parent / f".{target.name}.lock"):
         if target.exists():
             return False
         for stale in target.parent.glob(f".{target.name}.tmp-*"):
