@@ -25,6 +25,13 @@ daemon died under it. It is never silently reset to ``stopped``, since its
 root may still be mounted and its overlay busy; the next ``vm stop`` or
 ``vm start`` of it retries the whole cleanup (container, veth, config, mounts)
 and only then calls it ``stopped``.
+
+Concurrency: ``vm start`` and ``vm stop`` of one VM hold that VM's lock
+(``Storage.vm_lock``) from their first state change to their last, so a stop
+issued during a start waits for the start to end, then stops what it started.
+The lock dies with its process: a VM found ``starting`` or ``stopping`` by the
+holder of its lock was left so by a command that crashed, and ``vm stop``
+cleans it up.
 """
 
 from __future__ import annotations
@@ -37,11 +44,11 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import NoReturn, TypeVar
 
-from qvdctl import mounting
+from qvdctl import locks, mounting
 from qvdctl.container import seam
 from qvdctl.container.vm import LaunchError
 from qvdctl.db import store
@@ -146,17 +153,32 @@ def stop_container(vm: Vm, settings: Mapping[str, str]) -> None:
 # --- start ---------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _vm_locked(node: Node, vm_id: int) -> Iterator[Vm]:
+    """Hold VM ``vm_id``'s lock; yield the VM as the database has it once the lock is ours."""
+    storage = node.storage()
+    storage.ensure()
+    with locks.exclusive(storage.vm_lock(vm_id)):
+        yield load_vm(node, vm_id)
+
+
 def start_vm(node: Node, vm: Vm) -> MountedRoot:
     """``vm start``: mount the root, then start the container on it.
 
-    A zombie is cleaned up first (see the module docstring), then started.
+    Waits for any start or stop of the same VM in progress (see the module
+    docstring). A zombie is cleaned up first, then started.
 
     Raises:
         QvdError: one line naming the VM and the failed step; see the module docstring.
     """
-    if vm.state == "zombie":
-        log.info("VM %s is a zombie: retrying its cleanup before the start", vm.name)
-        stop_vm(node, vm)
+    with _vm_locked(node, vm.id) as vm:
+        if vm.state == "zombie":
+            log.info("VM %s is a zombie: retrying its cleanup before the start", vm.name)
+            _stop(node, vm)
+        return _start(node, vm)
+
+
+def _start(node: Node, vm: Vm) -> MountedRoot:
     mounted = prepare_and_mount(node, vm)
     if mounted.settings["vm.start.mount_only"] != "1":
         try:
@@ -171,10 +193,7 @@ def start_vm(node: Node, vm: Vm) -> MountedRoot:
             undo = [lambda: mounting.unmount_tree(mounted.rootfs, lazy_fallback=True)]
             _fail_start(node, vm, "starting the container", exc, undo, mounted.overlay)
     with node.db.writer() as conn:
-        if not store.set_vm_state(conn, vm.id, "running", expect=("starting",)):
-            # A `vm stop` ran during the start and owns the VM now; say so rather
-            # than report a VM as started that is being torn down.
-            raise QvdError(f"VM '{vm.name}' was stopped while it started")
+        store.set_vm_state(conn, vm.id, "running")
     return mounted
 
 
@@ -319,11 +338,18 @@ def _fail_start(
 def stop_vm(node: Node, vm: Vm) -> None:
     """``vm stop``: stop the container, then unmount and release the root.
 
-    Also the cleanup of a zombie: every step is idempotent, so it is simply run again.
+    Waits for any start or stop of the same VM in progress (see the module
+    docstring). Also the cleanup of a zombie: every step is idempotent, so it is
+    simply run again.
 
     Raises:
         QvdError: the VM is not in a stoppable state, or a step failed (it is then zombie).
     """
+    with _vm_locked(node, vm.id) as vm:
+        _stop(node, vm)
+
+
+def _stop(node: Node, vm: Vm) -> None:
     with node.db.writer() as conn:
         if not store.set_vm_state(conn, vm.id, "stopping", expect=STOPPABLE):
             state = store.get_vm(conn, vm.id)["state"]

@@ -9,6 +9,7 @@
     <root>/overlayfs/<di id>-<vm id>-overlayfs
     <root>/overlayfs/<di id>-<vm id>-overlayfs.work   kernel overlayfs' workdir
     <root>/rootfs/<user id>-<vm id>-fs  the mountpoint of the merged root
+    <root>/rootfs/.<vm id>.lock         held by the `vm start` or `vm stop` at work
 
 An overlay is never deleted by qvdctl: when it must go (non-persistent start,
 failed start) it is renamed with the prefix ``deleteme-`` for the admin.
@@ -78,6 +79,10 @@ class Storage:
 
     def rootfs_entry(self, user_id: int, vm_id: int) -> Path:
         return self.rootfs / f"{user_id}-{vm_id}-fs"
+
+    def vm_lock(self, vm_id: int) -> Path:
+        """The lock file that serialises starts and stops of one VM (see lifecycle.py)."""
+        return self.rootfs / f".{vm_id}.lock"
 
 
 def move_aside(path: Path) -> Path:

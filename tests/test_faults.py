@@ -624,10 +624,6 @@ def cli_argv(cli, *args: str) -> list[str]:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.xfail(strict=True, reason=(
-    "bug, reported to lead: a vm stop racing a vm start leaves the VM 'stopped' with its "
-    "qvdfs mount, container and veth still up (start says 'was stopped while it started'), "
-    "or the start's undo prints WARNING lines besides its error"))
 def test_start_and_stop_of_one_vm_racing_end_consistent(node: Node) -> None:
     """vm start and vm stop at once: each ends cleanly or with one error line; then it is
     either running (and stops cleanly) or stopped with nothing left."""
@@ -647,10 +643,12 @@ def test_start_and_stop_of_one_vm_racing_end_consistent(node: Node) -> None:
                 assert len(err.strip().splitlines()) == 1 and err.startswith("Error: "), err
             errors.append(err.strip())
         state = node.states()["a"]
+        left = node.leftovers("a")
         print(f"\nstart and stop {delay}s apart: start {start.returncode}, "
-              f"stop {stop.returncode}, state {state}, errors {errors}, "
-              f"left {node.leftovers('a')}")
+              f"stop {stop.returncode}, state {state}, errors {errors}, left {left}")
         assert state in ("running", "stopped", "zombie"), state
+        if state == "stopped":
+            assert left == {"mounts": [], "procs": [], "veths": []}, left
         if state == "running":
             node.run("vm", "exec", "-f", "name=a", "--", "true")
         node.stop_until_clean("a")
