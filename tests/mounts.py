@@ -55,7 +55,11 @@ def qvdfs_mount(
     Asserts that the daemon exits 0 after ``umount``, as the node expects.
     """
     mnt = str(mountpoint)
-    subprocess.run([QVDFS, *options, branches, mnt], check=True, timeout=timeout)
+    try:
+        subprocess.run([QVDFS, *options, branches, mnt], check=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        force_unmount(mnt)  # a daemon that hangs while mounting must not leave its mount behind
+        raise
     pids = _daemon_pids(mnt)
     try:
         assert is_mounted(mnt), "qvdfs exited 0 but nothing is mounted"
