@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 FUSE_DEVICE = "/dev/fuse"
 # How long the mount may take to answer its first request before the start counts as failed.
 READY_TIMEOUT = 60.0
+# The kernel's read-ahead window for the mount. libfuse lets read requests grow to 1 MiB,
+# but the default window of 128 KiB keeps them at 256 KiB: measured on a 256 MiB file,
+# 1024 requests at the default against 258 at 1 MiB, and each request costs us ~50 µs.
+READ_AHEAD_KIB = 1024
 _READY = b"ready\n"
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -74,6 +78,9 @@ def run(argv: Sequence[str], *, make_operations: OperationsFactory | None = None
         check_fuse_device()
         check_mountpoint(config.mountpoint)
         check_branches(config)
+        # Named by its resolved path from here on: once mounted, resolving it again would
+        # be a request to this very process.
+        config.mountpoint = os.path.realpath(config.mountpoint)
         if config.max_files is not None:
             raise_file_limit(config.max_files)
         log.debug("mounting with %r", config)
@@ -157,8 +164,13 @@ def raise_file_limit(max_files: int) -> int:
 
 def mounted_paths(mountinfo: str = "/proc/self/mountinfo") -> set[str]:
     """The mount points listed in ``mountinfo``, unescaped."""
+    return {path for _device, path in _mounts(mountinfo)}
+
+
+def _mounts(mountinfo: str) -> list[tuple[str, str]]:
+    """(device ``major:minor``, unescaped mount point) of each line of ``mountinfo``, in order."""
     with open(mountinfo) as f:
-        return {_unescape_mount_path(line.split()[4]) for line in f}
+        return [(fields[2], _unescape_mount_path(fields[4])) for fields in map(str.split, f)]
 
 
 def _unescape_mount_path(field: str) -> str:
@@ -190,6 +202,24 @@ def _mount(ops: Any, config: MountConfig) -> None:
         # libfuse has already printed its reason to stderr; ours names the mountpoint.
         raise MountError(f"cannot mount on {config.mountpoint}: {exc}") from None
     log.info("mounted %s on %s", ":".join(b.path for b in config.branches), config.mountpoint)
+
+
+def set_read_ahead(mountpoint: str, kib: int, mountinfo: str = "/proc/self/mountinfo") -> None:
+    """Set the read-ahead window of the newest mount on ``mountpoint`` to ``kib`` KiB.
+
+    ``mountpoint`` must be a resolved path. This goes through the device number in
+    ``mountinfo`` and its backing device in sysfs, not through the mount. A failure only
+    costs speed, so it is logged, never raised.
+    """
+    devices = [device for device, path in _mounts(mountinfo) if path == mountpoint]
+    if not devices:
+        log.warning("cannot set read-ahead: %s is not in %s", mountpoint, mountinfo)
+        return
+    try:
+        with open(f"/sys/class/bdi/{devices[-1]}/read_ahead_kb", "w") as f:
+            f.write(str(kib))
+    except OSError as exc:
+        log.warning("cannot set read-ahead of %s: %s", mountpoint, exc)
 
 
 def _daemonize(log_file: IO[str] | None, stderr_handler: logging.Handler) -> int:
@@ -268,6 +298,8 @@ async def _serve(ops: Any, config: MountConfig, ready_fd: int | None) -> int:
             raise MountError(f"the mount refused its first request ({exc.strerror})") from None
         ready = True
         log.info("serving %s", config.mountpoint)
+        # Not before: the kernel sets the window again when it gets the answer to INIT.
+        set_read_ahead(config.mountpoint, READ_AHEAD_KIB)
         if ready_fd is not None:
             # Closing is what lets the parent's read end: it reads up to end-of-file.
             _report(ready_fd, _READY)

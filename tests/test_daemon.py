@@ -231,6 +231,18 @@ def test_node_command_line_mounts_and_umount_ends_daemon(dirs: dict[str, Path]) 
         assert not is_mounted(mnt)
 
 
+def test_mount_widens_the_read_ahead_window(dirs: dict[str, Path]) -> None:
+    mnt = dirs["rootfs"]
+    with cleanup(mnt):
+        assert run_entry(ENTRY, node_argv(dirs)).returncode == 0
+        device = mount_entry(mnt)[2]
+        window = Path(f"/sys/class/bdi/{device}/read_ahead_kb").read_text()
+        assert int(window) == daemon.READ_AHEAD_KIB
+        pids = daemon_pids(mnt)
+        subprocess.run(["umount", str(mnt)], check=True, timeout=30)
+        assert wait_gone(pids)
+
+
 def test_graft_serves_home_from_its_own_branch(dirs: dict[str, Path], tmp_path: Path) -> None:
     home, mnt = tmp_path / "homefs", dirs["rootfs"]
     home.mkdir()
