@@ -48,6 +48,17 @@ def _map_errors(handler: Any) -> Any:
     return wrapper
 
 
+def _read_fully(fd: int, view: memoryview, off: int) -> int:
+    """Fill ``view`` from ``fd`` at ``off``, blocking; stop early only at end-of-file."""
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], off + done)
+        if got == 0:
+            break
+        done += got
+    return done
+
+
 class UnionOperations(pyfuse3.Operations):
     """pyfuse3 handlers for a qvdfs mount.
 
@@ -277,7 +288,23 @@ class UnionOperations(pyfuse3.Operations):
         return self._file_info(fh), self._counted(node)
 
     async def read(self, fh, off, size):
-        return os.pread(self.union.handle(fh).fd, size, off)
+        # Data in the page cache is copied inline (a thread hop would cost more than the
+        # copy); data that needs the disk is read in a thread, so that one cold read does
+        # not hold up every other request. RWF_NOWAIT tells the two apart.
+        fd = self.union.handle(fh).fd
+        buf = bytearray(size)
+        try:
+            got = os.preadv(fd, [buf], off, os.RWF_NOWAIT)
+        except BlockingIOError:
+            got = 0
+        except OSError as exc:
+            if exc.errno != errno.EOPNOTSUPP:  # a branch filesystem without RWF_NOWAIT
+                raise
+            got = _read_fully(fd, memoryview(buf), off)
+        if got < size and off + got < os.fstat(fd).st_size:
+            # A short RWF_NOWAIT read is not end-of-file, but the kernel would take it for one.
+            got += await trio.to_thread.run_sync(_read_fully, fd, memoryview(buf)[got:], off + got)
+        return memoryview(buf)[:got]
 
     async def write(self, fh, off, buf):
         handle = self.union.handle(fh)

@@ -91,6 +91,29 @@ def test_copy_up_keeps_nanosecond_times(union: Union) -> None:
     assert (st.st_atime_ns, st.st_mtime_ns) == (1_111_111_111_123_456_789, 1_222_222_222_987_654_321)
 
 
+def test_reads_partly_from_disk_return_every_byte(tmp_path: Path) -> None:
+    """Pages of a base file half in the page cache and half on disk: the union serves the
+    cached ones inline and fetches the others, and the reader gets every byte in order."""
+    data = os.urandom(8 << 20)
+    base, upper, mnt = build_base(tmp_path / "base"), tmp_path / "upper", tmp_path / "mnt"
+    upper.mkdir()
+    mnt.mkdir()
+    big = base / "big"
+    big.write_bytes(data)
+    fd = os.open(big, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        for off in range(0, len(data), 192 << 10):  # warm one page in every 48
+            os.pread(fd, 4096, off)
+    finally:
+        os.close(fd)
+    with qvdfs_mount(f"{upper}=RW:{base}=RO", mnt, *NODE_OPTIONS), open(mnt / "big", "rb") as f:
+        assert f.read() == data
+        f.seek(123457)
+        assert f.read(1 << 20) == data[123457:123457 + (1 << 20)]
+
+
 def test_chmod_chown_utimens_copy_no_data(union: Union) -> None:
     tool = union.mnt / "usr/bin/tool"
     data = tool.read_bytes()
