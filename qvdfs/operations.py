@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 # suit it either way (see union.core.backing_flags).
 WRITEBACK_CACHE = False
 
+# Reads of at least this many bytes may run in a thread (see UnionOperations.read).
+THREADED_READ_MIN = 128 * 1024
+
 
 def _map_errors(handler: Any) -> Any:
     @functools.wraps(handler)
@@ -288,10 +291,14 @@ class UnionOperations(pyfuse3.Operations):
         return self._file_info(fh), self._counted(node)
 
     async def read(self, fh, off, size):
-        # Data in the page cache is copied inline (a thread hop would cost more than the
-        # copy); data that needs the disk is read in a thread, so that one cold read does
-        # not hold up every other request. RWF_NOWAIT tells the two apart.
+        # A large read (the kernel's read-ahead) that needs the disk goes to a thread, so
+        # that the next one is already on its way; from the page cache it is copied inline,
+        # where a thread hop would cost more than the copy. RWF_NOWAIT tells the two apart.
+        # A small read is always inline: measured on cold 4 KiB random reads, the hop
+        # (~150 µs) doubled their time.
         fd = self.union.handle(fh).fd
+        if size < THREADED_READ_MIN:
+            return os.pread(fd, size, off)
         buf = bytearray(size)
         try:
             got = os.preadv(fd, [buf], off, os.RWF_NOWAIT)
