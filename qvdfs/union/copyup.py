@@ -176,4 +176,4 @@ def _split_hard_links(index: Index, node: Node) -> None:
             fresh.in_lower = node.in_lower
             parent.listing[name] = fresh
             index.invalidate(parent, name)
-    node.aliases.clear()
+    node.aliases = ()

@@ -140,7 +140,7 @@ class Union:
             return node
         assert parent.listing is not None
         parent.listing[name] = known
-        known.aliases.append((parent, name))
+        known.aliases += ((parent, name),)
         node.unlinked = True
         self.index.maybe_free(node)
         return known
@@ -265,7 +265,7 @@ class Union:
             else:
                 os.link(node.name, name, src_dir_fd=src_fd, dst_dir_fd=pfd, follow_symlinks=False)
             parent.listing[name] = node
-            node.aliases.append((parent, name))
+            node.aliases += ((parent, name),)
             return node
 
     # -- removing entries ---------------------------------------------------------------
@@ -329,14 +329,15 @@ class Union:
         """Forget one name of ``node``; the node ends when its last name goes."""
         if self._primary(node, parent, name):
             if node.aliases:
-                node.parent, node.name = node.aliases.pop()
+                node.parent, node.name = node.aliases[-1]
+                node.aliases = node.aliases[:-1]
                 return
             node.unlinked = True
             if node.is_dir:
                 self.index.close_fds(node)
             self.index.maybe_free(node)
         else:
-            node.aliases.remove((parent, name))
+            node.aliases = tuple(a for a in node.aliases if a != (parent, name))
 
     @staticmethod
     def _replace_with_whiteout(stack: Stack, pfd: int, name: bytes) -> None:
@@ -446,7 +447,8 @@ class Union:
         if node.parent is parent_old and node.name == name_old:
             node.parent, node.name = parent_new, name_new
         else:
-            node.aliases[node.aliases.index((parent_old, name_old))] = (parent_new, name_new)
+            node.aliases = tuple((parent_new, name_new) if a == (parent_old, name_old) else a
+                                 for a in node.aliases)
 
     async def _copy_up_whole(self, node: Node) -> None:
         """Copy ``node`` and, for a directory, everything under it into the upper branch.
@@ -580,7 +582,7 @@ class Union:
         fh = self._next_fh
         self._next_fh += 1
         self.handles[fh] = handle
-        handle.node.handles.append(handle)
+        handle.node.handles += (handle,)
         return fh
 
     def handle(self, fh: int) -> Handle:
@@ -599,5 +601,5 @@ class Union:
         if handle.writable:
             stale(handle.node)  # shared mmap writes may have landed without a write call
         os.close(handle.fd)
-        handle.node.handles.remove(handle)
+        handle.node.handles = tuple(h for h in handle.node.handles if h is not handle)
         self.index.maybe_free(handle.node)

@@ -25,6 +25,8 @@ import errno
 import logging
 import os
 import stat
+import types
+from typing import Any
 
 from qvdfs.union import markers, syscalls
 from qvdfs.union.branch import Stack
@@ -33,6 +35,11 @@ log = logging.getLogger(__name__)
 
 ROOT_ID = 1
 MAX_CACHED_DIR_FDS = 4096
+
+
+# Read-only stand-ins for the layers and whiteouts a file does not have.
+_NO_LAYERS: Any = ()
+_NO_WHITEOUTS: Any = types.MappingProxyType({})
 
 
 class Node:
@@ -54,17 +61,22 @@ class Node:
         # set it at once.
         self.data_branch: int | None = None if not is_dir else branch
         self.in_lower = False
-        self.layers: list[int] = [branch] if is_dir else []
+        # A file never has layers or whiteouts; sharing one empty value keeps the tens of
+        # thousands of file nodes of a root small.
+        self.layers: list[int] = [branch] if is_dir else _NO_LAYERS
         self.listing: dict[bytes, Node] | None = None
         # name -> "dev" (a 0/0 device in the upper branch) or "marker" (unionfs-fuse)
-        self.whiteouts: dict[bytes, str] = {}
+        self.whiteouts: dict[bytes, str] = {} if is_dir else _NO_WHITEOUTS
         self.fds: dict[int, int] = {}
         self.lookups = 0
-        self.handles: list = []  # open file handles (see core.Handle)
+        # Open file handles (see core.Handle); a tuple, replaced on change, since most
+        # nodes never have one.
+        self.handles: tuple = ()
         self.unlinked = False
         self.is_stack_root = False
-        # Other (parent, name) places of a hard-linked file, beside the primary one.
-        self.aliases: list[tuple[Node, bytes]] = []
+        # Other (parent, name) places of a hard-linked file, beside the primary one; a
+        # tuple, replaced on change, for the same reason.
+        self.aliases: tuple[tuple[Node, bytes], ...] = ()
         # For an upper directory renamed by kernel overlayfs: where its lower part is,
         # as path components from the stack root.
         self.redirect: list[bytes] | None = None
