@@ -42,7 +42,7 @@ FUSE_DEVICE = "/dev/fuse"
 READY_TIMEOUT = 60.0
 # The kernel's read-ahead window for the mount. libfuse lets read requests grow to 1 MiB,
 # but the default window of 128 KiB keeps them at 256 KiB: measured on a 256 MiB file,
-# 1024 requests at the default against 258 at 1 MiB, and each request costs us ~50 µs.
+# 1024 requests at the default against 258 at 1 MiB, and every request has a fixed cost here.
 READ_AHEAD_KIB = 1024
 _READY = b"ready\n"
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
