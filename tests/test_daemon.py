@@ -138,6 +138,13 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def umount_and_wait(mnt: Path) -> None:
+    """``umount`` as the node does; assert that the daemon serving ``mnt`` then exits."""
+    pids = daemon_pids(mnt)
+    subprocess.run(["umount", str(mnt)], check=True, timeout=30)
+    assert wait_gone(pids), f"daemon {pids} still running after umount"
+
+
 def wait_unmounted(path: Path, timeout: float = 15) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -226,8 +233,7 @@ def test_node_command_line_mounts_and_umount_ends_daemon(dirs: dict[str, Path]) 
         assert [os.readlink(f"/proc/{pids[0]}/fd/{fd}") for fd in (0, 1, 2)] == ["/dev/null"] * 3
         assert "Umask:\t0000" in Path(f"/proc/{pids[0]}/status").read_text()
 
-        subprocess.run(["umount", str(mnt)], check=True, timeout=30)
-        assert wait_gone(pids), "daemon still running after umount"
+        umount_and_wait(mnt)
         assert not is_mounted(mnt)
 
 
@@ -238,9 +244,7 @@ def test_mount_widens_the_read_ahead_window(dirs: dict[str, Path]) -> None:
         device = mount_entry(mnt)[2]
         window = Path(f"/sys/class/bdi/{device}/read_ahead_kb").read_text()
         assert int(window) == daemon.READ_AHEAD_KIB
-        pids = daemon_pids(mnt)
-        subprocess.run(["umount", str(mnt)], check=True, timeout=30)
-        assert wait_gone(pids)
+        umount_and_wait(mnt)
 
 
 def test_graft_serves_home_from_its_own_branch(dirs: dict[str, Path], tmp_path: Path) -> None:
@@ -254,9 +258,7 @@ def test_graft_serves_home_from_its_own_branch(dirs: dict[str, Path], tmp_path: 
         (mnt / "home" / "new").write_text("x")
         assert (home / "new").read_text() == "x"
         assert not (dirs["overlay"] / "home" / "new").exists()
-        pids = daemon_pids(mnt)
-        subprocess.run(["umount", str(mnt)], check=True, timeout=30)
-        assert wait_gone(pids)
+        umount_and_wait(mnt)
 
 
 def test_relative_paths_survive_chdir_to_root(dirs: dict[str, Path], tmp_path: Path) -> None:
@@ -265,9 +267,7 @@ def test_relative_paths_survive_chdir_to_root(dirs: dict[str, Path], tmp_path: P
         result = run_entry(ENTRY, ["overlay=RW:./base", "rootfs"], cwd=tmp_path)
         assert result.returncode == 0, result.stderr
         assert (mnt / "hello").read_text() == "from base\n"
-        pids = daemon_pids(mnt)
-        subprocess.run(["umount", str(mnt)], check=True, timeout=30)
-        assert wait_gone(pids)
+        umount_and_wait(mnt)
 
 
 def test_read_only_union_warns_and_mounts(dirs: dict[str, Path]) -> None:
@@ -280,9 +280,7 @@ def test_read_only_union_warns_and_mounts(dirs: dict[str, Path]) -> None:
         with pytest.raises(OSError) as refused:
             (mnt / "new").write_text("x")
         assert refused.value.errno == errno.EROFS
-        pids = daemon_pids(mnt)
-        subprocess.run(["umount", str(mnt)], check=True, timeout=30)
-        assert wait_gone(pids)
+        umount_and_wait(mnt)
 
 
 def test_debug_flag_logs_fuse_requests_in_foreground(dirs: dict[str, Path]) -> None:
@@ -420,10 +418,8 @@ def test_debug_file_gets_the_log_and_destroy_is_called(dirs: dict[str, Path],
         assert result.returncode == 0, result.stderr
         assert errors(result.stderr) == []
         assert stat.S_IMODE(os.stat(mnt).st_mode) == STANDIN_ROOT_MODE
-        pids = daemon_pids(mnt)
         assert not mark.exists()
-        subprocess.run(["umount", str(mnt)], check=True, timeout=30)
-        assert wait_gone(pids)
+        umount_and_wait(mnt)
     assert mark.read_text() == "destroyed\n"
     text = log_file.read_text()
     assert f"serving {mnt}" in text
@@ -448,9 +444,7 @@ def test_options_reach_the_kernel(dirs: dict[str, Path], option: str, expect: ob
         assert result.returncode == 0, result.stderr
         assert expect(mount_entry(mnt))  # type: ignore[operator]
         os.stat(mnt)
-        pids = daemon_pids(mnt)
-        subprocess.run(["umount", str(mnt)], check=True, timeout=30)
-        assert wait_gone(pids)
+        umount_and_wait(mnt)
 
 
 def test_session_refused_at_init_leaves_nothing_mounted(dirs: dict[str, Path]) -> None:
@@ -636,8 +630,7 @@ def test_max_files_above_hard_limit_warns_and_mounts(dirs: dict[str, Path]) -> N
             "qvdfs: warning: max_files=32000 exceeds the hard limit 20000; using 20000"]
         pids = daemon_pids(mnt)
         assert _daemon_nofile(pids[0]) == (20000, 20000)
-        subprocess.run(["umount", str(mnt)], check=True, timeout=30)
-        assert wait_gone(pids)
+        umount_and_wait(mnt)
 
 
 def test_max_files_below_hard_limit_is_silent(dirs: dict[str, Path]) -> None:
@@ -648,8 +641,7 @@ def test_max_files_below_hard_limit_is_silent(dirs: dict[str, Path]) -> None:
         assert result.returncode == 0 and result.stderr == ""
         pids = daemon_pids(mnt)
         assert _daemon_nofile(pids[0]) == (4096, 20000)
-        subprocess.run(["umount", str(mnt)], check=True, timeout=30)
-        assert wait_gone(pids)
+        umount_and_wait(mnt)
 
 
 def test_mounted_paths_unescapes(tmp_path: Path) -> None:
