@@ -1,0 +1,203 @@
+"""What the FUSE session asks of a filesystem: the ``Filesystem`` protocol and its reply types.
+
+The session (``qvdfs.fuse.session``) speaks the kernel's protocol; a filesystem only answers
+questions about node ids, in plain Python values. Every method is synchronous and may be
+called from several threads at once: the filesystem does its own locking. A method raises
+``OSError`` with the errno the caller should see; any other exception becomes EIO and is
+logged. A method the filesystem does not define is answered with ENOSYS, which the kernel
+remembers for most opcodes and stops sending.
+
+Node ids are the filesystem's own; ``ROOT_ID`` (1) is the root. A node id handed to the
+kernel in an ``Entry`` (lookup, mknod, mkdir, symlink, link, create, readdirplus) counts one
+lookup; ``forget`` gives them back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from typing import Protocol
+
+ROOT_ID = 1
+
+
+@dataclasses.dataclass(slots=True)
+class Context:
+    """Who made a request (the caller's ids as the kernel saw them)."""
+
+    uid: int
+    gid: int
+    pid: int
+    # The caller's umask, for mknod/mkdir/create (0 when the kernel did not send one).
+    umask: int = 0
+
+
+@dataclasses.dataclass(slots=True)
+class Attr:
+    """A node's attributes as the kernel is to see them.
+
+    ``packed`` is left to the session: it keeps the wire form of these attributes there, so
+    a filesystem that hands out the same Attr object again costs no packing.
+    """
+
+    ino: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    size: int
+    blocks: int
+    blksize: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    packed: bytes | None = None
+
+    @classmethod
+    def from_stat(cls, ino: int, st: os.stat_result, nlink: int | None = None) -> Attr:
+        return cls(ino, st.st_mode, st.st_nlink if nlink is None else nlink, st.st_uid, st.st_gid,
+                   st.st_rdev, st.st_size, st.st_blocks, st.st_blksize, st.st_atime_ns,
+                   st.st_mtime_ns, st.st_ctime_ns)
+
+
+@dataclasses.dataclass(slots=True)
+class Entry:
+    """The answer to a lookup: a node id with its attributes and cache lifetimes.
+
+    ``node_id`` 0 is a negative entry: the name does not exist, and the kernel may remember
+    that for ``entry_timeout`` seconds (``attr`` is then ignored).
+    """
+
+    node_id: int
+    attr: Attr | None
+    entry_timeout: float
+    attr_timeout: float
+    generation: int = 0
+
+
+@dataclasses.dataclass(slots=True)
+class Opened:
+    """The answer to open, create and opendir.
+
+    ``fh`` comes back in every request on the open file. ``open_flags`` are FOPEN_* bits
+    (``qvdfs.fuse.abi``), e.g. FOPEN_KEEP_CACHE, FOPEN_DIRECT_IO, FOPEN_CACHE_DIR.
+    ``backing_fd``, for a regular file, is an open descriptor of the file that holds its
+    data; where the kernel offers passthrough and its rules allow, the session registers it
+    with the kernel, which then reads, writes and maps that file itself, and no READ or
+    WRITE of this open reaches the filesystem. The descriptor stays the filesystem's: the
+    session never closes it. Where passthrough is not used, READ and WRITE come as usual.
+    """
+
+    fh: int
+    open_flags: int = 0
+    backing_fd: int | None = None
+
+
+@dataclasses.dataclass(slots=True)
+class SetattrChanges:
+    """What a SETATTR asks to change; None means unchanged. Times are nanoseconds since the
+    epoch (the session turns "now" into the current time)."""
+
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    size: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
+    # Clear set-user-id, set-group-id (if group-executable) and security.capability, because
+    # an unprivileged caller truncates or changes owner (HANDLE_KILLPRIV_V2).
+    kill_suidgid: bool = False
+
+
+# readdir's ``add(name, node_id, type, next_offset) -> bool``: False once the reply is full,
+# and that entry was not sent. ``type`` is the S_IFMT bits of the mode.
+AddDirEntry = Callable[[bytes, int, int, int], bool]
+# readdirplus' ``add(name, entry, next_offset) -> bool``: as above; an entry that was sent
+# counts one lookup of its node id (except for "." and "..", which the kernel never keeps).
+AddDirEntryPlus = Callable[[bytes, Entry, int], bool]
+
+
+class Filesystem(Protocol):
+    """The requests a filesystem answers. See the module docstring for the rules."""
+
+    def init(self, features: frozenset[str]) -> None:
+        """Called once INIT is answered, with the names of the features in force
+        (e.g. "passthrough", "readdirplus", "posix_acl", "killpriv_v2")."""
+
+    def destroy(self) -> None: ...
+
+    def lookup(self, parent: int, name: bytes, ctx: Context) -> Entry: ...
+
+    def forget(self, node_id: int, count: int) -> None: ...
+
+    def getattr(self, node_id: int, fh: int | None, ctx: Context) -> tuple[Attr, float]:
+        """Attributes and how long (seconds) the kernel may keep them."""
+
+    def setattr(self, node_id: int, fh: int | None, changes: SetattrChanges,
+                ctx: Context) -> tuple[Attr, float]: ...
+
+    def readlink(self, node_id: int, ctx: Context) -> bytes: ...
+
+    def mknod(self, parent: int, name: bytes, mode: int, rdev: int, ctx: Context) -> Entry: ...
+
+    def mkdir(self, parent: int, name: bytes, mode: int, ctx: Context) -> Entry: ...
+
+    def symlink(self, parent: int, name: bytes, target: bytes, ctx: Context) -> Entry: ...
+
+    def link(self, node_id: int, new_parent: int, new_name: bytes, ctx: Context) -> Entry: ...
+
+    def unlink(self, parent: int, name: bytes, ctx: Context) -> None: ...
+
+    def rmdir(self, parent: int, name: bytes, ctx: Context) -> None: ...
+
+    def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int,
+               ctx: Context) -> None:
+        """``flags``: RENAME_NOREPLACE, RENAME_EXCHANGE (RENAME2)."""
+
+    def open(self, node_id: int, flags: int, ctx: Context) -> Opened:
+        """``flags`` are the caller's open(2) flags; O_TRUNC may be among them."""
+
+    def create(self, parent: int, name: bytes, mode: int, flags: int,
+               ctx: Context) -> tuple[Entry, Opened]: ...
+
+    def read(self, node_id: int, fh: int, offset: int, size: int) -> bytes | memoryview: ...
+
+    def write(self, node_id: int, fh: int, offset: int, data: memoryview,
+              kill_suidgid: bool) -> int: ...
+
+    def release(self, node_id: int, fh: int) -> None: ...
+
+    def fsync(self, node_id: int, fh: int, datasync: bool) -> None: ...
+
+    def fallocate(self, node_id: int, fh: int, offset: int, length: int, mode: int) -> None: ...
+
+    def lseek(self, node_id: int, fh: int, offset: int, whence: int) -> int: ...
+
+    def copy_file_range(self, node_in: int, fh_in: int, offset_in: int, node_out: int,
+                        fh_out: int, offset_out: int, length: int, flags: int) -> int: ...
+
+    def opendir(self, node_id: int, flags: int, ctx: Context) -> Opened: ...
+
+    def readdir(self, node_id: int, fh: int, offset: int, add: AddDirEntry) -> None:
+        """Call ``add`` for the entries after ``offset`` (0: from the start, "." and ".."
+        first) until it returns False or the directory ends."""
+
+    def readdirplus(self, node_id: int, fh: int, offset: int, add: AddDirEntryPlus) -> None: ...
+
+    def releasedir(self, node_id: int, fh: int) -> None: ...
+
+    def fsyncdir(self, node_id: int, fh: int, datasync: bool) -> None: ...
+
+    def statfs(self, node_id: int) -> os.statvfs_result: ...
+
+    def getxattr(self, node_id: int, name: bytes, ctx: Context) -> bytes:
+        """The value; ENODATA if there is none. The session handles size probes and ERANGE."""
+
+    def listxattr(self, node_id: int, ctx: Context) -> list[bytes]: ...
+
+    def setxattr(self, node_id: int, name: bytes, value: bytes, flags: int, ctx: Context) -> None:
+        """``flags``: XATTR_CREATE / XATTR_REPLACE."""
+
+    def removexattr(self, node_id: int, name: bytes, ctx: Context) -> None: ...
