@@ -25,8 +25,7 @@ log = logging.getLogger(__name__)
 VERSION_TEXT = f"qvdfs {__version__} (unionfs-fuse compatible)"
 
 # Options that set a boolean field of MountConfig of the same name.
-_OWN_FLAGS = frozenset({"cow", "hide_meta_files", "statfs_omit_ro", "relaxed_permissions",
-                        "direct_io"})
+_OWN_FLAGS = frozenset({"cow", "relaxed_permissions", "direct_io"})
 # libfuse mount options handed to the kernel unchanged.
 _FUSE_FLAGS = frozenset({"allow_other", "allow_root", "default_permissions", "suid", "dev",
                          "nosuid", "nodev"})
@@ -34,10 +33,11 @@ _FUSE_FLAGS = frozenset({"allow_other", "allow_root", "default_permissions", "su
 _OPPOSITES = {"suid": "nosuid", "nosuid": "suid", "dev": "nodev", "nodev": "dev"}
 # Accepted so that unionfs-fuse command lines keep working, but they change nothing here.
 _IGNORED = frozenset({"nonempty", "use_ino", "kernel_cache", "big_writes", "noinitgroups",
-                      "preserve_branch", "async_read", "auto_cache"})
+                      "preserve_branch", "async_read", "auto_cache", "hide_meta_files",
+                      "statfs_omit_ro"})
 _TIMEOUTS = frozenset({"entry_timeout", "attr_timeout", "negative_timeout"})
 _VALUED = frozenset({"dirs", "max_files", "chroot", "debug_file", "whiteout", "fsname", "subtype",
-                     "max_read"}) | _TIMEOUTS
+                     "max_read", "backend", "threads"}) | _TIMEOUTS
 
 HELP_TEXT = f"""\
 usage: qvdfs [options] BRANCHES MOUNTPOINT
@@ -64,20 +64,25 @@ Options (-o takes a comma-separated list, may be repeated, and may be attached: 
                            highest RW branch, and deletions are recorded as whiteouts
     max_files=N            raise the open-file limit (RLIMIT_NOFILE) to N; if the hard
                            limit is lower, warn and use the hard limit
-    hide_meta_files        hide the .unionfs-fuse/ and .unionfs/ marker folders
-    statfs_omit_ro         df shows only the writable branches
     chroot=DIR             branch paths are inside DIR (DIR is prepended to each)
     relaxed_permissions    do not add default_permissions: the filesystem, not the
                            kernel, decides on access (as unionfs-fuse)
     debug_file=FILE        write the log to FILE (appended)
     direct_io              bypass the page cache for file data
   unionfs-fuse options accepted as no-ops:
-    noinitgroups, preserve_branch
+    noinitgroups, preserve_branch,
+    hide_meta_files (the marker folders are always hidden),
+    statfs_omit_ro (df always shows the writable branch alone)
   qvdfs options:
     whiteout=overlay|unionfs   format new deletions are written in: kernel overlayfs
                            (0/0 char devices, default) or unionfs-fuse (_HIDDEN~ markers);
                            both formats are always read
     debug                  same as -d
+    backend=native|pyfuse3 how to talk to the kernel: qvdfs' own FUSE session (default)
+                           or libfuse through pyfuse3 (portable, slower)
+    threads=N              threads answering requests (native backend)
+    nopassthrough          serve file data from the daemon even where the kernel offers
+                           passthrough (native backend)
   libfuse options, passed to the kernel:
     allow_other, allow_root, default_permissions, suid, nosuid, dev, nodev,
     fsname=NAME (default qvdfs), subtype=NAME (default qvdfs)
@@ -86,14 +91,14 @@ Options (-o takes a comma-separated list, may be repeated, and may be attached: 
   libfuse options accepted as no-ops:
     nonempty (mounting on a non-empty directory is always allowed), use_ino (qvdfs always
     gives stable inode numbers of its own), kernel_cache (the page cache is always kept),
-    big_writes, async_read, auto_cache, max_read=N (libfuse 3 cannot take it through
-    pyfuse3; the kernel default applies)
+    big_writes, async_read, auto_cache
+  max_read=N               largest read request, in bytes (native backend)
   default_permissions is always added unless relaxed_permissions is given.
 
 Flags:
   -f                     stay in the foreground, log to stderr
   -d                     debug log; implies -f
-  -s                     single-threaded: accepted, qvdfs always serves from one thread
+  -s                     single-threaded: same as -o threads=1
   -h, --help             this text
   -V, --version          print the version
   --                     end of options
@@ -157,6 +162,8 @@ def parse_args(argv: Sequence[str]) -> MountConfig:
     config = MountConfig(branches=[], mountpoint="")
     config.debug = "-d" in flags
     config.foreground = "-f" in flags or config.debug
+    if "-s" in flags:
+        config.threads = 1
     branch_text: str | None = None
     for option in options:
         if option:  # "-o cow,,dev" has an empty item; libfuse skips those too
@@ -194,13 +201,16 @@ def parse_args(argv: Sequence[str]) -> MountConfig:
 def _apply_option(config: MountConfig, option: str) -> str | None:
     """Record one -o item in ``config``; return the branch string if it is ``dirs=``."""
     name, has_value, value = option.partition("=")
-    if name not in _VALUED and name not in _OWN_FLAGS | _FUSE_FLAGS | _IGNORED | {"debug"}:
+    if name not in _VALUED and name not in _OWN_FLAGS | _FUSE_FLAGS | _IGNORED | {"debug",
+                                                                              "nopassthrough"}:
         raise MountError(f"unknown option '{name}'")
     if name not in _VALUED:
         if has_value:
             raise MountError(f"option '{name}' takes no value")
         if name in _OWN_FLAGS:
             setattr(config, name, True)
+        elif name == "nopassthrough":
+            config.passthrough = False
         elif name in _FUSE_FLAGS:
             config.fuse_options.discard(_OPPOSITES.get(name, ""))
             config.fuse_options.add(name)
@@ -217,11 +227,14 @@ def _apply_option(config: MountConfig, option: str) -> str | None:
     if name == "max_files":
         config.max_files = _positive_int(name, value)
     elif name == "max_read":
-        # libfuse 3 refuses the mount unless the filesystem's init() repeats the same value,
-        # and pyfuse3 offers no way to do that; the kernel's default is used instead.
-        _positive_int(name, value)
-        if option not in config.ignored_options:
-            config.ignored_options.append(option)
+        config.fuse_options = {o for o in config.fuse_options if not o.startswith("max_read=")}
+        config.fuse_options.add(f"max_read={_positive_int(name, value)}")
+    elif name == "threads":
+        config.threads = _positive_int(name, value)
+    elif name == "backend":
+        if value not in ("native", "pyfuse3"):
+            raise MountError(f"bad value '{value}' for backend: want native or pyfuse3")
+        config.backend = value
     elif name in _TIMEOUTS:
         setattr(config, name, _seconds(name, value))
     elif name == "chroot":

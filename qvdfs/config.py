@@ -36,15 +36,19 @@ class MountConfig:
     cow: bool = False
     whiteout_format: WhiteoutFormat = WhiteoutFormat.OVERLAY
     max_files: int | None = None
-    hide_meta_files: bool = False
-    statfs_omit_ro: bool = False
     relaxed_permissions: bool = False
     chroot: str | None = None
     debug_file: str | None = None
     direct_io: bool = False
     foreground: bool = False
     debug: bool = False
-    # Options handed to the kernel through pyfuse3.init (allow_other, suid, dev, fsname=...).
+    # How to talk to the kernel: "native" (qvdfs.fuse) or "pyfuse3" (see qvdfs.backends).
+    backend: str = "native"
+    # Threads answering requests (native backend); see qvdfs.fuse.session for the default.
+    threads: int | None = None
+    # Let the kernel do file I/O on the branch files itself (native backend, where offered).
+    passthrough: bool = True
+    # Mount options for the kernel (allow_other, suid, dev, fsname=..., max_read=...).
     fuse_options: set[str] = dataclasses.field(default_factory=set)
     # Kernel cache lifetimes in seconds. Every change is made by the daemon itself,
     # which invalidates what it changes, so they can be long.

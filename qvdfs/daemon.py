@@ -5,34 +5,37 @@ it, so the order of things matters:
 
 1. Parse and check everything that can be checked (``/dev/fuse``, mountpoint, branches) while
    stderr still reaches the caller, so a bad start is one line and a non-zero exit.
-2. Build the Operations and mount with ``pyfuse3.init`` *before* forking, as s3ql does: mount
-   errors are then reported by the process the caller waits for.
+2. Build the filesystem and mount *before* forking, as s3ql does: mount errors are then
+   reported by the process the caller waits for.
 3. Fork. The parent waits on a pipe and exits 0 only after the child reports that the mount
-   answers requests (it stats the mountpoint through its own trio loop). If the child fails
-   first, it unmounts, sends its error line through the pipe, and the parent prints it and
-   exits 1. One fork plus ``setsid`` is enough: the child never opens a terminal.
-4. The child serves with ``trio.run``. ``umount MOUNTPOINT`` ends the FUSE session from the
-   kernel side and the loop returns; SIGTERM, SIGINT or SIGHUP end it from our side and we
+   answers requests (a thread stats the mountpoint, which goes through the kernel to the
+   child's own session). If the child fails first, it unmounts, sends its error line through
+   the pipe, and the parent prints it and exits 1. One fork plus ``setsid`` is enough: the
+   child never opens a terminal.
+4. The child serves (``qvdfs.backends``). ``umount MOUNTPOINT`` ends the FUSE session from the
+   kernel side and serving returns; SIGTERM, SIGINT or SIGHUP end it from our side and we
    unmount ourselves. Either way the process exits 0 and nothing is left running.
+
+While mounted, ``qvdfs stats MOUNTPOINT [--json]`` asks the daemon for its counters over a
+Unix socket (``qvdfs.stats``).
 """
 
 from __future__ import annotations
 
 import faulthandler
-import inspect
 import logging
+import logging.handlers
 import os
 import resource
 import signal
 import stat
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+import threading
+from collections.abc import Callable, Sequence
 from typing import IO, Any, NoReturn
 
-import pyfuse3
-import trio
-
-from qvdfs import cmdline
+from qvdfs import cmdline, stats
+from qvdfs.backends import Backend, make_backend
 from qvdfs.config import MountConfig, MountError
 
 log = logging.getLogger(__name__)
@@ -40,29 +43,32 @@ log = logging.getLogger(__name__)
 FUSE_DEVICE = "/dev/fuse"
 # How long the mount may take to answer its first request before the start counts as failed.
 READY_TIMEOUT = 60.0
-# The kernel's read-ahead window for the mount. libfuse lets read requests grow to 1 MiB,
-# but the default window of 128 KiB keeps them at 256 KiB: measured on a 256 MiB file,
-# 1024 requests at the default against 258 at 1 MiB, and every request has a fixed cost here.
+# The kernel's read-ahead window for the mount. Read requests may grow to 1 MiB, but the
+# default window of 128 KiB keeps them at 256 KiB: measured on a 256 MiB file, 1024 requests
+# at the default against 258 at 1 MiB, and every request has a fixed cost here.
 READ_AHEAD_KIB = 1024
 _READY = b"ready\n"
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
-OperationsFactory = Callable[[MountConfig], Any]
+FilesystemFactory = Callable[[MountConfig], Any]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point: ``sys.exit(main())``."""
-    return run(sys.argv[1:] if argv is None else argv)
+    args = sys.argv[1:] if argv is None else list(argv)
+    if stats.is_stats_command(args):
+        return stats.main(args[1:])
+    return run(args)
 
 
-def run(argv: Sequence[str], *, make_operations: OperationsFactory | None = None) -> int:
+def run(argv: Sequence[str], *, make_filesystem: FilesystemFactory | None = None) -> int:
     """Do everything ``qvdfs ARGV`` does; return the exit status.
 
     In the background mode this returns only in the daemon; the calling process exits from
     inside (0 once mounted, 1 with the daemon's error otherwise).
 
-    ``make_operations`` builds the pyfuse3 Operations from the config. It exists so that tests
-    can serve a stand-in filesystem; the program always uses ``qvdfs.operations``.
+    ``make_filesystem`` builds the ``qvdfs.fuse.Filesystem`` from the config. It exists so
+    that tests can serve a stand-in filesystem; the program always serves the union.
     """
     stderr_handler = _log_to_stderr()
     try:
@@ -84,8 +90,14 @@ def run(argv: Sequence[str], *, make_operations: OperationsFactory | None = None
         if config.max_files is not None:
             raise_file_limit(config.max_files)
         log.debug("mounting with %r", config)
-        ops = (make_operations or _union_operations)(config)
-        _mount(ops, config)
+        fs = (make_filesystem or _union_filesystem)(config)
+        backend = make_backend(fs, config)
+        if hasattr(fs, "invalidate_entry"):
+            fs.invalidate_entry = backend.invalidate_entry
+            fs.invalidate_inode = backend.invalidate_inode
+        backend.mount()
+        log.info("mounted %s on %s (%s backend)", ":".join(b.path for b in config.branches),
+                 config.mountpoint, backend.name)
     except MountError as exc:
         return _fail(exc)
     except Exception as exc:  # noqa: BLE001 - a bug; the caller still gets one line
@@ -96,10 +108,10 @@ def run(argv: Sequence[str], *, make_operations: OperationsFactory | None = None
     os.umask(0)
     ready_fd = None
     if not config.foreground:
-        ready_fd = _daemonize(log_file, stderr_handler)
+        ready_fd = _daemonize(log_file, stderr_handler, backend)
     if log_file is not None or config.foreground:
         faulthandler.enable(log_file or sys.stderr)
-    return trio.run(_serve, ops, config, ready_fd)
+    return _serve(backend, fs, config, ready_fd)
 
 
 def check_fuse_device(path: str = FUSE_DEVICE) -> None:
@@ -188,20 +200,11 @@ def _unescape_mount_path(field: str) -> str:
     return out.decode("utf-8", "surrogateescape")
 
 
-def _union_operations(config: MountConfig) -> Any:
+def _union_filesystem(config: MountConfig) -> Any:
     # Imported here so that --help, --version and the checks work without the union loaded.
-    from qvdfs.operations import UnionOperations
+    from qvdfs.handlers import UnionFilesystem
 
-    return UnionOperations(config)
-
-
-def _mount(ops: Any, config: MountConfig) -> None:
-    try:
-        pyfuse3.init(ops, config.mountpoint, set(config.fuse_options))
-    except RuntimeError as exc:
-        # libfuse has already printed its reason to stderr; ours names the mountpoint.
-        raise MountError(f"cannot mount on {config.mountpoint}: {exc}") from None
-    log.info("mounted %s on %s", ":".join(b.path for b in config.branches), config.mountpoint)
+    return UnionFilesystem(config)
 
 
 def set_read_ahead(mountpoint: str, kib: int, mountinfo: str = "/proc/self/mountinfo") -> None:
@@ -222,30 +225,48 @@ def set_read_ahead(mountpoint: str, kib: int, mountinfo: str = "/proc/self/mount
         log.warning("cannot set read-ahead of %s: %s", mountpoint, exc)
 
 
-def _daemonize(log_file: IO[str] | None, stderr_handler: logging.Handler) -> int:
+def _daemonize(log_file: IO[str] | None, stderr_handler: logging.Handler,
+               backend: Backend) -> int:
     """Fork; return the write end of the ready pipe in the child. The parent never returns."""
     read_fd, write_fd = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
     if os.fork() > 0:
         os.close(write_fd)
-        _wait_for_daemon(read_fd)
+        _wait_for_daemon(read_fd, backend)
 
     os.close(read_fd)
     os.setsid()
     os.chdir("/")
-    # Stray output (libfuse writes its complaints to stderr) goes to the log file if any.
+    # Stray output goes to the log file if any.
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
     for fd in (1, 2):
         os.dup2(log_file.fileno() if log_file is not None else null, fd)
     os.close(null)
     logging.getLogger().removeHandler(stderr_handler)
+    if log_file is None:
+        _log_to_syslog()
     log.info("daemon running as pid %d", os.getpid())
     return write_fd
 
 
-def _wait_for_daemon(read_fd: int) -> NoReturn:
+def _log_to_syslog() -> None:
+    """Without a debug_file, the daemon's warnings and errors go to syslog (journald), where
+    an admin looks for them; there is no other place once stderr is gone."""
+    if not os.path.exists("/dev/log"):
+        return
+    try:
+        handler = logging.handlers.SysLogHandler(
+            address="/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+    except OSError:
+        return
+    handler.setFormatter(logging.Formatter("qvdfs[%(process)d]: %(levelname)s %(message)s"))
+    handler.setLevel(logging.INFO)
+    logging.getLogger().addHandler(handler)
+
+
+def _wait_for_daemon(read_fd: int, backend: Backend) -> NoReturn:
     """In the parent: exit 0 once the daemon says it serves, else print its error and exit 1."""
     chunks = []
     while chunk := os.read(read_fd, 4096):
@@ -257,111 +278,128 @@ def _wait_for_daemon(read_fd: int) -> NoReturn:
         # The daemon died without a word (killed, or crashed hard), so it did not unmount;
         # our copy of the session can. When the daemon reports an error, it has unmounted
         # already and we must not try again.
-        try:
-            pyfuse3.close(unmount=True)
-        except Exception:  # noqa: BLE001 - best effort, the error below is what matters
-            pass
+        backend.abandon()
     text = message.decode(errors="replace").strip() or "the daemon died before the mount was ready"
     print(f"qvdfs: {text}", file=sys.stderr, flush=True)
     os._exit(1)
 
 
-async def _serve(ops: Any, config: MountConfig, ready_fd: int | None) -> int:
-    """Run the FUSE loop until the kernel or a signal ends it; then clean up. Return the status."""
-    stopped_by_us = False
-    error: str | None = None
-    ready = False
+class _Serving:
+    """The daemon's state while it serves: stopped by us, ready, and the error if any."""
 
-    async def stop_on_signals(signals: AsyncIterator[int]) -> None:
-        nonlocal stopped_by_us
-        async for signum in signals:
-            if stopped_by_us:
-                log.info("got %s: already stopping", signal.Signals(signum).name)
-                continue
-            log.info("got %s: unmounting", signal.Signals(signum).name)
-            stopped_by_us = True
-            pyfuse3.terminate()
+    def __init__(self, backend: Backend, config: MountConfig, ready_fd: int | None) -> None:
+        self.backend = backend
+        self.config = config
+        self.ready_fd = ready_fd
+        self.stopped_by_us = False
+        self.ready = False
+        self.error: str | None = None
+        self._lock = threading.Lock()
 
-    async def confirm_serving() -> None:
-        nonlocal ready, ready_fd
-        # A stat of the mountpoint goes through the kernel to our own loop: once it returns,
-        # the FUSE handshake is done and requests are answered.
-        try:
-            with trio.fail_after(READY_TIMEOUT):
-                await trio.to_thread.run_sync(os.stat, config.mountpoint, abandon_on_cancel=True)
-        except trio.TooSlowError:
-            raise MountError(f"the mount did not answer within {READY_TIMEOUT:g} s") from None
-        except OSError as exc:
-            if not _is_mounted(config.mountpoint):
-                return  # unmounted while we asked (ECONNABORTED): the loop is ending anyway
-            # e.g. ECONNREFUSED when libfuse turned down the kernel's INIT
-            raise MountError(f"the mount refused its first request ({exc.strerror})") from None
-        ready = True
-        log.info("serving %s", config.mountpoint)
+    def stop(self, why: str, error: str | None = None) -> None:
+        with self._lock:
+            if error is not None and self.error is None:
+                self.error = error
+            if self.stopped_by_us:
+                log.info("%s: already stopping", why)
+                return
+            self.stopped_by_us = True
+        log.info("%s: unmounting", why)
+        self.backend.stop()
+
+    def on_signal(self, signum: int, _frame: object) -> None:
+        self.stop(f"got {signal.Signals(signum).name}")
+
+    def confirm(self) -> None:
+        """Once a stat of the mountpoint comes back through our own session, the handshake
+        is done and requests are answered: tell the waiting parent."""
+        outcome: list[BaseException | None] = []
+
+        def probe() -> None:
+            try:
+                os.stat(self.config.mountpoint)
+                outcome.append(None)
+            except OSError as exc:
+                outcome.append(exc)
+
+        prober = threading.Thread(target=probe, name="qvdfs-ready", daemon=True)
+        prober.start()
+        prober.join(READY_TIMEOUT)
+        if not outcome:
+            self.stop("no answer", f"the mount did not answer within {READY_TIMEOUT:g} s")
+            return
+        exc = outcome[0]
+        if exc is not None:
+            if not _is_mounted(self.config.mountpoint):
+                return  # unmounted while we asked: serving is ending anyway
+            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+            self.stop("first request refused", f"the mount refused its first request ({reason})")
+            return
+        self.ready = True
+        log.info("serving %s", self.config.mountpoint)
         # Not before: the kernel sets the window again when it gets the answer to INIT.
-        set_read_ahead(config.mountpoint, READ_AHEAD_KIB)
-        if ready_fd is not None:
-            # Closing is what lets the parent's read end: it reads up to end-of-file.
-            _report(ready_fd, _READY)
-            os.close(ready_fd)
-            ready_fd = None
+        set_read_ahead(self.config.mountpoint, READ_AHEAD_KIB)
+        with self._lock:
+            if self.ready_fd is not None:
+                # Closing is what lets the parent's read end: it reads up to end-of-file.
+                _report(self.ready_fd, _READY)
+                os.close(self.ready_fd)
+                self.ready_fd = None
 
-    # The receiver stays installed until the mount is gone, so that a second signal during the
-    # shutdown cannot kill us half way (the default action) and leave a dead mount. Signals
-    # still pending when it closes are re-delivered by trio to the handler it found: make that
-    # a no-op, since by then the mount is gone and we are exiting anyway.
+
+def _serve(backend: Backend, fs: Any, config: MountConfig, ready_fd: int | None) -> int:
+    """Serve until the kernel or a signal ends the session; then clean up. Return the status."""
+    serving = _Serving(backend, config, ready_fd)
+    # The handlers stay installed until the mount is gone, so that a second signal during the
+    # shutdown cannot kill us half way (the default action) and leave a dead mount.
     for signum in _STOP_SIGNALS:
-        signal.signal(signum, lambda *_: None)
-    with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
+        signal.signal(signum, serving.on_signal)
+    stats_server = stats.serve(config.mountpoint, lambda: _counters(backend, fs))
+    threading.Thread(target=serving.confirm, name="qvdfs-confirm", daemon=True).start()
+    try:
+        backend.serve()
+        # Ended from the kernel's side before our first request got through: a plain
+        # umount that came early removed the mount; a refused INIT leaves it in place.
+        if not serving.ready and not serving.stopped_by_us and _is_mounted(config.mountpoint):
+            serving.error = serving.error or "the FUSE session ended before the mount answered"
+    except Exception as exc:  # noqa: BLE001 - log it, unmount, exit non-zero
+        log.exception("qvdfs daemon stopped on an error")
+        serving.error = str(exc) if isinstance(exc, MountError) else f"{type(exc).__name__}: {exc}"
+        serving.stopped_by_us = True
+    if stats_server is not None:
+        stats_server.close()
+    destroy = getattr(fs, "destroy", None)
+    if destroy is not None:
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(stop_on_signals, signals)
-                nursery.start_soon(confirm_serving)
-                await pyfuse3.main()
-                nursery.cancel_scope.cancel()
-            # Ended from the kernel's side before our first request got through: a plain
-            # umount that came early removed the mount; a refused INIT leaves it in place.
-            if not ready and not stopped_by_us and _is_mounted(config.mountpoint):
-                error = "the FUSE session ended before the mount answered"
-            await _destroy(ops)
-        except Exception as exc:  # noqa: BLE001 - log it, unmount, exit non-zero
-            log.exception("qvdfs daemon stopped on an error")
-            cause = _single(exc)
-            error = str(cause) if isinstance(cause, MountError) else \
-                f"{type(cause).__name__}: {cause}"
-            stopped_by_us = True
+            destroy()
+        except Exception:  # noqa: BLE001 - the mount must still go
+            log.exception("error while closing the filesystem")
+    # When the kernel ended a session that was serving (umount, fusermount3 -u), the mount is
+    # already gone. Otherwise we take it down: a stop, an error, or a session that ended
+    # before it ever answered must not leave a dead mount.
+    backend.close(unmount=serving.stopped_by_us or not serving.ready)
+    log.info("unmounted %s", config.mountpoint)
+    with serving._lock:
+        if serving.ready_fd is not None:  # still open: the parent is waiting for our verdict
+            reason = serving.error or ("stopped by a signal" if serving.stopped_by_us
+                                       else "unmounted") + " before the mount answered"
+            _report(serving.ready_fd, f"{reason}\n".encode())
+            os.close(serving.ready_fd)
+            serving.ready_fd = None
+    return 1 if serving.error else 0
 
-        # When the kernel ended a session that was serving (umount, fusermount3 -u), the mount
-        # is already gone. Otherwise we take it down: a stop, an error, or a session that ended
-        # before it ever answered (libfuse refusing the kernel's INIT) must not leave a dead mount.
-        pyfuse3.close(unmount=stopped_by_us or not ready)
-        log.info("unmounted %s", config.mountpoint)
-    if ready_fd is not None:  # still open: the parent is waiting for our verdict
-        reason = error or ("stopped by a signal" if stopped_by_us else "unmounted") + \
-            " before the mount answered"
-        _report(ready_fd, f"{reason}\n".encode())
-        os.close(ready_fd)
-    return 1 if error else 0
+
+def _counters(backend: Backend, fs: Any) -> dict[str, object]:
+    counters: dict[str, object] = {"backend": backend.name}
+    counters.update(backend.counters())
+    own = getattr(fs, "counters", None)
+    if own is not None:
+        counters.update(own())
+    return counters
 
 
 def _is_mounted(path: str) -> bool:
     return os.path.realpath(path) in mounted_paths()
-
-
-def _single(exc: BaseException) -> BaseException:
-    """The one exception inside (nested) exception groups of one, for the error line."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
-
-
-async def _destroy(ops: Any) -> None:
-    """Let the filesystem flush its state: ``ops.destroy()``, sync or async, if it has one."""
-    destroy = getattr(ops, "destroy", None)
-    if destroy is not None:
-        result = destroy()
-        if inspect.isawaitable(result):
-            await result
 
 
 def _report(fd: int, message: bytes) -> None:

@@ -14,6 +14,9 @@ VENV_BIN = Path(sys.executable).parent
 # QVDFS_BIN lets the same tests run against another build of the daemon.
 QVDFS = os.environ.get("QVDFS_BIN", str(VENV_BIN / "qvdfs"))
 NODE_OPTIONS = ["-o", "cow", "-o", "max_files=32000", "-o", "suid", "-o", "dev", "-o", "allow_other"]
+# QVDFS_TEST_BACKEND=pyfuse3 runs the union tests on the portable backend (make test does).
+BACKEND_OPTIONS = ["-o", f"backend={os.environ['QVDFS_TEST_BACKEND']}"] \
+    if os.environ.get("QVDFS_TEST_BACKEND") else []
 
 
 def is_mounted(path: str | os.PathLike[str]) -> bool:
@@ -56,7 +59,8 @@ def qvdfs_mount(
     """
     mnt = str(mountpoint)
     try:
-        subprocess.run([QVDFS, *options, branches, mnt], check=True, timeout=timeout)
+        subprocess.run([QVDFS, *BACKEND_OPTIONS, *options, branches, mnt], check=True,
+                       timeout=timeout)
     except subprocess.TimeoutExpired:
         force_unmount(mnt)  # a daemon that hangs while mounting must not leave its mount behind
         raise

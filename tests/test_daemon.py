@@ -24,11 +24,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import pyfuse3
 import pytest
 
 from qvdfs import daemon
 from qvdfs.config import MountConfig, MountError
+from qvdfs.fuse.filesystem import ROOT_ID, Attr, Context, Entry, Opened
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -41,47 +41,49 @@ NODE_OPTIONS = ["-o", "cow", "-o", "max_files=32000", "-o", "suid", "-o", "dev",
 STANDIN_ROOT_MODE = 0o711  # unusual on purpose: a stat showing it proves the stand-in answers
 
 
-class StandinOperations(pyfuse3.Operations):
-    """An empty root directory. Looking up ``crash`` raises, as a handler bug would.
+class StandinFilesystem:
+    """An empty root directory (a ``qvdfs.fuse.Filesystem``). Looking up ``crash`` raises, as
+    a handler bug would.
 
     Environment knobs: QVDFS_STANDIN_FAIL_ROOT=1 makes every getattr raise (the mount never
     answers its first request); QVDFS_STANDIN_DESTROY_MARK=FILE makes ``destroy`` write FILE
     (after writing "destroying" and sleeping QVDFS_STANDIN_DESTROY_DELAY seconds, if set);
-    QVDFS_STANDIN_RAW_FUSE_OPTION=OPT hands OPT to libfuse behind the parser's back.
+    QVDFS_STANDIN_RAW_FUSE_OPTION=OPT hands OPT to the mount behind the parser's back.
     """
 
     def __init__(self, config: MountConfig) -> None:
-        super().__init__()
         self.config = config
         raw = os.environ.get("QVDFS_STANDIN_RAW_FUSE_OPTION")
         if raw:
             config.fuse_options.add(raw)
 
-    async def getattr(self, inode: int, ctx: object = None) -> pyfuse3.EntryAttributes:
+    def init(self, features: frozenset[str]) -> None:
+        pass
+
+    def getattr(self, node_id: int, fh: int | None, ctx: Context) -> tuple[Attr, float]:
         if os.environ.get("QVDFS_STANDIN_FAIL_ROOT"):
             raise RuntimeError("stand-in getattr fails on purpose")
-        if inode != pyfuse3.ROOT_INODE:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        attr = pyfuse3.EntryAttributes()
-        attr.st_ino = pyfuse3.ROOT_INODE
-        attr.st_mode = stat.S_IFDIR | STANDIN_ROOT_MODE
-        attr.st_nlink = 2
+        if node_id != ROOT_ID:
+            raise OSError(errno.ENOENT, "no such node")
         now = time.time_ns()
-        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = now
-        return attr
+        return Attr(ROOT_ID, stat.S_IFDIR | STANDIN_ROOT_MODE, 2, 0, 0, 0, 0, 0, 4096,
+                    now, now, now), 1.0
 
-    async def lookup(self, parent: int, name: bytes, ctx: object = None) -> pyfuse3.EntryAttributes:
+    def lookup(self, parent: int, name: bytes, ctx: Context) -> Entry:
         if name == b"crash":
             raise RuntimeError("stand-in lookup crashes on purpose")
-        raise pyfuse3.FUSEError(errno.ENOENT)
+        raise OSError(errno.ENOENT, "no such entry")
 
-    async def opendir(self, inode: int, ctx: object) -> int:
-        return inode
+    def opendir(self, node_id: int, flags: int, ctx: Context) -> Opened:
+        return Opened(0)
 
-    async def readdir(self, fh: int, start_id: int, token: object) -> None:
+    def readdirplus(self, node_id: int, fh: int, offset: int, add: object) -> None:
         return None
 
-    async def releasedir(self, fh: int) -> None:
+    def readdir(self, node_id: int, fh: int, offset: int, add: object) -> None:
+        return None
+
+    def releasedir(self, node_id: int, fh: int) -> None:
         return None
 
     def destroy(self) -> None:
@@ -652,5 +654,5 @@ def test_mounted_paths_unescapes(tmp_path: Path) -> None:
 
 
 if __name__ == "__main__":
-    # The stand-in program: qvdfs's daemon code serving StandinOperations.
-    sys.exit(daemon.run(sys.argv[1:], make_operations=StandinOperations))
+    # The stand-in program: qvdfs's daemon code serving StandinFilesystem.
+    sys.exit(daemon.run(sys.argv[1:], make_filesystem=StandinFilesystem))

@@ -21,6 +21,11 @@ from typing import Protocol
 
 ROOT_ID = 1
 
+# Bits of Opened.open_flags (the kernel's FOPEN_* flags).
+FOPEN_DIRECT_IO = 1 << 0
+FOPEN_KEEP_CACHE = 1 << 1
+FOPEN_CACHE_DIR = 1 << 3
+
 
 @dataclasses.dataclass(slots=True)
 class Context:
@@ -82,7 +87,7 @@ class Opened:
     """The answer to open, create and opendir.
 
     ``fh`` comes back in every request on the open file. ``open_flags`` are FOPEN_* bits
-    (``qvdfs.fuse.abi``), e.g. FOPEN_KEEP_CACHE, FOPEN_DIRECT_IO, FOPEN_CACHE_DIR.
+    (above), e.g. FOPEN_KEEP_CACHE, FOPEN_DIRECT_IO, FOPEN_CACHE_DIR.
     ``backing_fd``, for a regular file, is an open descriptor of the file that holds its
     data; where the kernel offers passthrough and its rules allow, the session registers it
     with the kernel, which then reads, writes and maps that file itself, and no READ or

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import secrets
+import stat
 
 from qvdfs.config import BranchConfig, MountError, WhiteoutFormat
 from qvdfs.union import markers, syscalls
@@ -70,30 +72,72 @@ class Stack:
         self.cow = cow
         self.upper = next((i for i, b in enumerate(branches) if b.writable), None)
         self.work_fd: int | None = None
+        self.work_name = b""
         if self.upper is not None:
-            self.work_fd = self._open_work_dir(branches[self.upper])
+            self.work_fd, self.work_name = self._open_work_dir(branches[self.upper])
 
     @staticmethod
-    def _open_work_dir(upper: Branch) -> int:
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(markers.WORK_DIR, 0o700, dir_fd=upper.root_fd)
-        try:
-            fd = syscalls.open_dir(upper.root_fd, markers.WORK_DIR)
-        except OSError as exc:
-            raise MountError(f"cannot use work folder in {upper.path}: {exc.strerror}") from None
-        # Whatever is here was left by a crash in the middle of an operation that had
-        # not yet become visible: it is garbage by construction.
-        for entry in os.listdir(fd):
-            syscalls.remove_at(fd, entry)
-        return fd
+    def _open_work_dir(upper: Branch) -> tuple[int, bytes]:
+        """Make this mount's own work folder inside ``.qvdfs.work`` and lock it.
+
+        Each mount works in a folder of its own, held with flock while mounted, so that the
+        cleanup of a mount that is ending never touches the work of the next mount of the
+        same upper branch (a VM restarted at once). Whatever is there unlocked was left by
+        a crash in the middle of an operation that had not yet become visible: garbage by
+        construction.
+        """
+        for _attempt in range(5):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(markers.WORK_DIR, 0o700, dir_fd=upper.root_fd)
+            try:
+                parent = syscalls.open_dir(upper.root_fd, markers.WORK_DIR)
+            except OSError as exc:
+                raise MountError(f"cannot use work folder in {upper.path}: {exc.strerror}") from None
+            try:
+                _remove_unlocked(parent)
+                name = f"{os.getpid()}-{secrets.token_hex(4)}"
+                try:
+                    os.mkdir(name, 0o700, dir_fd=parent)
+                except FileNotFoundError:
+                    continue  # the ending mount removed the folder under us: make it again
+                fd = syscalls.open_dir(parent, os.fsencode(name))
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                return fd, os.fsencode(name)
+            finally:
+                os.close(parent)
+        raise MountError(f"cannot make a work folder in {upper.path}")
 
     def temp_name(self) -> bytes:
         return b"tmp-" + secrets.token_hex(8).encode()
 
     def close(self) -> None:
         if self.work_fd is not None and self.upper is not None:
-            os.close(self.work_fd)
+            root = self.branches[self.upper].root_fd
             with contextlib.suppress(OSError):
-                os.rmdir(markers.WORK_DIR, dir_fd=self.branches[self.upper].root_fd)
+                parent = syscalls.open_dir(root, markers.WORK_DIR)
+                try:
+                    syscalls.remove_at(parent, self.work_name)
+                finally:
+                    os.close(parent)
+            os.close(self.work_fd)
+            # Fails while another mount of this branch works in there, as it should.
+            with contextlib.suppress(OSError):
+                os.rmdir(markers.WORK_DIR, dir_fd=root)
         for branch in self.branches:
             branch.close()
+
+
+def _remove_unlocked(work_dir: int) -> None:
+    """Remove what no live mount holds inside ``work_dir`` (see Stack._open_work_dir)."""
+    for name in os.listdir(work_dir):
+        if not stat.S_ISDIR(syscalls.lstat_at(work_dir, name).st_mode):
+            os.unlink(name, dir_fd=work_dir)  # never a mount's own folder; never opened
+            continue
+        fd = os.open(name, syscalls.DIR_FLAGS, dir_fd=work_dir)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live mount's folder
+        finally:
+            os.close(fd)
+        syscalls.remove_at(work_dir, name)

@@ -18,14 +18,12 @@ import logging
 import os
 import stat
 
-import trio
-
 from qvdfs.union import markers, syscalls
 from qvdfs.union.tree import Index, Node
 
 log = logging.getLogger(__name__)
 
-# Copies larger than this run in a worker thread so that other requests keep flowing.
+# Copies larger than this let go of the index lock, so that other requests keep flowing.
 THREAD_COPY_THRESHOLD = 1 << 20
 
 
@@ -67,10 +65,11 @@ def ensure_dir_on_upper(index: Index, node: Node) -> int:
     return fd
 
 
-async def copy_up(index: Index, node: Node, *, data: bool) -> None:
+def copy_up(index: Index, node: Node, *, data: bool) -> None:
     """Give ``node`` an entry in the upper branch; with ``data``, its own copy of the data.
 
-    The caller holds ``node``'s lock: the data copy may run in a worker thread.
+    The caller is making a change (``Union._changing``): a large data copy lets go of
+    the index lock, and no other change may start meanwhile.
     """
     if node.is_dir:
         ensure_dir_on_upper(index, node)
@@ -89,7 +88,7 @@ async def copy_up(index: Index, node: Node, *, data: bool) -> None:
     tmp = node.stack.temp_name()
     try:
         if stat.S_ISREG(st.st_mode):
-            await _copy_regular(index, node, st, tmp, data=data)
+            _copy_regular(index, node, st, tmp, data=data)
         elif stat.S_ISLNK(st.st_mode):
             os.symlink(os.readlink(node.name, dir_fd=meta_fd), tmp, dir_fd=work)
         else:
@@ -106,6 +105,7 @@ async def copy_up(index: Index, node: Node, *, data: bool) -> None:
         except FileNotFoundError:
             pass
         raise
+    index.copy_ups += 1
     if not node.on_upper:
         _split_hard_links(index, node)
     index.drop_data_location(node)
@@ -114,7 +114,7 @@ async def copy_up(index: Index, node: Node, *, data: bool) -> None:
     node.data_branch = None if (stat.S_ISREG(st.st_mode) and not data) else upper
 
 
-async def _copy_regular(index: Index, node: Node, st: os.stat_result, tmp: bytes, *, data: bool) -> None:
+def _copy_regular(index: Index, node: Node, st: os.stat_result, tmp: bytes, *, data: bool) -> None:
     work = node.stack.work_fd
     dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                   0o600, dir_fd=work)
@@ -127,11 +127,11 @@ async def _copy_regular(index: Index, node: Node, st: os.stat_result, tmp: bytes
         src = os.open(src_name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dirfd)
         try:
             if os.fstat(src).st_size > THREAD_COPY_THRESHOLD:
-                await trio.to_thread.run_sync(copy_data, src, dst)
+                index.unlocked(copy_data, src, dst)
             else:
                 copy_data(src, dst)
             # Durable before it becomes visible, as overlayfs does on copy-up.
-            await trio.to_thread.run_sync(os.fsync, dst)
+            index.unlocked(os.fsync, dst)
         finally:
             os.close(src)
     finally:

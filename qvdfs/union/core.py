@@ -3,10 +3,14 @@
 ``Union`` owns the stacks, the index and the open files. Its methods raise plain
 ``OSError``; the FUSE layer (``qvdfs.operations``) turns them into replies.
 
-Every change to the namespace runs under one trio lock. Most changes are a few
-synchronous system calls and never yield, so they are atomic as seen by other
-requests; the lock matters for copy-ups, whose data copy runs in a worker thread
-while reads, lookups and writes to other files go on.
+Requests arrive on several threads. Two locks keep them apart:
+
+- ``index.lock`` guards every Node, the index and the open handles. The request layer
+  holds it while it calls in here; it is let go only around blocking I/O that touches
+  no shared state (``Index.unlocked``), such as the data copy of a large copy-up.
+- ``_mutation`` serializes changes to the namespace, across those gaps too: a rename
+  that copies a tree up stays one change while lookups and reads go on. It is always
+  taken before ``index.lock``, never while holding it, so the two cannot deadlock.
 """
 
 from __future__ import annotations
@@ -16,9 +20,8 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import AsyncIterator, Callable
-
-import trio
+import threading
+from collections.abc import Callable, Iterator
 
 from qvdfs.config import MountConfig, MountError, WhiteoutFormat
 from qvdfs.union import copyup, markers, syscalls
@@ -27,7 +30,10 @@ from qvdfs.union.tree import Index, Node
 
 log = logging.getLogger(__name__)
 
-_OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY
+# O_DIRECT too: the kernel hands the daemon buffers of any alignment, and a passthrough
+# open gets the caller's O_DIRECT from the kernel itself.
+_OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT
+CAPABILITY_XATTR = b"security.capability"
 
 
 def backing_flags(flags: int, writeback: bool) -> int:
@@ -53,13 +59,16 @@ def stale(*nodes: Node | None) -> None:
 class Handle:
     """An open file: the backing descriptor and where its data came from."""
 
-    __slots__ = ("node", "fd", "data_branch", "writable")
+    __slots__ = ("node", "fd", "data_branch", "writable", "retired")
 
     def __init__(self, node: Node, fd: int, data_branch: int, writable: bool) -> None:
         self.node = node
         self.fd = fd
         self.data_branch = data_branch
         self.writable = writable
+        # Descriptors replaced after a copy-up, closed at release: a read on another
+        # thread may still be using one, and a closed number could be reused meanwhile.
+        self.retired: tuple[int, ...] = ()
 
 
 class Union:
@@ -85,27 +94,39 @@ class Union:
         self.index = Index(self.stack, grafts)
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
-        self._mutation = trio.Lock()
+        self._mutation = threading.Lock()
         # (branch path, st_dev, st_ino) -> node, for files with more than one name
         self._links: dict[tuple[str, int, int], Node] = {}
 
     def close(self) -> None:
         for handle in self.handles.values():
-            os.close(handle.fd)
+            for fd in (handle.fd, *handle.retired):
+                os.close(fd)
         self.handles.clear()
         for node in list(self.index.nodes.values()):
             self.index.close_fds(node)
         for stack in (self.stack, *self.grafts):
             stack.close()
 
-    @contextlib.asynccontextmanager
-    async def _changing(self, *nodes: Node | None) -> AsyncIterator[None]:
-        """Serialize a change, and forget the cached attributes of the nodes it touches."""
-        async with self._mutation:
+    @contextlib.contextmanager
+    def _changing(self, *nodes: Node | None) -> Iterator[None]:
+        """Serialize a change, and forget the cached attributes of the nodes it touches.
+
+        The caller holds ``index.lock``; it is let go while waiting for another change
+        to finish (see the module docstring for the order of the locks).
+        """
+        lock = self.index.lock
+        if not self._mutation.acquire(blocking=False):
+            lock.release()
             try:
-                yield
+                self._mutation.acquire()
             finally:
-                stale(*nodes)
+                lock.acquire()
+        try:
+            yield
+        finally:
+            stale(*nodes)
+            self._mutation.release()
 
     # -- attributes ---------------------------------------------------------------------
 
@@ -174,7 +195,7 @@ class Union:
 
     # -- creating entries ---------------------------------------------------------------
 
-    async def create_entry(self, parent: Node, name: bytes, kind: int, uid: int, gid: int,
+    def create_entry(self, parent: Node, name: bytes, kind: int, uid: int, gid: int,
                            make: Callable[[int, bytes], int | None]) -> tuple[Node, int | None]:
         """Create ``parent/name`` in the upper branch with ``make(dirfd, name)``.
 
@@ -187,7 +208,7 @@ class Union:
         syscalls.check_name(name)
         if parent.is_stack_root and name in markers.RESERVED_ROOT_NAMES:
             raise OSError(errno.EPERM, "reserved name")
-        async with self._changing(parent):
+        with self._changing(parent):
             if name in self.index.listing(parent):
                 raise OSError(errno.EEXIST, "file exists")
             pfd = copyup.ensure_dir_on_upper(self.index, parent)
@@ -244,16 +265,16 @@ class Union:
         if st.st_mode & 0o6000 and not stat.S_ISDIR(st.st_mode) and not stat.S_ISLNK(st.st_mode):
             syscalls.chmod_at(dirfd, name, stat.S_IMODE(st.st_mode))
 
-    async def link(self, node: Node, parent: Node, name: bytes) -> Node:
+    def link(self, node: Node, parent: Node, name: bytes) -> Node:
         if node.is_dir:
             raise OSError(errno.EPERM, "hard link to a directory")
         if node.stack is not parent.stack:
             raise OSError(errno.EXDEV, "cross-branch link")
         syscalls.check_name(name)
-        async with self._changing(node, parent):
+        with self._changing(node, parent):
             if name in self.index.listing(parent):
                 raise OSError(errno.EEXIST, "file exists")
-            await copyup.copy_up(self.index, node, data=True)
+            copyup.copy_up(self.index, node, data=True)
             src_fd = self.index.parent_fd(node, node.branch)
             pfd = copyup.ensure_dir_on_upper(self.index, parent)
             stack = parent.stack
@@ -270,15 +291,15 @@ class Union:
 
     # -- removing entries ---------------------------------------------------------------
 
-    async def unlink(self, parent: Node, name: bytes) -> None:
-        async with self._changing(parent):
+    def unlink(self, parent: Node, name: bytes) -> None:
+        with self._changing(parent):
             node = self.index.lookup(parent, name)
             if node.is_dir:
                 raise OSError(errno.EISDIR, "is a directory")
             self._remove(parent, name, node)
 
-    async def rmdir(self, parent: Node, name: bytes) -> None:
-        async with self._changing(parent):
+    def rmdir(self, parent: Node, name: bytes) -> None:
+        with self._changing(parent):
             node = self.index.lookup(parent, name)
             if not node.is_dir:
                 raise OSError(errno.ENOTDIR, "not a directory")
@@ -355,12 +376,12 @@ class Union:
 
     # -- rename ---------------------------------------------------------------------------
 
-    async def rename(self, parent_old: Node, name_old: bytes, parent_new: Node, name_new: bytes,
+    def rename(self, parent_old: Node, name_old: bytes, parent_new: Node, name_new: bytes,
                      flags: int) -> None:
         syscalls.check_name(name_new)
         if parent_new.is_stack_root and name_new in markers.RESERVED_ROOT_NAMES:
             raise OSError(errno.EPERM, "reserved name")
-        async with self._changing(parent_old, parent_new):
+        with self._changing(parent_old, parent_new):
             node = self.index.lookup(parent_old, name_old)
             target = self.index.listing(parent_new).get(name_new)
             stale(node, target)
@@ -382,9 +403,9 @@ class Union:
                     raise OSError(errno.EISDIR, "is a directory")
                 if target.is_dir and self.index.listing(target):
                     raise OSError(errno.ENOTEMPTY, "directory not empty")
-            await self._copy_up_whole(node)
+            self._copy_up_whole(node)
             if exchange:
-                await self._copy_up_whole(target)
+                self._copy_up_whole(target)
             old_pfd = copyup.ensure_dir_on_upper(self.index, parent_old)
             new_pfd = copyup.ensure_dir_on_upper(self.index, parent_new)
             if exchange:
@@ -450,7 +471,7 @@ class Union:
             node.aliases = tuple((parent_new, name_new) if a == (parent_old, name_old) else a
                                  for a in node.aliases)
 
-    async def _copy_up_whole(self, node: Node) -> None:
+    def _copy_up_whole(self, node: Node) -> None:
         """Copy ``node`` and, for a directory, everything under it into the upper branch.
 
         A directory that merged lower branches becomes opaque: it can then move to any
@@ -458,11 +479,11 @@ class Union:
         redirect instead; copying is slower for big trees but needs no new format.)
         """
         if not node.is_dir:
-            await copyup.copy_up(self.index, node, data=True)
+            copyup.copy_up(self.index, node, data=True)
             return
         copyup.ensure_dir_on_upper(self.index, node)
         for child in list(self.index.listing(node).values()):
-            await self._copy_up_whole(child)
+            self._copy_up_whole(child)
         if len(node.layers) > 1:
             stack = node.stack
             dfd = self.index.dir_fd(node, stack.upper)
@@ -485,15 +506,15 @@ class Union:
 
     # -- metadata -----------------------------------------------------------------------
 
-    async def setattr(self, node: Node, *, mode: int | None = None, uid: int | None = None,
+    def setattr(self, node: Node, *, mode: int | None = None, uid: int | None = None,
                       gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
                       mtime_ns: int | None = None, fh: int | None = None) -> None:
-        async with self._changing(node):
+        with self._changing(node):
             if size is not None:
-                await self._truncate(node, size, fh)
+                self._truncate(node, size, fh)
             if mode is None and uid is None and gid is None and atime_ns is None and mtime_ns is None:
                 return
-            await copyup.copy_up(self.index, node, data=False)
+            copyup.copy_up(self.index, node, data=False)
             dirfd, name = self._ref(node, node.branch)
             if uid is not None or gid is not None:
                 os.chown(name, -1 if uid is None else uid, -1 if gid is None else gid,
@@ -506,13 +527,13 @@ class Union:
                                    st.st_mtime_ns if mtime_ns is None else mtime_ns),
                          dir_fd=dirfd, follow_symlinks=False)
 
-    async def _truncate(self, node: Node, size: int, fh: int | None) -> None:
+    def _truncate(self, node: Node, size: int, fh: int | None) -> None:
         if node.is_dir:
             raise OSError(errno.EISDIR, "is a directory")
         if size == 0:
-            await copyup.copy_up(self.index, node, data=False)
+            copyup.copy_up(self.index, node, data=False)
         else:
-            await copyup.copy_up(self.index, node, data=True)
+            copyup.copy_up(self.index, node, data=True)
         handle = self.handles.get(fh) if fh is not None else None
         if handle is not None and handle.writable:
             os.ftruncate(handle.fd, size)
@@ -539,31 +560,56 @@ class Union:
         names = (os.fsencode(n) for n in syscalls.listxattr_at(*self._ref(node, node.branch)))
         return [n for n in names if not n.startswith(markers.OVERLAY_XATTR_PREFIX)]
 
-    async def setxattr(self, node: Node, attr: bytes, value: bytes) -> None:
+    def setxattr(self, node: Node, attr: bytes, value: bytes, flags: int = 0) -> None:
+        """Set ``attr``; ``flags`` are os.XATTR_CREATE / os.XATTR_REPLACE."""
         if attr.startswith(markers.OVERLAY_XATTR_PREFIX):
             raise OSError(errno.EPERM, "reserved attribute")
-        async with self._changing(node):
-            await copyup.copy_up(self.index, node, data=False)
-            syscalls.setxattr_at(*self._ref(node, node.branch), attr, value)
+        with self._changing(node):
+            if flags & os.XATTR_REPLACE:
+                self.getxattr(node, attr)  # ENODATA before any copy-up
+            copyup.copy_up(self.index, node, data=False)
+            syscalls.setxattr_at(*self._ref(node, node.branch), attr, value, flags)
 
-    async def removexattr(self, node: Node, attr: bytes) -> None:
+    def kill_privileges(self, node: Node) -> None:
+        """Drop set-user-id, set-group-id (when group-executable) and file capabilities,
+        as the kernel does when an unprivileged caller writes, truncates or chowns."""
+        with self._changing(node):
+            dirfd, name = self._ref(node, node.branch)
+            mode = syscalls.lstat_at(dirfd, name).st_mode
+            kill = stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0)
+            has_cap = True
+            try:
+                self.getxattr(node, CAPABILITY_XATTR)
+            except OSError:
+                has_cap = False
+            if not (mode & kill or has_cap):
+                return
+            copyup.copy_up(self.index, node, data=False)
+            dirfd, name = self._ref(node, node.branch)
+            if mode & kill:
+                syscalls.chmod_at(dirfd, name, stat.S_IMODE(mode) & ~kill)
+            if has_cap:
+                with contextlib.suppress(OSError):
+                    syscalls.removexattr_at(dirfd, name, CAPABILITY_XATTR)
+
+    def removexattr(self, node: Node, attr: bytes) -> None:
         if attr.startswith(markers.OVERLAY_XATTR_PREFIX):
             raise OSError(errno.EPERM, "reserved attribute")
-        async with self._changing(node):
+        with self._changing(node):
             self.getxattr(node, attr)  # ENODATA before any copy-up
-            await copyup.copy_up(self.index, node, data=False)
+            copyup.copy_up(self.index, node, data=False)
             syscalls.removexattr_at(*self._ref(node, node.branch), attr)
 
     # -- open files -----------------------------------------------------------------------
 
-    async def open(self, node: Node, flags: int, *, writeback: bool = False) -> int:
+    def open(self, node: Node, flags: int, *, writeback: bool = False) -> int:
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
         if writable or flags & os.O_TRUNC:
-            async with self._changing(node):
+            with self._changing(node):
                 if flags & os.O_TRUNC:
-                    await self._truncate(node, 0, None)
+                    self._truncate(node, 0, None)
                 else:
-                    await copyup.copy_up(self.index, node, data=True)
+                    copyup.copy_up(self.index, node, data=True)
         return self._open_backing(node, backing_flags(flags, writeback), writable)
 
     def adopt(self, node: Node, fd: int) -> int:
@@ -592,7 +638,7 @@ class Union:
             # The file was copied up since this read-only open: follow its data.
             branch, dirfd, name = self.index.data_location(node)
             fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
-            os.close(handle.fd)
+            handle.retired += (handle.fd,)
             handle.fd, handle.data_branch = fd, branch
         return handle
 
@@ -600,6 +646,7 @@ class Union:
         handle = self.handles.pop(fh)
         if handle.writable:
             stale(handle.node)  # shared mmap writes may have landed without a write call
-        os.close(handle.fd)
+        for fd in (handle.fd, *handle.retired):
+            os.close(fd)
         handle.node.handles = tuple(h for h in handle.node.handles if h is not handle)
         self.index.maybe_free(handle.node)

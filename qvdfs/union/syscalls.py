@@ -32,6 +32,7 @@ PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 
 def check_name(name: bytes) -> bytes:
@@ -50,6 +51,13 @@ def open_dir(dirfd: int, name: bytes) -> int:
 
 def renameat2(old_dirfd: int, old: bytes, new_dirfd: int, new: bytes, flags: int = 0) -> None:
     if _libc.renameat2(old_dirfd, old, new_dirfd, new, flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with its mode bits (os.posix_fallocate has none)."""
+    if _libc.fallocate(fd, mode, offset, length) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
 

@@ -25,13 +25,17 @@ import errno
 import logging
 import os
 import stat
+import threading
 import types
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from qvdfs.union import markers, syscalls
 from qvdfs.union.branch import Stack
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 ROOT_ID = 1
 MAX_CACHED_DIR_FDS = 4096
@@ -99,6 +103,10 @@ class Index:
     """Owns every Node: numbering, lookup, merged listings and directory descriptors."""
 
     def __init__(self, stack: Stack, grafts: dict[tuple[bytes, ...], Stack]) -> None:
+        # Held by whoever reads or changes a Node, the index or the open handles; requests
+        # run on several threads (see qvdfs.union.core).
+        self.lock = threading.Lock()
+        self.copy_ups = 0  # files copied up (data or metadata), for the admin's counters
         self.nodes: dict[int, Node] = {}
         self._next_id = ROOT_ID
         self._fd_lru: collections.OrderedDict[tuple[int, int], Node] = collections.OrderedDict()
@@ -117,6 +125,14 @@ class Index:
         node.layers = list(range(len(stack.branches)))
         node.is_stack_root = True
         return node
+
+    def unlocked(self, call: Callable[..., _T], *args: Any) -> _T:
+        """Run ``call(*args)`` with ``lock`` let go: blocking I/O that touches no Node."""
+        self.lock.release()
+        try:
+            return call(*args)
+        finally:
+            self.lock.acquire()
 
     # -- numbering --------------------------------------------------------------------
 

@@ -1,0 +1,68 @@
+"""The default backend: qvdfs' own FUSE session (``qvdfs.fuse``), no libfuse."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from qvdfs.config import MountConfig, MountError
+from qvdfs.fuse import mount as fuse_mount
+from qvdfs.fuse.filesystem import Filesystem
+from qvdfs.fuse.session import Session
+
+log = logging.getLogger(__name__)
+
+
+class NativeBackend:
+    """Mount through ``/dev/fuse`` and mount(2), serve from the session's threads."""
+
+    name = "native"
+
+    def __init__(self, fs: Filesystem, config: MountConfig) -> None:
+        self.fs = fs
+        self.config = config
+        self.fd: int | None = None
+        self.session: Session | None = None
+
+    def mount(self) -> None:
+        try:
+            self.fd = fuse_mount.mount(self.config.mountpoint, set(self.config.fuse_options))
+        except OSError as exc:
+            raise MountError(f"cannot mount on {self.config.mountpoint}: {exc}") from None
+        disabled = frozenset() if self.config.passthrough else frozenset({"passthrough"})
+        kwargs = {} if self.config.threads is None else {"threads": self.config.threads}
+        self.session = Session(self.fs, self.fd, mountpoint=self.config.mountpoint,
+                               disabled=disabled, **kwargs)
+
+    def serve(self) -> None:
+        assert self.session is not None
+        self.session.serve()
+
+    def stop(self) -> None:
+        # A lazy unmount detaches the mount at once, even while it is busy; the kernel
+        # then ends the session, and every reading thread sees it.
+        try:
+            fuse_mount.unmount(self.config.mountpoint, lazy=True)
+        except OSError as exc:
+            log.warning("cannot unmount %s: %s", self.config.mountpoint, exc)
+
+    def close(self, unmount: bool) -> None:
+        if unmount:
+            self.stop()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def abandon(self) -> None:
+        self.close(unmount=True)
+
+    def invalidate_entry(self, parent: int, name: bytes) -> None:
+        if self.session is not None:
+            self.session.invalidate_entry(parent, name)
+
+    def invalidate_inode(self, node_id: int) -> None:
+        if self.session is not None:
+            self.session.invalidate_inode(node_id)
+
+    def counters(self) -> dict[str, object]:
+        return dict(self.session.counters()) if self.session is not None else {}

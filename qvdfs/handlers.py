@@ -1,0 +1,400 @@
+"""What each FUSE request means for the union, written once for every backend.
+
+``UnionFilesystem`` answers the requests of ``qvdfs.fuse.filesystem.Filesystem`` in terms of
+``union.core.Union``: it resolves node ids, takes the index lock, calls the union and turns
+the result into plain reply values. The native session (``qvdfs.fuse``) calls it directly;
+the pyfuse3 backend (``qvdfs.backends.pyfuse3``) adapts the same object.
+
+Requests come from several threads. Everything that touches Nodes runs under
+``index.lock``; the data path (read, write, fsync, fallocate, copy_file_range) only looks
+up the backing descriptor under it and does its I/O outside, so a cold read or an fsync
+holds up nobody else.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import os
+import stat
+from collections.abc import Callable
+
+from qvdfs.config import MountConfig
+from qvdfs.fuse.filesystem import (
+    FOPEN_CACHE_DIR,
+    FOPEN_DIRECT_IO,
+    FOPEN_KEEP_CACHE,
+    AddDirEntry,
+    AddDirEntryPlus,
+    Attr,
+    Context,
+    Entry,
+    Opened,
+    SetattrChanges,
+)
+from qvdfs.union import syscalls
+from qvdfs.union.core import Union, backing_flags, stale
+from qvdfs.union.tree import Node
+
+NAME_MAX = 255
+# Directory listings kept for readdir streams in progress (see _snapshot).
+MAX_LISTING_SNAPSHOTS = 256
+
+
+def _check_name(name: bytes) -> None:
+    # The kernel lets names up to 1024 bytes through; every branch filesystem stops at 255,
+    # and a lookup must say so rather than "no such file".
+    if len(name) > NAME_MAX:
+        raise OSError(errno.ENAMETOOLONG, "file name too long")
+
+
+class UnionFilesystem:
+    """The union's answers to FUSE requests (implements ``qvdfs.fuse.Filesystem``).
+
+    Raises:
+        MountError: from the constructor, when a branch cannot be used.
+    """
+
+    def __init__(self, config: MountConfig) -> None:
+        self.config = config
+        self.union = Union(config)
+        self.index = self.union.index
+        self.lock = self.index.lock
+        self.attr_timeout = config.attr_timeout
+        self.features: frozenset[str] = frozenset()
+        # Set by the backend: drop the kernel's cached entry parent/name, and a node's
+        # cached attributes and data. Both may be called with the index lock held.
+        self.invalidate_entry: Callable[[int, bytes], None] = lambda parent, name: None
+        self.invalidate_inode: Callable[[int], None] = lambda node_id: None
+        self.index.invalidate = self._entry_changed
+        # node id -> (generation, entries) of the listing a readdir stream is reading
+        self._listings: collections.OrderedDict[int, tuple[int, list[tuple[bytes, Node]]]] = \
+            collections.OrderedDict()
+        self._listing_generation = 0
+
+    def init(self, features: frozenset[str]) -> None:
+        self.features = features
+
+    def destroy(self) -> None:
+        with self.lock:
+            self.union.close()
+
+    def counters(self) -> dict[str, int]:
+        """The union's own counters, beside the session's per-opcode ones."""
+        return {"copy_ups": self.index.copy_ups, "nodes": len(self.index.nodes),
+                "open_files": len(self.union.handles)}
+
+    def _entry_changed(self, parent: Node, name: bytes) -> None:
+        self.invalidate_entry(parent.id, name)
+        # A cached listing holds the old node id of the name.
+        self.invalidate_inode(parent.id)
+
+    # -- replies ------------------------------------------------------------------------
+
+    def _node(self, node_id: int) -> Node:
+        return self.index.get(node_id)
+
+    def _attrs(self, node: Node, st: os.stat_result | None = None) -> Attr:
+        """The node's attributes, from the cache while still true.
+
+        Every change goes through this daemon, which drops a node's cached attributes when
+        it changes it, so a warm ``ls -l`` costs no system call.
+        """
+        attr = node.attr
+        if isinstance(attr, Attr) and not node.unlinked:
+            return attr
+        if st is None:
+            st = self.union.getattr(node)
+        attr = Attr.from_stat(node.id, st, self.union.nlink(node, st))
+        node.attr = attr
+        return attr
+
+    def _entry(self, node: Node, st: os.stat_result | None = None) -> Entry:
+        """An entry handed to the kernel, which now holds one more lookup of ``node``."""
+        entry = Entry(node.id, self._attrs(node, st), self.config.entry_timeout,
+                      self.attr_timeout)
+        node.lookups += 1
+        return entry
+
+    def _mode(self, parent: Node, mode: int, ctx: Context) -> int:
+        """The caller's mode after its umask, which the kernel leaves to us with ACLs on.
+
+        A directory with a default ACL ignores the umask: the branch's filesystem then
+        derives the mode from that ACL as the entry is created.
+        """
+        if not ctx.umask or self.union.has_default_acl(parent):
+            return mode
+        return mode & ~ctx.umask
+
+    # -- lookups and attributes -----------------------------------------------------------
+
+    def lookup(self, parent: int, name: bytes, ctx: Context) -> Entry:
+        _check_name(name)
+        with self.lock:
+            try:
+                node, st = self.union.lookup(self._node(parent), name)
+            except FileNotFoundError:
+                # A zero id caches the miss in the kernel: shells, ld.so and Python probe
+                # many names that do not exist.
+                return Entry(0, None, self.config.negative_timeout, 0)
+            return self._entry(node, st)
+
+    def forget(self, node_id: int, count: int) -> None:
+        with self.lock:
+            node = self.index.nodes.get(node_id)
+            if node is not None:
+                self.index.forget(node, count)
+
+    def getattr(self, node_id: int, fh: int | None, ctx: Context) -> tuple[Attr, float]:
+        with self.lock:
+            return self._attrs(self._node(node_id)), self.attr_timeout
+
+    def setattr(self, node_id: int, fh: int | None, changes: SetattrChanges,
+                ctx: Context) -> tuple[Attr, float]:
+        with self.lock:
+            node = self._node(node_id)
+            self.union.setattr(node, mode=changes.mode, uid=changes.uid, gid=changes.gid,
+                               size=changes.size, atime_ns=changes.atime_ns,
+                               mtime_ns=changes.mtime_ns, fh=fh)
+            if changes.kill_suidgid and changes.mode is None:
+                self.union.kill_privileges(node)
+            return self._attrs(node), self.attr_timeout
+
+    def readlink(self, node_id: int, ctx: Context) -> bytes:
+        with self.lock:
+            return self.union.readlink(self._node(node_id))
+
+    def statfs(self, node_id: int) -> os.statvfs_result:
+        with self.lock:
+            return self.union.statfs()
+
+    # -- creating and removing entries ------------------------------------------------------
+
+    def mkdir(self, parent: int, name: bytes, mode: int, ctx: Context) -> Entry:
+        _check_name(name)
+        with self.lock:
+            pnode = self._node(parent)
+            mode = self._mode(pnode, mode, ctx)
+            node, _ = self.union.create_entry(
+                pnode, name, stat.S_IFDIR, ctx.uid, ctx.gid,
+                lambda dirfd, n: os.mkdir(n, stat.S_IMODE(mode), dir_fd=dirfd))
+            return self._entry(node)
+
+    def mknod(self, parent: int, name: bytes, mode: int, rdev: int, ctx: Context) -> Entry:
+        _check_name(name)
+        if stat.S_ISCHR(mode) and rdev == 0:
+            # A 0/0 device is a whiteout on disk; letting one be made would let a
+            # container forge deletions.
+            raise OSError(errno.EPERM, "a 0/0 character device is a whiteout")
+        with self.lock:
+            pnode = self._node(parent)
+            mode = self._mode(pnode, mode, ctx)
+            node, _ = self.union.create_entry(
+                pnode, name, stat.S_IFMT(mode), ctx.uid, ctx.gid,
+                lambda dirfd, n: os.mknod(n, mode, rdev, dir_fd=dirfd))
+            return self._entry(node)
+
+    def symlink(self, parent: int, name: bytes, target: bytes, ctx: Context) -> Entry:
+        _check_name(name)
+        with self.lock:
+            node, _ = self.union.create_entry(
+                self._node(parent), name, stat.S_IFLNK, ctx.uid, ctx.gid,
+                lambda dirfd, n: os.symlink(target, n, dir_fd=dirfd))
+            return self._entry(node)
+
+    def link(self, node_id: int, new_parent: int, new_name: bytes, ctx: Context) -> Entry:
+        _check_name(new_name)
+        with self.lock:
+            node = self.union.link(self._node(node_id), self._node(new_parent), new_name)
+            return self._entry(node)
+
+    def unlink(self, parent: int, name: bytes, ctx: Context) -> None:
+        _check_name(name)
+        with self.lock:
+            self.union.unlink(self._node(parent), name)
+
+    def rmdir(self, parent: int, name: bytes, ctx: Context) -> None:
+        _check_name(name)
+        with self.lock:
+            self.union.rmdir(self._node(parent), name)
+
+    def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int,
+               ctx: Context) -> None:
+        _check_name(name)
+        _check_name(new_name)
+        with self.lock:
+            self.union.rename(self._node(parent), name, self._node(new_parent), new_name, flags)
+
+    # -- files ----------------------------------------------------------------------------
+
+    def _opened(self, fh: int, flags: int) -> Opened:
+        """The reply to an open: the page cache survives opens, since every change to a
+        file's data goes through this daemon and the kernel."""
+        if self.config.direct_io:
+            return Opened(fh, FOPEN_DIRECT_IO)
+        # O_DIRECT served by the daemon bypasses the kernel's cache; passed through, the
+        # branch file honours it itself (the session drops this flag then).
+        open_flags = FOPEN_DIRECT_IO if flags & os.O_DIRECT else FOPEN_KEEP_CACHE
+        return Opened(fh, open_flags, self.union.handles[fh].fd)
+
+    def open(self, node_id: int, flags: int, ctx: Context) -> Opened:
+        with self.lock:
+            fh = self.union.open(self._node(node_id), flags)
+            return self._opened(fh, flags)
+
+    def create(self, parent: int, name: bytes, mode: int, flags: int,
+               ctx: Context) -> tuple[Entry, Opened]:
+        _check_name(name)
+        open_flags = backing_flags((flags & ~os.O_ACCMODE) | os.O_RDWR, False)
+        with self.lock:
+            pnode = self._node(parent)
+            mode = self._mode(pnode, mode, ctx)
+            node, fd = self.union.create_entry(
+                pnode, name, stat.S_IFREG, ctx.uid, ctx.gid,
+                lambda dirfd, n: os.open(n, open_flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                         | os.O_CLOEXEC, stat.S_IMODE(mode), dir_fd=dirfd))
+            assert fd is not None
+            fh = self.union.adopt(node, fd)
+            return self._entry(node), self._opened(fh, flags)
+
+    def _fd(self, fh: int) -> int:
+        with self.lock:
+            return self.union.handle(fh).fd
+
+    def read(self, node_id: int, fh: int, offset: int, size: int) -> bytes:
+        return os.pread(self._fd(fh), size, offset)
+
+    def write(self, node_id: int, fh: int, offset: int, data: memoryview,
+              kill_suidgid: bool) -> int:
+        with self.lock:
+            handle = self.union.handle(fh)
+            stale(handle.node)
+            if kill_suidgid:
+                self.union.kill_privileges(handle.node)
+            fd = handle.fd
+        return os.pwrite(fd, data, offset)
+
+    def release(self, node_id: int, fh: int) -> None:
+        with self.lock:
+            self.union.release(fh)
+
+    def fsync(self, node_id: int, fh: int, datasync: bool) -> None:
+        (os.fdatasync if datasync else os.fsync)(self._fd(fh))
+
+    def fallocate(self, node_id: int, fh: int, offset: int, length: int, mode: int) -> None:
+        with self.lock:
+            handle = self.union.handle(fh)
+            if not handle.writable:
+                raise OSError(errno.EBADF, "file not open for writing")
+            stale(handle.node)
+            fd = handle.fd
+        syscalls.fallocate(fd, mode, offset, length)
+
+    def lseek(self, node_id: int, fh: int, offset: int, whence: int) -> int:
+        return os.lseek(self._fd(fh), offset, whence)
+
+    def copy_file_range(self, node_in: int, fh_in: int, offset_in: int, node_out: int,
+                        fh_out: int, offset_out: int, length: int, flags: int) -> int:
+        if flags:
+            raise OSError(errno.EINVAL, "copy_file_range takes no flags")
+        with self.lock:
+            src = self.union.handle(fh_in).fd
+            out = self.union.handle(fh_out)
+            if not out.writable:
+                raise OSError(errno.EBADF, "file not open for writing")
+            stale(out.node)
+            dst = out.fd
+        return os.copy_file_range(src, dst, length, offset_in, offset_out)
+
+    # -- directories ----------------------------------------------------------------------
+
+    def opendir(self, node_id: int, flags: int, ctx: Context) -> Opened:
+        if "no_opendir" in self.features:
+            # The kernel then never asks again, and keeps listings in its cache.
+            raise OSError(errno.ENOSYS, "no opendir needed")
+        with self.lock:
+            if not self._node(node_id).is_dir:
+                raise OSError(errno.ENOTDIR, "not a directory")
+        return Opened(0, FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE)
+
+    def releasedir(self, node_id: int, fh: int) -> None:
+        pass
+
+    def fsyncdir(self, node_id: int, fh: int, datasync: bool) -> None:
+        pass
+
+    def _listing_from(self, node: Node, offset: int) -> tuple[int, int, list[tuple[bytes, Node]]]:
+        """(generation, position, entries) for a readdir stream at ``offset``.
+
+        Without OPENDIR there is no handle to keep a stream's listing in, so the offsets
+        handed to the kernel carry it: the listing's generation in the high 32 bits and the
+        position in the low ones. A stream keeps reading the listing it started with, so a
+        change meanwhile neither skips nor repeats an entry. A stream whose listing was
+        dropped (more than MAX_LISTING_SNAPSHOTS in progress) goes on in a fresh one.
+        """
+        generation, position = offset >> 32, offset & 0xFFFFFFFF
+        kept = self._listings.get(node.id)
+        if offset == 0 or kept is None or kept[0] != generation:
+            self._listing_generation = (self._listing_generation + 1) & 0x7FFFFFFF
+            parent = node.parent or node
+            kept = (self._listing_generation,
+                    [(b".", node), (b"..", parent), *self.union.entries(node)])
+            self._listings[node.id] = kept
+            if len(self._listings) > MAX_LISTING_SNAPSHOTS:
+                self._listings.popitem(last=False)
+        else:
+            self._listings.move_to_end(node.id)
+        return kept[0], position, kept[1]
+
+    def readdir(self, node_id: int, fh: int, offset: int, add: AddDirEntry) -> None:
+        with self.lock:
+            node = self._node(node_id)
+            if not node.is_dir:
+                raise OSError(errno.ENOTDIR, "not a directory")
+            generation, position, entries = self._listing_from(node, offset)
+            for i in range(position, len(entries)):
+                name, child = entries[i]
+                if child.unlinked:
+                    continue
+                kind = stat.S_IFDIR if child.is_dir else stat.S_IFMT(self._attrs(child).mode)
+                if not add(name, child.id, kind, (generation << 32) | (i + 1)):
+                    return
+
+    def readdirplus(self, node_id: int, fh: int, offset: int, add: AddDirEntryPlus) -> None:
+        with self.lock:
+            node = self._node(node_id)
+            if not node.is_dir:
+                raise OSError(errno.ENOTDIR, "not a directory")
+            generation, position, entries = self._listing_from(node, offset)
+            for i in range(position, len(entries)):
+                name, child = entries[i]
+                if child.unlinked:
+                    continue
+                try:
+                    attr = self._attrs(child)
+                except OSError:
+                    continue
+                entry = Entry(child.id, attr, self.config.entry_timeout, self.attr_timeout)
+                if not add(name, entry, (generation << 32) | (i + 1)):
+                    return
+                # The kernel takes a lookup reference for every entry but "." and "..".
+                if name not in (b".", b".."):
+                    child.lookups += 1
+
+    # -- extended attributes -------------------------------------------------------------
+
+    def getxattr(self, node_id: int, name: bytes, ctx: Context) -> bytes:
+        with self.lock:
+            return self.union.getxattr(self._node(node_id), name)
+
+    def listxattr(self, node_id: int, ctx: Context) -> list[bytes]:
+        with self.lock:
+            return self.union.listxattr(self._node(node_id))
+
+    def setxattr(self, node_id: int, name: bytes, value: bytes, flags: int, ctx: Context) -> None:
+        with self.lock:
+            self.union.setxattr(self._node(node_id), name, value, flags)
+
+    def removexattr(self, node_id: int, name: bytes, ctx: Context) -> None:
+        with self.lock:
+            self.union.removexattr(self._node(node_id), name)
