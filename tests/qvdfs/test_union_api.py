@@ -1,0 +1,266 @@
+"""The union's request handling driven in-process, without FUSE: ``UnionFilesystem`` on plain
+directories, called as the kernel would call it (as s3ql's t3_fs_api drives its Operations).
+
+Fast and exact: each test checks what a request answers and what it leaves in the branches
+(whiteouts, opaque markers, copy-ups), with no mount to set up or tear down.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from qvdfs import cmdline
+from qvdfs.fuse.filesystem import ROOT_ID, Context, Entry, SetattrChanges
+from qvdfs.handlers import UnionFilesystem
+from qvdfs.union import markers
+
+pytestmark = pytest.mark.timeout(30)
+
+ROOT = Context(uid=0, gid=0, pid=1)
+WHITEOUT_DEV = 0
+
+
+@pytest.fixture
+def branches(tmp_path: Path) -> dict[str, Path]:
+    d = {name: tmp_path / name for name in ("upper", "base", "mnt")}
+    for path in d.values():
+        path.mkdir()
+    base = d["base"]
+    (base / "file").write_text("base data")
+    (base / "dir").mkdir()
+    (base / "dir" / "inner").write_text("inner")
+    (base / "dir" / "sub").mkdir()
+    (base / "empty").mkdir()
+    os.symlink("file", base / "link")
+    return d
+
+
+def make_fs(d: dict[str, Path], *options: str) -> UnionFilesystem:
+    config = cmdline.parse_args(["-o", "cow", *options, f"{d['upper']}=RW:{d['base']}=RO",
+                                 str(d["mnt"])])
+    fs = UnionFilesystem(config)
+    fs.init(frozenset({"no_opendir", "readdirplus"}))
+    return fs
+
+
+@pytest.fixture
+def fs(branches: dict[str, Path]):  # type: ignore[no-untyped-def]
+    fs = make_fs(branches)
+    yield fs
+    fs.destroy()
+
+
+def lookup(fs: UnionFilesystem, path: str) -> Entry:
+    node = ROOT_ID
+    entry = None
+    for part in path.strip("/").split("/"):
+        entry = fs.lookup(node, part.encode(), ROOT)
+        if entry.node_id == 0:
+            raise FileNotFoundError(path)
+        node = entry.node_id
+    assert entry is not None
+    return entry
+
+
+def names(fs: UnionFilesystem, path: str = "") -> list[bytes]:
+    node = lookup(fs, path).node_id if path else ROOT_ID
+    out: list[bytes] = []
+    fs.readdirplus(node, 0, 0, lambda name, entry, off: out.append(name) is None)
+    return sorted(n for n in out if n not in (b".", b".."))
+
+
+def errno_of(call) -> int:  # type: ignore[no-untyped-def]
+    with pytest.raises(OSError) as info:
+        call()
+    return info.value.errno
+
+
+def is_whiteout(path: Path) -> bool:
+    st = os.lstat(path)
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == WHITEOUT_DEV
+
+
+def test_merged_listing_and_lookup(fs: UnionFilesystem, branches: dict[str, Path]) -> None:
+    (branches["upper"] / "new").write_text("upper")
+    assert names(fs) == [b"dir", b"empty", b"file", b"link", b"new"]
+    assert lookup(fs, "dir/inner").attr is not None
+    assert fs.lookup(ROOT_ID, b"missing", ROOT).node_id == 0  # a cached miss, not an error
+
+
+def test_a_name_longer_than_255_bytes_is_enametoolong_everywhere(fs: UnionFilesystem) -> None:
+    long = b"x" * 256
+    assert errno_of(lambda: fs.lookup(ROOT_ID, long, ROOT)) == errno.ENAMETOOLONG
+    assert errno_of(lambda: fs.mknod(ROOT_ID, long, stat.S_IFIFO | 0o644, 0, ROOT)) == \
+        errno.ENAMETOOLONG
+    assert errno_of(lambda: fs.mkdir(ROOT_ID, long, 0o755, ROOT)) == errno.ENAMETOOLONG
+    assert errno_of(lambda: fs.create(ROOT_ID, long, 0o644, os.O_WRONLY, ROOT)) == \
+        errno.ENAMETOOLONG
+    assert errno_of(lambda: fs.rename(ROOT_ID, b"file", ROOT_ID, long, 0, ROOT)) == \
+        errno.ENAMETOOLONG
+
+
+def test_unlink_of_a_base_file_leaves_a_whiteout(fs: UnionFilesystem,
+                                                  branches: dict[str, Path]) -> None:
+    fs.unlink(ROOT_ID, b"file", ROOT)
+    assert is_whiteout(branches["upper"] / "file")
+    assert (branches["base"] / "file").read_text() == "base data"
+    assert b"file" not in names(fs)
+    # A new file of that name replaces the whiteout.
+    entry, opened = fs.create(ROOT_ID, b"file", 0o644, os.O_WRONLY, ROOT)
+    fs.write(entry.node_id, opened.fh, 0, memoryview(b"new"), False)
+    fs.release(entry.node_id, opened.fh)
+    assert (branches["upper"] / "file").read_text() == "new"
+
+
+def test_rmdir_then_mkdir_makes_an_opaque_directory(fs: UnionFilesystem,
+                                                    branches: dict[str, Path]) -> None:
+    fs.rmdir(ROOT_ID, b"empty", ROOT)
+    assert is_whiteout(branches["upper"] / "empty")
+    fs.mkdir(ROOT_ID, b"empty", 0o755, ROOT)
+    upper_dir = branches["upper"] / "empty"
+    assert upper_dir.is_dir()
+    assert os.getxattr(upper_dir, markers.OPAQUE_XATTR) == b"y"
+    assert errno_of(lambda: fs.rmdir(ROOT_ID, b"dir", ROOT)) == errno.ENOTEMPTY
+
+
+def test_write_open_copies_up_and_read_only_open_does_not(fs: UnionFilesystem,
+                                                         branches: dict[str, Path]) -> None:
+    node = lookup(fs, "file").node_id
+    opened = fs.open(node, os.O_RDONLY, ROOT)
+    assert fs.read(node, opened.fh, 0, 100) == b"base data"
+    assert not (branches["upper"] / "file").exists()
+    writer = fs.open(node, os.O_WRONLY, ROOT)
+    assert (branches["upper"] / "file").read_text() == "base data"
+    fs.write(node, writer.fh, 0, memoryview(b"BASE"), False)
+    # The read-only open follows the file's data to the upper branch.
+    assert fs.read(node, opened.fh, 0, 100) == b"BASE data"
+    assert (branches["base"] / "file").read_text() == "base data"
+    for fh in (opened.fh, writer.fh):
+        fs.release(node, fh)
+    assert fs.counters()["copy_ups"] == 1
+
+
+def test_chmod_copies_metadata_only(fs: UnionFilesystem, branches: dict[str, Path]) -> None:
+    node = lookup(fs, "file").node_id
+    attr, _ = fs.setattr(node, None, SetattrChanges(mode=0o600), ROOT)
+    assert stat.S_IMODE(attr.mode) == 0o600
+    upper = branches["upper"] / "file"
+    assert os.getxattr(upper, markers.METACOPY_XATTR) == b""
+    assert os.stat(upper).st_blocks == 0  # sparse: the data stays in the base
+    opened = fs.open(node, os.O_RDONLY, ROOT)
+    assert fs.read(node, opened.fh, 0, 100) == b"base data"
+    fs.release(node, opened.fh)
+
+
+def test_kill_suidgid_clears_setuid_and_capabilities(fs: UnionFilesystem,
+                                                     branches: dict[str, Path]) -> None:
+    os.chmod(branches["base"] / "file", 0o6755)
+    os.setxattr(branches["base"] / "file", b"security.capability",
+                bytes.fromhex("0100000200200000000000000000000000000000"))
+    node = lookup(fs, "file").node_id
+    writer = fs.open(node, os.O_WRONLY, ROOT)
+    fs.write(node, writer.fh, 0, memoryview(b"x"), True)
+    fs.release(node, writer.fh)
+    upper = branches["upper"] / "file"
+    assert stat.S_IMODE(os.stat(upper).st_mode) == 0o755
+    assert "security.capability" not in os.listxattr(upper)
+    assert stat.S_IMODE(os.stat(branches["base"] / "file").st_mode) == 0o6755
+
+
+def test_rename_of_a_base_directory_copies_it_up_whole(fs: UnionFilesystem,
+                                                       branches: dict[str, Path]) -> None:
+    fs.rename(ROOT_ID, b"dir", ROOT_ID, b"moved", 0, ROOT)
+    assert names(fs, "moved") == [b"inner", b"sub"]
+    assert is_whiteout(branches["upper"] / "dir")
+    assert (branches["upper"] / "moved" / "inner").read_text() == "inner"
+    assert (branches["base"] / "dir" / "inner").exists()
+    assert b"dir" not in names(fs)
+
+
+def test_rename_flags(fs: UnionFilesystem, branches: dict[str, Path]) -> None:
+    noreplace, exchange = 1, 2
+    assert errno_of(lambda: fs.rename(ROOT_ID, b"file", ROOT_ID, b"link", noreplace, ROOT)) \
+        == errno.EEXIST
+    fs.rename(ROOT_ID, b"file", ROOT_ID, b"link", exchange, ROOT)
+    assert stat.S_ISLNK(lookup(fs, "file").attr.mode)  # type: ignore[union-attr]
+    assert stat.S_ISREG(lookup(fs, "link").attr.mode)  # type: ignore[union-attr]
+    assert errno_of(lambda: fs.rename(ROOT_ID, b"file", ROOT_ID, b"nothing", exchange, ROOT)) \
+        == errno.ENOENT
+
+
+def test_readdir_offsets_resume_the_listing_they_started(fs: UnionFilesystem) -> None:
+    first: list[tuple[bytes, int]] = []
+
+    def take_two(name: bytes, node_id: int, kind: int, offset: int) -> bool:
+        if len(first) == 2:
+            return False  # the reply is full: this entry was not sent
+        first.append((name, offset))
+        return True
+
+    fs.readdir(ROOT_ID, 0, 0, take_two)
+    # Changes between two READDIR calls of one stream.
+    fs.mknod(ROOT_ID, b"zz", stat.S_IFIFO | 0o644, 0, ROOT)
+    fs.rename(ROOT_ID, b"empty", ROOT_ID, b"aa", 0, ROOT)
+    rest: list[bytes] = []
+    fs.readdir(ROOT_ID, 0, first[-1][1], lambda n, i, k, o: rest.append(n) is None)
+    seen = [name for name, _ in first] + rest
+    # Every entry that did not change comes exactly once.
+    for name in (b".", b"..", b"dir", b"file", b"link"):
+        assert seen.count(name) == 1, seen
+    fresh: list[bytes] = []
+    fs.readdir(ROOT_ID, 0, 0, lambda n, i, k, o: fresh.append(n) is None)
+    assert b"zz" in fresh and b"aa" in fresh and b"empty" not in fresh
+
+
+def test_whiteouts_cannot_be_forged(fs: UnionFilesystem) -> None:
+    assert errno_of(lambda: fs.mknod(ROOT_ID, b"w", stat.S_IFCHR | 0o600, 0, ROOT)) == errno.EPERM
+    node = lookup(fs, "file").node_id
+    assert errno_of(lambda: fs.setxattr(node, markers.OPAQUE_XATTR, b"y", 0, ROOT)) == errno.EPERM
+    assert fs.lookup(ROOT_ID, markers.WORK_DIR, ROOT).node_id == 0  # never shown
+
+
+def test_unionfs_whiteout_format(branches: dict[str, Path]) -> None:
+    fs = make_fs(branches, "-o", "whiteout=unionfs")
+    try:
+        fs.unlink(ROOT_ID, b"file", ROOT)
+        assert (branches["upper"] / ".unionfs-fuse" / "file_HIDDEN~").exists()
+        assert b"file" not in names(fs)
+    finally:
+        fs.destroy()
+    fs = make_fs(branches)  # read back by a new mount
+    try:
+        assert b"file" not in names(fs)
+    finally:
+        fs.destroy()
+
+
+def test_a_mount_ending_leaves_the_next_mounts_work_folder(branches: dict[str, Path]) -> None:
+    first = make_fs(branches)
+    second = make_fs(branches)  # a VM restarted before the old daemon finished
+    first.destroy()
+    work = branches["upper"] / ".qvdfs.work"
+    assert work.is_dir() and len(os.listdir(work)) == 1
+    # The second mount can still copy up through its work folder.
+    node = lookup(second, "file").node_id
+    second.release(node, second.open(node, os.O_WRONLY, ROOT).fh)
+    assert (branches["upper"] / "file").read_text() == "base data"
+    second.destroy()
+    assert not work.exists()
+
+
+def test_crash_leftovers_in_the_work_folder_are_removed(branches: dict[str, Path]) -> None:
+    work = branches["upper"] / ".qvdfs.work"
+    (work / "1234-dead").mkdir(parents=True)
+    (work / "1234-dead" / "tmp-half").write_text("half a copy")
+    (work / "tmp-old").write_text("left by an older qvdfs")
+    fs = make_fs(branches)
+    try:
+        assert len(os.listdir(work)) == 1
+        assert not (work / "1234-dead").exists() and not (work / "tmp-old").exists()
+    finally:
+        fs.destroy()
