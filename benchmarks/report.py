@@ -191,7 +191,8 @@ def _fmt(value: float, unit: str) -> str:
         return f"{value * 1000:.3g} ms" if value < 1 else f"{value:.3g} s"
     if unit == "×":
         return f"{value:.3g}×"
-    return f"{value:.3g} {unit}"
+    # 1303 MiB, not 1.3e+03 MiB
+    return f"{value:.0f} {unit}" if abs(value) >= 1000 else f"{value:.3g} {unit}"
 
 
 def markdown(results: Results) -> str:

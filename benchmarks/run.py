@@ -205,7 +205,8 @@ def _one(rep: int, reps: int, workload: workloads.Workload, target: targets.Targ
     per = results.samples.setdefault(target.name, {})
     for metric, value in values.items():
         per.setdefault(metric, []).append(value)
-    shown = " ".join(f"{m}={v:.3g}" for m, v in values.items() if not m.endswith("mount-time"))
+    shown = " ".join(f"{m}={v:.3g}" if abs(v) < 1000 else f"{m}={v:.0f}"
+                     for m, v in values.items() if not m.endswith("mount-time"))
     print(f"{label} {shown}", flush=True)
 
 
