@@ -363,7 +363,8 @@ def chart(results: Results, path: Path) -> None:
     ax.set_yticklabels([f"{m} [{marks[m]}]" if m in marks else m for m in metrics])
     ax.invert_yaxis()
     ax.set_xlabel(f"times better than {results.baseline} (median; log scale; dashed line = 1)"
-                  + ("; [met] / [MISSED]: qvdfs' goals for the row" if marks else ""))
+                  + ("\n[met] / [MISSED]: whether qvdfs met issue 10's goals for the row"
+                     if marks else ""))
     ax.set_title(f"Median ratio to {results.baseline}, {results.meta.get('reps')} repetition(s)")
     ax.legend(loc="lower right")
     fig.tight_layout()
