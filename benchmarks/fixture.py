@@ -55,6 +55,7 @@ class FixtureSpec:
     python: bool
     small_files: int  # how many files the small-files workload creates
     random_io: int  # bytes each fio run reads, 4 KiB at a time
+    null_requests: int  # how many GETATTRs the per-request workload sends
 
 
 FULL = FixtureSpec(
@@ -73,6 +74,7 @@ FULL = FixtureSpec(
     python=True,
     small_files=10_000,
     random_io=32 << 20,
+    null_requests=30_000,
 )
 
 # For the harness's own smoke test: a few hundred files, small big files, no interpreter.
@@ -86,6 +88,7 @@ TINY = FixtureSpec(
     python=False,
     small_files=200,
     random_io=1 << 20,
+    null_requests=3_000,
 )
 
 SPECS = {spec.name: spec for spec in (FULL, TINY)}

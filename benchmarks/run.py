@@ -114,9 +114,6 @@ def run(args: argparse.Namespace) -> report.Results:
     scratch = Path(args.cache) / f"run-{os.getpid()}"
     scratch.mkdir(parents=True, exist_ok=True)
     chosen: list[targets.Target] = []
-    skipped: dict[str, str] = {}
-    samples: dict[str, dict[str, list[float]]] = {}
-    errors: dict[str, dict[str, list[str]]] = {}
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "kernel": platform.release(),
@@ -129,26 +126,28 @@ def run(args: argparse.Namespace) -> report.Results:
         "qvdfs_version": _source_version(),
         "interrupted": False,
     }
+    results = report.Results(targets=[], skipped={}, samples={}, errors={}, meta=meta)
     try:
         for target in args.target_list:
             reason = targets.probe(target, fx.lower, scratch)
             if reason:
                 print(f"bench: skipping {target.name}: {reason}", flush=True)
-                skipped[target.name] = reason
+                results.skipped[target.name] = reason
             else:
                 chosen.append(target)
+                results.targets.append(target.name)
         if fx.python is None and any(w.needs_python for w in args.workloads):
             print(f"bench: skipping the python workload: the {fx.spec.name} fixture has no "
                   "interpreter", flush=True)
             args.workloads = [w for w in args.workloads if not w.needs_python]
-        if targets.BASELINE not in [t.name for t in chosen]:
+        if targets.BASELINE not in results.targets:
             print("bench: unionfs-fuse is not in this run; ratios are against the first target",
                   flush=True)
         for rep in range(args.reps):
             for index, workload in enumerate(args.workloads):
                 shift = (rep + index) % max(len(chosen), 1)
                 for target in chosen[shift:] + chosen[:shift]:
-                    _one(rep, args.reps, workload, target, fx, scratch, samples, errors)
+                    _one(rep, args.reps, workload, target, fx, scratch, results)
     except KeyboardInterrupt:
         print("\nbench: interrupted; unmounting and writing what was measured", flush=True)
         meta["interrupted"] = True
@@ -157,25 +156,34 @@ def run(args: argparse.Namespace) -> report.Results:
         fx.repair()
         shutil.rmtree(scratch, ignore_errors=True)
     meta["seconds"] = round(time.monotonic() - started, 1)
-    return report.Results([t.name for t in chosen], skipped, samples, errors, meta)
+    return results
 
 
 def _one(rep: int, reps: int, workload: workloads.Workload, target: targets.Target,
-         fx: fixture.Fixture, scratch: Path, samples: dict[str, dict[str, list[float]]],
-         errors: dict[str, dict[str, list[str]]]) -> None:
-    """Run one workload on one fresh mount of one target, and file its numbers or its error."""
+         fx: fixture.Fixture, scratch: Path, results: report.Results) -> None:
+    """Run one workload on one fresh mount of one target, and file its numbers or its error.
+
+    Its caveats go to ``results.notes``; qvdfs' own counters for the mount, read right before
+    the unmount, to ``results.counters``.
+    """
     label = f"[{rep + 1}/{reps}] {workload.name:<10} {target.name:<15}"
+    where = scratch / f"{rep}-{workload.name}-{target.name}"
+    extra = target.uncached_attr_options() if workload.uncached_attrs else []
+    ctx = None
     try:
-        with targets.mount(target, fx.lower, scratch / f"{rep}-{workload.name}-{target.name}") \
-                as mounted:
+        with targets.mount(target, fx.lower, where, extra) as mounted:
             # A hung FUSE daemon would block the workload's syscalls forever; killing it
             # makes them fail, so the run reports the hang and goes on.
             watchdog = threading.Timer(WORKLOAD_TIMEOUT, _abort_hung, (mounted, label))
             watchdog.start()
             try:
-                values = workload.run(workloads.Context(mounted, fx))
+                ctx = workloads.Context(mounted, fx, more=where.with_name(where.name + "-more"))
+                values = workload.run(ctx)
             finally:
                 watchdog.cancel()
+            counters = mounted.daemon_counters()
+            if counters is not None:
+                results.counters.setdefault(workload.name, []).append(counters)
         if mounted.mount_seconds is not None:
             values["mount-time"] = mounted.mount_seconds
         if mounted.unmount_seconds is not None:
@@ -183,16 +191,22 @@ def _one(rep: int, reps: int, workload: workloads.Workload, target: targets.Targ
     except (OSError, subprocess.SubprocessError, targets.MountError,
             workloads.WorkloadError) as exc:
         message = f"{type(exc).__name__}: {exc}"
-        errors.setdefault(target.name, {}).setdefault(workload.name, []).append(message)
+        results.errors.setdefault(target.name, {}).setdefault(workload.name, []).append(message)
         print(f"{label} FAILED {message}", flush=True)
         return
     finally:
         if target.kind == "plain":
             fx.repair(expected=True)
-    per = samples.setdefault(target.name, {})
+        for note in ctx.notes if ctx is not None else []:
+            filed = results.notes.setdefault(target.name, {}).setdefault(workload.name, [])
+            if note not in filed:
+                filed.append(note)
+                print(f"{label} note: {note}", flush=True)
+    per = results.samples.setdefault(target.name, {})
     for metric, value in values.items():
         per.setdefault(metric, []).append(value)
-    shown = " ".join(f"{m}={v:.3g}" for m, v in values.items() if not m.endswith("mount-time"))
+    shown = " ".join(f"{m}={v:.3g}" if abs(v) < 1000 else f"{m}={v:.0f}"
+                     for m, v in values.items() if not m.endswith("mount-time"))
     print(f"{label} {shown}", flush=True)
 
 

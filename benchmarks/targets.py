@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -21,8 +22,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,7 @@ UNIONFS_OPTIONS = ["-o", "cow,allow_other,use_ino,suid,dev"]
 
 MOUNT_TIMEOUT = 30.0
 UNMOUNT_TIMEOUT = 15.0
+STATS_TIMEOUT = 10.0
 
 # Mountpoints this process has mounted and not yet unmounted.
 _ACTIVE: set[str] = set()
@@ -66,6 +69,58 @@ class Mounted:
             return False
         return True
 
+    def daemon_cpu_seconds(self) -> float | None:
+        """CPU time (user + system, all threads) the FUSE daemon has used so far.
+
+        From /proc/<pid>/stat utime + stime, in clock ticks (10 ms here): measure enough
+        requests that a tick does not matter.
+        """
+        if self.daemon_pid is None:
+            return None
+        with open(f"/proc/{self.daemon_pid}/stat") as f:
+            # Fields after the ")" that ends the command name: utime and stime are 12 and 13.
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def daemon_read_calls(self) -> int | None:
+        """How many read(2) calls the daemon (all threads) has made: /proc/<pid>/io syscr.
+
+        A FUSE daemon reads each request from /dev/fuse with one read, so the growth over a
+        run of calls counts the requests that reached it (a daemon that used splice or
+        io_uring for /dev/fuse would show fewer).
+        """
+        if self.daemon_pid is None:
+            return None
+        with open(f"/proc/{self.daemon_pid}/io") as f:
+            for line in f:
+                if line.startswith("syscr:"):
+                    return int(line.split()[1])
+        return None
+
+    def daemon_counters(self) -> dict[str, Any] | None:
+        """qvdfs' own per-opcode counters for this mount (``qvdfs stats MNT --json``), or None.
+
+        None for other targets, and whenever the command is missing, fails, or prints
+        something that is not the expected JSON object (the command is new).
+        """
+        if self.target.name != "qvdfs":
+            return None
+        try:
+            done = subprocess.run([QVDFS, "stats", str(self.root), "--json"],
+                                  stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                  timeout=STATS_TIMEOUT)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        if done.returncode != 0:
+            return None
+        try:
+            data = json.loads(done.stdout)
+        except ValueError:
+            return None
+        if not isinstance(data, dict) or not isinstance(data.get("opcodes"), dict):
+            return None
+        return data
+
     def daemon_rss_mib(self) -> float | None:
         """Resident memory of the FUSE daemon now, from /proc/<pid>/status VmRSS."""
         if self.daemon_pid is None:
@@ -93,18 +148,34 @@ class Target:
             return f"{binary} is not installed"
         return None
 
-    def mount_command(self, lower: Path, upper: Path, work: Path, mnt: Path) -> list[str]:
-        """The command that mounts this target at ``mnt``; ``work`` is for the overlayfs kinds."""
+    def uncached_attr_options(self) -> list[str]:
+        """Options that make the kernel send a GETATTR to the daemon for every stat.
+
+        unionfs-fuse (libfuse 2's high-level options) and qvdfs take ``attr_timeout=0``;
+        fuse-overlayfs has one ``timeout=`` for both entries and attributes (libfuse's low-level
+        loop rejects ``attr_timeout``). A stat of the mount's root needs no LOOKUP, so a zero
+        entry timeout costs nothing there.
+        """
+        return {"unionfs-fuse": ["-o", "attr_timeout=0"], "fuse-overlayfs": ["-o", "timeout=0"],
+                "qvdfs": ["-o", "attr_timeout=0"]}.get(self.name, [])
+
+    def mount_command(self, lower: Path, upper: Path, work: Path, mnt: Path,
+                      extra: Sequence[str] = ()) -> list[str]:
+        """The command that mounts this target at ``mnt``; ``work`` is for the overlayfs kinds.
+
+        ``extra`` options go after the usual ones (only for the FUSE daemons).
+        """
         if self.name == "kernel-overlay":
             opts = f"lowerdir={lower},upperdir={upper},workdir={work}"
             return ["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)]
         if self.name == "unionfs-fuse":
-            return ["/usr/bin/unionfs", *UNIONFS_OPTIONS, f"{upper}=RW:{lower}=RO", str(mnt)]
+            return ["/usr/bin/unionfs", *UNIONFS_OPTIONS, *extra, f"{upper}=RW:{lower}=RO",
+                    str(mnt)]
         if self.name == "fuse-overlayfs":
             opts = f"lowerdir={lower},upperdir={upper},workdir={work}"
-            return ["/usr/bin/fuse-overlayfs", "-o", opts, str(mnt)]
+            return ["/usr/bin/fuse-overlayfs", "-o", opts, *extra, str(mnt)]
         if self.name == "qvdfs":
-            return [QVDFS, *QVDFS_OPTIONS, f"{upper}=RW:{lower}=RO", str(mnt)]
+            return [QVDFS, *QVDFS_OPTIONS, *extra, f"{upper}=RW:{lower}=RO", str(mnt)]
         raise ValueError(f"{self.name} has no mount command")
 
 
@@ -149,11 +220,13 @@ class MountError(Exception):
 
 
 @contextlib.contextmanager
-def mount(target: Target, lower: Path, scratch: Path) -> Iterator[Mounted]:
+def mount(target: Target, lower: Path, scratch: Path,
+          extra: Sequence[str] = ()) -> Iterator[Mounted]:
     """Mount ``target`` fresh over ``lower`` with an empty upper; take it all down on exit.
 
     ``scratch`` must not exist yet; it receives ``upper/``, ``work/`` and ``mnt/`` and is
     deleted afterwards. For the plain target nothing is mounted and ``root`` is ``lower``.
+    ``extra`` options are passed to a FUSE daemon (see ``Target.mount_command``).
     """
     if target.kind == "plain":
         yield Mounted(target, lower, None, None, None)
@@ -161,7 +234,7 @@ def mount(target: Target, lower: Path, scratch: Path) -> Iterator[Mounted]:
     upper, work, mnt = scratch / "upper", scratch / "work", scratch / "mnt"
     for folder in (upper, work, mnt):
         folder.mkdir(parents=True)
-    command = target.mount_command(lower, upper, work, mnt)
+    command = target.mount_command(lower, upper, work, mnt, extra)
     mounted = None
     try:
         start = time.perf_counter()

@@ -14,6 +14,7 @@ target ``Fixture.repair()`` can undo them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -22,6 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from benchmarks import targets
 from benchmarks.fixture import SCRATCH_PREFIX, Fixture
 from benchmarks.targets import Mounted
 
@@ -45,6 +47,11 @@ class Context:
 
     mounted: Mounted
     fixture: Fixture
+    # An empty folder (not created yet) where a workload may mount more of the same target.
+    more: Path | None = None
+    # Caveats about this run's numbers, shown under the table (e.g. a daemon that was not
+    # asked every time).
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def root(self) -> Path:
@@ -65,6 +72,15 @@ def drop_caches() -> None:
     os.sync()
     with open("/proc/sys/vm/drop_caches", "w") as f:
         f.write("3\n")
+
+
+def cached_mib() -> float:
+    """The page cache's size now: /proc/meminfo ``Cached``, in MiB."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("Cached:"):
+                return int(line.split()[1]) / 1024
+    raise WorkloadError("/proc/meminfo has no Cached line")
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -298,6 +314,8 @@ def python(ctx: Context) -> dict[str, float]:
     return result
 
 
+# --- 10. ls -lR and find -----------------------------------------------------------------------
+
 def lstree(ctx: Context) -> dict[str, float]:
     """``ls -lR`` over the whole tree, cold and warm, then ``find -type f``."""
     ctx.drop_caches()
@@ -312,12 +330,85 @@ def lstree(ctx: Context) -> dict[str, float]:
     return result
 
 
+# --- 11. page cache shared between mounts of one base ------------------------------------------
+
+PAGECACHE_MOUNTS = 4
+
+
+def pagecache(ctx: Context) -> dict[str, float]:
+    """Four mounts of the same target over the one base, each reading the same base file once.
+
+    Measures how much the page cache grows (``Cached`` in /proc/meminfo, after a sync and a
+    cache drop taken with all four mounts up, so the daemons' own start-up is not counted).
+    Kernel overlayfs keeps one copy, the base file's own; a FUSE union without passthrough
+    keeps one per mount plus the base file's. On the plain directory the four reads are of
+    one file. Other processes' file I/O during the reads lands in the figure too.
+    """
+    if ctx.more is None:
+        raise WorkloadError("this run gave the workload no folder for its extra mounts")
+    rel = ctx.fixture.big_path("seq.bin")
+    size = ctx.fixture.big["seq.bin"]
+    with contextlib.ExitStack() as stack:
+        roots = [ctx.root]
+        for i in range(1, PAGECACHE_MOUNTS):
+            more = stack.enter_context(targets.mount(ctx.mounted.target, ctx.fixture.lower,
+                                                     ctx.more / f"pagecache-{i}"))
+            roots.append(more.root)
+        ctx.drop_caches()
+        before = cached_mib()
+        for root in roots:
+            got = _read_all(root / rel)
+            if got != size:
+                raise WorkloadError(f"read {got} bytes of {root / rel}, expected {size}")
+        grown = cached_mib() - before
+    return {"pagecache-4mounts": grown}
+
+
+# --- 12. daemon CPU per null-ish request --------------------------------------------------------
+
+# Below this share of stats reaching the daemon, the row says its attributes were cached.
+REACHED_SHARE = 0.95
+
+
+def getattr_(ctx: Context) -> dict[str, float]:
+    """``os.stat`` of the mount's root N times on a mount with a zero attribute timeout.
+
+    Every stat then costs the daemon one GETATTR (the root needs no LOOKUP). Reports the
+    caller's wall time per stat (every target) and the daemon's CPU time per request
+    (/proc/<pid>/stat utime + stime; FUSE targets). The daemon's read calls
+    (/proc/<pid>/io syscr, one per request read from /dev/fuse) check that the stats did reach
+    it; if they did not, a note says so and the CPU figure is per stat, not per request.
+    """
+    calls = ctx.fixture.spec.null_requests
+    root = str(ctx.root)
+    mounted = ctx.mounted
+    os.stat(root)
+    cpu, reads = mounted.daemon_cpu_seconds(), mounted.daemon_read_calls()
+    start = time.perf_counter()
+    for _ in range(calls):
+        os.stat(root)
+    result = {"getattr-latency": (time.perf_counter() - start) / calls * 1e6}
+    cpu_after, reads_after = mounted.daemon_cpu_seconds(), mounted.daemon_read_calls()
+    if cpu is not None and cpu_after is not None:
+        result["getattr-daemon-cpu"] = (cpu_after - cpu) / calls * 1e6
+    if reads is not None and reads_after is not None:
+        share = (reads_after - reads) / calls
+        if share < REACHED_SHARE:
+            options = " ".join(mounted.target.uncached_attr_options()) or "no option"
+            ctx.notes.append(f"only {share:.0%} of the {calls} stats reached the "
+                             f"daemon with {options} (its read calls on /dev/fuse); its "
+                             "daemon CPU figure is per stat, not per request")
+    return result
+
+
 @dataclasses.dataclass(frozen=True)
 class Workload:
     name: str
     summary: str
     run: Callable[[Context], dict[str, float]]
     needs_python: bool = False  # only runs on fixtures that carry an interpreter
+    # Mount with ``Target.uncached_attr_options()``, so every stat reaches the daemon.
+    uncached_attrs: bool = False
 
 
 ALL = (
@@ -333,6 +424,10 @@ ALL = (
     Workload("python", "run python3.11 from the union, import 13 modules, cold then warm",
              python, needs_python=True),
     Workload("lstree", "ls -lR over the tree cold and warm, then find", lstree),
+    Workload("pagecache", f"{PAGECACHE_MOUNTS} mounts of one base each read one 256 MiB base "
+             "file: page cache growth", pagecache),
+    Workload("getattr", "os.stat of the root with attr_timeout=0: daemon CPU per GETATTR",
+             getattr_, uncached_attrs=True),
 )
 BY_NAME = {w.name: w for w in ALL}
 
@@ -358,6 +453,10 @@ METRICS: dict[str, tuple[str, str]] = {
     "ls-lR-cold": ("s", "ls -lR, cold"),
     "ls-lR-warm": ("s", "ls -lR, warm"),
     "find-warm": ("s", "find -type f, warm"),
+    "pagecache-4mounts": ("MiB", f"page cache growth, {PAGECACHE_MOUNTS} mounts read one base "
+                          "file"),
+    "getattr-daemon-cpu": ("µs", "daemon CPU per GETATTR (attr_timeout=0)"),
+    "getattr-latency": ("µs", "os.stat of the root, attr_timeout=0, wall time per call"),
     "daemon-rss": ("MiB", "daemon RSS after the stat walk"),
     "mount-time": ("s", "mount time (command start to mounted)"),
     "unmount-time": ("s", "umount until the daemon has exited"),
