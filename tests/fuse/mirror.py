@@ -34,6 +34,8 @@ class MirrorFS:
         self.calls: collections.Counter[str] = collections.Counter()
         self.features: frozenset[str] | None = None
         self.slow: dict[str, float] = {}
+        # A method listed here waits until its event is set (at most 10 s).
+        self.gates: dict[str, threading.Event] = {}
         self.redirect: dict[int, str] = {}
         self.no_backing: set[int] = set()
         self.released: list[int] = []
@@ -48,6 +50,9 @@ class MirrorFS:
         delay = self.slow.get(name)
         if delay:
             time.sleep(delay)
+        gate = self.gates.get(name)
+        if gate is not None:
+            gate.wait(10)
 
     def path(self, node_id: int) -> str:
         with self.lock:
@@ -93,7 +98,8 @@ class MirrorFS:
         try:
             return self._entry(self.child(parent, name))
         except FileNotFoundError:
-            return Entry(0, None, 0, 0)
+            # A negative entry the kernel may keep as long as positive ones.
+            return Entry(0, None, self.timeout, 0)
 
     def forget(self, node_id: int, count: int) -> None:
         self.calls["forget"] += 1
