@@ -536,7 +536,9 @@ class Session:
                 want |= bit
         if not self.default_permissions:
             want &= ~abi.POSIX_ACL
-        if not self.idmap:
+        # The kernel refuses the whole INIT when ALLOW_IDMAP comes without
+        # default_permissions (it cannot check permissions of mapped ids itself).
+        if not self.idmap or not self.default_permissions:
             want &= ~abi.ALLOW_IDMAP
         if not hasattr(self.fs, "readdirplus"):
             want &= ~(abi.DO_READDIRPLUS | abi.READDIRPLUS_AUTO)

@@ -61,8 +61,9 @@ def mounted(tmp_path: Path, *, fs: MirrorFS | None = None, options: tuple[str, .
 
     thread = threading.Thread(target=serve, name="serve", daemon=True)
     thread.start()
-    conn = os.minor(os.stat(mnt).st_dev)
+    conn = -1
     try:
+        conn = os.minor(os.stat(mnt).st_dev)
         yield Mounted(mnt, src, fs, session, thread, errors)
     finally:
         try:
