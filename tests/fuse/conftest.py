@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -81,14 +83,23 @@ def mounted(tmp_path: Path, *, fs: MirrorFS | None = None, options: tuple[str, .
 
 @pytest.fixture
 def mount(tmp_path: Path) -> Iterator[Callable[..., contextlib.AbstractContextManager[Mounted]]]:
-    """``with mount(**kw) as m:`` mounts a MirrorFS (or ``fs=``) for the test."""
+    """``with mount(**kw) as m:`` mounts a MirrorFS (or ``fs=``) for the test;
+    ``public=True`` puts it where other users can reach it (pytest's tmp_path is 0700)."""
     count = iter(range(100))
+    public: list[Path] = []
 
-    def make(**kw: Any) -> contextlib.AbstractContextManager[Mounted]:
+    def make(public_dir: bool = False, **kw: Any) -> contextlib.AbstractContextManager[Mounted]:
         kw.setdefault("name", f"m{next(count)}")
-        return mounted(tmp_path, **kw)
+        base = tmp_path
+        if public_dir:
+            base = Path(tempfile.mkdtemp(prefix="qvdfs-fuse-test-"))
+            os.chmod(base, 0o755)
+            public.append(base)
+        return mounted(base, **kw)
 
     yield make
+    for base in public:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:

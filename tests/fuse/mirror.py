@@ -207,6 +207,7 @@ class MirrorFS:
     def write(self, node_id: int, fh: int, offset: int, data: memoryview,
               kill_suidgid: bool) -> int:
         self._enter("write")
+        self.last_write_kill = kill_suidgid
         return os.pwrite(fh, data, offset)
 
     def release(self, node_id: int, fh: int) -> None:

@@ -483,23 +483,54 @@ def test_missing_methods_and_unserved_opcodes_answer_enosys(mount: Mount,
 
 
 def test_allow_root_refuses_other_users(mount: Mount) -> None:
-    with mount(options=("allow_root",)) as m:
+    with mount(public_dir=True, options=("allow_root",)) as m:
         (m.src / "x").write_bytes(b"x")
         os.chmod(m.src, 0o755)
-        os.chmod(m.src.parent, 0o755)
-        os.chmod(m.mnt.parent, 0o755)
-        pid = os.fork()
-        if pid == 0:
-            code = 3
+        assert _as_nobody(lambda: os.stat(m.src / "x")) == 0          # the path is open
+        assert _as_nobody(lambda: os.stat(m.mnt / "x")) == errno.EACCES
+        assert (m.mnt / "x").read_bytes() == b"x"                   # root gets in
+    with mount(public_dir=True, options=("allow_other",)) as m:
+        (m.src / "x").write_bytes(b"x")
+        assert _as_nobody(lambda: os.stat(m.mnt / "x")) == 0
+
+
+def _as_nobody(action: Callable[[], Any]) -> int:
+    """Run ``action`` in a child as uid/gid 65534: 0 if it worked, else the errno."""
+    pid = os.fork()
+    if pid == 0:
+        code = 3
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            action()
+            code = 0
+        except OSError as exc:
+            code = exc.errno or 255
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_kill_suidgid_reaches_the_fs(mount: Mount) -> None:
+    with mount(public_dir=True, options=("allow_other",),
+               disabled=frozenset({"passthrough"})) as m:
+        f = m.src / "suid"
+        f.write_bytes(b"#!/bin/true\n")
+        os.chown(f, 65534, 65534)
+        os.chmod(f, 0o6777)
+        os.stat(m.mnt / "suid")
+        # An unprivileged truncate of a set-id file: SETATTR with FATTR_KILL_SUIDGID.
+        assert _as_nobody(lambda: os.truncate(m.mnt / "suid", 1)) == 0
+        assert m.fs.last_setattr.size == 1 and m.fs.last_setattr.kill_suidgid
+        os.chmod(f, 0o6777)
+        os.stat(m.mnt / "suid")
+
+        def write() -> None:
+            fd = os.open(m.mnt / "suid", os.O_WRONLY)
             try:
-                os.setgid(65534)
-                os.setuid(65534)
-                os.stat(m.mnt / "x")
-                code = 0
-            except OSError as exc:
-                code = 1 if exc.errno == errno.EACCES else 2
+                os.write(fd, b"x")
             finally:
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 1
-        assert (m.mnt / "x").read_bytes() == b"x"          # root gets in
+                os.close(fd)
+        assert _as_nobody(write) == 0
+        assert m.fs.last_write_kill is True
