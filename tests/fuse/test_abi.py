@@ -134,4 +134,5 @@ def test_mount_options() -> None:
 def test_session_refuses_unknown_feature_names() -> None:
     assert "passthrough" in FEATURES and "allow_idmap" in FEATURES
     with pytest.raises(ValueError):
-        Session(object(), -1, mountpoint="/x", disabled=frozenset({"warp"}))  # type: ignore[arg-type]
+        Session(object(), -1, mountpoint="/x",  # type: ignore[arg-type]
+                disabled=frozenset({"warp"}))

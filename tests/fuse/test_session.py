@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import logging
 import os
 import subprocess
@@ -475,7 +476,7 @@ def test_missing_methods_and_unserved_opcodes_answer_enosys(mount: Mount,
             (m.mnt / "x").read_bytes()
         assert m.session.counters()["ops"]["FLUSH"]["requests"] == 1
         # GETLK: ENOSYS, but without POSIX_LOCKS the kernel keeps locks itself.
-        import fcntl
+
         with open(m.mnt / "x", "r+b") as fh:
             fcntl.lockf(fh, fcntl.LOCK_EX)
             fcntl.lockf(fh, fcntl.LOCK_UN)
