@@ -312,8 +312,16 @@ class _Serving:
 
     def confirm(self) -> None:
         """Once a stat of the mountpoint comes back through our own session, the handshake
-        is done and requests are answered: tell the waiting parent."""
+        is done and requests are answered: tell the waiting parent.
+
+        The probe waits for INIT's answer first, so that it holds the mountpoint busy for
+        one request only: an ``umount`` racing the start then finds the mount idle.
+        """
         outcome: list[BaseException | None] = []
+        if not self.backend.wait_initialized(READY_TIMEOUT):
+            if not self.stopped_by_us:
+                self.stop("no answer", f"the mount did not answer within {READY_TIMEOUT:g} s")
+            return
 
         def probe() -> None:
             try:

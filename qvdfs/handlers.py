@@ -20,10 +20,8 @@ import stat
 from collections.abc import Callable
 
 from qvdfs.config import MountConfig
+from qvdfs.fuse.abi import FOPEN_CACHE_DIR, FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE
 from qvdfs.fuse.filesystem import (
-    FOPEN_CACHE_DIR,
-    FOPEN_DIRECT_IO,
-    FOPEN_KEEP_CACHE,
     AddDirEntry,
     AddDirEntryPlus,
     Attr,
@@ -227,20 +225,17 @@ class UnionFilesystem:
 
     # -- files ----------------------------------------------------------------------------
 
-    def _opened(self, fh: int, flags: int) -> Opened:
+    def _opened(self, fh: int) -> Opened:
         """The reply to an open: the page cache survives opens, since every change to a
         file's data goes through this daemon and the kernel."""
         if self.config.direct_io:
             return Opened(fh, FOPEN_DIRECT_IO)
-        # O_DIRECT served by the daemon bypasses the kernel's cache; passed through, the
-        # branch file honours it itself (the session drops this flag then).
-        open_flags = FOPEN_DIRECT_IO if flags & os.O_DIRECT else FOPEN_KEEP_CACHE
-        return Opened(fh, open_flags, self.union.handles[fh].fd)
+        return Opened(fh, FOPEN_KEEP_CACHE, self.union.handles[fh].fd)
 
     def open(self, node_id: int, flags: int, ctx: Context) -> Opened:
         with self.lock:
             fh = self.union.open(self._node(node_id), flags)
-            return self._opened(fh, flags)
+            return self._opened(fh)
 
     def create(self, parent: int, name: bytes, mode: int, flags: int,
                ctx: Context) -> tuple[Entry, Opened]:
@@ -255,7 +250,7 @@ class UnionFilesystem:
                                          | os.O_CLOEXEC, stat.S_IMODE(mode), dir_fd=dirfd))
             assert fd is not None
             fh = self.union.adopt(node, fd)
-            return self._entry(node), self._opened(fh, flags)
+            return self._entry(node), self._opened(fh)
 
     def _fd(self, fh: int) -> int:
         with self.lock:

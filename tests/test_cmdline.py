@@ -131,8 +131,7 @@ def test_bad_timeouts(value: str) -> None:
     assert "attr_timeout" in refused(["-o", f"attr_timeout={value}", "/a", "/m"])
 
 
-@pytest.mark.parametrize("option", ["cow", "hide_meta_files", "statfs_omit_ro",
-                                    "relaxed_permissions", "direct_io"])
+@pytest.mark.parametrize("option", ["cow", "relaxed_permissions", "direct_io"])
 def test_own_flags_set_their_field(option: str) -> None:
     config = parse_args(["-o", option, "/a=RW", "/m"])
     assert getattr(config, option) is True
@@ -146,20 +145,30 @@ def test_fuse_flags_are_passed_on(option: str) -> None:
 
 
 @pytest.mark.parametrize("option", ["nonempty", "use_ino", "kernel_cache", "big_writes",
-                                    "noinitgroups", "preserve_branch", "async_read", "auto_cache"])
+                                    "noinitgroups", "preserve_branch", "async_read", "auto_cache",
+                                    "hide_meta_files", "statfs_omit_ro"])
 def test_no_op_options_are_accepted_and_recorded(option: str) -> None:
     config = parse_args(["-o", option, "-o", option, "/a", "/m"])
     assert config.ignored_options == [option]
     assert option not in config.fuse_options
 
 
+def test_backend_threads_and_passthrough_options() -> None:
+    defaults = parse_args(["/a", "/m"])
+    assert (defaults.backend, defaults.threads, defaults.passthrough) == ("native", None, True)
+    config = parse_args(["-o", "backend=pyfuse3,threads=2,nopassthrough", "/a", "/m"])
+    assert (config.backend, config.threads, config.passthrough) == ("pyfuse3", 2, False)
+    assert parse_args(["-s", "/a", "/m"]).threads == 1
+    assert "backend" in refused(["-o", "backend=libfuse", "/a", "/m"])
+    assert "threads" in refused(["-o", "threads=0", "/a", "/m"])
+
+
 def test_valued_options() -> None:
     config = parse_args(["-o", "fsname=base7,subtype=union,max_read=131072,max_files=64",
                          "-o", "debug_file=/var/log/q.log,whiteout=UNIONFS", "/a", "/m"])
     assert {"fsname=base7", "subtype=union"} <= config.fuse_options
-    # libfuse 3 cannot honour max_read through pyfuse3: accepted, checked, recorded as a no-op.
-    assert config.ignored_options == ["max_read=131072"]
-    assert not any(o.startswith("max_read") for o in config.fuse_options)
+    assert "max_read=131072" in config.fuse_options  # the native session mounts with it
+    assert config.ignored_options == []
     assert "fsname=qvdfs" not in config.fuse_options and "subtype=qvdfs" not in config.fuse_options
     assert config.max_files == 64
     assert config.debug_file == "/var/log/q.log"
@@ -217,7 +226,8 @@ def test_help_documents_every_option() -> None:
                    "subtype=", "max_read=", "entry_timeout=", "attr_timeout=",
                    "negative_timeout=", "nonempty", "use_ino", "kernel_cache", "big_writes",
                    "async_read", "auto_cache", "dirs=", "-f", "-d", "-s", "--version",
-                   "@/home", "no-ops", "Exit status"]:
+                   "@/home", "no-ops", "Exit status", "backend=native|pyfuse3", "threads=N",
+                   "nopassthrough"]:
         assert option in HELP_TEXT, option
 
 

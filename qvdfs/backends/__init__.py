@@ -24,6 +24,9 @@ class Backend(Protocol):
     def serve(self) -> None:
         """Answer requests until the session ends (umount, or ``stop``)."""
 
+    def wait_initialized(self, timeout: float) -> bool:
+        """Wait until the kernel's INIT is answered; False if ``timeout`` passed first."""
+
     def stop(self) -> None:
         """Make ``serve`` return and the mount go; safe to call from a signal handler."""
 

@@ -8,7 +8,7 @@ import os
 from qvdfs.config import MountConfig, MountError
 from qvdfs.fuse import mount as fuse_mount
 from qvdfs.fuse.filesystem import Filesystem
-from qvdfs.fuse.session import Session
+from qvdfs.fuse.session import DEFAULT_THREADS, Session
 
 log = logging.getLogger(__name__)
 
@@ -29,14 +29,21 @@ class NativeBackend:
             self.fd = fuse_mount.mount(self.config.mountpoint, set(self.config.fuse_options))
         except OSError as exc:
             raise MountError(f"cannot mount on {self.config.mountpoint}: {exc}") from None
-        disabled = frozenset() if self.config.passthrough else frozenset({"passthrough"})
-        kwargs = {} if self.config.threads is None else {"threads": self.config.threads}
-        self.session = Session(self.fs, self.fd, mountpoint=self.config.mountpoint,
-                               disabled=disabled, **kwargs)
+        options = self.config.fuse_options
+        self.session = Session(
+            self.fs, self.fd, mountpoint=self.config.mountpoint,
+            disabled=frozenset() if self.config.passthrough else frozenset({"passthrough"}),
+            threads=self.config.threads or DEFAULT_THREADS,
+            default_permissions="default_permissions" in options,
+            allow_root="allow_root" in options)
 
     def serve(self) -> None:
         assert self.session is not None
         self.session.serve()
+
+    def wait_initialized(self, timeout: float) -> bool:
+        assert self.session is not None
+        return self.session.initialized.wait(timeout)
 
     def stop(self) -> None:
         # A lazy unmount detaches the mount at once, even while it is busy; the kernel

@@ -21,11 +21,6 @@ from typing import Protocol
 
 ROOT_ID = 1
 
-# Bits of Opened.open_flags (the kernel's FOPEN_* flags).
-FOPEN_DIRECT_IO = 1 << 0
-FOPEN_KEEP_CACHE = 1 << 1
-FOPEN_CACHE_DIR = 1 << 3
-
 
 @dataclasses.dataclass(slots=True)
 class Context:

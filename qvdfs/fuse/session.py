@@ -333,6 +333,8 @@ class Session:
             queue.SimpleQueue()
         self._destroyed = False
         self._destroy_lock = threading.Lock()
+        # Set once INIT is answered and the filesystem told: requests are served from then on.
+        self.initialized = threading.Event()
 
     # ---- public -----------------------------------------------------------------------
 
@@ -392,12 +394,12 @@ class Session:
             for op, n in enumerate(counts):
                 if n:
                     name = _op_name(op)
-                    row = ops.setdefault(name, {"requests": 0, "ns": 0})
-                    row["requests"] += n
+                    row = ops.setdefault(name, {"count": 0, "ns": 0})
+                    row["count"] += n
                     row["ns"] += nanos[op]
         pt = self.passthrough
         return {
-            "ops": ops,
+            "opcodes": ops,
             "passthrough_opens": pt.opens_total if pt else 0,
             "passthrough_refused": pt.refused_total if pt else 0,
             "backing_ids": len(pt.backing) if pt else 0,
@@ -432,11 +434,16 @@ class Session:
         read = self._read
         unpack = abi.IN_HEADER.unpack_from
         clock = time.perf_counter_ns
+        # Asked once: a debug line per request is for `qvdfs -d`, never the normal path.
+        trace = log.isEnabledFor(logging.DEBUG)
         try:
             while True:
                 n = read(buf)
                 start = clock()
                 _, opcode, unique, nodeid, uid, gid, pid, _, _ = unpack(buf)
+                if trace:
+                    log.debug("FUSE %s node %d (request %d, pid %d)", _op_name(opcode),
+                              nodeid, unique, pid)
                 try:
                     table[opcode if opcode < 64 else 0](self, mv, n, unique, nodeid, uid,
                                                         gid, pid)
@@ -583,6 +590,7 @@ class Session:
         init = getattr(self.fs, "init", None)
         if init is not None:
             init(self.features)
+        self.initialized.set()
         return True
 
     # ---- handlers ---------------------------------------------------------------------

@@ -68,11 +68,11 @@ def test_lookup_getattr_and_readdir_of_many_entries(mount: Mount) -> None:
         assert (st.st_ino, st.st_size, st.st_mode) == (src.st_ino, src.st_size, src.st_mode)
         with os.scandir(m.mnt) as it:
             assert sum(1 for _ in it) == 1500
-        counters = m.session.counters()["ops"]
+        counters = m.session.counters()["opcodes"]
         # READDIRPLUS_AUTO: plus for the first batch, plain ones after it unless the
         # entries are being looked up.
-        calls = counters["READDIRPLUS"]["requests"] + counters.get("READDIR", {}).get(
-            "requests", 0)
+        calls = counters["READDIRPLUS"]["count"] + counters.get("READDIR", {}).get(
+            "count", 0)
         assert calls >= 3 and counters["READDIRPLUS"]["ns"] > 0
 
 
@@ -287,8 +287,8 @@ def test_forget_counts_add_up(mount: Mount, disabled: frozenset[str]) -> None:
             _drop_caches()
             return all(n == 0 for n in m.fs.lookups.values())
         assert wait_for(all_forgotten, 10), (sum(m.fs.lookups.values()), m.session.counters())
-        assert m.session.counters()["ops"].get("BATCH_FORGET", {}).get("requests", 0) + \
-            m.session.counters()["ops"].get("FORGET", {}).get("requests", 0) > 0
+        assert m.session.counters()["opcodes"].get("BATCH_FORGET", {}).get("count", 0) + \
+            m.session.counters()["opcodes"].get("FORGET", {}).get("count", 0) > 0
 
 
 def test_passthrough_reads_never_reach_the_fs(mount: Mount) -> None:
@@ -303,7 +303,7 @@ def test_passthrough_reads_never_reach_the_fs(mount: Mount) -> None:
         assert m.fs.calls["read"] == 0 and m.fs.calls["write"] == 0
         counters = m.session.counters()
         assert counters["passthrough_opens"] == 2
-        assert "READ" not in counters["ops"] and "WRITE" not in counters["ops"]
+        assert "READ" not in counters["opcodes"] and "WRITE" not in counters["opcodes"]
         assert wait_for(lambda: m.session.counters()["backing_ids"] == 0)
 
 
@@ -465,22 +465,22 @@ def test_missing_methods_and_unserved_opcodes_answer_enosys(mount: Mount,
                 assert ctypes.get_errno() == errno.EOPNOTSUPP   # the kernel's word for ENOSYS
         finally:
             os.close(fd)
-        ops = m.session.counters()["ops"]
-        assert ops["FALLOCATE"]["requests"] == 1            # remembered after one ENOSYS
+        ops = m.session.counters()["opcodes"]
+        assert ops["FALLOCATE"]["count"] == 1            # remembered after one ENOSYS
         # ACCESS: ENOSYS, so the kernel grants access(2) without asking again.
         assert os.access(m.mnt / "x", os.R_OK)
         assert os.access(m.mnt / "x", os.W_OK)
-        assert m.session.counters()["ops"]["ACCESS"]["requests"] == 1
+        assert m.session.counters()["opcodes"]["ACCESS"]["count"] == 1
         # FLUSH: the filesystem has no flush method; after one ENOSYS the kernel stops.
         for _ in range(3):
             (m.mnt / "x").read_bytes()
-        assert m.session.counters()["ops"]["FLUSH"]["requests"] == 1
+        assert m.session.counters()["opcodes"]["FLUSH"]["count"] == 1
         # GETLK: ENOSYS, but without POSIX_LOCKS the kernel keeps locks itself.
 
         with open(m.mnt / "x", "r+b") as fh:
             fcntl.lockf(fh, fcntl.LOCK_EX)
             fcntl.lockf(fh, fcntl.LOCK_UN)
-        assert "SETLK" not in m.session.counters()["ops"]
+        assert "SETLK" not in m.session.counters()["opcodes"]
 
 
 def test_allow_root_refuses_other_users(mount: Mount) -> None:
