@@ -98,17 +98,24 @@ def _reap(proc: subprocess.Popen) -> None:
         proc.wait(timeout=10)
 
 
-def _work_entries(upper: Path) -> list[str]:
+def _work_entries(upper: Path) -> list[Path]:
+    """What is being prepared in the work dir: the entries inside each mount's own folder
+    (an empty folder is a live mount's, not a leftover)."""
     work = upper / WORK
-    return os.listdir(work) if work.exists() else []
+    entries: list[Path] = []
+    with contextlib.suppress(FileNotFoundError):
+        for folder in work.iterdir():
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                entries.extend(folder.iterdir())
+    return entries
 
 
 def _largest_work_entry(upper: Path) -> int:
     """Size of the biggest file being prepared in the work dir (entries come and go)."""
     sizes = [0]
-    for name in _work_entries(upper):
+    for path in _work_entries(upper):
         with contextlib.suppress(FileNotFoundError):
-            sizes.append((upper / WORK / name).lstat().st_size)
+            sizes.append(path.lstat().st_size)
     return max(sizes)
 
 
