@@ -264,3 +264,88 @@ def test_crash_leftovers_in_the_work_folder_are_removed(branches: dict[str, Path
         assert not (work / "1234-dead").exists() and not (work / "tmp-old").exists()
     finally:
         fs.destroy()
+
+
+def hidden_on_disk(branches: dict[str, Path], fmt: str, path: str) -> bool:
+    """True if the upper branch holds a whiteout of ``path`` in the format ``fmt``."""
+    if fmt == "overlay":
+        return is_whiteout(branches["upper"] / path)
+    return (branches["upper"] / ".unionfs-fuse" / (path + "_HIDDEN~")).exists()
+
+
+@pytest.mark.parametrize("fmt", ["overlay", "unionfs"])
+def test_remove_rename_and_create_in_either_whiteout_format(branches: dict[str, Path],
+                                                            fmt: str) -> None:
+    fs = make_fs(branches, "-o", f"whiteout={fmt}")
+    try:
+        fs.unlink(ROOT_ID, b"file", ROOT)
+        assert hidden_on_disk(branches, fmt, "file")
+        entry, opened = fs.create(ROOT_ID, b"file", 0o644, os.O_WRONLY, ROOT)
+        fs.write(entry.node_id, opened.fh, 0, memoryview(b"new"), False)
+        fs.release(entry.node_id, opened.fh)
+        assert not hidden_on_disk(branches, fmt, "file")  # a file needs no whiteout
+        fs.rename(ROOT_ID, b"dir", ROOT_ID, b"moved", 0, ROOT)
+        assert hidden_on_disk(branches, fmt, "dir")
+        fs.mkdir(ROOT_ID, b"dir", 0o755, ROOT)
+        assert names(fs, "dir") == []
+        if fmt == "overlay":
+            assert os.getxattr(branches["upper"] / "dir", markers.OPAQUE_XATTR) == b"y"
+        else:
+            assert hidden_on_disk(branches, fmt, "dir")  # the marker keeps it opaque
+        fs.rmdir(ROOT_ID, b"empty", ROOT)
+        assert hidden_on_disk(branches, fmt, "empty")
+    finally:
+        fs.destroy()
+    fs = make_fs(branches)  # a new mount reads the same union back
+    try:
+        assert names(fs) == [b"dir", b"file", b"link", b"moved"]
+        assert names(fs, "dir") == []
+        assert names(fs, "moved") == [b"inner", b"sub"]
+        node = lookup(fs, "file").node_id
+        opened = fs.open(node, os.O_RDONLY, ROOT)
+        assert fs.read(node, opened.fh, 0, 100) == b"new"
+        fs.release(node, opened.fh)
+    finally:
+        fs.destroy()
+
+
+@pytest.mark.parametrize("fmt", ["overlay", "unionfs"])
+def test_entries_renamed_and_linked_onto_a_whited_out_name(branches: dict[str, Path],
+                                                           fmt: str) -> None:
+    fs = make_fs(branches, "-o", f"whiteout={fmt}")
+    try:
+        fs.rmdir(ROOT_ID, b"empty", ROOT)
+        fs.mkdir(ROOT_ID, b"fresh", 0o755, ROOT)
+        fs.mknod(lookup(fs, "fresh").node_id, b"x", stat.S_IFIFO | 0o644, 0, ROOT)
+        fs.rename(ROOT_ID, b"fresh", ROOT_ID, b"empty", 0, ROOT)  # a directory onto it
+        assert names(fs, "empty") == [b"x"]
+        assert (branches["upper"] / "empty").is_dir()
+        fs.unlink(ROOT_ID, b"file", ROOT)
+        fs.link(lookup(fs, "link").node_id, ROOT_ID, b"file", ROOT)  # a link onto it
+        assert stat.S_ISLNK(os.lstat(branches["upper"] / "file").st_mode)
+        fs.unlink(ROOT_ID, b"file", ROOT)
+        assert b"file" not in names(fs)  # the base file stays hidden
+    finally:
+        fs.destroy()
+    fs = make_fs(branches)
+    try:
+        assert names(fs) == [b"dir", b"empty", b"link"]
+        assert names(fs, "empty") == [b"x"]
+    finally:
+        fs.destroy()
+
+
+def test_a_read_only_union_answers_erofs(branches: dict[str, Path]) -> None:
+    config = cmdline.parse_args([f"{branches['upper']}=RO:{branches['base']}=RO",
+                                 str(branches["mnt"])])
+    fs = UnionFilesystem(config)
+    try:
+        node = lookup(fs, "file").node_id
+        assert errno_of(lambda: fs.unlink(ROOT_ID, b"file", ROOT)) == errno.EROFS
+        assert errno_of(lambda: fs.mkdir(ROOT_ID, b"new", 0o755, ROOT)) == errno.EROFS
+        assert errno_of(lambda: fs.rename(ROOT_ID, b"file", ROOT_ID, b"f2", 0, ROOT)) == \
+            errno.EROFS
+        assert errno_of(lambda: fs.open(node, os.O_WRONLY, ROOT)) == errno.EROFS
+        assert not (branches["upper"] / ".qvdfs.work").exists()
+    finally:
+        fs.destroy()
