@@ -8,7 +8,7 @@ import os
 from qvdfs.config import MountConfig, MountError
 from qvdfs.fuse import mount as fuse_mount
 from qvdfs.fuse.filesystem import Filesystem
-from qvdfs.fuse.session import Session
+from qvdfs.fuse.session import DEFAULT_THREADS, Session
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +30,9 @@ class NativeBackend:
         except OSError as exc:
             raise MountError(f"cannot mount on {self.config.mountpoint}: {exc}") from None
         disabled = frozenset() if self.config.passthrough else frozenset({"passthrough"})
-        kwargs = {} if self.config.threads is None else {"threads": self.config.threads}
+        threads = DEFAULT_THREADS if self.config.threads is None else self.config.threads
         self.session = Session(self.fs, self.fd, mountpoint=self.config.mountpoint,
-                               disabled=disabled, **kwargs)
+                               disabled=disabled, threads=threads)
 
     def serve(self) -> None:
         assert self.session is not None
