@@ -31,8 +31,9 @@ from qvdfs.fuse.filesystem import (
     SetattrChanges,
 )
 from qvdfs.union import syscalls
-from qvdfs.union.core import Union, backing_flags, stale
-from qvdfs.union.tree import Node
+from qvdfs.union.core import Union
+from qvdfs.union.handles import backing_flags
+from qvdfs.union.tree import Node, stale
 
 NAME_MAX = 255
 # Directory listings kept for readdir streams in progress (see _snapshot).
@@ -80,7 +81,7 @@ class UnionFilesystem:
     def counters(self) -> dict[str, int]:
         """The union's own counters, beside the session's per-opcode ones."""
         return {"copy_ups": self.index.copy_ups, "nodes": len(self.index.nodes),
-                "open_files": len(self.union.handles)}
+                "open_files": len(self.union.files)}
 
     def _entry_changed(self, parent: Node, name: bytes) -> None:
         self.invalidate_entry(parent.id, name)
@@ -230,11 +231,11 @@ class UnionFilesystem:
         file's data goes through this daemon and the kernel."""
         if self.config.direct_io:
             return Opened(fh, FOPEN_DIRECT_IO)
-        return Opened(fh, FOPEN_KEEP_CACHE, self.union.handles[fh].fd)
+        return Opened(fh, FOPEN_KEEP_CACHE, self.union.files.get(fh).fd)
 
     def open(self, node_id: int, flags: int, ctx: Context) -> Opened:
         with self.lock:
-            fh = self.union.open(self._node(node_id), flags)
+            fh = self.union.files.open(self._node(node_id), flags)
             return self._opened(fh)
 
     def create(self, parent: int, name: bytes, mode: int, flags: int,
@@ -249,12 +250,12 @@ class UnionFilesystem:
                 lambda dirfd, n: os.open(n, open_flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                                          | os.O_CLOEXEC, stat.S_IMODE(mode), dir_fd=dirfd))
             assert fd is not None
-            fh = self.union.adopt(node, fd)
+            fh = self.union.files.adopt(node, fd)
             return self._entry(node), self._opened(fh)
 
     def _fd(self, fh: int) -> int:
         with self.lock:
-            return self.union.handle(fh).fd
+            return self.union.files.get(fh).fd
 
     def read(self, node_id: int, fh: int, offset: int, size: int) -> bytes:
         return os.pread(self._fd(fh), size, offset)
@@ -262,7 +263,7 @@ class UnionFilesystem:
     def write(self, node_id: int, fh: int, offset: int, data: memoryview,
               kill_suidgid: bool) -> int:
         with self.lock:
-            handle = self.union.handle(fh)
+            handle = self.union.files.get(fh)
             stale(handle.node)
             if kill_suidgid:
                 self.union.kill_privileges(handle.node)
@@ -271,14 +272,14 @@ class UnionFilesystem:
 
     def release(self, node_id: int, fh: int) -> None:
         with self.lock:
-            self.union.release(fh)
+            self.union.files.release(fh)
 
     def fsync(self, node_id: int, fh: int, datasync: bool) -> None:
         (os.fdatasync if datasync else os.fsync)(self._fd(fh))
 
     def fallocate(self, node_id: int, fh: int, offset: int, length: int, mode: int) -> None:
         with self.lock:
-            handle = self.union.handle(fh)
+            handle = self.union.files.get(fh)
             if not handle.writable:
                 raise OSError(errno.EBADF, "file not open for writing")
             stale(handle.node)
@@ -293,8 +294,8 @@ class UnionFilesystem:
         if flags:
             raise OSError(errno.EINVAL, "copy_file_range takes no flags")
         with self.lock:
-            src = self.union.handle(fh_in).fd
-            out = self.union.handle(fh_out)
+            src = self.union.files.get(fh_in).fd
+            out = self.union.files.get(fh_out)
             if not out.writable:
                 raise OSError(errno.EBADF, "file not open for writing")
             stale(out.node)

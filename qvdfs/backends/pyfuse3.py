@@ -12,11 +12,12 @@ from __future__ import annotations
 import errno
 import functools
 import logging
-import os
-from typing import Any, cast
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
+from pyfuse3 import FileHandleT, FileNameT, InodeT, ModeT, RequestContext
 
 from qvdfs.config import MountConfig, MountError
 from qvdfs.fuse.abi import FOPEN_CACHE_DIR, FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE
@@ -31,6 +32,9 @@ from qvdfs.fuse.filesystem import (
 
 log = logging.getLogger(__name__)
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
 
 def _entry_attributes(attr: Attr | None, entry_timeout: float, attr_timeout: float,
                       node_id: int | None = None) -> pyfuse3.EntryAttributes:
@@ -38,11 +42,11 @@ def _entry_attributes(attr: Attr | None, entry_timeout: float, attr_timeout: flo
     out.entry_timeout = entry_timeout
     out.attr_timeout = attr_timeout
     if attr is None:
-        out.st_ino = cast(pyfuse3.InodeT, node_id or 0)
+        out.st_ino = node_id or 0
         return out
-    out.st_ino = cast(pyfuse3.InodeT, attr.ino)
+    out.st_ino = attr.ino
     out.generation = 0
-    out.st_mode = cast(pyfuse3.ModeT, attr.mode)
+    out.st_mode = attr.mode
     out.st_nlink = attr.nlink
     out.st_uid = attr.uid
     out.st_gid = attr.gid
@@ -56,16 +60,16 @@ def _entry_attributes(attr: Attr | None, entry_timeout: float, attr_timeout: flo
     return out
 
 
-def _context(ctx: Any) -> Context:
+def _context(ctx: RequestContext | None) -> Context:
     if ctx is None:
         return Context(0, 0, 0)
     return Context(ctx.uid, ctx.gid, ctx.pid, getattr(ctx, "umask", 0))
 
 
-def _errors(handler: Any) -> Any:
+def _errors(handler: Callable[_P, Awaitable[_R]]) -> Callable[_P, Coroutine[Any, Any, _R]]:
     """OSError becomes its errno; anything else is logged and answered with EIO."""
     @functools.wraps(handler)
-    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+    async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         try:
             return await handler(*args, **kwargs)
         except pyfuse3.FUSEError:
@@ -108,25 +112,29 @@ class Pyfuse3Operations(pyfuse3.Operations):
 
     @staticmethod
     def _file_info(opened: Opened) -> pyfuse3.FileInfo:
-        return pyfuse3.FileInfo(fh=cast(pyfuse3.FileHandleT, opened.fh),
+        return pyfuse3.FileInfo(fh=opened.fh,
                                 keep_cache=bool(opened.open_flags & FOPEN_KEEP_CACHE),
                                 direct_io=bool(opened.open_flags & FOPEN_DIRECT_IO))
 
     @_errors
-    async def lookup(self, parent_inode, name, ctx=None):
+    async def lookup(self, parent_inode: InodeT, name: FileNameT,
+                     ctx: RequestContext | None = None) -> pyfuse3.EntryAttributes:
         return self._entry(self.fs.lookup(parent_inode, name, _context(ctx)))
 
     @_errors
-    async def forget(self, inode_list):
+    async def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:
         for inode, count in inode_list:
             self.fs.forget(inode, count)
 
     @_errors
-    async def getattr(self, inode, ctx=None):
+    async def getattr(self, inode: InodeT,
+                      ctx: RequestContext | None = None) -> pyfuse3.EntryAttributes:
         return self._attr(self.fs.getattr(inode, None, _context(ctx)))
 
     @_errors
-    async def setattr(self, inode, attr, fields, fh, ctx):
+    async def setattr(self, inode: InodeT, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: FileHandleT | None,
+                      ctx: RequestContext) -> pyfuse3.EntryAttributes:
         changes = SetattrChanges(
             mode=attr.st_mode if fields.update_mode else None,
             uid=attr.st_uid if fields.update_uid else None,
@@ -138,11 +146,11 @@ class Pyfuse3Operations(pyfuse3.Operations):
         return self._attr(self.fs.setattr(inode, fh, changes, _context(ctx)))
 
     @_errors
-    async def readlink(self, inode, ctx):
+    async def readlink(self, inode: InodeT, ctx: RequestContext) -> FileNameT:
         return self.fs.readlink(inode, _context(ctx))
 
     @_errors
-    async def statfs(self, ctx):
+    async def statfs(self, ctx: RequestContext) -> pyfuse3.StatvfsData:
         st = self.fs.statfs(pyfuse3.ROOT_INODE)
         out = pyfuse3.StatvfsData()
         for field in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
@@ -151,14 +159,14 @@ class Pyfuse3Operations(pyfuse3.Operations):
         return out
 
     @_errors
-    async def opendir(self, inode, ctx):
+    async def opendir(self, inode: InodeT, ctx: RequestContext) -> FileHandleT:
         self.fs.opendir(inode, 0, _context(ctx))
         fh = self._next_dir_fh = self._next_dir_fh + 1
         self._dir_inodes[fh] = inode
         return fh
 
     @_errors
-    async def readdir(self, fh, start_id, token):
+    async def readdir(self, fh: FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         inode = self._dir_inodes[fh]
 
         def add(name: bytes, entry: Entry, offset: int) -> bool:
@@ -168,88 +176,96 @@ class Pyfuse3Operations(pyfuse3.Operations):
         self.fs.readdirplus(inode, fh, start_id, add)
 
     @_errors
-    async def releasedir(self, fh):
+    async def releasedir(self, fh: FileHandleT) -> None:
         self.fs.releasedir(self._dir_inodes.pop(fh), fh)
 
     @_errors
-    async def fsyncdir(self, fh, datasync):
+    async def fsyncdir(self, fh: FileHandleT, datasync: bool) -> None:
         pass
 
     @_errors
-    async def mkdir(self, parent_inode, name, mode, ctx):
+    async def mkdir(self, parent_inode: InodeT, name: FileNameT, mode: ModeT,
+                    ctx: RequestContext) -> pyfuse3.EntryAttributes:
         return self._entry(self.fs.mkdir(parent_inode, name, mode, _context(ctx)))
 
     @_errors
-    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+    async def mknod(self, parent_inode: InodeT, name: FileNameT, mode: ModeT, rdev: int,
+                    ctx: RequestContext) -> pyfuse3.EntryAttributes:
         return self._entry(self.fs.mknod(parent_inode, name, mode, rdev, _context(ctx)))
 
     @_errors
-    async def symlink(self, parent_inode, name, target, ctx):
+    async def symlink(self, parent_inode: InodeT, name: FileNameT, target: FileNameT,
+                      ctx: RequestContext) -> pyfuse3.EntryAttributes:
         return self._entry(self.fs.symlink(parent_inode, name, target, _context(ctx)))
 
     @_errors
-    async def link(self, inode, new_parent_inode, new_name, ctx):
+    async def link(self, inode: InodeT, new_parent_inode: InodeT, new_name: FileNameT,
+                   ctx: RequestContext) -> pyfuse3.EntryAttributes:
         return self._entry(self.fs.link(inode, new_parent_inode, new_name, _context(ctx)))
 
     @_errors
-    async def unlink(self, parent_inode, name, ctx):
+    async def unlink(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> None:
         self.fs.unlink(parent_inode, name, _context(ctx))
 
     @_errors
-    async def rmdir(self, parent_inode, name, ctx):
+    async def rmdir(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> None:
         self.fs.rmdir(parent_inode, name, _context(ctx))
 
     @_errors
-    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+    async def rename(self, parent_inode_old: InodeT, name_old: FileNameT,
+                     parent_inode_new: InodeT, name_new: FileNameT, flags: int,
+                     ctx: RequestContext) -> None:
         self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags,
                        _context(ctx))
 
     @_errors
-    async def open(self, inode, flags, ctx):
+    async def open(self, inode: InodeT, flags: int, ctx: RequestContext) -> pyfuse3.FileInfo:
         opened = self.fs.open(inode, flags, _context(ctx))
         self._file_inodes[opened.fh] = inode
         return self._file_info(opened)
 
     @_errors
-    async def create(self, parent_inode, name, mode, flags, ctx):
+    async def create(self, parent_inode: InodeT, name: FileNameT, mode: ModeT, flags: int,
+                     ctx: RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         entry, opened = self.fs.create(parent_inode, name, mode, flags, _context(ctx))
         self._file_inodes[opened.fh] = entry.node_id
         return self._file_info(opened), self._entry(entry)
 
     @_errors
-    async def read(self, fh, off, size):
-        return self.fs.read(self._file_inodes[fh], fh, off, size)
+    async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
+        data = self.fs.read(self._file_inodes[fh], fh, off, size)
+        return data if isinstance(data, bytes) else bytes(data)  # pyfuse3 wants bytes
 
     @_errors
-    async def write(self, fh, off, buf):
+    async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
         return self.fs.write(self._file_inodes[fh], fh, off, memoryview(buf), False)
 
     @_errors
-    async def flush(self, fh):
+    async def flush(self, fh: FileHandleT) -> None:
         pass
 
     @_errors
-    async def release(self, fh):
+    async def release(self, fh: FileHandleT) -> None:
         self.fs.release(self._file_inodes.pop(fh), fh)
 
     @_errors
-    async def fsync(self, fh, datasync):
+    async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
         self.fs.fsync(self._file_inodes[fh], fh, bool(datasync))
 
     @_errors
-    async def getxattr(self, inode, name, ctx):
+    async def getxattr(self, inode: InodeT, name: bytes, ctx: RequestContext) -> bytes:
         return self.fs.getxattr(inode, name, _context(ctx))
 
     @_errors
-    async def listxattr(self, inode, ctx):
+    async def listxattr(self, inode: InodeT, ctx: RequestContext) -> list[bytes]:
         return self.fs.listxattr(inode, _context(ctx))
 
     @_errors
-    async def setxattr(self, inode, name, value, ctx):
+    async def setxattr(self, inode: InodeT, name: bytes, value: bytes, ctx: RequestContext) -> None:
         self.fs.setxattr(inode, name, value, 0, _context(ctx))
 
     @_errors
-    async def removexattr(self, inode, name, ctx):
+    async def removexattr(self, inode: InodeT, name: bytes, ctx: RequestContext) -> None:
         self.fs.removexattr(inode, name, _context(ctx))
 
 
@@ -269,7 +285,7 @@ class Pyfuse3Backend:
 
     @staticmethod
     def invalidate_entry(parent: int, name: bytes) -> None:
-        pyfuse3.invalidate_entry_async(cast(pyfuse3.InodeT, parent), cast(pyfuse3.FileNameT, name))
+        pyfuse3.invalidate_entry_async(parent, name)
 
     @staticmethod
     def invalidate_inode(node_id: int) -> None:

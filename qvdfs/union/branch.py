@@ -57,24 +57,19 @@ class Branch:
                 os.close(fd)
 
 
-class Stack:
-    """Branches merged at one place of the union, highest priority first.
+class UpperBranch:
+    """The branch of a stack that takes every change, with this mount's work folder in it.
 
-    ``upper`` is the index of the branch that takes every change (the first writable
-    one), or None for a read-only union. Changes are prepared in ``work_fd``, a folder
-    at the root of the upper branch that the union never shows, and renamed into place
-    so that a crash never leaves a half-made entry visible.
+    Changes are prepared in ``work_fd``, a folder at the root of the upper branch that the
+    union never shows, and renamed into place, so that a crash never leaves a half-made
+    entry visible. Write paths get one from ``Stack.require_upper``, which answers EROFS
+    for a read-only union: past that point nothing is optional.
     """
 
-    def __init__(self, branches: list[Branch], whiteout_format: WhiteoutFormat, cow: bool) -> None:
-        self.branches = branches
-        self.whiteout_format = whiteout_format
-        self.cow = cow
-        self.upper = next((i for i, b in enumerate(branches) if b.writable), None)
-        self.work_fd: int | None = None
-        self.work_name = b""
-        if self.upper is not None:
-            self.work_fd, self.work_name = self._open_work_dir(branches[self.upper])
+    def __init__(self, index: int, branch: Branch) -> None:
+        self.index = index
+        self.branch = branch
+        self.work_fd, self.work_name = self._open_work_dir(branch)
 
     @staticmethod
     def _open_work_dir(upper: Branch) -> tuple[int, bytes]:
@@ -107,22 +102,58 @@ class Stack:
                 os.close(parent)
         raise MountError(f"cannot make a work folder in {upper.path}")
 
-    def temp_name(self) -> bytes:
+    @staticmethod
+    def temp_name() -> bytes:
+        """A fresh name in the work folder."""
         return b"tmp-" + secrets.token_hex(8).encode()
 
+    def discard(self, pfd: int, name: bytes) -> None:
+        """Remove the upper entry ``pfd/name`` (a directory possibly holding whiteouts) in
+        one step: it leaves the union at once, and is emptied in the work folder."""
+        tmp = self.temp_name()
+        os.rename(name, tmp, src_dir_fd=pfd, dst_dir_fd=self.work_fd)
+        syscalls.remove_at(self.work_fd, tmp)
+
     def close(self) -> None:
-        if self.work_fd is not None and self.upper is not None:
-            root = self.branches[self.upper].root_fd
-            with contextlib.suppress(OSError):
-                parent = syscalls.open_dir(root, markers.WORK_DIR)
-                try:
-                    syscalls.remove_at(parent, self.work_name)
-                finally:
-                    os.close(parent)
-            os.close(self.work_fd)
-            # Fails while another mount of this branch works in there, as it should.
-            with contextlib.suppress(OSError):
-                os.rmdir(markers.WORK_DIR, dir_fd=root)
+        """Remove this mount's work folder (and ``.qvdfs.work`` if no other mount uses it)."""
+        root = self.branch.root_fd
+        with contextlib.suppress(OSError):
+            parent = syscalls.open_dir(root, markers.WORK_DIR)
+            try:
+                syscalls.remove_at(parent, self.work_name)
+            finally:
+                os.close(parent)
+        os.close(self.work_fd)
+        # Fails while another mount of this branch works in there, as it should.
+        with contextlib.suppress(OSError):
+            os.rmdir(markers.WORK_DIR, dir_fd=root)
+
+
+class Stack:
+    """Branches merged at one place of the union, highest priority first.
+
+    ``upper`` is the index of the branch that takes every change (the first writable
+    one), or None for a read-only union; the read paths compare branch indexes with it.
+    ``upper_branch`` is that branch with its work folder (None alike).
+    """
+
+    def __init__(self, branches: list[Branch], whiteout_format: WhiteoutFormat, cow: bool) -> None:
+        self.branches = branches
+        self.whiteout_format = whiteout_format
+        self.cow = cow
+        upper = next((i for i, b in enumerate(branches) if b.writable), None)
+        self.upper_branch = UpperBranch(upper, branches[upper]) if upper is not None else None
+        self.upper: int | None = upper
+
+    def require_upper(self) -> UpperBranch:
+        """The upper branch, for a change; EROFS if the union is read-only."""
+        if self.upper_branch is None:
+            raise OSError(errno.EROFS, "read-only union")
+        return self.upper_branch
+
+    def close(self) -> None:
+        if self.upper_branch is not None:
+            self.upper_branch.close()
         for branch in self.branches:
             branch.close()
 
@@ -130,7 +161,7 @@ class Stack:
 def _remove_unlocked(work_dir: int) -> None:
     """Remove what no live mount holds inside ``work_dir`` (see Stack._open_work_dir)."""
     for name in os.listdir(work_dir):
-        if not stat.S_ISDIR(syscalls.lstat_at(work_dir, name).st_mode):
+        if not stat.S_ISDIR(os.lstat(name, dir_fd=work_dir).st_mode):
             os.unlink(name, dir_fd=work_dir)  # never a mount's own folder; never opened
             continue
         fd = os.open(name, syscalls.DIR_FLAGS, dir_fd=work_dir)

@@ -9,6 +9,13 @@ A change of metadata alone (chmod, chown, utimens, xattrs, truncation to zero) c
 no data: the upper file is created sparse at the same size and marked with
 ``trusted.overlay.metacopy``, and reads keep coming from the lower file, as kernel
 overlayfs does with ``metacopy=on``.
+
+A rename copies a whole tree up (``copy_up_tree``); every other change copies up one entry
+(``copy_up``) and the directories above it (``ensure_dir_on_upper``).
+
+Every function here is a step of a change: the caller holds ``Index.lock`` and is inside
+``Index.changing``. A large data copy lets go of the lock (``Index.unlocked``) while it
+runs; the mutation lock keeps other changes out meanwhile.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import logging
 import os
 import stat
 
-from qvdfs.union import markers, syscalls
+from qvdfs.union import markers, syscalls, whiteout
 from qvdfs.union.tree import Index, Node
 
 log = logging.getLogger(__name__)
@@ -27,16 +34,9 @@ log = logging.getLogger(__name__)
 THREAD_COPY_THRESHOLD = 1 << 20
 
 
-def require_upper(node: Node) -> int:
-    stack = node.stack
-    if stack.upper is None:
-        raise OSError(errno.EROFS, "read-only union")
-    return stack.upper
-
-
 def ensure_dir_on_upper(index: Index, node: Node) -> int:
     """Make sure the directory ``node`` exists in the upper branch; return its fd there."""
-    upper = require_upper(node)
+    upper = node.stack.require_upper()
     if not node.on_upper:
         if not node.stack.cow:
             raise OSError(errno.EROFS, "copy-on-write is off (mount with -o cow)")
@@ -46,8 +46,7 @@ def ensure_dir_on_upper(index: Index, node: Node) -> int:
         if lower_fd is None:
             raise OSError(errno.ENOENT, "directory vanished from its branch")
         st = os.fstat(lower_fd)
-        work = node.stack.work_fd
-        tmp = node.stack.temp_name()
+        work, tmp = upper.work_fd, upper.temp_name()
         os.mkdir(tmp, 0o700, dir_fd=work)
         _copy_metadata(lower_fd, None, work, tmp, st)
         try:
@@ -57,9 +56,9 @@ def ensure_dir_on_upper(index: Index, node: Node) -> int:
             os.rmdir(tmp, dir_fd=work)
             if not stat.S_ISDIR(syscalls.lstat_at(upper_parent, node.name).st_mode):
                 raise
-        node.layers.insert(0, upper)
-        node.branch = upper
-    fd = index.dir_fd(node, upper)
+        node.layers.insert(0, upper.index)
+        node.branch = upper.index
+    fd = index.dir_fd(node, upper.index)
     if fd is None:
         raise OSError(errno.ENOENT, "upper directory vanished")
     return fd
@@ -68,27 +67,24 @@ def ensure_dir_on_upper(index: Index, node: Node) -> int:
 def copy_up(index: Index, node: Node, *, data: bool) -> None:
     """Give ``node`` an entry in the upper branch; with ``data``, its own copy of the data.
 
-    The caller is making a change (``Union._changing``): a large data copy lets go of
-    the index lock, and no other change may start meanwhile.
+    A large data copy lets go of the index lock (see the module docstring).
     """
     if node.is_dir:
         ensure_dir_on_upper(index, node)
         return
     if node.on_upper and not (data and index.is_metacopy(node)):
         return
-    upper = require_upper(node)
+    upper = node.stack.require_upper()
     if not node.stack.cow:
         raise OSError(errno.EROFS, "copy-on-write is off (mount with -o cow)")
     assert node.parent is not None
     upper_parent = ensure_dir_on_upper(index, node.parent)
     meta_fd = index.parent_fd(node, node.branch)
     st = syscalls.lstat_at(meta_fd, node.name)
-    work = node.stack.work_fd
-    assert work is not None
-    tmp = node.stack.temp_name()
+    work, tmp = upper.work_fd, upper.temp_name()
     try:
         if stat.S_ISREG(st.st_mode):
-            _copy_regular(index, node, st, tmp, data=data)
+            _copy_regular(index, node, work, st, tmp, data=data)
         elif stat.S_ISLNK(st.st_mode):
             os.symlink(os.readlink(node.name, dir_fd=meta_fd), tmp, dir_fd=work)
         else:
@@ -109,13 +105,40 @@ def copy_up(index: Index, node: Node, *, data: bool) -> None:
     if not node.on_upper:
         _split_hard_links(index, node)
     index.drop_data_location(node)
-    node.branch = upper
+    node.branch = upper.index
     # After a metadata-only copy the data's place is found again from the xattrs.
-    node.data_branch = None if (stat.S_ISREG(st.st_mode) and not data) else upper
+    node.data_branch = None if (stat.S_ISREG(st.st_mode) and not data) else upper.index
 
 
-def _copy_regular(index: Index, node: Node, st: os.stat_result, tmp: bytes, *, data: bool) -> None:
-    work = node.stack.work_fd
+def copy_up_tree(index: Index, node: Node) -> None:
+    """Copy ``node`` and, for a directory, everything under it into the upper branch.
+
+    A directory that merged lower branches becomes opaque: it can then move to any
+    name and still show exactly what it showed before. (Kernel overlayfs records a
+    redirect instead; copying is slower for big trees but needs no new format.)
+    """
+    if not node.is_dir:
+        copy_up(index, node, data=True)
+        return
+    ensure_dir_on_upper(index, node)
+    for child in list(index.listing(node).values()):
+        copy_up_tree(index, child)
+    if len(node.layers) > 1:
+        whiteout.seal(index, node, ensure_dir_on_upper(index, node))
+        if node.redirect is not None:
+            syscalls.removexattr_at(*index.entry_ref(node, node.branch), markers.REDIRECT_XATTR)
+            node.redirect = None
+        for b in node.layers[1:]:
+            fd = node.fds.pop(b, None)
+            if fd is not None:
+                os.close(fd)
+        node.layers = [node.branch]
+        for child in index.listing(node).values():
+            child.in_lower = False
+
+
+def _copy_regular(index: Index, node: Node, work: int, st: os.stat_result, tmp: bytes, *,
+                  data: bool) -> None:
     dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                   0o600, dir_fd=work)
     try:

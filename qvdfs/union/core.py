@@ -1,16 +1,17 @@
 """The union's operations, in terms of Nodes: what each FUSE request means here.
 
 ``Union`` owns the stacks, the index and the open files. Its methods raise plain
-``OSError``; the FUSE layer (``qvdfs.operations``) turns them into replies.
+``OSError``; the request layer (``qvdfs.handlers``) turns them into replies. Beside it:
 
-Requests arrive on several threads. Two locks keep them apart:
+- ``tree``: the Nodes, merged listings, and the two locks every module follows;
+- ``copyup``: bringing entries (and, for a rename, whole trees) into the upper branch;
+- ``whiteout``: writing and replacing whiteouts, in either on-disk format;
+- ``rename``: rename and RENAME2;
+- ``handles``: open files (``Union.files``), truncation;
+- ``markers`` and ``syscalls``: the on-disk formats and the no-symlink-following calls.
 
-- ``index.lock`` guards every Node, the index and the open handles. The request layer
-  holds it while it calls in here; it is let go only around blocking I/O that touches
-  no shared state (``Index.unlocked``), such as the data copy of a large copy-up.
-- ``_mutation`` serializes changes to the namespace, across those gaps too: a rename
-  that copies a tree up stays one change while lookups and reads go on. It is always
-  taken before ``index.lock``, never while holding it, so the two cannot deadlock.
+Locking (see ``qvdfs.union.tree``): every method runs under ``index.lock``, held by the
+caller; each change runs inside ``index.changing``, which takes the mutation lock first.
 """
 
 from __future__ import annotations
@@ -20,55 +21,17 @@ import errno
 import logging
 import os
 import stat
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
-from qvdfs.config import MountConfig, MountError, WhiteoutFormat
-from qvdfs.union import copyup, markers, syscalls
+from qvdfs.config import MountConfig, MountError
+from qvdfs.union import copyup, markers, rename, syscalls, whiteout
 from qvdfs.union.branch import Branch, Stack
-from qvdfs.union.tree import Index, Node
+from qvdfs.union.handles import OpenFiles
+from qvdfs.union.tree import Index, Node, stale
 
 log = logging.getLogger(__name__)
 
-# O_DIRECT too: the kernel hands the daemon buffers of any alignment, and a passthrough
-# open gets the caller's O_DIRECT from the kernel itself.
-_OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT
 CAPABILITY_XATTR = b"security.capability"
-
-
-def backing_flags(flags: int, writeback: bool) -> int:
-    """Flags to open a backing file with, for a FUSE open with ``flags``.
-
-    With the kernel's writeback cache, the kernel fills partial pages by reading and
-    computes append offsets itself: a writable backing file must be readable too, and
-    O_APPEND must go (the kernel's offsets are already the end of the file).
-    """
-    flags &= ~_OPEN_STRIP
-    if writeback and (flags & os.O_ACCMODE) != os.O_RDONLY:
-        flags = (flags & ~(os.O_ACCMODE | os.O_APPEND)) | os.O_RDWR
-    return flags
-
-
-def stale(*nodes: Node | None) -> None:
-    """Drop the cached attributes of ``nodes``: they changed."""
-    for node in nodes:
-        if node is not None:
-            node.attr = None
-
-
-class Handle:
-    """An open file: the backing descriptor and where its data came from."""
-
-    __slots__ = ("node", "fd", "data_branch", "writable", "retired")
-
-    def __init__(self, node: Node, fd: int, data_branch: int, writable: bool) -> None:
-        self.node = node
-        self.fd = fd
-        self.data_branch = data_branch
-        self.writable = writable
-        # Descriptors replaced after a copy-up, closed at release: a read on another
-        # thread may still be using one, and a closed number could be reused meanwhile.
-        self.retired: tuple[int, ...] = ()
 
 
 class Union:
@@ -92,41 +55,16 @@ class Union:
             raise
         self.grafts = list(grafts.values())
         self.index = Index(self.stack, grafts)
-        self.handles: dict[int, Handle] = {}
-        self._next_fh = 1
-        self._mutation = threading.Lock()
+        self.files = OpenFiles(self.index)
         # (branch path, st_dev, st_ino) -> node, for files with more than one name
         self._links: dict[tuple[str, int, int], Node] = {}
 
     def close(self) -> None:
-        for handle in self.handles.values():
-            for fd in (handle.fd, *handle.retired):
-                os.close(fd)
-        self.handles.clear()
+        self.files.close()
         for node in list(self.index.nodes.values()):
             self.index.close_fds(node)
         for stack in (self.stack, *self.grafts):
             stack.close()
-
-    @contextlib.contextmanager
-    def _changing(self, *nodes: Node | None) -> Iterator[None]:
-        """Serialize a change, and forget the cached attributes of the nodes it touches.
-
-        The caller holds ``index.lock``; it is let go while waiting for another change
-        to finish (see the module docstring for the order of the locks).
-        """
-        lock = self.index.lock
-        if not self._mutation.acquire(blocking=False):
-            lock.release()
-            try:
-                self._mutation.acquire()
-            finally:
-                lock.acquire()
-        try:
-            yield
-        finally:
-            stale(*nodes)
-            self._mutation.release()
 
     # -- attributes ---------------------------------------------------------------------
 
@@ -159,8 +97,7 @@ class Union:
         if (known_st.st_dev, known_st.st_ino) != (st.st_dev, st.st_ino):
             self._links[key] = node
             return node
-        assert parent.listing is not None
-        parent.listing[name] = known
+        self.index.listing(parent)[name] = known
         known.aliases += ((parent, name),)
         node.unlinked = True
         self.index.maybe_free(node)
@@ -185,18 +122,16 @@ class Union:
         b = self.stack.upper if self.stack.upper is not None else 0
         return os.statvfs(syscalls.proc_fd(self.stack.branches[b].root_fd))
 
-    # -- references to entries ------------------------------------------------------------
-
-    def _ref(self, node: Node, branch: int) -> tuple[int, bytes]:
-        """(directory fd, name) that designates ``node``'s entry in ``branch``."""
-        if node.is_stack_root:
-            return node.stack.branches[branch].root_fd, b"."
-        return self.index.parent_fd(node, branch), node.name
-
     # -- creating entries ---------------------------------------------------------------
 
+    @staticmethod
+    def _check_new_name(parent: Node, name: bytes) -> None:
+        syscalls.check_name(name)
+        if parent.is_stack_root and name in markers.RESERVED_ROOT_NAMES:
+            raise OSError(errno.EPERM, "reserved name")
+
     def create_entry(self, parent: Node, name: bytes, kind: int, uid: int, gid: int,
-                           make: Callable[[int, bytes], int | None]) -> tuple[Node, int | None]:
+                     make: Callable[[int, bytes], int | None]) -> tuple[Node, int | None]:
         """Create ``parent/name`` in the upper branch with ``make(dirfd, name)``.
 
         ``kind`` is the file type (``stat.S_IFDIR`` ...). ``make`` returns an open fd
@@ -205,53 +140,38 @@ class Union:
         whited out in the upper branch is replaced atomically; a directory created
         there is opaque, so the old contents stay hidden.
         """
-        syscalls.check_name(name)
-        if parent.is_stack_root and name in markers.RESERVED_ROOT_NAMES:
-            raise OSError(errno.EPERM, "reserved name")
-        with self._changing(parent):
+        self._check_new_name(parent, name)
+        with self.index.changing(parent):
             if name in self.index.listing(parent):
                 raise OSError(errno.EEXIST, "file exists")
+            upper = parent.stack.require_upper()
             pfd = copyup.ensure_dir_on_upper(self.index, parent)
             if os.fstat(pfd).st_mode & stat.S_ISGID:
                 gid = -1
-            stack = parent.stack
-            whiteout = parent.whiteouts.get(name)
             is_dir = kind == stat.S_IFDIR
-            fd = None
-            if whiteout == "dev":
-                work, tmp = stack.work_fd, stack.temp_name()
-                fd = make(work, tmp)
+            in_lower = whiteout.hidden(parent, name)
+            fd: int | None = None
+
+            def make_owned(dirfd: int, tmp: bytes) -> None:
+                nonlocal fd
+                fd = make(dirfd, tmp)
                 try:
-                    self._chown_new(work, tmp, uid, gid)
-                    if is_dir:
-                        markers.set_opaque(work, tmp)
-                        syscalls.renameat2(work, tmp, pfd, name, syscalls.RENAME_EXCHANGE)
-                        os.unlink(tmp, dir_fd=work)
-                    else:
-                        os.rename(tmp, name, src_dir_fd=work, dst_dir_fd=pfd)
+                    self._chown_new(dirfd, tmp, uid, gid)
                 except BaseException:
-                    if fd is not None:
-                        os.close(fd)
-                    syscalls.remove_at(work, tmp)
+                    syscalls.remove_at(dirfd, tmp)
                     raise
-            else:
-                fd = make(pfd, name)
-                try:
-                    self._chown_new(pfd, name, uid, gid)
-                except BaseException:
-                    if fd is not None:
-                        os.close(fd)
-                    syscalls.remove_at(pfd, name)
-                    raise
-                if whiteout == "marker" and not is_dir:
-                    branch = stack.branches[stack.upper]
-                    markers.unionfs_unhide(branch.meta_fds, self.index.parts(parent), name)
-                    del parent.whiteouts[name]
-            if whiteout == "dev":
-                del parent.whiteouts[name]
-            node = self.index.new_node(parent, name, stack, is_dir, stack.upper)
-            node.data_branch = stack.upper
-            node.in_lower = whiteout is not None
+
+            try:
+                whiteout.build_over(upper, parent, pfd, name, make_owned, is_dir=is_dir)
+            except BaseException:
+                if fd is not None:
+                    os.close(fd)
+                raise
+            if not is_dir:
+                whiteout.unhide(self.index, parent, name)
+            node = self.index.new_node(parent, name, parent.stack, is_dir, upper.index)
+            node.data_branch = upper.index
+            node.in_lower = in_lower
             if is_dir:
                 node.listing = {}
             self.index.listing(parent)[name] = node
@@ -271,35 +191,33 @@ class Union:
         if node.stack is not parent.stack:
             raise OSError(errno.EXDEV, "cross-branch link")
         syscalls.check_name(name)
-        with self._changing(node, parent):
+        with self.index.changing(node, parent):
             if name in self.index.listing(parent):
                 raise OSError(errno.EEXIST, "file exists")
             copyup.copy_up(self.index, node, data=True)
             src_fd = self.index.parent_fd(node, node.branch)
             pfd = copyup.ensure_dir_on_upper(self.index, parent)
-            stack = parent.stack
-            if parent.whiteouts.get(name) == "dev":
-                tmp = stack.temp_name()
-                os.link(node.name, tmp, src_dir_fd=src_fd, dst_dir_fd=stack.work_fd, follow_symlinks=False)
-                os.rename(tmp, name, src_dir_fd=stack.work_fd, dst_dir_fd=pfd)
-                del parent.whiteouts[name]
-            else:
-                os.link(node.name, name, src_dir_fd=src_fd, dst_dir_fd=pfd, follow_symlinks=False)
-            parent.listing[name] = node
+
+            def make_link(dirfd: int, new: bytes) -> None:
+                os.link(node.name, new, src_dir_fd=src_fd, dst_dir_fd=dirfd, follow_symlinks=False)
+
+            whiteout.build_over(parent.stack.require_upper(), parent, pfd, name, make_link,
+                                is_dir=False)
+            self.index.listing(parent)[name] = node
             node.aliases += ((parent, name),)
             return node
 
     # -- removing entries ---------------------------------------------------------------
 
     def unlink(self, parent: Node, name: bytes) -> None:
-        with self._changing(parent):
+        with self.index.changing(parent):
             node = self.index.lookup(parent, name)
             if node.is_dir:
                 raise OSError(errno.EISDIR, "is a directory")
             self._remove(parent, name, node)
 
     def rmdir(self, parent: Node, name: bytes) -> None:
-        with self._changing(parent):
+        with self.index.changing(parent):
             node = self.index.lookup(parent, name)
             if not node.is_dir:
                 raise OSError(errno.ENOTDIR, "not a directory")
@@ -313,209 +231,40 @@ class Union:
         """Take ``parent/name`` out of the union, leaving a whiteout if a lower branch has it."""
         stack = parent.stack
         stale(node)
-        upper = copyup.require_upper(node)
+        upper = stack.require_upper()
         if not stack.cow and node.in_lower:
             raise OSError(errno.EROFS, "entry lives in a read-only branch")
+        pfd = copyup.ensure_dir_on_upper(self.index, parent)
         if node.in_lower:
-            pfd = copyup.ensure_dir_on_upper(self.index, parent)
-            if stack.whiteout_format is WhiteoutFormat.OVERLAY:
-                if node.on_upper:
-                    self._replace_with_whiteout(stack, pfd, name)
-                else:
-                    markers.make_whiteout(pfd, name)
-                parent.whiteouts[name] = "dev"
-            else:
-                if node.on_upper:
-                    self._discard(stack, pfd, name)
-                branch = stack.branches[upper]
-                markers.unionfs_hide(branch.root_fd, self.index.parts(parent), name)
-                if not branch.meta_fds:
-                    branch.refresh_meta()
-                parent.whiteouts[name] = "marker"
+            whiteout.writer(stack).hide(self.index, parent, pfd, name, replace=node.on_upper)
+        elif node.is_dir:
+            upper.discard(pfd, name)
         else:
-            pfd = self.index.dir_fd(parent, upper)
-            assert pfd is not None
-            if node.is_dir:
-                self._discard(stack, pfd, name)
-            else:
-                os.unlink(name, dir_fd=pfd)
+            os.unlink(name, dir_fd=pfd)
         del self.index.listing(parent)[name]
-        self._drop_name(node, parent, name)
-
-    @staticmethod
-    def _primary(node: Node, parent: Node, name: bytes) -> bool:
-        return node.parent is parent and node.name == name
-
-    def _drop_name(self, node: Node, parent: Node, name: bytes) -> None:
-        """Forget one name of ``node``; the node ends when its last name goes."""
-        if self._primary(node, parent, name):
-            if node.aliases:
-                node.parent, node.name = node.aliases[-1]
-                node.aliases = node.aliases[:-1]
-                return
-            node.unlinked = True
-            if node.is_dir:
-                self.index.close_fds(node)
-            self.index.maybe_free(node)
-        else:
-            node.aliases = tuple(a for a in node.aliases if a != (parent, name))
-
-    @staticmethod
-    def _replace_with_whiteout(stack: Stack, pfd: int, name: bytes) -> None:
-        work, tmp = stack.work_fd, stack.temp_name()
-        markers.make_whiteout(work, tmp)
-        syscalls.renameat2(work, tmp, pfd, name, syscalls.RENAME_EXCHANGE)
-        syscalls.remove_at(work, tmp)
-
-    @staticmethod
-    def _discard(stack: Stack, pfd: int, name: bytes) -> None:
-        """Remove an upper entry (a directory possibly holding whiteouts) in one step."""
-        tmp = stack.temp_name()
-        os.rename(name, tmp, src_dir_fd=pfd, dst_dir_fd=stack.work_fd)
-        syscalls.remove_at(stack.work_fd, tmp)
+        self.index.drop_name(node, parent, name)
 
     # -- rename ---------------------------------------------------------------------------
 
     def rename(self, parent_old: Node, name_old: bytes, parent_new: Node, name_new: bytes,
-                     flags: int) -> None:
-        syscalls.check_name(name_new)
-        if parent_new.is_stack_root and name_new in markers.RESERVED_ROOT_NAMES:
-            raise OSError(errno.EPERM, "reserved name")
-        with self._changing(parent_old, parent_new):
-            node = self.index.lookup(parent_old, name_old)
-            target = self.index.listing(parent_new).get(name_new)
-            stale(node, target)
-            exchange = bool(flags & syscalls.RENAME_EXCHANGE)
-            if node.is_stack_root or (target is not None and target.is_stack_root):
-                raise OSError(errno.EBUSY, "a grafted branch is mounted here")
-            if parent_new.stack is not node.stack:
-                raise OSError(errno.EXDEV, "cross-branch rename")
-            if flags & syscalls.RENAME_NOREPLACE and target is not None:
-                raise OSError(errno.EEXIST, "file exists")
-            if exchange and target is None:
-                raise OSError(errno.ENOENT, "no such entry")
-            if target is node:
-                return
-            if target is not None and not exchange:
-                if node.is_dir and not target.is_dir:
-                    raise OSError(errno.ENOTDIR, "not a directory")
-                if not node.is_dir and target.is_dir:
-                    raise OSError(errno.EISDIR, "is a directory")
-                if target.is_dir and self.index.listing(target):
-                    raise OSError(errno.ENOTEMPTY, "directory not empty")
-            self._copy_up_whole(node)
-            if exchange:
-                self._copy_up_whole(target)
-            old_pfd = copyup.ensure_dir_on_upper(self.index, parent_old)
-            new_pfd = copyup.ensure_dir_on_upper(self.index, parent_new)
-            if exchange:
-                syscalls.renameat2(old_pfd, name_old, new_pfd, name_new, syscalls.RENAME_EXCHANGE)
-                self._move_in_index(node, parent_old, name_old, parent_new, name_new)
-                self._move_in_index(target, parent_new, name_new, parent_old, name_old)
-                parent_old.listing[name_old] = target
-                parent_new.listing[name_new] = node
-                node.in_lower, target.in_lower = target.in_lower, node.in_lower
-                return
-            self._rename_into_place(node, parent_old, name_old, old_pfd, target, parent_new,
-                                    name_new, new_pfd)
-
-    def _rename_into_place(self, node: Node, parent_old: Node, name_old: bytes, old_pfd: int,
-                           target: Node | None, parent_new: Node, name_new: bytes, new_pfd: int) -> None:
-        stack = node.stack
-        overlay = stack.whiteout_format is WhiteoutFormat.OVERLAY
-        lower_at_new = target.in_lower if target is not None else name_new in parent_new.whiteouts
-        if target is not None and target.is_dir and target.on_upper:
-            tfd = self.index.dir_fd(target, stack.upper)
-            for leftover in os.listdir(tfd):  # only whiteouts remain in an empty-looking dir
-                syscalls.remove_at(tfd, leftover)
-        if node.is_dir and lower_at_new:
-            if overlay:
-                markers.set_opaque(old_pfd, name_old)
-            else:
-                markers.unionfs_hide(stack.branches[stack.upper].root_fd,
-                                     self.index.parts(parent_new), name_new)
-        if parent_new.whiteouts.get(name_new) == "dev" and node.is_dir:
-            os.unlink(name_new, dir_fd=new_pfd)
-        if node.in_lower and overlay:
-            try:
-                syscalls.renameat2(old_pfd, name_old, new_pfd, name_new, syscalls.RENAME_WHITEOUT)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                os.rename(name_old, name_new, src_dir_fd=old_pfd, dst_dir_fd=new_pfd)
-                markers.make_whiteout(old_pfd, name_old)
-            parent_old.whiteouts[name_old] = "dev"
-        else:
-            os.rename(name_old, name_new, src_dir_fd=old_pfd, dst_dir_fd=new_pfd)
-            if node.in_lower:
-                branch = stack.branches[stack.upper]
-                markers.unionfs_hide(branch.root_fd, self.index.parts(parent_old), name_old)
-                if not branch.meta_fds:
-                    branch.refresh_meta()
-                parent_old.whiteouts[name_old] = "marker"
-        if parent_new.whiteouts.get(name_new) == "dev":
-            del parent_new.whiteouts[name_new]
-        del parent_old.listing[name_old]
-        if target is not None:
-            self._drop_name(target, parent_new, name_new)
-        parent_new.listing[name_new] = node
-        self._move_in_index(node, parent_old, name_old, parent_new, name_new)
-        node.in_lower = lower_at_new
-
-    @staticmethod
-    def _move_in_index(node: Node, parent_old: Node, name_old: bytes, parent_new: Node,
-                       name_new: bytes) -> None:
-        if node.parent is parent_old and node.name == name_old:
-            node.parent, node.name = parent_new, name_new
-        else:
-            node.aliases = tuple((parent_new, name_new) if a == (parent_old, name_old) else a
-                                 for a in node.aliases)
-
-    def _copy_up_whole(self, node: Node) -> None:
-        """Copy ``node`` and, for a directory, everything under it into the upper branch.
-
-        A directory that merged lower branches becomes opaque: it can then move to any
-        name and still show exactly what it showed before. (Kernel overlayfs records a
-        redirect instead; copying is slower for big trees but needs no new format.)
-        """
-        if not node.is_dir:
-            copyup.copy_up(self.index, node, data=True)
-            return
-        copyup.ensure_dir_on_upper(self.index, node)
-        for child in list(self.index.listing(node).values()):
-            self._copy_up_whole(child)
-        if len(node.layers) > 1:
-            stack = node.stack
-            dfd = self.index.dir_fd(node, stack.upper)
-            for name in list(node.whiteouts):
-                if node.whiteouts[name] == "dev":
-                    os.unlink(name, dir_fd=dfd)
-            node.whiteouts = {}
-            pfd, name = self._ref(node, stack.upper)
-            markers.set_opaque(pfd, name)
-            if node.redirect is not None:
-                syscalls.removexattr_at(pfd, name, markers.REDIRECT_XATTR)
-                node.redirect = None
-            for b in node.layers[1:]:
-                fd = node.fds.pop(b, None)
-                if fd is not None:
-                    os.close(fd)
-            node.layers = [stack.upper]
-            for child in self.index.listing(node).values():
-                child.in_lower = False
+               flags: int) -> None:
+        """See ``qvdfs.union.rename``."""
+        self._check_new_name(parent_new, name_new)
+        with self.index.changing(parent_old, parent_new):
+            rename.rename(self.index, parent_old, name_old, parent_new, name_new, flags)
 
     # -- metadata -----------------------------------------------------------------------
 
     def setattr(self, node: Node, *, mode: int | None = None, uid: int | None = None,
                       gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
                       mtime_ns: int | None = None, fh: int | None = None) -> None:
-        with self._changing(node):
+        with self.index.changing(node):
             if size is not None:
-                self._truncate(node, size, fh)
+                self.files.truncate(node, size, fh)
             if mode is None and uid is None and gid is None and atime_ns is None and mtime_ns is None:
                 return
             copyup.copy_up(self.index, node, data=False)
-            dirfd, name = self._ref(node, node.branch)
+            dirfd, name = self.index.entry_ref(node, node.branch)
             if uid is not None or gid is not None:
                 os.chown(name, -1 if uid is None else uid, -1 if gid is None else gid,
                          dir_fd=dirfd, follow_symlinks=False)
@@ -527,54 +276,30 @@ class Union:
                                    st.st_mtime_ns if mtime_ns is None else mtime_ns),
                          dir_fd=dirfd, follow_symlinks=False)
 
-    def _truncate(self, node: Node, size: int, fh: int | None) -> None:
-        if node.is_dir:
-            raise OSError(errno.EISDIR, "is a directory")
-        if size == 0:
-            copyup.copy_up(self.index, node, data=False)
-        else:
-            copyup.copy_up(self.index, node, data=True)
-        handle = self.handles.get(fh) if fh is not None else None
-        if handle is not None and handle.writable:
-            os.ftruncate(handle.fd, size)
-        else:
-            dirfd = self.index.parent_fd(node, node.branch)
-            fd = os.open(node.name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
-            try:
-                os.ftruncate(fd, size)
-            finally:
-                os.close(fd)
-        if self.index.is_metacopy(node):
-            pfd = self.index.parent_fd(node, node.branch)
-            for attr in (markers.METACOPY_XATTR, markers.REDIRECT_XATTR):
-                with contextlib.suppress(OSError):
-                    syscalls.removexattr_at(pfd, node.name, attr)
-            self.index.drop_data_location(node)
-
     def getxattr(self, node: Node, attr: bytes) -> bytes:
         if attr.startswith(markers.OVERLAY_XATTR_PREFIX):
             raise OSError(errno.ENODATA, "no such attribute")
-        return syscalls.getxattr_at(*self._ref(node, node.branch), attr)
+        return syscalls.getxattr_at(*self.index.entry_ref(node, node.branch), attr)
 
     def listxattr(self, node: Node) -> list[bytes]:
-        names = (os.fsencode(n) for n in syscalls.listxattr_at(*self._ref(node, node.branch)))
+        names = (os.fsencode(n) for n in syscalls.listxattr_at(*self.index.entry_ref(node, node.branch)))
         return [n for n in names if not n.startswith(markers.OVERLAY_XATTR_PREFIX)]
 
     def setxattr(self, node: Node, attr: bytes, value: bytes, flags: int = 0) -> None:
         """Set ``attr``; ``flags`` are os.XATTR_CREATE / os.XATTR_REPLACE."""
         if attr.startswith(markers.OVERLAY_XATTR_PREFIX):
             raise OSError(errno.EPERM, "reserved attribute")
-        with self._changing(node):
+        with self.index.changing(node):
             if flags & os.XATTR_REPLACE:
                 self.getxattr(node, attr)  # ENODATA before any copy-up
             copyup.copy_up(self.index, node, data=False)
-            syscalls.setxattr_at(*self._ref(node, node.branch), attr, value, flags)
+            syscalls.setxattr_at(*self.index.entry_ref(node, node.branch), attr, value, flags)
 
     def kill_privileges(self, node: Node) -> None:
         """Drop set-user-id, set-group-id (when group-executable) and file capabilities,
         as the kernel does when an unprivileged caller writes, truncates or chowns."""
-        with self._changing(node):
-            dirfd, name = self._ref(node, node.branch)
+        with self.index.changing(node):
+            dirfd, name = self.index.entry_ref(node, node.branch)
             mode = syscalls.lstat_at(dirfd, name).st_mode
             kill = stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0)
             has_cap = True
@@ -585,7 +310,7 @@ class Union:
             if not (mode & kill or has_cap):
                 return
             copyup.copy_up(self.index, node, data=False)
-            dirfd, name = self._ref(node, node.branch)
+            dirfd, name = self.index.entry_ref(node, node.branch)
             if mode & kill:
                 syscalls.chmod_at(dirfd, name, stat.S_IMODE(mode) & ~kill)
             if has_cap:
@@ -595,58 +320,7 @@ class Union:
     def removexattr(self, node: Node, attr: bytes) -> None:
         if attr.startswith(markers.OVERLAY_XATTR_PREFIX):
             raise OSError(errno.EPERM, "reserved attribute")
-        with self._changing(node):
+        with self.index.changing(node):
             self.getxattr(node, attr)  # ENODATA before any copy-up
             copyup.copy_up(self.index, node, data=False)
-            syscalls.removexattr_at(*self._ref(node, node.branch), attr)
-
-    # -- open files -----------------------------------------------------------------------
-
-    def open(self, node: Node, flags: int, *, writeback: bool = False) -> int:
-        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
-        if writable or flags & os.O_TRUNC:
-            with self._changing(node):
-                if flags & os.O_TRUNC:
-                    self._truncate(node, 0, None)
-                else:
-                    copyup.copy_up(self.index, node, data=True)
-        return self._open_backing(node, backing_flags(flags, writeback), writable)
-
-    def adopt(self, node: Node, fd: int) -> int:
-        """Register ``fd``, opened read-write by ``create``, as a handle of ``node``."""
-        return self._register(Handle(node, fd, node.branch, True))
-
-    def _open_backing(self, node: Node, flags: int, writable: bool) -> int:
-        if writable:
-            branch, dirfd, name = node.branch, self.index.parent_fd(node, node.branch), node.name
-        else:
-            branch, dirfd, name = self.index.data_location(node)
-        fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
-        return self._register(Handle(node, fd, branch, writable))
-
-    def _register(self, handle: Handle) -> int:
-        fh = self._next_fh
-        self._next_fh += 1
-        self.handles[fh] = handle
-        handle.node.handles += (handle,)
-        return fh
-
-    def handle(self, fh: int) -> Handle:
-        handle = self.handles[fh]
-        node = handle.node
-        if not handle.writable and not node.unlinked and handle.data_branch != node.data_branch:
-            # The file was copied up since this read-only open: follow its data.
-            branch, dirfd, name = self.index.data_location(node)
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
-            handle.retired += (handle.fd,)
-            handle.fd, handle.data_branch = fd, branch
-        return handle
-
-    def release(self, fh: int) -> None:
-        handle = self.handles.pop(fh)
-        if handle.writable:
-            stale(handle.node)  # shared mmap writes may have landed without a write call
-        for fd in (handle.fd, *handle.retired):
-            os.close(fd)
-        handle.node.handles = tuple(h for h in handle.node.handles if h is not handle)
-        self.index.maybe_free(handle.node)
+            syscalls.removexattr_at(*self.index.entry_ref(node, node.branch), attr)

@@ -15,23 +15,38 @@ Notes (invariants):
 - ``node.in_lower`` is true when some branch other than the upper one has this name,
   so removing it must leave a whiteout.
 - ``node.whiteouts`` maps the names whited out in the directory's upper branch to the
-  kind of marker that does it.
+  format of the whiteout on disk there (``qvdfs.union.whiteout`` writes and replaces them).
+
+Locking: requests run on several threads, and two locks keep them apart (the rules every
+module of the union follows):
+- ``Index.lock`` guards every Node, the index and the open files. The request layer
+  (``qvdfs.handlers``) holds it while it calls into the union; it is let go only around
+  blocking I/O that touches no shared state (``Index.unlocked``), such as the data copy of
+  a large copy-up.
+- ``Index.changing`` serializes changes to the namespace, across those gaps too: a rename
+  that copies a tree up stays one change while lookups and reads go on. Its mutation lock
+  is always taken before ``lock``, never while holding it, so the two cannot deadlock.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import logging
 import os
 import stat
 import threading
 import types
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from qvdfs.config import WhiteoutFormat
 from qvdfs.union import markers, syscalls
 from qvdfs.union.branch import Stack
+
+if TYPE_CHECKING:
+    from qvdfs.union.handles import Handle
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +84,13 @@ class Node:
         # thousands of file nodes of a root small.
         self.layers: list[int] = [branch] if is_dir else _NO_LAYERS
         self.listing: dict[bytes, Node] | None = None
-        # name -> "dev" (a 0/0 device in the upper branch) or "marker" (unionfs-fuse)
-        self.whiteouts: dict[bytes, str] = {} if is_dir else _NO_WHITEOUTS
+        # name -> the format of the whiteout that hides it in the upper branch
+        self.whiteouts: dict[bytes, WhiteoutFormat] = {} if is_dir else _NO_WHITEOUTS
         self.fds: dict[int, int] = {}
         self.lookups = 0
-        # Open file handles (see core.Handle); a tuple, replaced on change, since most
+        # Open file handles (see handles.Handle); a tuple, replaced on change, since most
         # nodes never have one.
-        self.handles: tuple = ()
+        self.handles: tuple[Handle, ...] = ()
         self.unlinked = False
         self.is_stack_root = False
         # Other (parent, name) places of a hard-linked file, beside the primary one; a
@@ -98,14 +113,21 @@ class Node:
         return self.branch == self.stack.upper
 
 
+def stale(*nodes: Node | None) -> None:
+    """Drop the cached attributes of ``nodes``: they changed."""
+    for node in nodes:
+        if node is not None:
+            node.attr = None
+
 
 class Index:
-    """Owns every Node: numbering, lookup, merged listings and directory descriptors."""
+    """Owns every Node: numbering, lookup, merged listings and directory descriptors,
+    and the two locks (see the module docstring)."""
 
     def __init__(self, stack: Stack, grafts: dict[tuple[bytes, ...], Stack]) -> None:
-        # Held by whoever reads or changes a Node, the index or the open handles; requests
-        # run on several threads (see qvdfs.union.core).
+        # Held by whoever reads or changes a Node, the index or the open handles.
         self.lock = threading.Lock()
+        self._mutation = threading.Lock()
         self.copy_ups = 0  # files copied up (data or metadata), for the admin's counters
         self.nodes: dict[int, Node] = {}
         self._next_id = ROOT_ID
@@ -113,7 +135,7 @@ class Index:
         self.root = self._stack_root(None, b"", stack)
         # Called with (parent, name) when the kernel's cached entry must be dropped;
         # the FUSE layer plugs in the kernel notification.
-        self.invalidate = lambda parent, name: None
+        self.invalidate: Callable[[Node, bytes], None] = lambda parent, name: None
         # graft parent path -> {name: graft root node}
         self._grafts: dict[tuple[bytes, ...], dict[bytes, Node]] = {}
         for path, gstack in grafts.items():
@@ -134,6 +156,25 @@ class Index:
         finally:
             self.lock.acquire()
 
+    @contextlib.contextmanager
+    def changing(self, *nodes: Node | None) -> Iterator[None]:
+        """Serialize a change, and forget the cached attributes of the nodes it touches.
+
+        The caller holds ``lock``; it is let go while waiting for another change to
+        finish, since the mutation lock is always taken first.
+        """
+        if not self._mutation.acquire(blocking=False):
+            self.lock.release()
+            try:
+                self._mutation.acquire()
+            finally:
+                self.lock.acquire()
+        try:
+            yield
+        finally:
+            stale(*nodes)
+            self._mutation.release()
+
     # -- numbering --------------------------------------------------------------------
 
     def new_node(self, parent: Node | None, name: bytes, stack: Stack, is_dir: bool,
@@ -148,6 +189,29 @@ class Index:
             return self.nodes[inode]
         except KeyError:
             raise OSError(errno.ESTALE, "unknown inode") from None
+
+    def drop_name(self, node: Node, parent: Node, name: bytes) -> None:
+        """Forget one name of ``node``; the node ends when its last name goes."""
+        if node.parent is parent and node.name == name:
+            if node.aliases:
+                node.parent, node.name = node.aliases[-1]
+                node.aliases = node.aliases[:-1]
+                return
+            node.unlinked = True
+            if node.is_dir:
+                self.close_fds(node)
+            self.maybe_free(node)
+        else:
+            node.aliases = tuple(a for a in node.aliases if a != (parent, name))
+
+    def move_name(self, node: Node, parent_old: Node, name_old: bytes, parent_new: Node,
+                  name_new: bytes) -> None:
+        """Record that ``node``'s name ``parent_old/name_old`` is now ``parent_new/name_new``."""
+        if node.parent is parent_old and node.name == name_old:
+            node.parent, node.name = parent_new, name_new
+        else:
+            node.aliases = tuple((parent_new, name_new) if a == (parent_old, name_old) else a
+                                 for a in node.aliases)
 
     def forget(self, node: Node, count: int) -> None:
         node.lookups -= count
@@ -209,6 +273,12 @@ class Index:
             (old_id, old_branch), old = self._fd_lru.popitem(last=False)
             os.close(old.fds.pop(old_branch))
         return fd
+
+    def entry_ref(self, node: Node, branch: int) -> tuple[int, bytes]:
+        """(directory fd, name) that designates ``node``'s entry in ``branch``."""
+        if node.is_stack_root:
+            return node.stack.branches[branch].root_fd, b"."
+        return self.parent_fd(node, branch), node.name
 
     def parent_fd(self, node: Node, branch: int) -> int:
         """The descriptor of the directory holding ``node``'s entry in ``branch``."""
@@ -273,12 +343,12 @@ class Index:
                     elif b == entries[name].branch:
                         closed.add(name)  # recreated after a delete: opaque
                     if b == stack.upper:
-                        dir_.whiteouts.setdefault(name, "marker")
+                        dir_.whiteouts.setdefault(name, WhiteoutFormat.UNIONFS)
             if fd is not None and markers.is_opaque(fd):
                 break
         dir_.layers = layers
-        graft_path = tuple(self.parts(dir_)) if dir_.stack is self.root.stack else None
-        for name, graft in self._grafts.get(graft_path, {}).items():
+        grafts = self._grafts.get(tuple(self.parts(dir_)), {}) if stack is self.root.stack else {}
+        for name, graft in grafts.items():
             graft.parent = dir_
             entries[name] = graft
         return entries
@@ -299,7 +369,7 @@ class Index:
                 if name not in entries:
                     hidden.add(name)
                     if b == stack.upper:
-                        dir_.whiteouts[name] = "dev"
+                        dir_.whiteouts[name] = WhiteoutFormat.OVERLAY
                 continue
             node = entries.get(name)
             if node is None:
@@ -308,7 +378,7 @@ class Index:
                 entries[name] = node
                 if not is_dir:
                     closed.add(name)
-                elif b == stack.upper and self._follow_redirect(dir_, node, fd):
+                elif b == stack.upper and self._follow_redirect(dir_, node, fd, b):
                     closed.add(name)
                 continue
             if b != stack.upper:
@@ -318,8 +388,9 @@ class Index:
             else:
                 closed.add(name)
 
-    def _follow_redirect(self, dir_: Node, node: Node, fd: int) -> bool:
-        """Merge an upper directory with the lower path its redirect names, if it has one."""
+    def _follow_redirect(self, dir_: Node, node: Node, fd: int, upper: int) -> bool:
+        """Merge an upper directory (in branch ``upper``) with the lower path its redirect
+        names, if it has one."""
         target = markers.redirect(fd, node.name)
         if target is None:
             return False
@@ -328,7 +399,7 @@ class Index:
         else:
             base = dir_.redirect if dir_.redirect is not None else self.parts(dir_)
             node.redirect = [*base, target]
-        for b in range(node.stack.upper + 1, len(node.stack.branches)):
+        for b in range(upper + 1, len(node.stack.branches)):
             fd_b = self.dir_fd(node, b)
             if fd_b is not None:
                 node.layers.append(b)
@@ -359,7 +430,8 @@ class Index:
 
     def _resolve_data(self, node: Node) -> None:
         node.data_branch = node.branch
-        if not node.on_upper:
+        upper = node.stack.upper
+        if upper is None or node.branch != upper:  # (a file: never a stack root)
             return
         pfd = self.parent_fd(node, node.branch)
         if not markers.has_metacopy(pfd, node.name):
@@ -371,7 +443,7 @@ class Index:
         else:
             base = node.parent.redirect if node.parent.redirect is not None else self.parts(node.parent)
             parts = [*base, target if target is not None else node.name]
-        for b in range(node.stack.upper + 1, len(node.stack.branches)):
+        for b in range(upper + 1, len(node.stack.branches)):
             fd = markers.walk(node.stack.branches[b].root_fd, parts[:-1])
             if fd is None:
                 continue

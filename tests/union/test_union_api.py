@@ -7,9 +7,11 @@ Fast and exact: each test checks what a request answers and what it leaves in th
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -48,11 +50,20 @@ def make_fs(d: dict[str, Path], *options: str) -> UnionFilesystem:
     return fs
 
 
+@contextlib.contextmanager
+def mounted(d: dict[str, Path], *options: str) -> Iterator[UnionFilesystem]:
+    """A union over ``d``'s branches for the length of a ``with``, as a mount would be."""
+    fs = make_fs(d, *options)
+    try:
+        yield fs
+    finally:
+        fs.destroy()
+
+
 @pytest.fixture
-def fs(branches: dict[str, Path]):  # type: ignore[no-untyped-def]
-    fs = make_fs(branches)
-    yield fs
-    fs.destroy()
+def fs(branches: dict[str, Path]) -> Iterator[UnionFilesystem]:
+    with mounted(branches) as fs:
+        yield fs
 
 
 def lookup(fs: UnionFilesystem, path: str) -> Entry:
@@ -83,6 +94,13 @@ def errno_of(call) -> int:  # type: ignore[no-untyped-def]
 def is_whiteout(path: Path) -> bool:
     st = os.lstat(path)
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == WHITEOUT_DEV
+
+
+def hidden_on_disk(branches: dict[str, Path], fmt: str, path: str) -> bool:
+    """True if the upper branch holds a whiteout of ``path`` in the format ``fmt``."""
+    if fmt == "overlay":
+        return is_whiteout(branches["upper"] / path)
+    return (branches["upper"] / ".unionfs-fuse" / (path + "_HIDDEN~")).exists()
 
 
 def test_merged_listing_and_lookup(fs: UnionFilesystem, branches: dict[str, Path]) -> None:
@@ -225,18 +243,12 @@ def test_whiteouts_cannot_be_forged(fs: UnionFilesystem) -> None:
 
 
 def test_unionfs_whiteout_format(branches: dict[str, Path]) -> None:
-    fs = make_fs(branches, "-o", "whiteout=unionfs")
-    try:
+    with mounted(branches, "-o", "whiteout=unionfs") as fs:
         fs.unlink(ROOT_ID, b"file", ROOT)
         assert (branches["upper"] / ".unionfs-fuse" / "file_HIDDEN~").exists()
         assert b"file" not in names(fs)
-    finally:
-        fs.destroy()
-    fs = make_fs(branches)  # read back by a new mount
-    try:
+    with mounted(branches) as fs:  # read back by a new mount
         assert b"file" not in names(fs)
-    finally:
-        fs.destroy()
 
 
 def test_a_mount_ending_leaves_the_next_mounts_work_folder(branches: dict[str, Path]) -> None:
@@ -258,9 +270,72 @@ def test_crash_leftovers_in_the_work_folder_are_removed(branches: dict[str, Path
     (work / "1234-dead").mkdir(parents=True)
     (work / "1234-dead" / "tmp-half").write_text("half a copy")
     (work / "tmp-old").write_text("left by an older qvdfs")
-    fs = make_fs(branches)
-    try:
+    with mounted(branches):
         assert len(os.listdir(work)) == 1
         assert not (work / "1234-dead").exists() and not (work / "tmp-old").exists()
+
+
+@pytest.mark.parametrize("fmt", ["overlay", "unionfs"])
+def test_remove_rename_and_create_in_either_whiteout_format(branches: dict[str, Path],
+                                                            fmt: str) -> None:
+    with mounted(branches, "-o", f"whiteout={fmt}") as fs:
+        fs.unlink(ROOT_ID, b"file", ROOT)
+        assert hidden_on_disk(branches, fmt, "file")
+        entry, opened = fs.create(ROOT_ID, b"file", 0o644, os.O_WRONLY, ROOT)
+        fs.write(entry.node_id, opened.fh, 0, memoryview(b"new"), False)
+        fs.release(entry.node_id, opened.fh)
+        assert not hidden_on_disk(branches, fmt, "file")  # a file needs no whiteout
+        fs.rename(ROOT_ID, b"dir", ROOT_ID, b"moved", 0, ROOT)
+        assert hidden_on_disk(branches, fmt, "dir")
+        fs.mkdir(ROOT_ID, b"dir", 0o755, ROOT)
+        assert names(fs, "dir") == []
+        if fmt == "overlay":
+            assert os.getxattr(branches["upper"] / "dir", markers.OPAQUE_XATTR) == b"y"
+        else:
+            assert hidden_on_disk(branches, fmt, "dir")  # the marker keeps it opaque
+        fs.rmdir(ROOT_ID, b"empty", ROOT)
+        assert hidden_on_disk(branches, fmt, "empty")
+    with mounted(branches) as fs:  # a new mount reads the same union back
+        assert names(fs) == [b"dir", b"file", b"link", b"moved"]
+        assert names(fs, "dir") == []
+        assert names(fs, "moved") == [b"inner", b"sub"]
+        node = lookup(fs, "file").node_id
+        opened = fs.open(node, os.O_RDONLY, ROOT)
+        assert fs.read(node, opened.fh, 0, 100) == b"new"
+        fs.release(node, opened.fh)
+
+
+@pytest.mark.parametrize("fmt", ["overlay", "unionfs"])
+def test_entries_renamed_and_linked_onto_a_whited_out_name(branches: dict[str, Path],
+                                                           fmt: str) -> None:
+    with mounted(branches, "-o", f"whiteout={fmt}") as fs:
+        fs.rmdir(ROOT_ID, b"empty", ROOT)
+        fs.mkdir(ROOT_ID, b"fresh", 0o755, ROOT)
+        fs.mknod(lookup(fs, "fresh").node_id, b"x", stat.S_IFIFO | 0o644, 0, ROOT)
+        fs.rename(ROOT_ID, b"fresh", ROOT_ID, b"empty", 0, ROOT)  # a directory onto it
+        assert names(fs, "empty") == [b"x"]
+        assert (branches["upper"] / "empty").is_dir()
+        fs.unlink(ROOT_ID, b"file", ROOT)
+        fs.link(lookup(fs, "link").node_id, ROOT_ID, b"file", ROOT)  # a link onto it
+        assert stat.S_ISLNK(os.lstat(branches["upper"] / "file").st_mode)
+        fs.unlink(ROOT_ID, b"file", ROOT)
+        assert b"file" not in names(fs)  # the base file stays hidden
+    with mounted(branches) as fs:
+        assert names(fs) == [b"dir", b"empty", b"link"]
+        assert names(fs, "empty") == [b"x"]
+
+
+def test_a_read_only_union_answers_erofs(branches: dict[str, Path]) -> None:
+    config = cmdline.parse_args([f"{branches['upper']}=RO:{branches['base']}=RO",
+                                 str(branches["mnt"])])
+    fs = UnionFilesystem(config)
+    try:
+        node = lookup(fs, "file").node_id
+        assert errno_of(lambda: fs.unlink(ROOT_ID, b"file", ROOT)) == errno.EROFS
+        assert errno_of(lambda: fs.mkdir(ROOT_ID, b"new", 0o755, ROOT)) == errno.EROFS
+        assert errno_of(lambda: fs.rename(ROOT_ID, b"file", ROOT_ID, b"f2", 0, ROOT)) == \
+            errno.EROFS
+        assert errno_of(lambda: fs.open(node, os.O_WRONLY, ROOT)) == errno.EROFS
+        assert not (branches["upper"] / ".qvdfs.work").exists()
     finally:
         fs.destroy()
