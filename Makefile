@@ -7,8 +7,13 @@ setup:
 demo: setup
 	.venv/bin/python -m qvdctl.demo
 
+# The type checker, the whole suite on the native FUSE session, then the union's tests again
+# on the portable pyfuse3 backend.
 test: setup
+	.venv/bin/python -m mypy
 	.venv/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	QVDFS_TEST_BACKEND=pyfuse3 .venv/bin/python -m pytest -q -p no:cacheprovider \
+		tests/test_union.py tests/test_differential.py tests/union
 
 bench: setup
 	.venv/bin/python -m benchmarks.run $(BENCH_ARGS)

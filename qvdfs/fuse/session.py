@@ -444,6 +444,10 @@ class Session:
                 if trace:
                     log.debug("FUSE %s node %d (request %d, pid %d)", _op_name(opcode),
                               nodeid, unique, pid)
+                # Counted before the reply goes out, so a reader of the counters who has
+                # seen the reply also sees the request.
+                if opcode < 64:
+                    counts[opcode] += 1
                 try:
                     table[opcode if opcode < 64 else 0](self, mv, n, unique, nodeid, uid,
                                                         gid, pid)
@@ -455,7 +459,6 @@ class Session:
                     log.exception("FUSE %s (node %d) failed", _op_name(opcode), nodeid)
                     self._error(unique, errno.EIO)
                 if opcode < 64:
-                    counts[opcode] += 1
                     nanos[opcode] += clock() - start
         except _Stop:
             pass
