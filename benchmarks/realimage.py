@@ -67,24 +67,22 @@ CONTAINER_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 @dataclasses.dataclass(frozen=True)
 class ExtraOptions(targets.Target):
-    """A ``targets`` target with ``extra`` words put before its last two arguments.
-
-    For qvdfs that is after the node's options, before ``BRANCHES MNT``; for fuse-overlayfs
-    before ``-o lowerdir=... MNT``.
-    """
+    """A ``targets`` target with ``extra`` words inserted into its command at index ``at``."""
 
     extra: tuple[str, ...] = ()
+    at: int = 1
 
     def mount_command(self, lower: Path, upper: Path, work: Path, mnt: Path) -> list[str]:
         command = super().mount_command(lower, upper, work, mnt)
-        return command[:-2] + list(self.extra) + command[-2:]
+        return command[:self.at] + list(self.extra) + command[self.at:]
 
 
 def choose_targets(names: list[str]) -> list[targets.Target]:
     extra_qvdfs = tuple(os.environ.get("QVDFS_EXTRA_OPTIONS", "").split())
     by_name: dict[str, targets.Target] = {
         "kernel-overlay": targets.KERNEL,
-        "qvdfs": ExtraOptions(**_fields(targets.QVDFS_TARGET), extra=extra_qvdfs),
+        # After the node's options, before ``UPPER=RW:LOWER=RO MNT``.
+        "qvdfs": ExtraOptions(**_fields(targets.QVDFS_TARGET), extra=extra_qvdfs, at=-2),
         "unionfs-fuse": targets.UNIONFS,
         "fuse-overlayfs": ExtraOptions(**_fields(targets.FUSE_OVERLAYFS),
                                        extra=("-o", "allow_other,suid,dev")),
@@ -432,7 +430,7 @@ def markdown(results: dict) -> str:
         for metric in METRICS:
             value = entry["median"].get(metric)
             ratio = entry["ratio"].get(metric)
-            cells.append("failed" if value is None else
+            cells.append("n/a" if value is None else
                          f"{value:.3f}" + ("" if ratio is None else f" ({ratio:.2f}x)"))
         states = entry["states"]
         state = ", ".join(f"{s} {states.count(s)}/{len(states)}" for s in sorted(set(states)))
