@@ -1,4 +1,6 @@
-"""``python -m benchmarks.realimage``: a Debian image booted in LXC on each union (``make bench-image``).
+"""``python -m benchmarks.realimage``: a Debian image booted in LXC on each union.
+
+``make bench-image`` runs it.
 
 For every repetition, every target (kernel overlayfs, qvdfs, unionfs-fuse, fuse-overlayfs) in
 rotating order: mount it fresh over the cached image (``debian_image``) with an empty upper
