@@ -1,5 +1,5 @@
 # Every target installs what it needs first (scripts/setup.sh is idempotent).
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench bench-image clean
 
 setup:
 	bash scripts/setup.sh
@@ -17,6 +17,21 @@ test: setup
 
 bench: setup
 	.venv/bin/python -m benchmarks.run $(BENCH_ARGS)
+
+# The real-image row (benchmarks/realimage.py): needs mmdebstrap to build its cached Debian image.
+IMAGE_APT_PACKAGES := mmdebstrap
+
+bench-image: setup
+	@missing=; for pkg in $(IMAGE_APT_PACKAGES); do \
+	    dpkg-query -W -f='$${Status}' $$pkg 2>/dev/null | grep -q "install ok installed" \
+	        || missing="$$missing $$pkg"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	    echo "bench-image: installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	        apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+	.venv/bin/python -m benchmarks.realimage $(BENCH_ARGS)
 
 clean:
 	rm -rf .venv build *.egg-info
