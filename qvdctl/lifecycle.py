@@ -446,16 +446,17 @@ def _root_problem(rootfs: Path) -> str | None:
     """Why the mounted root at ``rootfs`` does not serve, or None if it does."""
     if not mounting.is_mounted(rootfs):
         return "its root is not mounted"
-    # Opening the folder is a real request to the union daemon (a stat could be
-    # answered from the kernel's cache). In a thread: a hung daemon would block us.
+    # statfs always reaches the union daemon: a stat, and with a cached listing even
+    # opening and reading the folder, are answered by the kernel for a while after the
+    # daemon died. In a thread: a hung daemon would block us.
     answer: list[str | None] = []
 
     def probe() -> None:
         try:
-            with os.scandir(rootfs):
-                answer.append(None)
+            os.statvfs(rootfs)
+            answer.append(None)
         except OSError as exc:
-            if exc.errno == errno.ENOTCONN:
+            if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED):
                 answer.append("its union daemon died (transport endpoint not connected)")
             else:
                 answer.append(f"its root does not answer: {os.strerror(exc.errno or 0)}")
