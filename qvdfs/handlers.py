@@ -96,11 +96,13 @@ class UnionFilesystem:
     def _attrs(self, node: Node, st: os.stat_result | None = None) -> Attr:
         """The node's attributes, from the cache while still true.
 
-        Every change goes through this daemon, which drops a node's cached attributes when
-        it changes it, so a warm ``ls -l`` costs no system call.
+        Every change of metadata goes through this daemon, which drops a node's cached
+        attributes when it changes it, so a warm ``ls -l`` costs no system call. Data need
+        not: while a file is open for writing, passthrough writes and shared mappings change
+        its size and times behind our back, so such a file is always asked.
         """
         attr = node.attr
-        if isinstance(attr, Attr) and not node.unlinked:
+        if isinstance(attr, Attr) and not node.unlinked and not node.has_writer():
             return attr
         if st is None:
             st = self.union.getattr(node)
@@ -231,7 +233,12 @@ class UnionFilesystem:
         file's data goes through this daemon and the kernel."""
         if self.config.direct_io:
             return Opened(fh, FOPEN_DIRECT_IO)
-        return Opened(fh, FOPEN_KEEP_CACHE, self.union.files.get(fh).fd)
+        handle = self.union.files.get(fh)
+        if handle.writable and self.union.has_privileges(handle.node):
+            # A passed-through write never reaches us, and with HANDLE_KILLPRIV_V2 the
+            # kernel leaves dropping set-id bits and capabilities to us: serve it ourselves.
+            return Opened(fh, FOPEN_KEEP_CACHE)
+        return Opened(fh, FOPEN_KEEP_CACHE, handle.fd)
 
     def open(self, node_id: int, flags: int, ctx: Context) -> Opened:
         with self.lock:

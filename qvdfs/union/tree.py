@@ -106,6 +106,10 @@ class Node:
     def __repr__(self) -> str:
         return f"<Node {self.id} {self.name!r} b{self.branch}{'/' if self.is_dir else ''}>"
 
+    def has_writer(self) -> bool:
+        """Whether a handle open for writing may be changing the file's data right now."""
+        return any(handle.writable for handle in self.handles)
+
     @property
     def on_upper(self) -> bool:
         if self.is_stack_root:
