@@ -376,12 +376,6 @@ def _serve(backend: Backend, fs: Any, config: MountConfig, ready_fd: int | None)
         serving.stopped_by_us = True
     if stats_server is not None:
         stats_server.close()
-    destroy = getattr(fs, "destroy", None)
-    if destroy is not None:
-        try:
-            destroy()
-        except Exception:  # noqa: BLE001 - the mount must still go
-            log.exception("error while closing the filesystem")
     # When the kernel ended a session that was serving (umount, fusermount3 -u), the mount is
     # already gone. Otherwise we take it down: a stop, an error, or a session that ended
     # before it ever answered must not leave a dead mount.

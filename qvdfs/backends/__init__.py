@@ -22,7 +22,8 @@ class Backend(Protocol):
         """Mount; raise MountError with a line for the admin if it cannot be done."""
 
     def serve(self) -> None:
-        """Answer requests until the session ends (umount, or ``stop``)."""
+        """Answer requests until the session ends (umount, or ``stop``), then call the
+        filesystem's ``destroy`` exactly once, also when serving failed."""
 
     def wait_initialized(self, timeout: float) -> bool:
         """Wait until the kernel's INIT is answered; False if ``timeout`` passed first."""

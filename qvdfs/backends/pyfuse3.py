@@ -278,6 +278,7 @@ class Pyfuse3Backend:
     def __init__(self, fs: Filesystem, config: MountConfig) -> None:
         self.fs = fs
         self.config = config
+        self.fs = fs
         self.ops = Pyfuse3Operations(fs, config)
         self._token: trio.lowlevel.TrioToken | None = None
         self._stop_requested = False
@@ -302,7 +303,14 @@ class Pyfuse3Backend:
             raise MountError(f"cannot mount on {self.config.mountpoint}: {exc}") from None
 
     def serve(self) -> None:
-        trio.run(self._main)
+        try:
+            trio.run(self._main)
+        finally:
+            # pyfuse3 has no hook for the kernel's DESTROY; the native session calls it itself.
+            try:
+                self.fs.destroy()
+            except Exception:  # noqa: BLE001 - the mount must still go
+                log.exception("filesystem destroy failed")
 
     async def _main(self) -> None:
         self._token = trio.lowlevel.current_trio_token()

@@ -339,14 +339,20 @@ class Session:
     # ---- public -----------------------------------------------------------------------
 
     def serve(self) -> None:
-        """Answer requests until the kernel ends the connection (umount, abort, DESTROY)."""
+        """Answer requests until the kernel ends the connection (umount, abort, DESTROY);
+        the filesystem's ``destroy`` has run once when this returns, whatever happened."""
+        try:
+            self._serve()
+        finally:
+            self._destroy()
+
+    def _serve(self) -> None:
         counts, nanos = self._new_stats()
         buf = bytearray(abi.MIN_READ_BUFFER * 2)
         try:
             while not self._handle_init(buf, counts, nanos):
                 pass
         except _Stop:
-            self._destroy()
             return
         notifier = threading.Thread(target=self._notifier, name="fuse-notify", daemon=True)
         notifier.start()
@@ -361,7 +367,6 @@ class Session:
                 w.join()
             self._notify_q.put(None)
             notifier.join()
-            self._destroy()
 
     def invalidate_entry(self, parent: int, name: bytes) -> None:
         """Make the kernel forget ``name`` in ``parent`` (and its negative entry)."""
@@ -758,10 +763,19 @@ class Session:
 
     def _do_open(self, mv: memoryview, n: int, unique: int, nodeid: int, uid: int,
                  gid: int, pid: int) -> None:
-        flags = abi.OPEN_IN.unpack_from(mv, _HDR)[0]
+        flags, open_flags = abi.OPEN_IN.unpack_from(mv, _HDR)[:2]
+        ctx = Context(uid, gid, pid)
         # The kernel does O_DIRECT's part itself; a descriptor the filesystem opened with
         # it would refuse Python's unaligned buffers (EINVAL).
-        opened = self.fs.open(nodeid, flags & ~os.O_DIRECT, Context(uid, gid, pid))
+        opened = self.fs.open(nodeid, flags & ~os.O_DIRECT, ctx)
+        if open_flags & abi.OPEN_KILL_SUIDGID and flags & os.O_TRUNC:
+            # An unprivileged caller truncated the file (HANDLE_KILLPRIV_V2): set-id bits
+            # and file capabilities go, as the kernel would drop them itself.
+            try:
+                self.fs.setattr(nodeid, opened.fh, SetattrChanges(kill_suidgid=True), ctx)
+            except BaseException:
+                self.fs.release(nodeid, opened.fh)
+                raise
         out = self._open_reply(nodeid, opened)
         if out is None:
             self._refuse_open(unique, nodeid, opened.fh)
