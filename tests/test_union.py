@@ -422,3 +422,44 @@ def test_umask_default_acl_and_acl_enforcement(open_union: Union) -> None:
     subprocess.run(["setfacl", "-m", "u:1000:r", str(secret)], check=True)
     reader = _as_user(1000, 1000, "cat", str(secret))
     assert reader.returncode == 0 and reader.stdout == "s"
+
+
+_CAP = bytes.fromhex("0100000200200000000000000000000000000000")  # cap_net_bind_service=ep
+
+# Shell lines an unprivileged user runs on the file at $0: a write that keeps the size, an
+# open with O_TRUNC, and truncate(2).
+_UNPRIVILEGED_CHANGES = {
+    "write": 'printf "#" 1<> "$0"',
+    "truncating open": ': > "$0"',
+    "truncate": 'truncate -s 3 "$0"',
+}
+
+
+@pytest.mark.parametrize("how", list(_UNPRIVILEGED_CHANGES))
+def test_an_unprivileged_change_drops_setid_bits_and_capabilities(
+        open_union: Union, how: str) -> None:
+    """As the kernel does on a local filesystem (qvdfs handles it: HANDLE_KILLPRIV_V2)."""
+    union = open_union
+    target = union.base / "usr/bin/setid"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(b"#!/bin/sh\n")
+    os.chmod(target, 0o6777)
+    os.setxattr(target, "security.capability", _CAP)
+    path = union.mnt / "usr/bin/setid"
+    changed = _as_user(1000, 1000, "sh", "-c", _UNPRIVILEGED_CHANGES[how], str(path))
+    assert changed.returncode == 0, changed.stderr
+    upper = union.upper / "usr/bin/setid"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o777
+    assert stat.S_IMODE(os.stat(upper).st_mode) == 0o777
+    assert "security.capability" not in os.listxattr(upper)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o6777  # the base is never touched
+
+
+def test_root_keeps_setid_bits_when_it_writes(union: Union) -> None:
+    target = union.base / "usr/bin/setid"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(b"#!/bin/sh\n")
+    os.chmod(target, 0o4755)
+    with open(union.mnt / "usr/bin/setid", "r+b") as f:
+        f.write(b"#")
+    assert stat.S_IMODE(os.stat(union.mnt / "usr/bin/setid").st_mode) == 0o4755

@@ -295,23 +295,32 @@ class Union:
             copyup.copy_up(self.index, node, data=False)
             syscalls.setxattr_at(*self.index.entry_ref(node, node.branch), attr, value, flags)
 
+    def has_privileges(self, node: Node) -> bool:
+        """Whether an unprivileged write to the file ``node`` must drop something."""
+        _mode, kill, has_cap = self._privileges(node)
+        return bool(kill) or has_cap
+
+    def _privileges(self, node: Node) -> tuple[int, int, bool]:
+        """(mode, the set-id bits a write drops from it, whether a file capability is set)."""
+        dirfd, name = self.index.entry_ref(node, node.branch)
+        mode = syscalls.lstat_at(dirfd, name).st_mode
+        kill = mode & (stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0))
+        try:
+            self.getxattr(node, CAPABILITY_XATTR)
+        except OSError:
+            return mode, kill, False
+        return mode, kill, True
+
     def kill_privileges(self, node: Node) -> None:
         """Drop set-user-id, set-group-id (when group-executable) and file capabilities,
         as the kernel does when an unprivileged caller writes, truncates or chowns."""
         with self.index.changing(node):
-            dirfd, name = self.index.entry_ref(node, node.branch)
-            mode = syscalls.lstat_at(dirfd, name).st_mode
-            kill = stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0)
-            has_cap = True
-            try:
-                self.getxattr(node, CAPABILITY_XATTR)
-            except OSError:
-                has_cap = False
-            if not (mode & kill or has_cap):
+            mode, kill, has_cap = self._privileges(node)
+            if not (kill or has_cap):
                 return
             copyup.copy_up(self.index, node, data=False)
             dirfd, name = self.index.entry_ref(node, node.branch)
-            if mode & kill:
+            if kill:
                 syscalls.chmod_at(dirfd, name, stat.S_IMODE(mode) & ~kill)
             if has_cap:
                 with contextlib.suppress(OSError):
