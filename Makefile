@@ -5,7 +5,7 @@ setup:
 	bash scripts/setup.sh
 
 demo: setup
-	.venv/bin/python -m qvdctl.demo
+	.venv/bin/python -m tools.demo
 
 # The type checker, the whole suite on the native FUSE session, then the union's tests again
 # on the portable pyfuse3 backend.

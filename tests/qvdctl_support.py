@@ -13,10 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from qvdctl.imagebuild import build_busybox_rootfs, build_image_tarball
 from qvdctl.mounting import mounts_under
-from qvdctl.network.sandbox import netns_argv
 from tests.mounts import force_unmount
+from tools.imagebuild import build_busybox_rootfs, build_image_tarball
+from tools.sandbox import netns_argv
 
 QVDCTL = str(Path(sys.executable).parent / "qvdctl")
 STOCK_UNIONFS = "/usr/bin/unionfs"
@@ -26,7 +26,7 @@ class Cli:
     """``qvdctl --root ROOT ...`` as a subprocess, as an admin would type it.
 
     With ``netns``, every command runs inside that network namespace (see
-    ``qvdctl/network/sandbox.py``), as the demo does: the tests' bridges, veths
+    ``tools/sandbox.py``), as the demo does: the tests' bridges, veths
     and containers never meet the host's network.
     """
 

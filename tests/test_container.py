@@ -34,8 +34,8 @@ from qvdctl.container import (
 )
 from qvdctl.container import config as config_mod
 from qvdctl.container.config import remove_config
-from qvdctl.imagebuild import build_busybox_rootfs
 from tests.mounts import NODE_OPTIONS, force_unmount, is_mounted, qvdfs_mount
+from tools.imagebuild import build_busybox_rootfs
 
 # Stock unionfs-fuse cannot raise its open-file limit to 32000 here (no CAP_SYS_RESOURCE
 # and a hard limit of 20000), so the comparison mounts leave max_files out.

@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from qvdctl.network.sandbox import netns
+from pyroute2 import netns
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,10 +34,10 @@ def _host_state() -> dict[str, set[str]]:
 
 @pytest.fixture(scope="module")
 def demo_run() -> tuple[subprocess.CompletedProcess[str], dict, dict]:
-    """One run of ``python -m qvdctl.demo``, with the host's state before and after."""
+    """One run of ``python -m tools.demo``, with the host's state before and after."""
     before = _host_state()
     done = subprocess.run(
-        [sys.executable, "-m", "qvdctl.demo"], cwd=REPO, capture_output=True, text=True,
+        [sys.executable, "-m", "tools.demo"], cwd=REPO, capture_output=True, text=True,
         timeout=580,
     )  # fmt: skip
     return done, before, _host_state()
@@ -71,7 +70,7 @@ def test_demo_runs_the_workflow(demo_run) -> None:
 
 def test_demo_refuses_bad_arguments() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "qvdctl.demo", "--vms", "1"], cwd=REPO, capture_output=True,
+        [sys.executable, "-m", "tools.demo", "--vms", "1"], cwd=REPO, capture_output=True,
         text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode == 1

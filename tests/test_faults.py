@@ -397,7 +397,7 @@ class Node:
     """A throwaway node: storage root (shared mount), its own netns, two VMs of one image."""
 
     def __init__(self, root: Path, ns: str) -> None:
-        from qvdctl.network.sandbox import netns_argv
+        from tools.sandbox import netns_argv
         self.root, self.ns, self._argv = root, ns, netns_argv
 
     def argv(self, *args: str) -> list[str]:
@@ -455,8 +455,8 @@ class Node:
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
-    from qvdctl.imagebuild import build_busybox_rootfs, build_image_tarball
-    from qvdctl.network.sandbox import netns_argv, scratch_netns, shared_mount
+    from tools.imagebuild import build_busybox_rootfs, build_image_tarball
+    from tools.sandbox import netns_argv, scratch_netns, shared_mount
 
     tmp = tmp_path_factory.mktemp("node")
     root = tmp / "storage"
@@ -583,7 +583,7 @@ def cli(tmp_path: Path) -> Iterator:
 
 
 def _big_image(tmp_path: Path) -> Path:
-    from qvdctl.imagebuild import build_busybox_rootfs, build_image_tarball
+    from tools.imagebuild import build_busybox_rootfs, build_image_tarball
     root = build_busybox_rootfs(tmp_path / "image-root")
     _big_file(root / "payload", 300)
     return build_image_tarball(tmp_path / "big.tar", root, compression="")

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from qvdctl.imagebuild import build_busybox_rootfs
 from qvdctl.network import gateway_cidr, mac_for_ip, prefix_length, veth_name
-from qvdctl.network.sandbox import netns_argv, scratch_netns
 from tests.mounts import NODE_OPTIONS, force_unmount, qvdfs_mount
+from tools.imagebuild import build_busybox_rootfs
+from tools.sandbox import netns_argv, scratch_netns
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -365,7 +365,7 @@ def test_seam_for_the_lifecycle(netns: str, two_roots: list[Path], tmp_path: Pat
 def test_mounts_made_in_the_namespace_reach_the_host(netns: str, tmp_path: Path) -> None:
     """The sandbox's point: a mount made by a command in the namespace is the host's too,
     and a later command there sees it; the namespace's /sys shows its own links."""
-    from qvdctl.network.sandbox import shared_mount
+    from tools.sandbox import shared_mount
 
     root = tmp_path / "storage"
     (root / "src").mkdir(parents=True)

@@ -23,9 +23,9 @@ import pytest
 from pyroute2 import IPRoute
 
 from qvdctl.mounting import QVDFS, mounts_under
-from qvdctl.network.sandbox import netns_argv, scratch_netns, shared_mount
 from tests.mounts import force_unmount
 from tests.qvdctl_support import Cli, busybox_tarball, make_rootfs, stock_unionfs_wrapper
+from tools.sandbox import netns_argv, scratch_netns, shared_mount
 
 NET = "10.219.5"  # only ever configured inside each test's own namespace
 BRIDGE = "qvdtbr0"

@@ -310,9 +310,9 @@ def _links(ns: str) -> list[str]:
 
 @pytest.mark.timeout(600)
 def test_ten_vms_started_and_stopped_repeatedly_leak_nothing(tmp_path: Path) -> None:
-    from qvdctl.demo import Demo
-    from qvdctl.imagebuild import build_busybox_rootfs, build_image_tarball
-    from qvdctl.network.sandbox import netns_argv, scratch_netns, shared_mount
+    from tools.demo import Demo
+    from tools.imagebuild import build_busybox_rootfs, build_image_tarball
+    from tools.sandbox import netns_argv, scratch_netns, shared_mount
 
     root = tmp_path / "storage"
     (root / "staging").mkdir(parents=True)

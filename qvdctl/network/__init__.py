@@ -1,7 +1,7 @@
 """Host networking of the VMs: the shared bridge, each VM's veth, MAC and addresses.
 
-``sandbox`` is not part of the lifecycle: it gives tests and the demo a private
-network namespace to run the whole controller in.
+The private namespace the tests and the demo run the controller in is not part of
+a node: it lives in ``tools/sandbox.py``.
 """
 
 from __future__ import annotations

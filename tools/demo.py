@@ -1,6 +1,6 @@
 """``make demo``: the SPEC §5 workflow end to end, on LXC containers and qvdfs.
 
-    .venv/bin/python -m qvdctl.demo [--vms N]
+    .venv/bin/python -m tools.demo [--vms N]
 
 Builds a busybox image tarball, then drives the real ``qvdctl`` CLI as an admin
 would: settings, OSF, disk image, users, N VMs (2 by default), ``vm start``,
@@ -10,7 +10,7 @@ to the gateway, ``vm stop``.
 
 It leaves the host as it found it: the storage root is a temporary folder and
 every qvdctl command runs inside a network namespace made for the demo (see
-``qvdctl/network/sandbox.py``), holding the bridge and the VMs' veths. The
+``tools/sandbox.py``), holding the bridge and the VMs' veths. The
 containers live in an lxcpath inside the temporary root (setting ``vm.lxc.lxcpath``),
 so they never meet a node's own ``qvd-<id>``; while the demo runs an admin can watch
 them from its namespace: ``ip netns exec <ns> lxc-ls -P <root>/lxc -f`` (both printed).
@@ -35,8 +35,8 @@ from pathlib import Path
 from pyroute2 import netns
 from rich.console import Console
 
-from qvdctl.imagebuild import build_busybox_rootfs, build_image_tarball
-from qvdctl.network.sandbox import netns_argv, scratch_netns, shared_mount
+from tools.imagebuild import build_busybox_rootfs, build_image_tarball
+from tools.sandbox import netns_argv, scratch_netns, shared_mount
 
 QVDCTL = str(Path(sys.executable).parent / "qvdctl")
 IMAGE = "busybox-demo.tar.gz"
@@ -243,7 +243,7 @@ def _scratch_dir() -> Iterator[Path]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m qvdctl.demo", description="The SPEC §5 workflow on LXC and qvdfs."
+        prog="python -m tools.demo", description="The SPEC §5 workflow on LXC and qvdfs."
     )
     parser.add_argument("--vms", type=int, default=2, help="how many VMs to start (2..50)")
     args = parser.parse_args(argv)
