@@ -50,7 +50,7 @@ from typing import NoReturn, TypeVar
 
 from qvdctl import locks, mounting
 from qvdctl.container import seam
-from qvdctl.container.vm import LaunchError
+from qvdctl.container.launch import LaunchError
 from qvdctl.db import store
 from qvdctl.errors import QvdError
 from qvdctl.images.extract import ensure_extracted, find_root

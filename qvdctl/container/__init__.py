@@ -2,7 +2,8 @@
 
 - ``config``: ``ContainerSpec`` and the config file under the lxcpath (SPEC §4);
 - ``runtime``: start, stop, state, exec and console of one container (liblxc);
-- ``vm``: ``launch`` / ``halt``, the all-or-nothing steps the lifecycle calls.
+- ``launch``: ``launch`` / ``halt``, the all-or-nothing steps a VM's start and stop call;
+- ``seam``: the blocking calls ``qvdctl/vm/`` makes, in the node's own terms.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from qvdctl.container.runtime import (
     list_states,
     state,
 )
-from qvdctl.container.vm import LaunchError, halt, launch
+from qvdctl.container.launch import LaunchError, halt, launch
 
 __all__ = [
     "DEFAULT_LXCPATH",

@@ -25,7 +25,7 @@ import trio
 
 from qvdctl.container import runtime
 from qvdctl.container.config import DEFAULT_LXCPATH, ContainerSpec, container_name
-from qvdctl.container.vm import halt, launch
+from qvdctl.container.launch import halt, launch
 from qvdctl.network.addresses import veth_name
 
 log = logging.getLogger(__name__)
