@@ -15,12 +15,13 @@ import os
 import shutil
 import sys
 
-from qvdctl import addressing, lifecycle
+from qvdctl import lifecycle
 from qvdctl.commands.base import Request
 from qvdctl.commands.di import check_tag
 from qvdctl.commands.osf import check_name
 from qvdctl.db import store
 from qvdctl.errors import QvdError
+from qvdctl.network import addresses
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +45,9 @@ def add(req: Request) -> None:
         osf = store.osf_by_name(conn, args["osf"])
         used = store.used_ips(conn)
         if "ip" in args:
-            ip = addressing.check_requested(settings, args["ip"], used)
+            ip = addresses.check_requested(settings, args["ip"], used)
         else:
-            ip = addressing.next_free(settings, used)
+            ip = addresses.next_free(settings, used)
         vm_id = store.add_vm(conn, name, user["id"], osf["id"], di_tag, ip)
     req.out.message(f"VM added with id {vm_id}", id=vm_id, ip=ip)
 
