@@ -8,11 +8,11 @@ another test's. Tests that need no network run in the host's namespace with
 from __future__ import annotations
 
 import os
-import pty
 import random
 import re
-import select
+import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +34,8 @@ from qvdctl.container import (
 )
 from qvdctl.container import config as config_mod
 from qvdctl.container.config import remove_config
+from qvdctl.container.runtime import prune_cgroups
+from tests import consoles
 from tests.mounts import NODE_OPTIONS, force_unmount, is_mounted, qvdfs_mount
 from tools.imagebuild import build_busybox_rootfs
 
@@ -488,27 +490,60 @@ def _talk_to_console(name: str, lxcpath: Path) -> str:
     """Drive ``lxc-console`` through a pty as an admin would: a command, then Ctrl+a q."""
     from qvdctl.container import console_argv
 
-    primary, secondary = pty.openpty()
-    proc = subprocess.Popen(
-        console_argv(name, lxcpath), stdin=secondary, stdout=secondary, stderr=secondary,
-        start_new_session=True,
-    )  # fmt: skip
-    os.close(secondary)
-    seen = b""
-    try:
-        time.sleep(0.5)
-        os.write(primary, b"\recho console-says-$((6*7))\r")
-        deadline = time.monotonic() + 15
-        while b"console-says-42" not in seen and time.monotonic() < deadline:
-            ready, _, _ = select.select([primary], [], [], 0.5)
-            if ready:
-                seen += os.read(primary, 4096)
-        os.write(primary, b"\x01q")  # Ctrl+a q: leave the console
-        assert proc.wait(timeout=10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        os.close(primary)
+    seen = consoles.talk(
+        console_argv(name, lxcpath), b"echo console-says-$((6*7))", marker=b"console-says-42"
+    )
     return seen.decode(errors="replace")
 
+
+# --- cgroup pruning ------------------------------------------------------------------
+
+
+def test_prune_cgroups_takes_what_is_empty_and_spares_the_rest(tmp_path: Path) -> None:
+    """A plain tree stands in for /sys/fs/cgroup: rmdir refuses a folder with files
+    as cgroupfs refuses a group with tasks."""
+    top = tmp_path / "cpuset"
+    (top / "lxc.monitor.qvd-7" / "a" / "b").mkdir(parents=True)
+    (top / "lxc.payload.qvd-7-2" / "c").mkdir(parents=True)
+    busy = top / "lxc.payload.qvd-7" / "busy"
+    busy.mkdir(parents=True)
+    (busy / "tasks").write_text("1\n")
+    (top / "lxc.payload.qvd-77").mkdir()  # another container's
+    left = prune_cgroups("qvd-7", wait=0, root=tmp_path)
+    assert left == [top / "lxc.payload.qvd-7"]
+    assert sorted(p.name for p in top.iterdir()) == ["lxc.payload.qvd-7", "lxc.payload.qvd-77"]
+
+
+@pytest.mark.timeout(60)
+def test_prune_cgroups_tolerates_groups_vanishing_under_it(tmp_path: Path) -> None:
+    """liblxc's exiting monitor removes its own groups while we prune them (once seen
+    as ENOENT on lxc.monitor.qvd-1, which made a clean stop a zombie)."""
+    top = tmp_path / "cpuset"
+    top.mkdir()
+    stop = threading.Event()
+
+    def churn() -> None:
+        # Deep, wide trees created and torn down as fast as possible, as the monitor does.
+        while not stop.is_set():
+            group = top / "lxc.monitor.qvd-1"
+            for i in range(20):
+                try:
+                    (group / f"s{i}" / "x" / "y").mkdir(parents=True, exist_ok=True)
+                except FileNotFoundError:
+                    pass  # the pruning took a parent first
+            shutil.rmtree(group, ignore_errors=True)
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 3
+        rounds = 0
+        while time.monotonic() < deadline:
+            prune_cgroups("qvd-1", wait=0, root=tmp_path)  # must never raise
+            rounds += 1
+    finally:
+        stop.set()
+        thread.join()
+    assert rounds > 10
+    shutil.rmtree(top / "lxc.monitor.qvd-1", ignore_errors=True)
+    assert prune_cgroups("qvd-1", wait=0, root=tmp_path) == []

@@ -323,23 +323,28 @@ def console(name: str, lxcpath: Path = DEFAULT_LXCPATH, tty: int = 1) -> int:
     return subprocess.run(console_argv(name, lxcpath, tty)).returncode
 
 
-def prune_cgroups(name: str, wait: float = 3.0) -> list[Path]:
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def prune_cgroups(name: str, wait: float = 3.0, root: Path = CGROUP_ROOT) -> list[Path]:
     """Remove empty cgroups liblxc left for ``name`` (a failed start leaves its monitor's).
 
     Only empty directories go (``rmdir`` refuses the rest), so a running container's
     cgroups are never touched. The monitor of a failed start exits a moment after the
     start call returns, so this retries for up to ``wait`` seconds. Returns what is left.
+
+    That monitor removes its own groups as it exits, so any group may vanish while
+    this walks it: a group already gone counts as pruned, never as an error.
     """
     deadline = time.monotonic() + wait
     while True:
-        left = _prune_once(name)
+        left = _prune_once(name, root)
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.1)
 
 
-def _prune_once(name: str) -> list[Path]:
-    root = Path("/sys/fs/cgroup")
+def _prune_once(name: str, root: Path) -> list[Path]:
     patterns = (f"lxc.payload.{name}", f"lxc.monitor.{name}")
     tops = [root, *(p for p in root.iterdir() if p.is_dir())] if root.is_dir() else []
     left = []
@@ -350,10 +355,10 @@ def _prune_once(name: str) -> list[Path]:
                 if rest and not re.fullmatch(r"-[0-9]+", rest):
                     continue  # qvd-1 must not prune qvd-12's groups
                 # Children first: a cgroup folder cannot go while it has sub-groups.
-                for sub in sorted(entry.rglob("*"), key=lambda p: -len(p.parts)):
-                    if sub.is_dir():
-                        _rmdir_quiet(sub)
-                _rmdir_quiet(entry)
+                # os.walk, not Path.rglob: rglob raises when a folder vanishes between
+                # being listed and being read; os.walk skips it.
+                for folder, _, _ in os.walk(entry, topdown=False):
+                    _rmdir_quiet(Path(folder))
                 if entry.exists():
                     left.append(entry)
     return left
@@ -363,4 +368,4 @@ def _rmdir_quiet(path: Path) -> None:
     try:
         os.rmdir(path)
     except OSError:
-        pass
+        pass  # busy (a live group), or already gone
