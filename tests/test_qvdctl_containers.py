@@ -224,6 +224,42 @@ def test_console_through_the_cli(node: Node) -> None:
 
 
 @pytest.mark.timeout(120)
+def test_exec_forwards_standard_input_and_the_exit_status(node: Node, tmp_path: Path) -> None:
+    node.cli.run("vm", "start", "-f", "name=v")
+    try:
+        data = os.urandom(3 * 1024 * 1024)  # binary, NULs included, larger than a pipe
+        source = tmp_path / "f"
+        source.write_bytes(data)
+        with open(source, "rb") as f:  # the issue's own example: copy a file in
+            done = subprocess.run(
+                node.cli.argv("vm", "exec", "-f", "name=v", "--", "sh", "-c", "cat > /root/f"),
+                stdin=f, capture_output=True, timeout=60,
+            )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert (_paths(node)["overlay"] / "root" / "f").read_bytes() == data
+        # Input in, the same bytes out, and the command's status is qvdctl's.
+        done = subprocess.run(
+            node.cli.argv("vm", "exec", "-f", "name=v", "--", "sh", "-c", "cat; exit 3"),
+            input=b"line one\nline two\n", capture_output=True, timeout=60,
+        )  # fmt: skip
+        assert (done.returncode, done.stdout) == (3, b"line one\nline two\n"), done.stderr
+        # With no input at all the command sees end of file at once, not a hang.
+        done = subprocess.run(
+            node.cli.argv("vm", "exec", "-f", "name=v", "--", "wc", "-c"),
+            stdin=subprocess.DEVNULL, capture_output=True, timeout=60,
+        )  # fmt: skip
+        assert (done.returncode, done.stdout.strip()) == (0, b"0")
+        # The command's stderr stays its stderr.
+        done = subprocess.run(
+            node.cli.argv("vm", "exec", "-f", "name=v", "--", "sh", "-c", "echo oops >&2"),
+            stdin=subprocess.DEVNULL, capture_output=True, timeout=60,
+        )  # fmt: skip
+        assert (done.returncode, done.stdout, done.stderr) == (0, b"", b"oops\n")
+    finally:
+        node.cli.run("vm", "stop", "-f", "name=v")
+
+
+@pytest.mark.timeout(120)
 def test_exec_and_console_refuse_a_stopped_vm(node: Node) -> None:
     assert node.cli.fails("vm", "exec", "-f", "name=v", "--", "true") == (
         "Error: VM 'v' is stopped, not running"

@@ -162,7 +162,12 @@ def console(req: Request) -> None:
 
 
 def exec_(req: Request) -> None:
-    """``vm exec -f ... -- COMMAND [ARG ...]``: run a command in the VM, exit with its status."""
+    """``vm exec -f ... -- COMMAND [ARG ...]``: run a command in the VM, exit with its status.
+
+    qvdctl becomes lxc-attach (as ``console`` becomes lxc-console): the command gets
+    qvdctl's standard input, output and error as they are, so ``< file`` feeds it,
+    output streams as it comes, and its exit status is qvdctl's.
+    """
     argv, req.after_dashes = req.after_dashes, []
     if not argv:
         raise QvdError("vm exec needs a command after '--'")
@@ -170,15 +175,16 @@ def exec_(req: Request) -> None:
     from qvdctl.container import seam  # here: trio and liblxc load only when needed
 
     try:
-        result = seam.exec_in_vm(vm.id, argv, settings=req.node.settings())
+        attach = seam.exec_command(vm.id, argv, settings=req.node.settings())
     except Exception as exc:
         raise QvdError(f"vm exec in '{vm.name}': {exc}") from exc
-    sys.stdout.buffer.write(result.stdout)
-    sys.stdout.flush()
-    sys.stderr.buffer.write(result.stderr)
+    program = shutil.which(attach[0])
+    if program is None:
+        raise QvdError(f"{attach[0]} is not installed")
+    req.node.close()
+    sys.stdout.flush()  # nothing qvdctl wrote may come after the command's own output
     sys.stderr.flush()
-    if result.returncode:
-        raise SystemExit(result.returncode)
+    os.execv(program, [program, *attach[1:]])
 
 
 COMMANDS = {

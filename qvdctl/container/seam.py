@@ -7,6 +7,7 @@ lifecycle needs no knowledge of LXC:
     start_vm_container(vm_id=, vm_name=, ip=, rootfs=, home=, memory_mb=, settings=)
     stop_vm_container(vm_id=, settings=)
     exec_in_vm(vm_id, argv, settings=)          -> ExecResult
+    exec_command(vm_id, argv, settings=)         -> the lxc-attach argv to exec
     vm_container_states(settings=)               -> {vm_id: "RUNNING" | "STOPPED" | ...}
     console_command(vm_id, settings=)            -> the lxc-console argv to exec
 
@@ -112,6 +113,24 @@ def exec_in_vm(
         ContainerError: the container is not running, or the command timed out.
     """
     return trio.run(runtime.exec_in, container_name(vm_id), argv, lxcpath_from(settings), timeout)
+
+
+def exec_command(vm_id: int, argv: Sequence[str], *, settings: Mapping[str, str]) -> list[str]:
+    """The ``lxc-attach`` command line running ``argv`` in VM ``vm_id``, for the CLI to exec.
+
+    Run with the caller's own standard streams, the command reads the caller's input
+    and writes straight to its output, and lxc-attach exits with the command's status.
+
+    Raises:
+        ContainerError: empty command, or the container is not running.
+    """
+    name = container_name(vm_id)
+    if not argv:
+        raise runtime.ContainerError(f"no command given to run in container {name}")
+    lxcpath = lxcpath_from(settings)
+    if trio.run(runtime.state, name, lxcpath) != "RUNNING":
+        raise runtime.ContainerError(f"container {name} is not running")
+    return runtime.attach_argv(name, argv, lxcpath)
 
 
 def vm_container_states(*, settings: Mapping[str, str]) -> dict[int, str]:
