@@ -12,6 +12,7 @@ Where things are:
 - ``storage.py``: the folder layout and names; ``images/``: importing tarballs
   (``importer.py``) and extracting them once, safely (``extract.py``).
 - ``mounting.py``: mounting a VM root with qvdfs, unionfs-fuse or overlayfs;
-  ``lifecycle.py``: a VM's start and stop, and the seam to ``container/``.
+  ``vm/``: a VM's states and their one transition table (``state.py``), its start,
+  stop and health check, several at once (``parallel.py``).
 - ``container/`` and ``network/``: LXC containers and their network.
 """

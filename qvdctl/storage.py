@@ -81,7 +81,7 @@ class Storage:
         return self.rootfs / f"{user_id}-{vm_id}-fs"
 
     def vm_lock(self, vm_id: int) -> Path:
-        """The lock file that serialises starts and stops of one VM (see lifecycle.py)."""
+        """The lock file that serialises starts and stops of one VM (see vm/state.py)."""
         return self.rootfs / f".{vm_id}.lock"
 
 

@@ -1,11 +1,11 @@
 """``qvdctl vm add/list/del/start/stop/console/exec``.
 
-Starting and stopping are in ``qvdctl/lifecycle.py``; this module parses,
+Starting and stopping are in ``qvdctl/vm/``; this module parses,
 selects the VMs and prints. ``vm start`` / ``vm stop`` work on the matched VMs
 concurrently (``vm.lifecycle.parallel`` at a time); each success prints its line
 on stdout, each failure one ``Error:`` line on stderr, and any failure makes the
 exit status 1. ``vm list`` first reconciles the database with what really runs
-(``lifecycle.reconcile``).
+(``qvdctl/vm/health.py``).
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ import os
 import shutil
 import sys
 
-from qvdctl import lifecycle
 from qvdctl.commands.base import Request
 from qvdctl.commands.di import check_tag
 from qvdctl.commands.osf import check_name
 from qvdctl.db import store
 from qvdctl.errors import QvdError
 from qvdctl.network import addresses
+from qvdctl.vm import Vm, load_vm, reconcile, run_each, start_vm, stop_vm
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def _rows(conn) -> list[dict]:
 
 def list_(req: Request) -> None:
     req.args()
-    lifecycle.reconcile(req.node)
+    reconcile(req.node)
     with req.node.db.reader() as conn:
         rows = req.select(_rows(conn), KEYS, need=False)
     req.out.table(COLUMNS, [[r[k] for k in KEYS] for r in rows])
@@ -94,11 +94,11 @@ def del_(req: Request) -> None:
         req.out.message(f"VM {row['name']} deleted", id=row["id"])
 
 
-def _selected(req: Request) -> list[lifecycle.Vm]:
+def _selected(req: Request) -> list[Vm]:
     req.args()
     with req.node.db.reader() as conn:
         rows = req.select(_rows(conn), KEYS, need=True)
-    return [lifecycle.load_vm(req.node, row["id"]) for row in rows]
+    return [load_vm(req.node, row["id"]) for row in rows]
 
 
 def _parallel(req: Request) -> int:
@@ -118,9 +118,7 @@ def _report_failures(results: list) -> None:
 
 def start(req: Request) -> None:
     vms = _selected(req)
-    results = lifecycle.run_each(
-        lambda vm: lifecycle.start_vm(req.node, vm), vms, _parallel(req)
-    )
+    results = run_each(lambda vm: start_vm(req.node, vm), vms, _parallel(req))
     for vm, mounted, _ in results:
         if mounted is not None:
             how = " (root mounted only)" if mounted.settings["vm.start.mount_only"] == "1" else ""
@@ -130,16 +128,14 @@ def start(req: Request) -> None:
 
 def stop(req: Request) -> None:
     vms = _selected(req)
-    results = lifecycle.run_each(
-        lambda vm: lifecycle.stop_vm(req.node, vm), vms, _parallel(req)
-    )
+    results = run_each(lambda vm: stop_vm(req.node, vm), vms, _parallel(req))
     for vm, _, error in results:
         if error is None:
             req.out.message(f"VM {vm.name} stopped", id=vm.id)
     _report_failures(results)
 
 
-def _one_running(req: Request, what: str) -> lifecycle.Vm:
+def _one_running(req: Request, what: str) -> Vm:
     vms = _selected(req)
     if len(vms) != 1:
         raise QvdError(f"the filter matches {len(vms)} VMs; {what} needs exactly one")

@@ -1,7 +1,7 @@
 """A VM's container from config to running and back, with its network, all or nothing.
 
-These two calls are what the lifecycle needs (``qvdctl/lifecycle.py``'s
-``start_container`` / ``stop_container``); mounting the root stays the caller's job.
+These two calls are what a VM's start and stop need (``qvdctl/vm/``, through
+``seam.py``); mounting the root stays the caller's job.
 
 ``launch`` either returns with the container running, or raises having undone its
 own steps: no container left running or defined, no veth left. ``halt`` is

@@ -1,4 +1,4 @@
-"""Blocking entry points for ``qvdctl/lifecycle.py``, in the node's own terms.
+"""Blocking entry points for a VM's start and stop (``qvdctl/vm/``), in the node's own terms.
 
 The admin CLI is synchronous; each call here runs one short trio loop around the
 async container layer. Inputs are plain values and the node's settings, so the
