@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import os
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
@@ -220,8 +221,18 @@ class Pyfuse3Operations(pyfuse3.Operations):
 
     @_errors
     async def open(self, inode: InodeT, flags: int, ctx: RequestContext) -> pyfuse3.FileInfo:
-        opened = self.fs.open(inode, flags, _context(ctx))
+        context = _context(ctx)
+        opened = self.fs.open(inode, flags, context)
         self._file_inodes[opened.fh] = inode
+        if flags & os.O_TRUNC and ctx.uid != 0:
+            # pyfuse3 does not pass the kernel's FUSE_OPEN_KILL_SUIDGID; a caller other than
+            # root is the closest stand-in for "without CAP_FSETID".
+            try:
+                self.fs.setattr(inode, opened.fh, SetattrChanges(kill_suidgid=True), context)
+            except BaseException:
+                del self._file_inodes[opened.fh]
+                self.fs.release(inode, opened.fh)
+                raise
         return self._file_info(opened)
 
     @_errors
