@@ -46,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
@@ -74,8 +75,9 @@ class ExtraOptions(targets.Target):
     extra: tuple[str, ...] = ()
     at: int = 1
 
-    def mount_command(self, lower: Path, upper: Path, work: Path, mnt: Path) -> list[str]:
-        command = super().mount_command(lower, upper, work, mnt)
+    def mount_command(self, lower: Path, upper: Path, work: Path, mnt: Path,
+                      extra: Sequence[str] = ()) -> list[str]:
+        command = super().mount_command(lower, upper, work, mnt, extra)
         return command[:self.at] + list(self.extra) + command[self.at:]
 
 
