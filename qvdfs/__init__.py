@@ -1,14 +1,20 @@
 """qvdfs: a union filesystem for QVD desktops, a drop-in for unionfs-fuse.
 
-Layout of the package:
+Layout of the package, top down:
 
-- ``cmdline``: the unionfs-fuse command line, parsed into a ``MountConfig``.
+- ``cmdline``: the unionfs-fuse command line, parsed into a ``MountConfig`` (``config``).
 - ``daemon``: the ``qvdfs`` entry point: checks, mount, daemonize, serve, unmount.
-- ``operations``: the pyfuse3 Operations class, a thin adapter over ``union``.
-- ``union/``: the union itself, free of pyfuse3: the branch stack and safe
-  directory-relative syscalls (``branch``, ``syscalls``), the in-memory index of
-  merged directories (``tree``), whiteout and opaque markers (``markers``),
-  copy-up (``copyup``) and the namespace operations (``namespace``).
+- ``handlers``: what each FUSE request means, written once against the union core.
+- ``backends/``: how requests reach ``handlers``: ``native`` (the default, our own FUSE
+  session) or ``pyfuse3`` (the portable one).
+- ``fuse/``: the kernel's FUSE protocol itself: its structs (``abi``), mount(2)
+  (``mount``), the request loop with INIT negotiation and passthrough (``session``),
+  and the interface a filesystem offers it (``filesystem``).
+- ``union/``: the union, free of FUSE: safe directory-relative syscalls (``syscalls``),
+  branches and stacks (``branch``), the in-memory index (``tree``), on-disk markers
+  (``markers``) and writing whiteouts (``whiteout``), copy-up (``copyup``), open files
+  (``handles``), rename (``rename``) and the other operations (``core``).
+- ``stats``: the counters ``qvdfs stats MOUNTPOINT`` reads while mounted.
 """
 
 __version__ = "0.1.0"
