@@ -240,9 +240,16 @@ class UnionFilesystem:
             return Opened(fh, FOPEN_KEEP_CACHE)
         return Opened(fh, FOPEN_KEEP_CACHE, handle.fd)
 
-    def open(self, node_id: int, flags: int, ctx: Context) -> Opened:
+    def open(self, node_id: int, flags: int, ctx: Context, kill_suidgid: bool = False) -> Opened:
         with self.lock:
-            fh = self.union.files.open(self._node(node_id), flags)
+            node = self._node(node_id)
+            fh = self.union.files.open(node, flags)
+            if kill_suidgid:
+                try:
+                    self.union.kill_privileges(node)
+                except BaseException:
+                    self.union.files.release(fh)  # the kernel gets an error, not a handle
+                    raise
             return self._opened(fh)
 
     def create(self, parent: int, name: bytes, mode: int, flags: int,

@@ -221,18 +221,11 @@ class Pyfuse3Operations(pyfuse3.Operations):
 
     @_errors
     async def open(self, inode: InodeT, flags: int, ctx: RequestContext) -> pyfuse3.FileInfo:
-        context = _context(ctx)
-        opened = self.fs.open(inode, flags, context)
+        # pyfuse3 does not pass the kernel's FUSE_OPEN_KILL_SUIDGID; a caller other than
+        # root is the closest stand-in for "truncating without CAP_FSETID".
+        kill_suidgid = bool(flags & os.O_TRUNC) and ctx.uid != 0
+        opened = self.fs.open(inode, flags, _context(ctx), kill_suidgid)
         self._file_inodes[opened.fh] = inode
-        if flags & os.O_TRUNC and ctx.uid != 0:
-            # pyfuse3 does not pass the kernel's FUSE_OPEN_KILL_SUIDGID; a caller other than
-            # root is the closest stand-in for "without CAP_FSETID".
-            try:
-                self.fs.setattr(inode, opened.fh, SetattrChanges(kill_suidgid=True), context)
-            except BaseException:
-                del self._file_inodes[opened.fh]
-                self.fs.release(inode, opened.fh)
-                raise
         return self._file_info(opened)
 
     @_errors
@@ -289,7 +282,6 @@ class Pyfuse3Backend:
     def __init__(self, fs: Filesystem, config: MountConfig) -> None:
         self.fs = fs
         self.config = config
-        self.fs = fs
         self.ops = Pyfuse3Operations(fs, config)
         self._token: trio.lowlevel.TrioToken | None = None
         self._stop_requested = False

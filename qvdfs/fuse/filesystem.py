@@ -156,8 +156,10 @@ class Filesystem(Protocol):
                ctx: Context) -> None:
         """``flags``: RENAME_NOREPLACE, RENAME_EXCHANGE (RENAME2)."""
 
-    def open(self, node_id: int, flags: int, ctx: Context) -> Opened:
-        """``flags`` are the caller's open(2) flags; O_TRUNC may be among them."""
+    def open(self, node_id: int, flags: int, ctx: Context, kill_suidgid: bool = False) -> Opened:
+        """``flags`` are the caller's open(2) flags; O_TRUNC may be among them. With
+        ``kill_suidgid`` (an unprivileged caller truncates), set-id bits and file
+        capabilities go, as with ``write``'s."""
 
     def create(self, parent: int, name: bytes, mode: int, flags: int,
                ctx: Context) -> tuple[Entry, Opened]: ...

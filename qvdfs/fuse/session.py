@@ -764,18 +764,12 @@ class Session:
     def _do_open(self, mv: memoryview, n: int, unique: int, nodeid: int, uid: int,
                  gid: int, pid: int) -> None:
         flags, open_flags = abi.OPEN_IN.unpack_from(mv, _HDR)[:2]
-        ctx = Context(uid, gid, pid)
         # The kernel does O_DIRECT's part itself; a descriptor the filesystem opened with
         # it would refuse Python's unaligned buffers (EINVAL).
-        opened = self.fs.open(nodeid, flags & ~os.O_DIRECT, ctx)
-        if open_flags & abi.OPEN_KILL_SUIDGID and flags & os.O_TRUNC:
-            # An unprivileged caller truncated the file (HANDLE_KILLPRIV_V2): set-id bits
-            # and file capabilities go, as the kernel would drop them itself.
-            try:
-                self.fs.setattr(nodeid, opened.fh, SetattrChanges(kill_suidgid=True), ctx)
-            except BaseException:
-                self.fs.release(nodeid, opened.fh)
-                raise
+        # KILL_SUIDGID: an unprivileged caller truncates (HANDLE_KILLPRIV_V2 leaves the
+        # set-id bits and capabilities to us).
+        opened = self.fs.open(nodeid, flags & ~os.O_DIRECT, Context(uid, gid, pid),
+                              bool(open_flags & abi.OPEN_KILL_SUIDGID))
         out = self._open_reply(nodeid, opened)
         if out is None:
             self._refuse_open(unique, nodeid, opened.fh)

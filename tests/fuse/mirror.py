@@ -185,7 +185,7 @@ class MirrorFS:
         use_backing = self.backing and node_id not in self.no_backing
         return Opened(fd, 0, fd if use_backing else None)
 
-    def open(self, node_id: int, flags: int, ctx: Context) -> Opened:
+    def open(self, node_id: int, flags: int, ctx: Context, kill_suidgid: bool = False) -> Opened:
         self._enter("open")
         self.last_open_flags = flags
         path = self.redirect.get(node_id) or self.path(node_id)
