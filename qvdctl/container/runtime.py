@@ -273,6 +273,19 @@ def attach_argv(name: str, argv: Sequence[str], lxcpath: Path = DEFAULT_LXCPATH)
     ]  # fmt: skip
 
 
+def attach_command(name: str, argv: Sequence[str], lxcpath: Path = DEFAULT_LXCPATH) -> list[str]:
+    """``attach_argv`` for a command that can run now.
+
+    Raises:
+        ContainerError: empty command, or the container is not running.
+    """
+    if not argv:
+        raise ContainerError(f"no command given to run in container {name}")
+    if _state_blocking(name, lxcpath) != "RUNNING":
+        raise ContainerError(f"container {name} is not running")
+    return attach_argv(name, argv, lxcpath)
+
+
 async def exec_in(
     name: str,
     argv: Sequence[str],
@@ -287,14 +300,11 @@ async def exec_in(
     Raises:
         ContainerError: empty command, the container is not running, or it timed out.
     """
-    if not argv:
-        raise ContainerError(f"no command given to run in container {name}")
-    if await state(name, lxcpath) != "RUNNING":
-        raise ContainerError(f"container {name} is not running")
+    command = await _in_thread(attach_command, name, argv, lxcpath)
     try:
         with trio.fail_after(timeout):
             done = await trio.run_process(
-                attach_argv(name, argv, lxcpath),
+                command,
                 stdin=stdin,
                 capture_stdout=True,
                 capture_stderr=True,

@@ -124,13 +124,7 @@ def exec_command(vm_id: int, argv: Sequence[str], *, settings: Mapping[str, str]
     Raises:
         ContainerError: empty command, or the container is not running.
     """
-    name = container_name(vm_id)
-    if not argv:
-        raise runtime.ContainerError(f"no command given to run in container {name}")
-    lxcpath = lxcpath_from(settings)
-    if trio.run(runtime.state, name, lxcpath) != "RUNNING":
-        raise runtime.ContainerError(f"container {name} is not running")
-    return runtime.attach_argv(name, argv, lxcpath)
+    return runtime.attach_command(container_name(vm_id), argv, lxcpath_from(settings))
 
 
 def vm_container_states(*, settings: Mapping[str, str]) -> dict[int, str]:
