@@ -52,6 +52,7 @@ from types import FrameType
 
 from benchmarks import DEFAULT_CACHE, debian_image, targets
 from benchmarks.workloads import drop_caches
+from qvdproc import processes
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 DEFAULT_REPS = 3
@@ -165,7 +166,7 @@ class Container:
             while not socket.exists():
                 if time.monotonic() > deadline:
                     raise SampleError(f"no /run/systemd/private after {BOOT_TIMEOUT:g} s")
-                if not _alive(self.init_pid):
+                if not processes.alive(self.init_pid):
                     raise SampleError("the container's init exited during boot")
                 time.sleep(POLL)
             left = max(deadline - time.monotonic(), 1.0)
@@ -206,21 +207,13 @@ class Container:
         try:
             if self.init_pid is not None and self.state() != "STOPPED":
                 self._tool("lxc-stop", "-k")
-                if self.state() != "STOPPED" and _alive(self.init_pid):
+                if self.state() != "STOPPED" and processes.alive(self.init_pid):
                     # Last resort: the container's init, which our lxc-start started.
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(self.init_pid, signal.SIGKILL)
                     time.sleep(1)
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _last(done: subprocess.CompletedProcess[str]) -> str:

@@ -26,6 +26,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from qvdproc import mountinfo, processes
+
 log = logging.getLogger(__name__)
 
 QVDFS = str(Path(sys.executable).parent / "qvdfs")
@@ -75,12 +77,8 @@ class Mounted:
         From /proc/<pid>/stat utime + stime, in clock ticks (10 ms here): measure enough
         requests that a tick does not matter.
         """
-        if self.daemon_pid is None:
-            return None
-        with open(f"/proc/{self.daemon_pid}/stat") as f:
-            # Fields after the ")" that ends the command name: utime and stime are 12 and 13.
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        ticks = None if self.daemon_pid is None else processes.cpu_ticks(self.daemon_pid)
+        return None if ticks is None else ticks / os.sysconf("SC_CLK_TCK")
 
     def daemon_read_calls(self) -> int | None:
         """How many read(2) calls the daemon (all threads) has made: /proc/<pid>/io syscr.
@@ -123,13 +121,8 @@ class Mounted:
 
     def daemon_rss_mib(self) -> float | None:
         """Resident memory of the FUSE daemon now, from /proc/<pid>/status VmRSS."""
-        if self.daemon_pid is None:
-            return None
-        with open(f"/proc/{self.daemon_pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-        return None
+        rss = None if self.daemon_pid is None else processes.status(self.daemon_pid).get("VmRSS")
+        return None if rss is None else int(rss.split()[0]) / 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,14 +183,6 @@ BY_NAME = {t.name: t for t in ALL}
 BASELINE = UNIONFS.name
 
 
-def is_mounted(path: str | os.PathLike[str]) -> bool:
-    """Whether something is mounted exactly at ``path`` (read from mountinfo, never stat)."""
-    target = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        # Field 5 is the mountpoint, with spaces escaped; our scratch paths have none.
-        return any(line.split()[4] == target for line in f)
-
-
 def probe(target: Target, lower: Path, scratch: Path) -> str | None:
     """Mount ``target`` once over ``lower`` and take it down; the error, or None if it works.
 
@@ -251,7 +236,7 @@ def mount(target: Target, lower: Path, scratch: Path,
                              f"{detail[-1] if detail else 'no output'}")
         # A daemon may return before the kernel lists the mount; mount time ends when it does.
         deadline = start + MOUNT_TIMEOUT
-        while not is_mounted(mnt):
+        while not mountinfo.is_mounted(mnt):
             if time.perf_counter() > deadline:
                 raise MountError(f"{target.name} exited 0 but {mnt} is not mounted")
             time.sleep(0.001)
@@ -274,36 +259,12 @@ def daemon_pid(mnt: Path) -> int | None:
     If several processes match (a launcher still waiting for its daemonized child), the one
     holding /dev/fuse open is the daemon.
     """
-    wanted = {os.fsencode(str(mnt)), os.fsencode(os.path.realpath(mnt))}
-    matches = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if wanted & set(argv):
-            matches.append(int(entry))
+    matches = [p.pid for word in {str(mnt), os.path.realpath(mnt)}
+               for p in processes.with_argument(word) if p.pid != os.getpid()]
     for pid in matches:
-        if _holds_fuse_device(pid):
+        if "/dev/fuse" in processes.open_files(pid):
             return pid
     return matches[0] if matches else None
-
-
-def _holds_fuse_device(pid: int) -> bool:
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return False
-    for fd in fds:
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/fuse":
-                return True
-        except OSError:
-            continue
-    return False
 
 
 def unmount(mnt: Path) -> float:
@@ -312,17 +273,17 @@ def unmount(mnt: Path) -> float:
     Falls back to a lazy unmount if the mount stays busy, so a run never leaves one behind.
     Returns the seconds from ``umount`` until the daemon had exited (or was killed).
     """
-    pid = daemon_pid(mnt) if is_mounted(mnt) else None
+    pid = daemon_pid(mnt) if mountinfo.is_mounted(mnt) else None
     start = time.perf_counter()
     for command in (["umount", str(mnt)], ["umount", str(mnt)], ["umount", "-l", str(mnt)]):
-        if not is_mounted(mnt):
+        if not mountinfo.is_mounted(mnt):
             break
         done = subprocess.run(command, capture_output=True, text=True, timeout=UNMOUNT_TIMEOUT)
         if done.returncode != 0:
             log.warning("%s: %s", " ".join(command), done.stderr.strip())
             time.sleep(0.2)
     _ACTIVE.discard(str(mnt))
-    if is_mounted(mnt):
+    if mountinfo.is_mounted(mnt):
         raise MountError(f"could not unmount {mnt}")
     if pid is not None:
         _wait_exit(pid, mnt)
@@ -331,7 +292,7 @@ def unmount(mnt: Path) -> float:
 
 def _wait_exit(pid: int, mnt: Path) -> None:
     deadline = time.monotonic() + UNMOUNT_TIMEOUT
-    while _alive(pid):
+    while processes.alive(pid):
         if time.monotonic() > deadline:
             log.warning("daemon %d of %s still running %ds after umount; killing it", pid, mnt,
                         UNMOUNT_TIMEOUT)
@@ -339,14 +300,6 @@ def _wait_exit(pid: int, mnt: Path) -> None:
                 os.kill(pid, 9)
             return
         time.sleep(0.01)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def unmount_all() -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import shlex
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from pathlib import Path
 
 from qvdctl.errors import QvdError
 from qvdctl.settings import Settings
+from qvdproc import mountinfo
 
 log = logging.getLogger(__name__)
 
@@ -91,31 +91,8 @@ def mount_root(kind: str, branches: Branches, rootfs: Path, settings: Settings) 
     if result.returncode != 0:
         why = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
         raise QvdError(f"{kind} mount failed: {why}")
-    if not is_mounted(rootfs):
+    if not mountinfo.is_mounted(rootfs):
         raise QvdError(f"{kind} mount: {cmd[0]} exited 0 but {rootfs} is not mounted")
-
-
-def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo.
-    raw = field.encode().decode("unicode_escape").encode("latin-1")
-    return raw.decode(errors="surrogateescape")
-
-
-def mounts_under(path: Path) -> list[str]:
-    """Mountpoints at or below ``path``, deepest first."""
-    top = os.path.realpath(path)
-    found = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            point = _unescape(line.split()[4])
-            if point == top or point.startswith(top.rstrip("/") + "/"):
-                found.append(point)
-    # Deepest first; for one path mounted twice, each umount takes the top one.
-    return sorted(found, key=lambda p: p.count("/"), reverse=True)
-
-
-def is_mounted(path: Path) -> bool:
-    return os.path.realpath(path) in mounts_under(path)
 
 
 def unmount_tree(path: Path, *, lazy_fallback: bool = False) -> None:
@@ -128,7 +105,7 @@ def unmount_tree(path: Path, *, lazy_fallback: bool = False) -> None:
         QvdError: something is still mounted afterwards.
     """
     for _ in range(64):  # bounded: a path can be mounted over several times
-        points = mounts_under(path)
+        points = mountinfo.mounts_under(path)
         if not points:
             return
         point = points[0]

@@ -37,6 +37,7 @@ from typing import IO, Any, NoReturn
 from qvdfs import cmdline, stats
 from qvdfs.backends import Backend, make_backend
 from qvdfs.config import MountConfig, MountError
+from qvdproc import mountinfo
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ def check_fuse_device(path: str = FUSE_DEVICE) -> None:
 def check_mountpoint(path: str) -> None:
     """Raise MountError unless ``path`` is a directory that nothing is mounted on."""
     # First, because the mount left by a crashed daemon cannot even be stat'ed (ENOTCONN).
-    if _is_mounted(path):
+    if mountinfo.is_mounted(path):
         raise MountError(f"mountpoint {path} is busy: something is already mounted on it")
     try:
         mode = os.stat(path).st_mode
@@ -174,32 +175,6 @@ def raise_file_limit(max_files: int) -> int:
     return max(wanted, soft)
 
 
-def mounted_paths(mountinfo: str = "/proc/self/mountinfo") -> set[str]:
-    """The mount points listed in ``mountinfo``, unescaped."""
-    return {path for _device, path in _mounts(mountinfo)}
-
-
-def _mounts(mountinfo: str) -> list[tuple[str, str]]:
-    """(device ``major:minor``, unescaped mount point) of each line of ``mountinfo``, in order."""
-    with open(mountinfo) as f:
-        return [(fields[2], _unescape_mount_path(fields[4])) for fields in map(str.split, f)]
-
-
-def _unescape_mount_path(field: str) -> str:
-    # The kernel writes space, tab, newline and backslash in paths as \040, \011, \012, \134.
-    out = bytearray()
-    raw = field.encode("utf-8", "surrogateescape")
-    i = 0
-    while i < len(raw):
-        if raw[i] == 0x5C and raw[i + 1 : i + 4].isdigit() and len(raw[i + 1 : i + 4]) == 3:
-            out.append(int(raw[i + 1 : i + 4], 8))
-            i += 4
-        else:
-            out.append(raw[i])
-            i += 1
-    return out.decode("utf-8", "surrogateescape")
-
-
 def _union_filesystem(config: MountConfig) -> Any:
     # Imported here so that --help, --version and the checks work without the union loaded.
     from qvdfs.handlers import UnionFilesystem
@@ -207,16 +182,16 @@ def _union_filesystem(config: MountConfig) -> Any:
     return UnionFilesystem(config)
 
 
-def set_read_ahead(mountpoint: str, kib: int, mountinfo: str = "/proc/self/mountinfo") -> None:
+def set_read_ahead(mountpoint: str, kib: int) -> None:
     """Set the read-ahead window of the newest mount on ``mountpoint`` to ``kib`` KiB.
 
-    ``mountpoint`` must be a resolved path. This goes through the device number in
-    ``mountinfo`` and its backing device in sysfs, not through the mount. A failure only
+    ``mountpoint`` must be a resolved path. This goes through the device number in the
+    mount table and its backing device in sysfs, not through the mount. A failure only
     costs speed, so it is logged, never raised.
     """
-    devices = [device for device, path in _mounts(mountinfo) if path == mountpoint]
+    devices = [m.device for m in mountinfo.read_mounts() if m.mount_point == mountpoint]
     if not devices:
-        log.warning("cannot set read-ahead: %s is not in %s", mountpoint, mountinfo)
+        log.warning("cannot set read-ahead: %s is not in the mount table", mountpoint)
         return
     try:
         with open(f"/sys/class/bdi/{devices[-1]}/read_ahead_kb", "w") as f:
@@ -338,7 +313,7 @@ class _Serving:
             return
         exc = outcome[0]
         if exc is not None:
-            if not _is_mounted(self.config.mountpoint):
+            if not mountinfo.is_mounted(self.config.mountpoint):
                 return  # unmounted while we asked: serving is ending anyway
             reason = exc.strerror if isinstance(exc, OSError) else str(exc)
             self.stop("first request refused", f"the mount refused its first request ({reason})")
@@ -368,7 +343,8 @@ def _serve(backend: Backend, fs: Any, config: MountConfig, ready_fd: int | None)
         backend.serve()
         # Ended from the kernel's side before our first request got through: a plain
         # umount that came early removed the mount; a refused INIT leaves it in place.
-        if not serving.ready and not serving.stopped_by_us and _is_mounted(config.mountpoint):
+        early = not serving.ready and not serving.stopped_by_us
+        if early and mountinfo.is_mounted(config.mountpoint):
             serving.error = serving.error or "the FUSE session ended before the mount answered"
     except Exception as exc:  # noqa: BLE001 - log it, unmount, exit non-zero
         log.exception("qvdfs daemon stopped on an error")
@@ -398,10 +374,6 @@ def _counters(backend: Backend, fs: Any) -> dict[str, object]:
     if own is not None:
         counters.update(own())
     return counters
-
-
-def _is_mounted(path: str) -> bool:
-    return os.path.realpath(path) in mounted_paths()
 
 
 def _report(fd: int, message: bytes) -> None:

@@ -6,9 +6,11 @@ import contextlib
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from qvdproc import processes
+from qvdproc.mountinfo import is_mounted
 
 VENV_BIN = Path(sys.executable).parent
 # QVDFS_BIN lets the same tests run against another build of the daemon.
@@ -19,12 +21,6 @@ BACKEND_OPTIONS = ["-o", f"backend={os.environ['QVDFS_TEST_BACKEND']}"] \
     if os.environ.get("QVDFS_TEST_BACKEND") else []
 
 
-def is_mounted(path: str | os.PathLike[str]) -> bool:
-    target = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == target for line in f)
-
-
 def force_unmount(path: str | os.PathLike[str]) -> None:
     """Unmount ``path`` however it can be done; for cleanup after a failed test."""
     for cmd in (["umount", str(path)], ["fusermount3", "-u", "-z", str(path)], ["umount", "-l", str(path)]):
@@ -33,20 +29,10 @@ def force_unmount(path: str | os.PathLike[str]) -> None:
         subprocess.run(cmd, capture_output=True, timeout=30)
 
 
-def _daemon_pids(mountpoint: str) -> list[int]:
-    """Pids of qvdfs daemons serving ``mountpoint`` (matched by their exact argv)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if any(b"qvdfs" in a for a in argv[:2]) and os.fsencode(mountpoint) in argv:
-            pids.append(int(entry))
-    return pids
+def daemon_pids(mountpoint: str | os.PathLike[str]) -> list[int]:
+    """Pids of qvdfs daemons serving ``mountpoint`` (its program, then ``mountpoint`` in argv)."""
+    return [p.pid for p in processes.with_argument(mountpoint)
+            if any(b"qvdfs" in word for word in p.argv[:2])]
 
 
 @contextlib.contextmanager
@@ -64,28 +50,17 @@ def qvdfs_mount(
     except subprocess.TimeoutExpired:
         force_unmount(mnt)  # a daemon that hangs while mounting must not leave its mount behind
         raise
-    pids = _daemon_pids(mnt)
+    pids = daemon_pids(mnt)
     try:
         assert is_mounted(mnt), "qvdfs exited 0 but nothing is mounted"
         yield Path(mnt)
     finally:
         force_unmount(mnt)
-        deadline = time.monotonic() + 15
-        while any(os.path.exists(f"/proc/{p}") and not _is_zombie(p) for p in pids):
-            if time.monotonic() > deadline:
-                for p in pids:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(p, 9)
-                raise AssertionError(f"qvdfs daemon {pids} still running after umount")
-            time.sleep(0.05)
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
+        if not processes.wait_gone(pids, timeout=15):
+            for p in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p, 9)
+            raise AssertionError(f"qvdfs daemon {pids} still running after umount")
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from qvdctl.mounting import mounts_under
+from qvdproc.mountinfo import mounts_under
 from tests.mounts import force_unmount
 from tools.imagebuild import build_busybox_rootfs, build_image_tarball
 from tools.sandbox import netns_argv

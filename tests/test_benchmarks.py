@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import report, targets, workloads
+from qvdproc.mountinfo import mounts_under
 
 REPO = Path(__file__).resolve().parent.parent
 WORKLOAD_METRICS = {"stat-cold", "stat-warm", "smallfiles-create", "smallfiles-delete"}
@@ -30,11 +31,6 @@ WORKLOAD_METRICS = {"stat-cold", "stat-warm", "smallfiles-create", "smallfiles-d
 def _bench(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "benchmarks.run", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=50)
-
-
-def _mounts_below(path: Path) -> list[str]:
-    with open("/proc/self/mountinfo") as f:
-        return [line.split()[4] for line in f if line.split()[4].startswith(str(path))]
 
 
 @pytest.mark.timeout(60)
@@ -79,7 +75,7 @@ def test_tiny_run_writes_json_table_and_chart(tmp_path: Path) -> None:
     png = (out / "latest.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
 
-    assert _mounts_below(tmp_path) == []
+    assert mounts_under(tmp_path) == []
     assert not list(cache.glob("run-*")), "the run's scratch folder was left behind"
     lower = cache / "tiny-v1" / "lower"
     assert not list(lower.glob("bench-*")), "the plain run left its files in the fixture"
@@ -240,7 +236,7 @@ def test_page_cache_and_per_request_rows_on_every_target(tmp_path: Path) -> None
         assert 0 < figures["median"] < 10_000  # µs per stat
     table = (out / "latest.md").read_text()
     assert "| pagecache-4mounts |" in table and "| getattr-daemon-cpu |" in table
-    assert _mounts_below(tmp_path) == []
+    assert mounts_under(tmp_path) == []
     assert not list(cache.glob("run-*")), "the run's scratch folder was left behind"
 
 
@@ -275,4 +271,4 @@ def test_abort_frees_calls_stuck_in_a_hung_daemon(tmp_path: Path) -> None:
             # Lets the daemon be unmounted normally if the test failed before killing it.
             with contextlib.suppress(ProcessLookupError):
                 os.kill(mounted.daemon_pid, signal.SIGCONT)
-    assert _mounts_below(tmp_path) == []
+    assert mounts_under(tmp_path) == []

@@ -34,9 +34,10 @@ from qvdctl.container import (
 )
 from qvdctl.container import config as config_mod
 from qvdctl.container.config import remove_config
-from qvdctl.container.runtime import prune_cgroups
+from qvdctl.container.runtime import Monitor, monitors, prune_cgroups
+from qvdproc.mountinfo import is_mounted
 from tests import consoles
-from tests.mounts import NODE_OPTIONS, force_unmount, is_mounted, qvdfs_mount
+from tests.mounts import NODE_OPTIONS, force_unmount, qvdfs_mount
 from tools.imagebuild import build_busybox_rootfs
 
 # Stock unionfs-fuse cannot raise its open-file limit to 32000 here (no CAP_SYS_RESOURCE
@@ -359,18 +360,9 @@ async def test_failed_start_leaves_nothing(tmp_path: Path, lxcpath: Path) -> Non
     assert not list(Path("/sys/fs/cgroup").glob(f"*/lxc.*.{spec.name}*"))
 
 
-def _monitors(lxcpath: Path) -> list[str]:
-    """Command lines of liblxc monitor processes serving containers of ``lxcpath``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if cmdline.startswith("[lxc monitor]") and str(lxcpath) in cmdline:
-                found.append(cmdline)
-    return found
+def _monitors(lxcpath: Path) -> list[Monitor]:
+    """liblxc's monitor processes serving containers of ``lxcpath``."""
+    return [m for m in monitors() if m.lxcpath == lxcpath]
 
 
 @pytest.mark.timeout(90)

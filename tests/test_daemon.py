@@ -19,7 +19,6 @@ import signal
 import stat
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +28,8 @@ import pytest
 from qvdfs import daemon
 from qvdfs.config import MountConfig, MountError
 from qvdfs.fuse.filesystem import ROOT_ID, Attr, Context, Entry, Opened
+from qvdproc import processes
+from qvdproc.mountinfo import Mount, is_mounted, read_mounts
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -99,52 +100,25 @@ class StandinFilesystem:
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def mount_entry(path: Path) -> list[str]:
-    """The mountinfo fields of the mount on ``path`` (the topmost one)."""
-    found = [line.split() for line in open("/proc/self/mountinfo")
-             if line.split()[4] == os.path.realpath(path)]
+def mount_entry(path: Path) -> Mount:
+    """The mount on ``path`` (the topmost one)."""
+    found = [m for m in read_mounts() if m.mount_point == os.path.realpath(path)]
     assert found, f"{path} is not mounted"
     return found[-1]
 
 
 def daemon_pids(mountpoint: Path) -> list[int]:
-    """Live processes (not zombies) running qvdfs or the stand-in with ``mountpoint`` in argv."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        runs_qvdfs = any(b"qvdfs" in a or b"test_daemon" in a for a in argv[:2])
-        if runs_qvdfs and os.fsencode(mountpoint) in argv and state != "Z":
-            pids.append(int(entry))
-    return pids
-
-
-def wait_gone(pids: list[int], timeout: float = 15) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not any(Path(f"/proc/{p}").exists() and _alive(p) for p in pids):
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    """Live processes running qvdfs or the stand-in with ``mountpoint`` in argv."""
+    return [p.pid for p in processes.with_argument(mountpoint)
+            if p.pid != os.getpid() and processes.alive(p.pid)
+            and any(b"qvdfs" in a or b"test_daemon" in a for a in p.argv[:2])]
 
 
 def umount_and_wait(mnt: Path) -> None:
     """``umount`` as the node does; assert that the daemon serving ``mnt`` then exits."""
     pids = daemon_pids(mnt)
     subprocess.run(["umount", str(mnt)], check=True, timeout=30)
-    assert wait_gone(pids), f"daemon {pids} still running after umount"
+    assert processes.wait_gone(pids, timeout=15), f"daemon {pids} still running after umount"
 
 
 def wait_unmounted(path: Path, timeout: float = 15) -> bool:
@@ -154,10 +128,6 @@ def wait_unmounted(path: Path, timeout: float = 15) -> bool:
             return True
         time.sleep(0.05)
     return False
-
-
-def is_mounted(path: Path) -> bool:
-    return os.path.realpath(path) in daemon.mounted_paths()
 
 
 @contextlib.contextmanager
@@ -218,13 +188,10 @@ def test_node_command_line_mounts_and_umount_ends_daemon(dirs: dict[str, Path]) 
         # Exit 0 means mounted and serving: the very next request is answered.
         assert is_mounted(mnt)
         os.stat(mnt)
-        fields = mount_entry(mnt)
-        mount_flags = fields[5].split(",")
-        super_options = fields[-1].split(",")
-        assert fields[fields.index("-") + 1] == "fuse.qvdfs"
-        assert fields[fields.index("-") + 2] == "qvdfs"
-        assert "nosuid" not in mount_flags and "nodev" not in mount_flags
-        assert "allow_other" in super_options and "default_permissions" in super_options
+        mount = mount_entry(mnt)
+        assert (mount.fs_type, mount.source) == ("fuse.qvdfs", "qvdfs")
+        assert "nosuid" not in mount.options and "nodev" not in mount.options
+        assert {"allow_other", "default_permissions"} <= set(mount.super_options)
         assert (mnt / "hello").read_text() == "from base\n"
         pids = daemon_pids(mnt)
         assert len(pids) == 1, pids
@@ -233,7 +200,7 @@ def test_node_command_line_mounts_and_umount_ends_daemon(dirs: dict[str, Path]) 
         assert os.getsid(pids[0]) == pids[0]
         assert os.readlink(f"/proc/{pids[0]}/cwd") == "/"
         assert [os.readlink(f"/proc/{pids[0]}/fd/{fd}") for fd in (0, 1, 2)] == ["/dev/null"] * 3
-        assert "Umask:\t0000" in Path(f"/proc/{pids[0]}/status").read_text()
+        assert processes.status(pids[0])["Umask"] == "0000"
 
         umount_and_wait(mnt)
         assert not is_mounted(mnt)
@@ -243,7 +210,7 @@ def test_mount_widens_the_read_ahead_window(dirs: dict[str, Path]) -> None:
     mnt = dirs["rootfs"]
     with cleanup(mnt):
         assert run_entry(ENTRY, node_argv(dirs)).returncode == 0
-        device = mount_entry(mnt)[2]
+        device = mount_entry(mnt).device
         window = Path(f"/sys/class/bdi/{device}/read_ahead_kb").read_text()
         assert int(window) == daemon.READ_AHEAD_KIB
         umount_and_wait(mnt)
@@ -315,7 +282,7 @@ def test_fusermount_u_ends_daemon(dirs: dict[str, Path]) -> None:
         pids = daemon_pids(mnt)
         assert pids
         subprocess.run(["fusermount3", "-u", str(mnt)], check=True, timeout=30)
-        assert wait_gone(pids)
+        assert processes.wait_gone(pids, timeout=15)
         assert not is_mounted(mnt)
 
 
@@ -408,7 +375,7 @@ def test_sigterm_unmounts_daemon(dirs: dict[str, Path]) -> None:
         pids = daemon_pids(mnt)
         assert len(pids) == 1
         os.kill(pids[0], signal.SIGTERM)
-        assert wait_gone(pids)
+        assert processes.wait_gone(pids, timeout=15)
         assert wait_unmounted(mnt)
 
 
@@ -431,13 +398,12 @@ def test_debug_file_gets_the_log_and_destroy_is_called(dirs: dict[str, Path],
 
 @pytest.mark.parametrize(("option", "expect"), [
     # The kernel only knows allow_other; libfuse itself turns away users other than root.
-    ("allow_root", lambda f: "allow_other" in f[-1].split(",")),
-    ("nosuid,nodev", lambda f: {"nosuid", "nodev"} <= set(f[5].split(","))),
-    ("fsname=base7,subtype=union", lambda f: f[f.index("-") + 1:f.index("-") + 3] ==
-     ["fuse.union", "base7"]),
-    ("relaxed_permissions", lambda f: "default_permissions" not in f[-1].split(",")),
+    ("allow_root", lambda m: "allow_other" in m.super_options),
+    ("nosuid,nodev", lambda m: {"nosuid", "nodev"} <= set(m.options)),
+    ("fsname=base7,subtype=union", lambda m: (m.fs_type, m.source) == ("fuse.union", "base7")),
+    ("relaxed_permissions", lambda m: "default_permissions" not in m.super_options),
     ("nonempty,use_ino,kernel_cache,big_writes,async_read,auto_cache,max_read=65536,"
-     "direct_io,noinitgroups,preserve_branch", lambda f: True),
+     "direct_io,noinitgroups,preserve_branch", lambda m: True),
 ])
 def test_options_reach_the_kernel(dirs: dict[str, Path], option: str, expect: object) -> None:
     mnt = dirs["rootfs"]
@@ -467,7 +433,7 @@ def test_session_refused_at_init_leaves_nothing_mounted(dirs: dict[str, Path]) -
             ["qvdfs: the FUSE session ended before the mount answered"],
             ["qvdfs: the mount refused its first request (Connection refused)"])
         assert not is_mounted(mnt)
-        assert wait_gone(daemon_pids(mnt))
+        assert processes.wait_gone(daemon_pids(mnt), timeout=15)
 
 
 # --- failures: one line on stderr, non-zero, nothing mounted ---------------------------------
@@ -516,7 +482,7 @@ def test_dead_mount_of_a_killed_daemon_is_busy(dirs: dict[str, Path]) -> None:
         assert run_entry(STANDIN, node_argv(dirs)).returncode == 0
         pids = daemon_pids(mnt)
         os.kill(pids[0], signal.SIGKILL)
-        assert wait_gone(pids)
+        assert processes.wait_gone(pids, timeout=15)
         with pytest.raises(OSError) as dead:
             os.listdir(mnt)  # a stat could be answered from the kernel's attribute cache
         assert dead.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
@@ -576,7 +542,7 @@ def test_daemon_failing_before_ready_reports_through_parent(dirs: dict[str, Path
         # The bug answers the first request with EIO, which fails the start.
         assert_one_line_failure(result, "the mount refused its first request (Input/output error)")
         assert not is_mounted(mnt)
-        assert wait_gone(daemon_pids(mnt))
+        assert processes.wait_gone(daemon_pids(mnt), timeout=15)
     text = log_file.read_text()
     assert "Traceback" in text and "getattr fails on purpose" in text
 
@@ -634,13 +600,6 @@ def test_max_files_below_hard_limit_is_silent(dirs: dict[str, Path]) -> None:
         pids = daemon_pids(mnt)
         assert _daemon_nofile(pids[0]) == (4096, 20000)
         umount_and_wait(mnt)
-
-
-def test_mounted_paths_unescapes(tmp_path: Path) -> None:
-    info = tmp_path / "mountinfo"
-    info.write_text("36 25 0:32 / /srv/with\\040space rw - tmpfs tmpfs rw\n"
-                    "37 25 0:33 / /srv/back\\134slash rw - tmpfs tmpfs rw\n")
-    assert daemon.mounted_paths(str(info)) == {"/srv/with space", "/srv/back\\slash"}
 
 
 if __name__ == "__main__":

@@ -10,25 +10,20 @@ from pathlib import Path
 import pytest
 from pyroute2 import netns
 
+from qvdctl.container.runtime import monitors
+from qvdproc.mountinfo import read_mounts
+
 REPO = Path(__file__).resolve().parent.parent
 
 
 def _host_state() -> dict[str, set[str]]:
-    with open("/proc/self/mountinfo") as f:
-        mounts = {line.split()[4] for line in f if "qvd-demo-" in line}
-    monitors = set()
-    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
-        try:
-            text = Path(cmdline).read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if text.startswith("[lxc monitor]") and "qvd-demo-" in text:
-            monitors.add(text)
+    mounts = {m.mount_point for m in read_mounts() if "qvd-demo-" in m.mount_point}
+    lxc = {f"{m.lxcpath} {m.name}" for m in monitors() if "qvd-demo-" in str(m.lxcpath)}
     return {
         "netns": {n for n in netns.listnetns() if n.startswith("qvddemo-")},
         "tmp": set(glob.glob("/tmp/qvd-demo-*")),
         "mounts": mounts,
-        "monitors": monitors,
+        "monitors": lxc,
     }
 
 

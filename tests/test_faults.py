@@ -23,7 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.mounts import NODE_OPTIONS, QVDFS, _daemon_pids, force_unmount, is_mounted, qvdfs_mount
+from qvdctl.container.runtime import monitors
+from qvdproc import processes
+from qvdproc.mountinfo import is_mounted, mounts_under
+from tests.mounts import NODE_OPTIONS, QVDFS, daemon_pids, force_unmount, qvdfs_mount
 from tests.qvdctl_support import QVDCTL, Cli, cleanup_root
 
 WORK = ".qvdfs.work"
@@ -58,7 +61,7 @@ def killable_mount(d: dict[str, Path]) -> Iterator[list[int]]:
     """Mount qvdfs with the node's options; yield its daemon pids; clear it however it ended."""
     mnt = str(d["mnt"])
     subprocess.run([QVDFS, *NODE_OPTIONS, _branches(d), mnt], check=True, timeout=30)
-    pids = _daemon_pids(mnt)
+    pids = daemon_pids(mnt)
     assert pids, "no daemon found for the mount"
     try:
         yield pids
@@ -73,20 +76,12 @@ def _kill_daemon(pids: list[int], mnt: Path) -> None:
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while any(_alive(p) for p in pids):
+    while any(processes.alive(p) for p in pids):
         assert time.monotonic() < deadline, "daemon survived SIGKILL"
         time.sleep(0.01)
     # A killed daemon leaves a dead FUSE mount (ENOTCONN); the lazy forms clear it.
     force_unmount(mnt)
     assert not is_mounted(mnt)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _reap(proc: subprocess.Popen) -> None:
@@ -415,21 +410,16 @@ class Node:
 
     def leftovers(self, vm: str) -> dict[str, list]:
         """Mounts, processes and veths a stopped VM must not have."""
-        with open("/proc/self/mountinfo") as f:
-            mounts = [line.split()[4] for line in f
-                      if line.split()[4].startswith(str(self.root / "rootfs"))]
+        mounts = mounts_under(self.root / "rootfs")
         vm_id = self.vm_id(vm)
         procs = []
-        mine = str(self.root).encode()
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                with contextlib.suppress(OSError):
-                    argv = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
-                    if mine not in argv:
-                        continue  # another test's VM with the same id
-                    if f"-{vm_id}-fs".encode() in argv or f" qvd-{vm_id} ".encode() in argv + b" ":
-                        if "\nState:\tZ" not in Path(f"/proc/{entry}/status").read_text():
-                            procs.append(argv.decode()[:80])
+        for process in processes.processes():
+            line = process.command_line
+            if str(self.root) not in line:
+                continue  # another test's VM with the same id
+            if f"-{vm_id}-fs" in line or f" qvd-{vm_id} " in line + " ":
+                if processes.alive(process.pid):
+                    procs.append(line[:80])
         links = subprocess.run(["ip", "-n", self.ns, "-o", "link"], capture_output=True,
                                text=True, timeout=30).stdout
         veths = [w for w in links.split() if w.rstrip(":").split("@")[0] == f"qvd{vm_id}"]
@@ -483,10 +473,9 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
                                       f"[ -d \"$c\" ] && lxc-stop -P {root}/lxc "
                                       "-n $(basename $c) -k; done"]),
                            capture_output=True, timeout=120)
-            with open("/proc/self/mountinfo") as f:
-                left = [line.split()[4] for line in f if line.split()[4].startswith(f"{root}/")]
-            for target in sorted(left, key=len, reverse=True):
-                force_unmount(target)
+            for target in mounts_under(root):
+                if target != str(root):
+                    force_unmount(target)
 
 
 @pytest.mark.timeout(300)
@@ -498,11 +487,11 @@ def test_the_union_daemon_of_a_running_vm_dies(node: Node) -> None:
     # Exactly this node's mountpoint: other tests on the machine run VMs with the same ids.
     (a_root,) = [str(p) for p in (node.root / "rootfs").glob(f"*-{node.vm_id('a')}-fs")]
     assert is_mounted(a_root)
-    pids = _daemon_pids(a_root)
+    pids = daemon_pids(a_root)
     assert len(pids) == 1
     os.kill(pids[0], signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while _alive(pids[0]):
+    while processes.alive(pids[0]):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert node.states() == {"a": "zombie", "b": "running"}
@@ -521,19 +510,13 @@ def _moment(node: Node, vm_id: int, moment: str) -> Callable[[], bool]:
     if moment.endswith("s"):
         deadline = time.monotonic() + float(moment[:-1])
         return lambda: time.monotonic() >= deadline
-    monitor = f"[lxc monitor] {node.root / 'lxc'} qvd-{vm_id}".encode()
 
     def mounted() -> bool:
-        with open("/proc/self/mountinfo") as f:
-            return any(f"-{vm_id}-fs" in line and str(node.root) in line for line in f)
+        return any(f"-{vm_id}-fs" in point for point in mounts_under(node.root))
 
     def container_up() -> bool:
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                with contextlib.suppress(OSError):
-                    if Path(f"/proc/{entry}/cmdline").read_bytes().rstrip(b"\0") == monitor:
-                        return True
-        return False
+        return any(m.name == f"qvd-{vm_id}" and m.lxcpath == node.root / "lxc"
+                   for m in monitors())
 
     return {"mounted": mounted, "container up": container_up,
             "container gone": lambda: not container_up()}[moment]

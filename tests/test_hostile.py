@@ -29,7 +29,8 @@ import pytest
 from qvdctl.container.config import hostname_for
 from qvdctl.errors import QvdError
 from qvdctl.images.extract import ensure_extracted
-from tests.mounts import NODE_OPTIONS, QVDFS, force_unmount, is_mounted, qvdfs_mount
+from qvdproc.mountinfo import is_mounted
+from tests.mounts import NODE_OPTIONS, QVDFS, force_unmount, qvdfs_mount
 from tests.qvdctl_support import Cli, cleanup_root
 from tests.trees import build_base, describe
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from qvdctl.network import gateway_cidr, mac_for_ip, prefix_length, veth_name
+from qvdproc.mountinfo import mounts_under
 from tests.mounts import NODE_OPTIONS, force_unmount, qvdfs_mount
 from tools.imagebuild import build_busybox_rootfs
 from tools.sandbox import netns_argv, scratch_netns
@@ -391,8 +392,7 @@ def test_mounts_made_in_the_namespace_reach_the_host(netns: str, tmp_path: Path)
             assert gone == ""
         finally:
             force_unmount(root / "mnt")
-    with open("/proc/self/mountinfo") as f:
-        assert str(root) not in f.read()
+    assert mounts_under(root) == []
 
 
 @pytest.mark.timeout(60)

@@ -20,9 +20,12 @@ from pathlib import Path
 import pytest
 from pyroute2 import IPRoute
 
-from qvdctl.mounting import QVDFS, mounts_under
+from qvdctl.container.runtime import Monitor, monitors
+from qvdctl.mounting import QVDFS
+from qvdproc import processes
+from qvdproc.mountinfo import mounts_under
 from tests import consoles
-from tests.mounts import force_unmount
+from tests.mounts import daemon_pids, force_unmount
 from tests.qvdctl_support import Cli, busybox_tarball, make_rootfs, stock_unionfs_wrapper
 from tools.sandbox import netns_argv, scratch_netns, shared_mount
 
@@ -64,17 +67,8 @@ def _lxc_cgroups() -> set[Path]:
     return set(root.glob("lxc.*.qvd-*")) | set(root.glob("*/lxc.*.qvd-*"))
 
 
-def _monitors(lxcpath: Path) -> list[str]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            if cmdline.startswith(f"[lxc monitor] {lxcpath} "):
-                found.append(cmdline)
-    return found
+def _monitors(lxcpath: Path) -> list[Monitor]:
+    return [m for m in monitors() if m.lxcpath == lxcpath]
 
 
 class Node:
@@ -476,20 +470,10 @@ def test_list_shows_a_vm_whose_union_daemon_died_and_stop_cleans_it(node: Node) 
     cgroups = _lxc_cgroups()
     p = _paths(node)
     node.cli.run("vm", "start", "-f", "name=v")
-    daemons = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if str(QVDFS).encode() in argv[:2] and os.fsencode(str(p["rootfs"])) in argv:
-                daemons.append(int(entry.name))
+    daemons = daemon_pids(p["rootfs"])
     assert len(daemons) == 1, daemons
     os.kill(daemons[0], 9)
-    deadline = time.monotonic() + 10
-    while os.path.exists(f"/proc/{daemons[0]}") and time.monotonic() < deadline:
-        time.sleep(0.1)
+    processes.wait_gone(daemons, timeout=10)
     assert node.state("v") == "zombie"
     node.cli.run("vm", "stop", "-f", "name=v")
     assert node.state("v") == "stopped"

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from qvdctl.mounting import QVDFS, mounts_under
+from qvdctl.mounting import QVDFS
+from qvdproc import processes
+from qvdproc.mountinfo import mounts_under
 from tests.qvdctl_support import (
     STOCK_UNIONFS,
     Cli,
@@ -55,22 +57,9 @@ def _paths(cli: Cli) -> dict[str, Path]:
     }
 
 
-def _processes_serving(mountpoint: Path) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if os.fsencode(str(mountpoint)) in argv:
-                pids.append(int(entry))
-    return pids
-
-
 def _wait_gone(mountpoint: Path) -> None:
     deadline = time.monotonic() + 15
-    while _processes_serving(mountpoint):
+    while processes.with_argument(mountpoint):
         assert time.monotonic() < deadline, "union daemon still running after vm stop"
         time.sleep(0.1)
 
@@ -196,7 +185,7 @@ def test_a_stale_mount_from_a_crash_is_cleaned_before_the_next_start(cli):
     p = _paths(cli)
     cli.run("vm", "start", "-f", "name=v")
     # Crash: the union daemon dies, the node's bookkeeping is reset to stopped.
-    for pid in _processes_serving(p["rootfs"]):
+    for pid in [q.pid for q in processes.with_argument(p["rootfs"])]:
         os.kill(pid, signal.SIGKILL)
     _wait_gone(p["rootfs"])
     with pytest.raises(OSError):
@@ -252,7 +241,7 @@ def test_list_marks_a_running_vm_whose_union_died_zombie_and_stop_cleans_it(cli)
     p = _paths(cli)
     cli.run("vm", "start", "-f", "name=v")
     assert cli.vm("v")["State"] == "running"
-    for pid in _processes_serving(p["rootfs"]):
+    for pid in [q.pid for q in processes.with_argument(p["rootfs"])]:
         os.kill(pid, signal.SIGKILL)
     _wait_gone(p["rootfs"])
     assert cli.vm("v")["State"] == "zombie"

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from qvdproc import processes
+from qvdproc.mountinfo import mounts_under
 from tests.mounts import NODE_OPTIONS, force_unmount, qvdfs_mount
 
 pytestmark = pytest.mark.slow
@@ -279,26 +281,15 @@ CYCLES = 3
 def _under(root: Path) -> dict[str, object]:
     """What the host holds for the VMs of ``root``: mounts, processes, their fds and memory."""
     prefix = str(root)
-    with open("/proc/self/mountinfo") as f:
-        mounts = sorted(line.split()[4] for line in f
-                        if line.split()[4].startswith(prefix + "/"))
+    mounts = sorted(p for p in mounts_under(root) if p != str(root))
     procs, fds, rss_kib = [], 0, 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            if prefix not in argv:
-                continue
-            status = Path(f"/proc/{entry}/status").read_text()
-            if "\nState:\tZ" in status:
-                continue
-            procs.append(argv.split(" ", 1)[0])
-            fds += len(os.listdir(f"/proc/{entry}/fd"))
-            rss_kib += int(next(line.split()[1] for line in status.splitlines()
-                                if line.startswith("VmRSS:")))
-        except (OSError, StopIteration):
-            continue
+    for process in processes.processes():
+        status = processes.status(process.pid)
+        if prefix not in process.command_line or status.get("State", "Z").startswith("Z"):
+            continue  # another test's, or it ended meanwhile
+        procs.append(os.fsdecode(process.argv[0]))
+        fds += len(processes.open_files(process.pid))
+        rss_kib += int(status.get("VmRSS", "0 kB").split()[0])
     return {"mounts": mounts, "procs": sorted(procs), "fds": fds, "rss_kib": rss_kib}
 
 

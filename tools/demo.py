@@ -35,6 +35,8 @@ from pathlib import Path
 from pyroute2 import netns
 from rich.console import Console
 
+from qvdctl.container.runtime import monitors
+from qvdproc.mountinfo import mounts_under
 from tools.imagebuild import build_busybox_rootfs, build_image_tarball
 from tools.sandbox import netns_argv, scratch_netns, shared_mount
 
@@ -187,31 +189,6 @@ def run(root: Path, netns: str, workdir: Path, n_vms: int) -> None:
             raise DemoError(f"{mountpoint} is not empty after vm stop")
 
 
-def _mounts_under(path: Path) -> list[str]:
-    """Mountpoints at or below ``path``, deepest first."""
-    prefix = str(path.resolve())
-    found = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            target = line.split()[4].encode().decode("unicode_escape")
-            if target == prefix or target.startswith(prefix + "/"):
-                found.append(target)
-    return sorted(found, key=len, reverse=True)
-
-
-def _lxc_monitors(under: Path) -> list[int]:
-    """Pids of liblxc monitors (one per running container) whose lxcpath is under ``under``."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            if cmdline.startswith("[lxc monitor]") and f" {under}/" in cmdline:
-                pids.append(int(entry.name))
-    return pids
-
-
 def _cleanup(root: Path, netns: str) -> None:
     """Stop the demo's containers that are still there, then unmount what is left."""
     lxcpath = root / "lxc"
@@ -221,7 +198,7 @@ def _cleanup(root: Path, netns: str) -> None:
             netns_argv(netns, ["lxc-stop", "-P", str(lxcpath), "-n", folder.name, "-k"]),
             capture_output=True, timeout=60,
         )  # fmt: skip
-    for target in _mounts_under(root):
+    for target in mounts_under(root):
         if target == str(root.resolve()):
             continue  # the shared bind mount itself; its context manager removes it
         console.print(f"[yellow]cleanup: unmounting {target}[/]")
@@ -235,7 +212,7 @@ def _scratch_dir() -> Iterator[Path]:
     try:
         yield path
     finally:
-        if _mounts_under(path):
+        if mounts_under(path):
             console.print(f"[red]{path} still has mounts; left in place[/]")
         else:
             shutil.rmtree(path, ignore_errors=True)
@@ -296,10 +273,11 @@ def _leftovers(made: dict[str, Path | str]) -> list[str]:
     left = []
     workdir = made.get("workdir")
     if isinstance(workdir, Path):
-        left += [f"mount {m}" for m in _mounts_under(workdir)]
+        left += [f"mount {m}" for m in mounts_under(workdir)]
         if workdir.exists():
             left.append(f"folder {workdir}")
-        left += [f"container monitor {pid}" for pid in _lxc_monitors(workdir)]
+        left += [f"container monitor {m.pid}" for m in monitors()
+                 if m.lxcpath.is_relative_to(workdir)]
     name = made.get("netns")
     if isinstance(name, str) and name in netns.listnetns():
         left.append(f"network namespace {name}")

@@ -24,12 +24,13 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import lxc
 import trio
 
 from qvdctl.container.config import DEFAULT_LXCPATH, LOG_NAME
+from qvdproc import processes
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,8 @@ T = TypeVar("T")
 # What a command run with `vm exec` finds in its environment (lxc-attach --clear-env).
 EXEC_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 ABSENT = "ABSENT"
+# liblxc retitles the monitor process of each running container "[lxc monitor] LXCPATH NAME".
+MONITOR_TITLE = "[lxc monitor] "
 
 
 class ContainerError(Exception):
@@ -145,7 +148,7 @@ async def start(name: str, lxcpath: Path = DEFAULT_LXCPATH, timeout: float = 30.
     halt_signal = _signal_number(c.get_config_item("lxc.signal.halt") or "SIGPWR")
     with trio.move_on_after(max(1.0, timeout - (trio.current_time() - started))):
         while not _init_ready(pid, halt_signal):
-            if not os.path.exists(f"/proc/{pid}"):
+            if not processes.alive(pid):
                 raise ContainerError(f"container {name} failed to start: its init exited")
             await trio.sleep(0.02)
         log.info("container %s running, init pid %d", name, pid)
@@ -172,12 +175,13 @@ def _init_ready(pid: int, sig: int) -> bool:
     the wait unblocks it in SigBlk meanwhile). Every init sets that up before it runs
     its first child, so a child also means ready.
     """
+    fields = processes.status(pid)
     try:
-        with open(f"/proc/{pid}/status") as f:
-            fields = dict(line.split(":", 1) for line in f if ":" in line)
         with open(f"/proc/{pid}/task/{pid}/children") as f:
             children = f.read().split()
     except OSError:
+        return False
+    if not fields:
         return False
     masks = int(fields["SigCgt"], 16) | int(fields["SigBlk"], 16)
     return bool(masks >> (sig - 1) & 1) or bool(children)
@@ -379,3 +383,24 @@ def _rmdir_quiet(path: Path) -> None:
         os.rmdir(path)
     except OSError:
         pass  # busy (a live group), or already gone
+
+
+class Monitor(NamedTuple):
+    pid: int
+    lxcpath: Path
+    name: str
+
+
+def monitors() -> list[Monitor]:
+    """liblxc's monitor processes on this host: one per running container.
+
+    Unlike liblxc's socket, which only answers in the network namespace that started the
+    container, the process table is the same from everywhere.
+    """
+    found = []
+    for process in processes.processes():
+        title = process.command_line
+        if title.startswith(MONITOR_TITLE):
+            lxcpath, _, name = title.removeprefix(MONITOR_TITLE).rpartition(" ")
+            found.append(Monitor(process.pid, Path(lxcpath), name))
+    return found

@@ -9,6 +9,7 @@ lifecycle needs no knowledge of LXC:
     exec_in_vm(vm_id, argv, settings=)          -> ExecResult
     exec_command(vm_id, argv, settings=)         -> the lxc-attach argv to exec
     vm_container_states(settings=)               -> {vm_id: "RUNNING" | "STOPPED" | ...}
+    monitor_runs(vm_id, settings=)               -> whether its liblxc monitor runs
     console_command(vm_id, settings=)            -> the lxc-console argv to exec
 
 Settings read: ``vm.network.bridge``, ``vm.network.netmask``, ``vm.network.gateway``,
@@ -135,6 +136,12 @@ def vm_container_states(*, settings: Mapping[str, str]) -> dict[int, str]:
     """
     states = trio.run(runtime.list_states, lxcpath_from(settings))
     return {int(name.removeprefix("qvd-")): state for name, state in states.items()}
+
+
+def monitor_runs(vm_id: int, *, settings: Mapping[str, str]) -> bool:
+    """Whether liblxc's monitor of VM ``vm_id``'s container runs (seen from any namespace)."""
+    name, lxcpath = container_name(vm_id), lxcpath_from(settings)
+    return any(m.name == name and m.lxcpath == lxcpath for m in runtime.monitors())
 
 
 def console_command(vm_id: int, *, settings: Mapping[str, str]) -> list[str]:

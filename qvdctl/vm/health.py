@@ -15,12 +15,12 @@ import threading
 from collections.abc import Mapping
 from pathlib import Path
 
-from qvdctl import mounting
 from qvdctl.container import seam
 from qvdctl.db import store
 from qvdctl.node import Node
 from qvdctl.storage import Storage
 from qvdctl.vm.state import StateRefused, VmState, change_state
+from qvdproc import mountinfo
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def reconcile(node: Node) -> list[tuple[str, str]]:
     for row in running:
         why = _root_problem(storage.rootfs_entry(row["user_id"], row["id"]))
         if why is None and containers is not None:
-            why = _container_problem(row["id"], containers, seam.lxcpath_from(settings))
+            why = _container_problem(row["id"], containers, settings)
         if why is None:
             continue
         try:
@@ -71,7 +71,7 @@ def reconcile(node: Node) -> list[tuple[str, str]]:
 
 def _root_problem(rootfs: Path) -> str | None:
     """Why the mounted root at ``rootfs`` does not serve, or None if it does."""
-    if not mounting.is_mounted(rootfs):
+    if not mountinfo.is_mounted(rootfs):
         return "its root is not mounted"
     # statfs always reaches the union daemon: a stat, and with a cached listing even
     # opening and reading the folder, are answered by the kernel for a while after the
@@ -96,7 +96,9 @@ def _root_problem(rootfs: Path) -> str | None:
     return answer[0]
 
 
-def _container_problem(vm_id: int, containers: Mapping[int, str], lxcpath: Path) -> str | None:
+def _container_problem(
+    vm_id: int, containers: Mapping[int, str], settings: Mapping[str, str]
+) -> str | None:
     """Why VM ``vm_id``'s container does not run, or None if it does."""
     state = containers.get(vm_id)
     if state == "RUNNING":
@@ -104,21 +106,6 @@ def _container_problem(vm_id: int, containers: Mapping[int, str], lxcpath: Path)
     # liblxc asks a running container over an abstract socket of the network namespace
     # that started it; from another namespace it answers STOPPED. Its monitor process
     # is visible from anywhere, so that decides.
-    if _has_monitor(f"qvd-{vm_id}", lxcpath):
+    if seam.monitor_runs(vm_id, settings=settings):
         return None
     return "its container is gone" if state is None else f"its container is {state.lower()}"
-
-
-def _has_monitor(name: str, lxcpath: Path) -> bool:
-    """Whether liblxc's monitor ``[lxc monitor] <lxcpath> <name>`` runs (one per container)."""
-    wanted = f"[lxc monitor] {lxcpath} {name}".encode()
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                    cmdline = f.read()
-            except OSError:
-                continue
-            if cmdline.rstrip(b"\0") == wanted:
-                return True
-    return False

@@ -20,6 +20,7 @@ import time
 from qvdfs.fuse import mount as fmount
 from qvdfs.fuse.filesystem import Attr, Context, Entry
 from qvdfs.fuse.session import Session
+from qvdproc import processes
 
 
 class NullFS:
@@ -44,9 +45,9 @@ class NullFS:
 
 
 def cpu_ns(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+    ticks = processes.cpu_ticks(pid)
+    assert ticks is not None, f"process {pid} is gone"
+    return ticks * 1_000_000_000 // os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:
