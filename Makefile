@@ -13,7 +13,7 @@ test: setup
 	.venv/bin/python -m mypy
 	.venv/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 	QVDFS_TEST_BACKEND=pyfuse3 .venv/bin/python -m pytest -q -p no:cacheprovider \
-		tests/test_union.py tests/test_differential.py tests/union
+		tests/qvdfs/test_union.py tests/qvdfs/test_differential.py tests/union
 
 bench: setup
 	.venv/bin/python -m benchmarks.run $(BENCH_ARGS)

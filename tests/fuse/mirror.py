@@ -16,8 +16,16 @@ import threading
 import time
 from collections.abc import Callable
 
-from qvdfs.fuse.filesystem import (ROOT_ID, AddDirEntry, AddDirEntryPlus, Attr, Context, Entry,
-                                   Opened, SetattrChanges)
+from qvdfs.fuse.filesystem import (
+    ROOT_ID,
+    AddDirEntry,
+    AddDirEntryPlus,
+    Attr,
+    Context,
+    Entry,
+    Opened,
+    SetattrChanges,
+)
 
 
 class MirrorFS:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from qvdctl.commands.user import check_password
-from tests.qvdctl_support import QVDCTL, Cli, busybox_tarball, cleanup_root, make_rootfs
+from tests.support.qvdctl import QVDCTL, Cli, busybox_tarball, cleanup_root, make_rootfs
 
 
 @pytest.fixture(scope="module")

@@ -36,8 +36,8 @@ from qvdctl.container import config as config_mod
 from qvdctl.container.config import remove_config
 from qvdctl.container.runtime import Monitor, monitors, prune_cgroups
 from qvdproc.mountinfo import is_mounted
-from tests import consoles
-from tests.mounts import NODE_OPTIONS, force_unmount, qvdfs_mount
+from tests.support import consoles
+from tests.support.mounts import NODE_OPTIONS, force_unmount, qvdfs_mount
 from tools.imagebuild import build_busybox_rootfs
 
 # Stock unionfs-fuse cannot raise its open-file limit to 32000 here (no CAP_SYS_RESOURCE

@@ -19,8 +19,9 @@ import pytest
 
 from qvdctl.errors import QvdError
 from qvdctl.images.extract import ensure_extracted, find_root, image_kind
-from tests.mounts import force_unmount
-from tests.qvdctl_support import Cli, busybox_tarball, cleanup_root, make_rootfs
+from tests.support import REPO
+from tests.support.mounts import force_unmount
+from tests.support.qvdctl import Cli, busybox_tarball, cleanup_root, make_rootfs
 
 # A capability set as setcap cap_net_raw+ep writes it (VFS_CAP_REVISION_2).
 CAP_NET_RAW = bytes.fromhex("0100000200200000000000000000000000000000")
@@ -252,7 +253,7 @@ def test_concurrent_extraction_happens_once(tmp_path, rootfs):
         children = [
             subprocess.Popen([sys.executable, "-c", _CHILD, str(archive), str(target)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             cwd=Path(__file__).parent.parent)
+                             cwd=REPO)
             for _ in range(6)
         ]
         try:

@@ -16,7 +16,7 @@ import pytest
 from qvdctl.mounting import QVDFS
 from qvdproc import processes
 from qvdproc.mountinfo import mounts_under
-from tests.qvdctl_support import (
+from tests.support.qvdctl import (
     STOCK_UNIONFS,
     Cli,
     busybox_tarball,

@@ -21,11 +21,10 @@ import pytest
 
 from qvdctl.network import gateway_cidr, mac_for_ip, prefix_length, veth_name
 from qvdproc.mountinfo import mounts_under
-from tests.mounts import NODE_OPTIONS, force_unmount, qvdfs_mount
+from tests.support import REPO
+from tests.support.mounts import NODE_OPTIONS, force_unmount, qvdfs_mount
 from tools.imagebuild import build_busybox_rootfs
 from tools.sandbox import netns_argv, scratch_netns
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def run_in_netns(ns: str, code: str, *args: str, timeout: float = 90) -> dict:

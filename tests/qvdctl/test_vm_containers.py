@@ -24,9 +24,9 @@ from qvdctl.container.runtime import Monitor, monitors
 from qvdctl.mounting import QVDFS
 from qvdproc import processes
 from qvdproc.mountinfo import mounts_under
-from tests import consoles
-from tests.mounts import daemon_pids, force_unmount
-from tests.qvdctl_support import Cli, busybox_tarball, make_rootfs, stock_unionfs_wrapper
+from tests.support import consoles
+from tests.support.mounts import daemon_pids, force_unmount
+from tests.support.qvdctl import Cli, busybox_tarball, make_rootfs, stock_unionfs_wrapper
 from tools.sandbox import netns_argv, scratch_netns, shared_mount
 
 NET = "10.219.5"  # only ever configured inside each test's own namespace

@@ -30,8 +30,8 @@ from qvdfs.config import MountConfig, MountError
 from qvdfs.fuse.filesystem import ROOT_ID, Attr, Context, Entry, Opened
 from qvdproc import processes
 from qvdproc.mountinfo import Mount, is_mounted, read_mounts
+from tests.support import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 QVDFS = str(VENV_BIN / "qvdfs")
 STANDIN = [sys.executable, str(Path(__file__).resolve())]

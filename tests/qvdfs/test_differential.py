@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.mounts import NODE_OPTIONS, kernel_overlay, qvdfs_mount
-from tests.trees import build_base, describe
+from tests.support.mounts import NODE_OPTIONS, kernel_overlay, qvdfs_mount
+from tests.support.trees import build_base, describe
 
 DIRS = ["", "etc", "etc/conf.d", "usr", "usr/bin", "usr/lib", "usr/lib/deep", "usr/lib/deep/er",
         "var", "var/log", "new", "new/sub"]

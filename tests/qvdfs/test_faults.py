@@ -26,8 +26,8 @@ import pytest
 from qvdctl.container.runtime import monitors
 from qvdproc import processes
 from qvdproc.mountinfo import is_mounted, mounts_under
-from tests.mounts import NODE_OPTIONS, QVDFS, daemon_pids, force_unmount, qvdfs_mount
-from tests.qvdctl_support import QVDCTL, Cli, cleanup_root
+from tests.support.mounts import NODE_OPTIONS, QVDFS, daemon_pids, force_unmount, qvdfs_mount
+from tests.support.qvdctl import QVDCTL, Cli, cleanup_root
 
 WORK = ".qvdfs.work"
 MiB = 1 << 20

@@ -30,9 +30,9 @@ from qvdctl.container.config import hostname_for
 from qvdctl.errors import QvdError
 from qvdctl.images.extract import ensure_extracted
 from qvdproc.mountinfo import is_mounted
-from tests.mounts import NODE_OPTIONS, QVDFS, force_unmount, qvdfs_mount
-from tests.qvdctl_support import Cli, cleanup_root
-from tests.trees import build_base, describe
+from tests.support.mounts import NODE_OPTIONS, QVDFS, force_unmount, qvdfs_mount
+from tests.support.qvdctl import Cli, cleanup_root
+from tests.support.trees import build_base, describe
 
 RESERVED = [".qvdfs.work", ".unionfs-fuse", ".unionfs"]
 
@@ -596,7 +596,7 @@ def test_unicode_names_round_trip_and_stay_out_of_paths(cli: Cli) -> None:
     assert not any("etc" == p.name for p in cli.root.rglob("etc"))
 
 
-# --- hostile images (what tests/test_qvdctl_images.py does not cover yet) -----------------
+# --- hostile images (what tests/qvdctl/test_images.py does not cover yet) -----------------
 
 
 def _image(path: Path, members: list[tuple[tarfile.TarInfo, bytes]]) -> Path:

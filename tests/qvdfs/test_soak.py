@@ -25,7 +25,7 @@ import pytest
 
 from qvdproc import processes
 from qvdproc.mountinfo import mounts_under
-from tests.mounts import NODE_OPTIONS, force_unmount, qvdfs_mount
+from tests.support.mounts import NODE_OPTIONS, force_unmount, qvdfs_mount
 
 pytestmark = pytest.mark.slow
 

@@ -12,8 +12,8 @@ import ctypes
 import errno
 import mmap
 import os
-import stat
 import shutil
+import stat
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -22,8 +22,8 @@ from typing import NamedTuple
 
 import pytest
 
-from tests.mounts import NODE_OPTIONS, qvdfs_mount
-from tests.trees import build_base, describe
+from tests.support.mounts import NODE_OPTIONS, qvdfs_mount
+from tests.support.trees import build_base, describe
 
 
 class Union(NamedTuple):
@@ -397,7 +397,7 @@ def test_work_folder_planted_as_symlink_is_refused(tmp_path: Path) -> None:
 
 
 def _qvdfs() -> list[str]:
-    from tests.mounts import QVDFS
+    from tests.support.mounts import QVDFS
 
     return [QVDFS]
 

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from qvdproc.mountinfo import mounts_under
-from tests.mounts import force_unmount
+from tests.support.mounts import force_unmount
 from tools.imagebuild import build_busybox_rootfs, build_image_tarball
 from tools.sandbox import netns_argv
 

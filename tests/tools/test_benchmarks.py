@@ -23,8 +23,8 @@ import pytest
 
 from benchmarks import report, targets, workloads
 from qvdproc.mountinfo import mounts_under
+from tests.support import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 WORKLOAD_METRICS = {"stat-cold", "stat-warm", "smallfiles-create", "smallfiles-delete"}
 
 

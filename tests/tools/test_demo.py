@@ -5,15 +5,13 @@ from __future__ import annotations
 import glob
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from pyroute2 import netns
 
 from qvdctl.container.runtime import monitors
 from qvdproc.mountinfo import read_mounts
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.support import REPO
 
 
 def _host_state() -> dict[str, set[str]]:
