@@ -16,26 +16,8 @@ from pathlib import Path
 import pytest
 
 from qvdctl.commands.user import check_password
-from tests.support.qvdctl import QVDCTL, Cli, busybox_tarball, cleanup_root, make_rootfs
-
-
-@pytest.fixture(scope="module")
-def rootfs(tmp_path_factory) -> Path:
-    return make_rootfs(tmp_path_factory.mktemp("busybox") / "root")
-
-
-@pytest.fixture(scope="module")
-def tarball(tmp_path_factory, rootfs) -> Path:
-    return busybox_tarball(tmp_path_factory.mktemp("tarballs") / "image.0.22.tgz", rootfs)
-
-
-@pytest.fixture
-def cli(tmp_path):
-    root = tmp_path / "root"
-    try:
-        yield Cli(root)
-    finally:
-        cleanup_root(root)
+from tests.support.qvdctl import QVDCTL, Cli
+from tools.imagebuild import build_image_tarball
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +120,7 @@ def test_ip_assignment_from_the_top_down_until_full(cli):
 
 def test_di_add_tags_version_head_and_default_if_first(populated, rootfs, tmp_path):
     cli = populated
-    second = busybox_tarball(tmp_path / "second.tar.gz", rootfs)
+    second = build_image_tarball(tmp_path / "second.tar.gz", rootfs)
     cli.run("di", "add", f"path={second}", "osf=MyOSF", "version=2.0")
     rows = {r["Id"]: r for r in cli.json("di", "list")}
     first_version = rows[1]["Version"]
@@ -146,7 +128,7 @@ def test_di_add_tags_version_head_and_default_if_first(populated, rootfs, tmp_pa
     assert set(rows[2]["Tags"].split(",")) == {"2.0", "head"}
     # An image for another OSF is that OSF's default.
     cli.run("osf", "add", "name=Other")
-    third = busybox_tarball(tmp_path / "third.tar.gz", rootfs)
+    third = build_image_tarball(tmp_path / "third.tar.gz", rootfs)
     cli.run("di", "add", f"path={third}", "osf=Other")
     assert set(cli.json("di", "list", "-f", "id=3")[0]["Tags"].split(",")) >= {"default", "head"}
     # Tagging moves a tag within an OSF.

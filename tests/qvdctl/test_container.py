@@ -34,11 +34,11 @@ from qvdctl.container import (
 )
 from qvdctl.container import config as config_mod
 from qvdctl.container.config import remove_config
-from qvdctl.container.runtime import Monitor, monitors, prune_cgroups
+from qvdctl.container.runtime import prune_cgroups
 from qvdproc.mountinfo import is_mounted
 from tests.support import consoles
 from tests.support.mounts import NODE_OPTIONS, force_unmount, qvdfs_mount
-from tools.imagebuild import build_busybox_rootfs
+from tests.support.qvdctl import lxc_monitors
 
 # Stock unionfs-fuse cannot raise its open-file limit to 32000 here (no CAP_SYS_RESOURCE
 # and a hard limit of 20000), so the comparison mounts leave max_files out.
@@ -47,11 +47,6 @@ STOCK_OPTIONS = ["-o", "cow", "-o", "suid", "-o", "dev", "-o", "allow_other"]
 
 def _vm_id() -> int:
     return random.randint(10_000, 99_999)
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_busybox_rootfs(tmp_path_factory.mktemp("img") / "base")
 
 
 @pytest.fixture
@@ -66,7 +61,7 @@ def lxcpath(tmp_path: Path) -> Iterator[Path]:
 
 @pytest.fixture(params=["qvdfs", "unionfs-fuse"])
 def union_root(
-    request: pytest.FixtureRequest, tmp_path: Path, base: Path
+    request: pytest.FixtureRequest, tmp_path: Path, rootfs: Path
 ) -> Iterator[tuple[Path, Path]]:
     """A busybox root mounted by qvdfs (the node's line) or stock unionfs-fuse.
 
@@ -75,7 +70,7 @@ def union_root(
     overlay, mnt = tmp_path / "overlay", tmp_path / "root"
     overlay.mkdir()
     mnt.mkdir()
-    branches = f"{overlay}=RW:{base}=RO"
+    branches = f"{overlay}=RW:{rootfs}=RO"
     if request.param == "qvdfs":
         with qvdfs_mount(branches, mnt, *NODE_OPTIONS):
             yield mnt, overlay
@@ -208,14 +203,14 @@ def test_config_dir_is_ours_only(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(90)
-async def test_issue2_smoke_on_qvdfs_node_line(tmp_path: Path, base: Path, lxcpath: Path) -> None:
+async def test_issue2_smoke_on_qvdfs_node_line(tmp_path: Path, rootfs: Path, lxcpath: Path) -> None:
     """Issue 2: a root mounted with qvdfs's node command line boots, writes go to the overlay."""
     overlay, mnt = tmp_path / "overlay", tmp_path / "root"
     overlay.mkdir()
     mnt.mkdir()
-    before = _base_snapshot(base)
+    before = _base_snapshot(rootfs)
     spec = _spec(_vm_id(), mnt)
-    with qvdfs_mount(f"{overlay}=RW:{base}=RO", mnt, *NODE_OPTIONS):
+    with qvdfs_mount(f"{overlay}=RW:{rootfs}=RO", mnt, *NODE_OPTIONS):
         await launch(spec, lxcpath)
         try:
             done = await exec_in(
@@ -229,8 +224,8 @@ async def test_issue2_smoke_on_qvdfs_node_line(tmp_path: Path, base: Path, lxcpa
     assert (overlay / "root/note").read_text() == "written-inside\n"
     # busybox's rcS appended its boot line: that write went to the overlay too.
     assert (overlay / "var/log/boot.log").read_text().startswith("booted ")
-    assert not (base / "root/note").exists()
-    assert _base_snapshot(base) == before
+    assert not (rootfs / "root/note").exists()
+    assert _base_snapshot(rootfs) == before
     assert await state(spec.name, lxcpath) == "ABSENT"
 
 
@@ -258,7 +253,7 @@ async def test_lxc_tools_find_the_container(
         ).stdout  # fmt: skip
         assert attached.strip() == spec.hostname
         assert await list_states(lxcpath) == {spec.name: "RUNNING"}
-        assert len(_monitors(lxcpath)) == 1
+        assert len(lxc_monitors(lxcpath)) == 1
         # A second launch of the same name is refused and leaves the running one alone.
         with pytest.raises(LaunchError, match="already running"):
             await launch(spec, lxcpath)
@@ -360,11 +355,6 @@ async def test_failed_start_leaves_nothing(tmp_path: Path, lxcpath: Path) -> Non
     assert not list(Path("/sys/fs/cgroup").glob(f"*/lxc.*.{spec.name}*"))
 
 
-def _monitors(lxcpath: Path) -> list[Monitor]:
-    """liblxc's monitor processes serving containers of ``lxcpath``."""
-    return [m for m in monitors() if m.lxcpath == lxcpath]
-
-
 @pytest.mark.timeout(90)
 async def test_cancelled_launch_leaves_nothing(
     union_root: tuple[Path, Path], lxcpath: Path
@@ -382,9 +372,9 @@ async def test_cancelled_launch_leaves_nothing(
         assert await state(spec.name, lxcpath) == "ABSENT", delay
         assert not (lxcpath / spec.name).exists()
         deadline = time.monotonic() + 5
-        while _monitors(lxcpath) and time.monotonic() < deadline:
+        while lxc_monitors(lxcpath) and time.monotonic() < deadline:
             await trio.sleep(0.1)
-        assert _monitors(lxcpath) == [], delay
+        assert lxc_monitors(lxcpath) == [], delay
 
 
 @pytest.mark.timeout(90)
@@ -407,14 +397,14 @@ async def test_home_bind_mount_lands_in_homefs(
 
 @pytest.mark.timeout(90)
 async def test_home_grafted_by_qvdfs_lands_in_homefs(
-    tmp_path: Path, base: Path, lxcpath: Path
+    tmp_path: Path, rootfs: Path, lxcpath: Path
 ) -> None:
     overlay, home, mnt = tmp_path / "overlay", tmp_path / "homefs", tmp_path / "root"
     for d in (overlay, home, mnt):
         d.mkdir()
     spec = _spec(_vm_id(), mnt)  # no bind mount: the union serves /home itself
     assert "home none bind" not in render_config(spec, lxcpath)
-    with qvdfs_mount(f"{overlay}=RW:{base}=RO:{home}=RW@/home", mnt, *NODE_OPTIONS):
+    with qvdfs_mount(f"{overlay}=RW:{rootfs}=RO:{home}=RW@/home", mnt, *NODE_OPTIONS):
         await launch(spec, lxcpath)
         try:
             done = await exec_in(
@@ -429,7 +419,7 @@ async def test_home_grafted_by_qvdfs_lands_in_homefs(
 
 
 @pytest.mark.timeout(90)
-async def test_concurrent_launches(tmp_path: Path, base: Path, lxcpath: Path) -> None:
+async def test_concurrent_launches(tmp_path: Path, rootfs: Path, lxcpath: Path) -> None:
     roots = []
     for i in range(4):
         overlay, mnt = tmp_path / f"overlay{i}", tmp_path / f"root{i}"
@@ -439,7 +429,7 @@ async def test_concurrent_launches(tmp_path: Path, base: Path, lxcpath: Path) ->
     try:
         for overlay, mnt in roots:
             subprocess.run(
-                ["unionfs", *STOCK_OPTIONS, f"{overlay}=RW:{base}=RO", str(mnt)],
+                ["unionfs", *STOCK_OPTIONS, f"{overlay}=RW:{rootfs}=RO", str(mnt)],
                 check=True, timeout=30,
             )  # fmt: skip
         specs = [_spec(_vm_id() * 10 + i, mnt) for i, (_, mnt) in enumerate(roots)]

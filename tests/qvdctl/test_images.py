@@ -21,24 +21,10 @@ from qvdctl.errors import QvdError
 from qvdctl.images.extract import ensure_extracted, find_root, image_kind
 from tests.support import REPO
 from tests.support.mounts import force_unmount
-from tests.support.qvdctl import Cli, busybox_tarball, cleanup_root, make_rootfs
+from tools.imagebuild import build_image_tarball
 
 # A capability set as setcap cap_net_raw+ep writes it (VFS_CAP_REVISION_2).
 CAP_NET_RAW = bytes.fromhex("0100000200200000000000000000000000000000")
-
-
-@pytest.fixture(scope="module")
-def rootfs(tmp_path_factory) -> Path:
-    return make_rootfs(tmp_path_factory.mktemp("busybox") / "root")
-
-
-@pytest.fixture
-def cli(tmp_path):
-    root = tmp_path / "root"
-    try:
-        yield Cli(root)
-    finally:
-        cleanup_root(root)
 
 
 @contextlib.contextmanager
@@ -86,10 +72,10 @@ def _info(name: str, type_=tarfile.REGTYPE, **attrs) -> tarfile.TarInfo:
 @pytest.mark.parametrize("compression", ["gz", "bz2", "xz", "", "zst"])
 def test_every_compression_extracts(tmp_path, rootfs, compression):
     if compression == "zst":
-        plain = busybox_tarball(tmp_path / "plain.tar", rootfs, compression="")
+        plain = build_image_tarball(tmp_path / "plain.tar", rootfs, compression="")
         archive = _zstd(plain, tmp_path / "image.tar.zst")
     else:
-        archive = busybox_tarball(tmp_path / f"image.tar.{compression}", rootfs, compression)
+        archive = build_image_tarball(tmp_path / f"image.tar.{compression}", rootfs, compression=compression)
     target = tmp_path / "basefs" / ".images" / archive.name
     assert ensure_extracted(archive, target) is True
     assert (target / "bin" / "busybox").read_bytes() == (rootfs / "bin" / "busybox").read_bytes()
@@ -99,15 +85,15 @@ def test_every_compression_extracts(tmp_path, rootfs, compression):
 
 def test_compression_is_detected_from_content_not_name(tmp_path, rootfs):
     # An xz tarball wearing a .tgz name.
-    archive = busybox_tarball(tmp_path / "misnamed.tgz", rootfs, compression="xz")
+    archive = build_image_tarball(tmp_path / "misnamed.tgz", rootfs, compression="xz")
     target = tmp_path / "out"
     ensure_extracted(archive, target)
     assert (target / "etc" / "inittab").is_file()
 
 
 def test_basic_and_extended_images(tmp_path, rootfs):
-    basic = busybox_tarball(tmp_path / "basic.tgz", rootfs)
-    extended = busybox_tarball(tmp_path / "extended.tgz", rootfs, extended=True)
+    basic = build_image_tarball(tmp_path / "basic.tgz", rootfs)
+    extended = build_image_tarball(tmp_path / "extended.tgz", rootfs, extended=True)
     ensure_extracted(basic, tmp_path / "b")
     ensure_extracted(extended, tmp_path / "e")
     assert image_kind(tmp_path / "b") == "basic" and find_root(tmp_path / "b") == tmp_path / "b"
@@ -244,7 +230,7 @@ print(ensure_extracted(Path(sys.argv[1]), Path(sys.argv[2])))
 
 @pytest.mark.timeout(180)
 def test_concurrent_extraction_happens_once(tmp_path, rootfs):
-    archive = busybox_tarball(tmp_path / "image.tgz", rootfs)
+    archive = build_image_tarball(tmp_path / "image.tgz", rootfs)
     target = tmp_path / "basefs" / ".images" / "image.tgz"
     target.parent.mkdir(parents=True)
     # Hold the lock so every child is provably waiting at the same time.
@@ -272,7 +258,7 @@ def test_concurrent_extraction_happens_once(tmp_path, rootfs):
 
 
 def test_a_crashed_extraction_is_not_trusted(tmp_path, rootfs):
-    archive = busybox_tarball(tmp_path / "image.tgz", rootfs)
+    archive = build_image_tarball(tmp_path / "image.tgz", rootfs)
     target = tmp_path / "basefs" / "image.tgz"
     target.parent.mkdir()
     half = target.parent / ".image.tgz.tmp-99999"
@@ -283,7 +269,7 @@ def test_a_crashed_extraction_is_not_trusted(tmp_path, rootfs):
 
 
 def test_a_truncated_archive_leaves_no_tree(tmp_path, rootfs):
-    whole = busybox_tarball(tmp_path / "whole.tgz", rootfs).read_bytes()
+    whole = build_image_tarball(tmp_path / "whole.tgz", rootfs).read_bytes()
     archive = tmp_path / "truncated.tgz"
     archive.write_bytes(whole[: len(whole) // 2])
     with pytest.raises(QvdError, match="extracting truncated.tgz failed"):
@@ -292,7 +278,7 @@ def test_a_truncated_archive_leaves_no_tree(tmp_path, rootfs):
 
 
 def test_a_full_disk_leaves_no_tree(tmp_path, rootfs):
-    archive = busybox_tarball(tmp_path / "image.tgz", rootfs)
+    archive = build_image_tarball(tmp_path / "image.tgz", rootfs)
     with small_tmpfs(tmp_path / "basefs", "512k") as basefs:
         with pytest.raises(QvdError, match="extracting image.tgz failed"):
             ensure_extracted(archive, basefs / "image.tgz")
@@ -303,7 +289,7 @@ def test_a_full_disk_leaves_no_tree(tmp_path, rootfs):
 
 
 def test_a_failed_copy_registers_nothing(cli, tmp_path, rootfs):
-    archive = busybox_tarball(tmp_path / "big.tgz", rootfs)
+    archive = build_image_tarball(tmp_path / "big.tgz", rootfs)
     assert archive.stat().st_size > 256 * 1024
     cli.run("osf", "add", "name=o")
     with small_tmpfs(cli.root / "images", "256k") as images:

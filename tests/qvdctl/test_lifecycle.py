@@ -16,35 +16,19 @@ import pytest
 from qvdctl.mounting import QVDFS
 from qvdproc import processes
 from qvdproc.mountinfo import mounts_under
-from tests.support.qvdctl import (
-    STOCK_UNIONFS,
-    Cli,
-    busybox_tarball,
-    cleanup_root,
-    make_rootfs,
-    stock_unionfs_wrapper,
-)
-
-
-@pytest.fixture(scope="module")
-def tarball(tmp_path_factory) -> Path:
-    rootfs = make_rootfs(tmp_path_factory.mktemp("busybox") / "root")
-    return busybox_tarball(tmp_path_factory.mktemp("tarballs") / "image.0.22.tgz", rootfs)
+from tests.support.mounts import NODE_OPTIONS
+from tests.support.qvdctl import STOCK_UNIONFS, Cli, stock_unionfs_wrapper
 
 
 @pytest.fixture
-def cli(tmp_path, tarball):
+def cli(cli: Cli, tarball: Path) -> Cli:
     """A root with one image, a user and VM 'v' (id 1, user id 1), mount-only starts."""
-    cli = Cli(tmp_path / "root")
-    try:
-        cli.run("config", "set", "vm.hypervisor=lxc", "vm.start.mount_only=1")
-        cli.run("osf", "add", "name=o")
-        cli.run("di", "add", f"path={tarball}", "osf=o")
-        cli.run("user", "add", "login=u", "password=p")
-        cli.run("vm", "add", "name=v", "user=u", "osf=o")
-        yield cli
-    finally:
-        cleanup_root(cli.root)
+    cli.run("config", "set", "vm.hypervisor=lxc", "vm.start.mount_only=1")
+    cli.run("osf", "add", "name=o")
+    cli.run("di", "add", f"path={tarball}", "osf=o")
+    cli.run("user", "add", "login=u", "password=p")
+    cli.run("vm", "add", "name=v", "user=u", "osf=o")
+    return cli
 
 
 def _paths(cli: Cli) -> dict[str, Path]:
@@ -89,8 +73,7 @@ def test_start_mounts_the_root_and_stop_unmounts_it(cli, mode, tmp_path):
         shared = cli.root / "basefs" / ".images" / "image.0.22.tgz"
         assert Path(f"{wrapper}.argv").read_text().splitlines() == [
             str(wrapper), "-o", "statfs_omit_ro",
-            "-o", "cow", "-o", "max_files=32000", "-o", "suid", "-o", "dev", "-o", "allow_other",
-            f"{p['overlay']}=RW:{shared}=RO", str(p["rootfs"]),
+            *NODE_OPTIONS, f"{p['overlay']}=RW:{shared}=RO", str(p["rootfs"]),
         ]
     assert mounts_under(p["rootfs"]) == [str(p["rootfs"])]
     assert cli.vm("v")["State"] == "running"

@@ -23,7 +23,6 @@ from qvdctl.network import gateway_cidr, mac_for_ip, prefix_length, veth_name
 from qvdproc.mountinfo import mounts_under
 from tests.support import REPO
 from tests.support.mounts import NODE_OPTIONS, force_unmount, qvdfs_mount
-from tools.imagebuild import build_busybox_rootfs
 from tools.sandbox import netns_argv, scratch_netns
 
 
@@ -180,13 +179,8 @@ print(json.dumps(out))
 """
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_busybox_rootfs(tmp_path_factory.mktemp("img") / "base")
-
-
 @pytest.fixture
-def two_roots(tmp_path: Path, base: Path) -> Iterator[list[Path]]:
+def two_roots(tmp_path: Path, rootfs: Path) -> Iterator[list[Path]]:
     """Two busybox roots, each mounted by qvdfs with the node's command line."""
     with contextlib.ExitStack() as stack:
         roots = []
@@ -195,7 +189,7 @@ def two_roots(tmp_path: Path, base: Path) -> Iterator[list[Path]]:
             overlay.mkdir()
             mnt.mkdir()
             roots.append(stack.enter_context(
-                qvdfs_mount(f"{overlay}=RW:{base}=RO", mnt, *NODE_OPTIONS)
+                qvdfs_mount(f"{overlay}=RW:{rootfs}=RO", mnt, *NODE_OPTIONS)
             ))  # fmt: skip
         yield roots
 

@@ -20,18 +20,17 @@ from pathlib import Path
 import pytest
 from pyroute2 import IPRoute
 
-from qvdctl.container.runtime import Monitor, monitors
 from qvdctl.mounting import QVDFS
 from qvdproc import processes
 from qvdproc.mountinfo import mounts_under
 from tests.support import consoles
-from tests.support.mounts import daemon_pids, force_unmount
-from tests.support.qvdctl import Cli, busybox_tarball, make_rootfs, stock_unionfs_wrapper
+from tests.support.mounts import NODE_OPTIONS, daemon_pids, force_unmount
+from tests.support.qvdctl import IMAGE, Cli, lxc_monitors, stock_unionfs_wrapper
+from tools.imagebuild import build_image_tarball
 from tools.sandbox import netns_argv, scratch_netns, shared_mount
 
 NET = "10.219.5"  # only ever configured inside each test's own namespace
 BRIDGE = "qvdtbr0"
-IMAGE = "image.0.22.tgz"
 
 MODES = {
     "qvdfs": {"vm.lxc.unionfs.type": "qvdfs"},
@@ -44,31 +43,17 @@ MODES = {
 
 
 @pytest.fixture(scope="module")
-def rootfs(tmp_path_factory) -> Path:
-    return make_rootfs(tmp_path_factory.mktemp("busybox") / "root")
-
-
-@pytest.fixture(scope="module")
-def tarball(tmp_path_factory, rootfs) -> Path:
-    return busybox_tarball(tmp_path_factory.mktemp("tarballs") / IMAGE, rootfs)
-
-
-@pytest.fixture(scope="module")
 def no_init_tarball(tmp_path_factory, rootfs) -> Path:
     """An image that extracts fine but cannot boot: its /sbin/init is missing."""
     root = tmp_path_factory.mktemp("noinit") / "root"
     shutil.copytree(rootfs, root, symlinks=True)
     (root / "sbin" / "init").unlink()
-    return busybox_tarball(tmp_path_factory.mktemp("tarballs") / "noinit.0.1.tgz", root)
+    return build_image_tarball(tmp_path_factory.mktemp("tarballs") / "noinit.0.1.tgz", root)
 
 
 def _lxc_cgroups() -> set[Path]:
     root = Path("/sys/fs/cgroup")
     return set(root.glob("lxc.*.qvd-*")) | set(root.glob("*/lxc.*.qvd-*"))
-
-
-def _monitors(lxcpath: Path) -> list[Monitor]:
-    return [m for m in monitors() if m.lxcpath == lxcpath]
 
 
 class Node:
@@ -105,11 +90,11 @@ class Node:
         assert self.veths() == set()
         assert not self.lxcpath.exists() or list(self.lxcpath.iterdir()) == []
         deadline = time.monotonic() + 15  # a failed start's monitor exits a moment later
-        while (_monitors(self.lxcpath) or _lxc_cgroups() - cgroups_before) and (
+        while (lxc_monitors(self.lxcpath) or _lxc_cgroups() - cgroups_before) and (
             time.monotonic() < deadline
         ):
             time.sleep(0.1)
-        assert _monitors(self.lxcpath) == []
+        assert lxc_monitors(self.lxcpath) == []
         assert _lxc_cgroups() - cgroups_before == set()
 
 
@@ -169,8 +154,7 @@ def test_start_list_exec_stop(node: Node, mode: str, tmp_path: Path) -> None:
     if mode == "unionfs-fuse=stock":
         shared = node.root / "basefs" / ".images" / IMAGE
         assert Path(f"{wrapper}.argv").read_text().splitlines()[1:] == [
-            "-o", "cow", "-o", "max_files=32000", "-o", "suid", "-o", "dev", "-o", "allow_other",
-            f"{p['overlay']}=RW:{shared}=RO", str(p["rootfs"]),
+            *NODE_OPTIONS, f"{p['overlay']}=RW:{shared}=RO", str(p["rootfs"]),
         ]
     row = node.cli.vm("v")
     assert (row["State"], row["Ip"]) == ("running", f"{NET}.254")

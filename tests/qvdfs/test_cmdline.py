@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from qvdfs import __version__
 from qvdfs.cmdline import HELP_TEXT, InfoRequested, parse_args, parse_branches
 from qvdfs.config import BranchConfig, MountError, WhiteoutFormat
+from tests.support.mounts import NODE_OPTIONS
 
-NODE_LINE = ["-o", "cow", "-o", "max_files=32000", "-o", "suid", "-o", "dev", "-o", "allow_other",
-             "/var/lib/qvd/storage/overlayfs/1-2-overlayfs=RW:"
+NODE_LINE = [*NODE_OPTIONS, "/var/lib/qvd/storage/overlayfs/1-2-overlayfs=RW:"
              "/var/lib/qvd/storage/basefs/2-image.0.22.tgz=RO",
              "/var/lib/qvd/storage/rootfs/3-2-fs"]
 

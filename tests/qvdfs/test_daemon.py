@@ -31,14 +31,13 @@ from qvdfs.fuse.filesystem import ROOT_ID, Attr, Context, Entry, Opened
 from qvdproc import processes
 from qvdproc.mountinfo import Mount, is_mounted, read_mounts
 from tests.support import REPO
+from tests.support.mounts import NODE_OPTIONS, node_branches
 
 VENV_BIN = Path(sys.executable).parent
 QVDFS = str(VENV_BIN / "qvdfs")
 STANDIN = [sys.executable, str(Path(__file__).resolve())]
 STANDIN_ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 ENTRY = [QVDFS]
-NODE_OPTIONS = ["-o", "cow", "-o", "max_files=32000", "-o", "suid", "-o", "dev", "-o",
-                "allow_other"]
 STANDIN_ROOT_MODE = 0o711  # unusual on purpose: a stat showing it proves the stand-in answers
 
 
@@ -145,17 +144,14 @@ def cleanup(mountpoint: Path) -> Iterator[None]:
 
 
 @pytest.fixture
-def dirs(tmp_path: Path) -> dict[str, Path]:
-    """The node's layout in miniature: an overlay, a base with a file, an empty mountpoint."""
-    layout = {name: tmp_path / name for name in ("overlay", "base", "rootfs")}
-    for path in layout.values():
-        path.mkdir()
-    (layout["base"] / "hello").write_text("from base\n")
-    return layout
+def dirs(dirs: dict[str, Path]) -> dict[str, Path]:
+    """The node's layout in miniature: a base with a file, an empty upper and mountpoint."""
+    (dirs["base"] / "hello").write_text("from base\n")
+    return dirs
 
 
 def node_argv(d: dict[str, Path]) -> list[str]:
-    return [*NODE_OPTIONS, f"{d['overlay']}=RW:{d['base']}=RO", str(d["rootfs"])]
+    return [*NODE_OPTIONS, node_branches(d), str(d["mnt"])]
 
 
 def run_entry(command: list[str], argv: list[str], **kwargs: object) -> subprocess.CompletedProcess:
@@ -181,7 +177,7 @@ def assert_one_line_failure(result: subprocess.CompletedProcess, *words: str) ->
 
 
 def test_node_command_line_mounts_and_umount_ends_daemon(dirs: dict[str, Path]) -> None:
-    mnt = dirs["rootfs"]
+    mnt = dirs["mnt"]
     with cleanup(mnt):
         result = run_entry(ENTRY, node_argv(dirs))
         assert result.returncode == 0, result.stderr
@@ -207,7 +203,7 @@ def test_node_command_line_mounts_and_umount_ends_daemon(dirs: dict[str, Path]) 
 
 
 def test_mount_widens_the_read_ahead_window(dirs: dict[str, Path]) -> None:
-    mnt = dirs["rootfs"]
+    mnt = dirs["mnt"]
     with cleanup(mnt):
         assert run_entry(ENTRY, node_argv(dirs)).returncode == 0
         device = mount_entry(mnt).device
@@ -217,30 +213,30 @@ def test_mount_widens_the_read_ahead_window(dirs: dict[str, Path]) -> None:
 
 
 def test_graft_serves_home_from_its_own_branch(dirs: dict[str, Path], tmp_path: Path) -> None:
-    home, mnt = tmp_path / "homefs", dirs["rootfs"]
+    home, mnt = tmp_path / "homefs", dirs["mnt"]
     home.mkdir()
     (home / "notes").write_text("mine\n")
-    argv = [*NODE_OPTIONS, f"{dirs['overlay']}=RW:{dirs['base']}=RO:{home}=RW@/home", str(mnt)]
+    argv = [*NODE_OPTIONS, f"{dirs['upper']}=RW:{dirs['base']}=RO:{home}=RW@/home", str(mnt)]
     with cleanup(mnt):
         assert run_entry(ENTRY, argv).returncode == 0
         assert (mnt / "home" / "notes").read_text() == "mine\n"
         (mnt / "home" / "new").write_text("x")
         assert (home / "new").read_text() == "x"
-        assert not (dirs["overlay"] / "home" / "new").exists()
+        assert not (dirs["upper"] / "home" / "new").exists()
         umount_and_wait(mnt)
 
 
 def test_relative_paths_survive_chdir_to_root(dirs: dict[str, Path], tmp_path: Path) -> None:
-    mnt = dirs["rootfs"]
+    mnt = dirs["mnt"]
     with cleanup(mnt):
-        result = run_entry(ENTRY, ["overlay=RW:./base", "rootfs"], cwd=tmp_path)
+        result = run_entry(ENTRY, ["upper=RW:./base", "mnt"], cwd=tmp_path)
         assert result.returncode == 0, result.stderr
         assert (mnt / "hello").read_text() == "from base\n"
         umount_and_wait(mnt)
 
 
 def test_read_only_union_warns_and_mounts(dirs: dict[str, Path]) -> None:
-    mnt = dirs["rootfs"]
+    mnt = dirs["mnt"]
     with cleanup(mnt):
         result = run_entry(ENTRY, [f"{dirs['base']}=RO", str(mnt)])
         assert result.returncode == 0
@@ -253,9 +249,9 @@ def test_read_only_union_warns_and_mounts(dirs: dict[str, Path]) -> None:
 
 
 def test_debug_flag_logs_fuse_requests_in_foreground(dirs: dict[str, Path]) -> None:
-    mnt = dirs["rootfs"]
+    mnt = dirs["mnt"]
     with cleanup(mnt):
-        proc = subprocess.Popen([*ENTRY, "-d", f"{dirs['overlay']}=RW:{dirs['base']}", str(mnt)],
+        proc = subprocess.Popen([*ENTRY, "-d", f"{dirs['upper']}=RW:{dirs['base']}", str(mnt)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
             deadline = time.monotonic() + 30
@@ -276,7 +272,7 @@ def test_debug_flag_logs_fuse_requests_in_foreground(dirs: dict[str, Path]) -> N
 
 
 def test_fusermount_u_ends_daemon(dirs: dict[str, Path]) -> None:
-    mnt = dirs["rootfs"]
+    mnt = dirs["mnt"]
     with cleanup(mnt):
         assert run_entry(ENTRY, node_argv(dirs)).returncode == 0
         pids = daemon_pids(mnt)
@@ -298,7 +294,7 @@ def wait_logged(proc: subprocess.Popen, log_file: Path, text: str, timeout: floa
 @pytest.mark.parametrize("how", ["umount", "SIGTERM", "SIGINT"])
 def test_foreground_exits_0_after_umount_or_signal(dirs: dict[str, Path], tmp_path: Path,
                                                    how: str) -> None:
-    mnt, log_file = dirs["rootfs"], tmp_path / "qvdfs.log"
+    mnt, log_file = dirs["mnt"], tmp_path / "qvdfs.log"
     with cleanup(mnt):
         proc = subprocess.Popen([*ENTRY, "-f", "-o", f"debug_file={log_file}", *node_argv(dirs)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -321,7 +317,7 @@ def test_foreground_exits_0_after_umount_or_signal(dirs: dict[str, Path], tmp_pa
 
 def test_foreground_umount_racing_the_start_still_exits_0(dirs: dict[str, Path]) -> None:
     """An umount as soon as the mount shows up, maybe before the daemon's own first request."""
-    mnt = dirs["rootfs"]
+    mnt = dirs["mnt"]
     with cleanup(mnt):
         proc = subprocess.Popen([*ENTRY, "-f", *node_argv(dirs)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -342,7 +338,7 @@ def test_foreground_umount_racing_the_start_still_exits_0(dirs: dict[str, Path])
 
 def test_second_signal_during_shutdown_does_not_kill(dirs: dict[str, Path],
                                                      tmp_path: Path) -> None:
-    mnt, mark = dirs["rootfs"], tmp_path / "destroyed"
+    mnt, mark = dirs["mnt"], tmp_path / "destroyed"
     env = {**STANDIN_ENV, "QVDFS_STANDIN_DESTROY_MARK": str(mark),
            "QVDFS_STANDIN_DESTROY_DELAY": "1"}
     with cleanup(mnt):
@@ -369,7 +365,7 @@ def test_second_signal_during_shutdown_does_not_kill(dirs: dict[str, Path],
 
 
 def test_sigterm_unmounts_daemon(dirs: dict[str, Path]) -> None:
-    mnt = dirs["rootfs"]
+    mnt = dirs["mnt"]
     with cleanup(mnt):
         assert run_entry(ENTRY, node_argv(dirs)).returncode == 0
         pids = daemon_pids(mnt)
@@ -381,7 +377,7 @@ def test_sigterm_unmounts_daemon(dirs: dict[str, Path]) -> None:
 
 def test_debug_file_gets_the_log_and_destroy_is_called(dirs: dict[str, Path],
                                                        tmp_path: Path) -> None:
-    mnt, log_file, mark = dirs["rootfs"], tmp_path / "qvdfs.log", tmp_path / "destroyed"
+    mnt, log_file, mark = dirs["mnt"], tmp_path / "qvdfs.log", tmp_path / "destroyed"
     env = {**STANDIN_ENV, "QVDFS_STANDIN_DESTROY_MARK": str(mark)}
     with cleanup(mnt):
         result = run_entry(STANDIN, ["-o", f"debug_file={log_file}", *node_argv(dirs)], env=env)
@@ -406,10 +402,10 @@ def test_debug_file_gets_the_log_and_destroy_is_called(dirs: dict[str, Path],
      "direct_io,noinitgroups,preserve_branch", lambda m: True),
 ])
 def test_options_reach_the_kernel(dirs: dict[str, Path], option: str, expect: object) -> None:
-    mnt = dirs["rootfs"]
-    (dirs["rootfs"] / "old").write_text("")  # a non-empty mountpoint is fine, as with nonempty
+    mnt = dirs["mnt"]
+    (dirs["mnt"] / "old").write_text("")  # a non-empty mountpoint is fine, as with nonempty
     with cleanup(mnt):
-        result = run_entry(ENTRY, ["-o", option, f"{dirs['overlay']}=RW:{dirs['base']}", str(mnt)])
+        result = run_entry(ENTRY, ["-o", option, f"{dirs['upper']}=RW:{dirs['base']}", str(mnt)])
         assert result.returncode == 0, result.stderr
         assert expect(mount_entry(mnt))  # type: ignore[operator]
         os.stat(mnt)
@@ -422,11 +418,11 @@ def test_session_refused_at_init_leaves_nothing_mounted(dirs: dict[str, Path]) -
     On the pyfuse3 backend, where libfuse 3 refuses max_read unless init() repeats it, which
     pyfuse3 cannot do.
     """
-    mnt = dirs["rootfs"]
+    mnt = dirs["mnt"]
     env = {**STANDIN_ENV, "QVDFS_STANDIN_RAW_FUSE_OPTION": "max_read=65536"}
     with cleanup(mnt):
         result = run_entry(STANDIN, ["-o", "backend=pyfuse3",
-                                     f"{dirs['overlay']}=RW:{dirs['base']}", str(mnt)], env=env)
+                                     f"{dirs['upper']}=RW:{dirs['base']}", str(mnt)], env=env)
         assert result.returncode == 1
         # Which comes first is a race: the loop ending, or the refused readiness check.
         assert errors(result.stderr) in (
@@ -441,22 +437,22 @@ def test_session_refused_at_init_leaves_nothing_mounted(dirs: dict[str, Path]) -
 
 def test_missing_branch(dirs: dict[str, Path]) -> None:
     missing = dirs["base"].parent / "nope"
-    result = run_entry([QVDFS], [*NODE_OPTIONS, f"{dirs['overlay']}=RW:{missing}=RO",
-                                 str(dirs["rootfs"])])
+    result = run_entry([QVDFS], [*NODE_OPTIONS, f"{dirs['upper']}=RW:{missing}=RO",
+                                 str(dirs["mnt"])])
     assert_one_line_failure(result, str(missing), "does not exist")
-    assert not is_mounted(dirs["rootfs"])
+    assert not is_mounted(dirs["mnt"])
 
 
 def test_branch_not_a_directory(dirs: dict[str, Path]) -> None:
     file_branch = dirs["base"] / "hello"
-    result = run_entry([QVDFS], [f"{dirs['overlay']}=RW:{file_branch}", str(dirs["rootfs"])])
+    result = run_entry([QVDFS], [f"{dirs['upper']}=RW:{file_branch}", str(dirs["mnt"])])
     assert_one_line_failure(result, str(file_branch), "not a directory")
-    assert not is_mounted(dirs["rootfs"])
+    assert not is_mounted(dirs["mnt"])
 
 
 def test_mountpoint_missing_or_not_a_directory(dirs: dict[str, Path]) -> None:
-    branches = f"{dirs['overlay']}=RW:{dirs['base']}=RO"
-    missing = dirs["rootfs"] / "nope"
+    branches = f"{dirs['upper']}=RW:{dirs['base']}=RO"
+    missing = dirs["mnt"] / "nope"
     assert_one_line_failure(run_entry([QVDFS], [branches, str(missing)]), "does not exist")
     a_file = dirs["base"] / "hello"
     assert_one_line_failure(run_entry([QVDFS], [branches, str(a_file)]), "not a directory")
@@ -464,7 +460,7 @@ def test_mountpoint_missing_or_not_a_directory(dirs: dict[str, Path]) -> None:
 
 
 def test_mountpoint_busy(dirs: dict[str, Path]) -> None:
-    mnt = dirs["rootfs"]
+    mnt = dirs["mnt"]
     with cleanup(mnt):
         subprocess.run(["mount", "-t", "tmpfs", "qvdfs-test", str(mnt)], check=True, timeout=30)
         before = mount_entry(mnt)
@@ -477,7 +473,7 @@ def test_mountpoint_busy(dirs: dict[str, Path]) -> None:
 
 def test_dead_mount_of_a_killed_daemon_is_busy(dirs: dict[str, Path]) -> None:
     """A daemon killed outright leaves a dead mount (ENOTCONN); a new start must say busy."""
-    mnt = dirs["rootfs"]
+    mnt = dirs["mnt"]
     with cleanup(mnt):
         assert run_entry(STANDIN, node_argv(dirs)).returncode == 0
         pids = daemon_pids(mnt)
@@ -492,26 +488,26 @@ def test_dead_mount_of_a_killed_daemon_is_busy(dirs: dict[str, Path]) -> None:
 
 
 def test_branch_inside_mountpoint_is_refused(dirs: dict[str, Path]) -> None:
-    inner = dirs["rootfs"] / "inner"
+    inner = dirs["mnt"] / "inner"
     inner.mkdir()
-    result = run_entry([QVDFS], [f"{inner}=RW:{dirs['base']}", str(dirs["rootfs"])])
+    result = run_entry([QVDFS], [f"{inner}=RW:{dirs['base']}", str(dirs["mnt"])])
     assert_one_line_failure(result, "inside the mountpoint")
-    assert not is_mounted(dirs["rootfs"])
+    assert not is_mounted(dirs["mnt"])
 
 
 def test_bad_command_line_is_one_line(dirs: dict[str, Path]) -> None:
-    result = run_entry([QVDFS], ["-o", "frobnicate", f"{dirs['base']}", str(dirs["rootfs"])])
+    result = run_entry([QVDFS], ["-o", "frobnicate", f"{dirs['base']}", str(dirs["mnt"])])
     assert_one_line_failure(result, "unknown option 'frobnicate'")
-    result = run_entry([QVDFS], [f"{dirs['overlay']}=RX", str(dirs["rootfs"])])
+    result = run_entry([QVDFS], [f"{dirs['upper']}=RX", str(dirs["mnt"])])
     assert_one_line_failure(result, "bad mode 'RX'")
 
 
 def test_unopenable_debug_file(dirs: dict[str, Path]) -> None:
     log_file = dirs["base"] / "no-such-dir" / "qvdfs.log"
     result = run_entry([QVDFS], ["-o", f"debug_file={log_file}", str(dirs["base"]),
-                                 str(dirs["rootfs"])])
+                                 str(dirs["mnt"])])
     assert_one_line_failure(result, "cannot open debug_file", str(log_file))
-    assert not is_mounted(dirs["rootfs"])
+    assert not is_mounted(dirs["mnt"])
 
 
 def test_version_and_help() -> None:
@@ -535,7 +531,7 @@ def test_check_fuse_device_on_fake_paths(tmp_path: Path) -> None:
 def test_daemon_failing_before_ready_reports_through_parent(dirs: dict[str, Path],
                                                             tmp_path: Path) -> None:
     """The mount never answers: the first process exits 1 with the daemon's reason, unmounted."""
-    mnt, log_file = dirs["rootfs"], tmp_path / "qvdfs.log"
+    mnt, log_file = dirs["mnt"], tmp_path / "qvdfs.log"
     env = {**STANDIN_ENV, "QVDFS_STANDIN_FAIL_ROOT": "1"}
     with cleanup(mnt):
         result = run_entry(STANDIN, ["-o", f"debug_file={log_file}", *node_argv(dirs)], env=env)
@@ -550,7 +546,7 @@ def test_daemon_failing_before_ready_reports_through_parent(dirs: dict[str, Path
 def test_handler_crash_answers_eio_logs_traceback_and_the_mount_survives(
         dirs: dict[str, Path], tmp_path: Path) -> None:
     """A bug in a handler costs that one request, never the mount."""
-    mnt, log_file = dirs["rootfs"], tmp_path / "qvdfs.log"
+    mnt, log_file = dirs["mnt"], tmp_path / "qvdfs.log"
     with cleanup(mnt):
         result = run_entry(STANDIN, ["-o", f"debug_file={log_file}", *node_argv(dirs)],
                            env=STANDIN_ENV)
@@ -580,7 +576,7 @@ def _daemon_nofile(pid: int) -> tuple[int, int]:
 
 
 def test_max_files_above_hard_limit_warns_and_mounts(dirs: dict[str, Path]) -> None:
-    mnt = dirs["rootfs"]
+    mnt = dirs["mnt"]
     with cleanup(mnt):
         result = run_entry(ENTRY, node_argv(dirs), preexec_fn=lambda: _limit_nofile(1024, 20000))
         assert result.returncode == 0, result.stderr
@@ -592,8 +588,8 @@ def test_max_files_above_hard_limit_warns_and_mounts(dirs: dict[str, Path]) -> N
 
 
 def test_max_files_below_hard_limit_is_silent(dirs: dict[str, Path]) -> None:
-    mnt = dirs["rootfs"]
-    argv = ["-o", "max_files=4096", f"{dirs['overlay']}=RW:{dirs['base']}", str(mnt)]
+    mnt = dirs["mnt"]
+    argv = ["-o", "max_files=4096", f"{dirs['upper']}=RW:{dirs['base']}", str(mnt)]
     with cleanup(mnt):
         result = run_entry(ENTRY, argv, preexec_fn=lambda: _limit_nofile(1024, 20000))
         assert result.returncode == 0 and result.stderr == ""

@@ -26,8 +26,15 @@ import pytest
 from qvdctl.container.runtime import monitors
 from qvdproc import processes
 from qvdproc.mountinfo import is_mounted, mounts_under
-from tests.support.mounts import NODE_OPTIONS, QVDFS, daemon_pids, force_unmount, qvdfs_mount
-from tests.support.qvdctl import QVDCTL, Cli, cleanup_root
+from tests.support.mounts import (
+    NODE_OPTIONS,
+    QVDFS,
+    daemon_pids,
+    force_unmount,
+    node_branches,
+    qvdfs_mount,
+)
+from tests.support.qvdctl import QVDCTL, Cli
 
 WORK = ".qvdfs.work"
 MiB = 1 << 20
@@ -41,26 +48,11 @@ def _sha(path: Path) -> str:
     return h.hexdigest()
 
 
-def _branches(d: dict[str, Path]) -> str:
-    return f"{d['upper']}=RW:{d['base']}=RO"
-
-
-@pytest.fixture
-def dirs(tmp_path: Path) -> Iterator[dict[str, Path]]:
-    d = {name: tmp_path / name for name in ("base", "upper", "mnt")}
-    for p in d.values():
-        p.mkdir()
-    try:
-        yield d
-    finally:
-        force_unmount(d["mnt"])
-
-
 @contextlib.contextmanager
 def killable_mount(d: dict[str, Path]) -> Iterator[list[int]]:
     """Mount qvdfs with the node's options; yield its daemon pids; clear it however it ended."""
     mnt = str(d["mnt"])
-    subprocess.run([QVDFS, *NODE_OPTIONS, _branches(d), mnt], check=True, timeout=30)
+    subprocess.run([QVDFS, *NODE_OPTIONS, node_branches(d), mnt], check=True, timeout=30)
     pids = daemon_pids(mnt)
     assert pids, "no daemon found for the mount"
     try:
@@ -161,7 +153,7 @@ def test_sigkill_during_copy_up_of_a_large_file(dirs: dict[str, Path]) -> None:
         if interrupted:
             caught += 1
             assert _work_entries(dirs["upper"]), "the interrupted copy left nothing in the work dir"
-        with qvdfs_mount(_branches(dirs), dirs["mnt"], *NODE_OPTIONS) as mnt:
+        with qvdfs_mount(node_branches(dirs), dirs["mnt"], *NODE_OPTIONS) as mnt:
             assert _work_entries(dirs["upper"]) == [], "leftovers survive the remount"
             assert sorted(os.listdir(mnt)) == ["big", "small"]
             size = (mnt / "big").stat().st_size
@@ -226,7 +218,7 @@ def test_sigkill_during_rename_of_a_lower_directory(dirs: dict[str, Path]) -> No
                 _reap(writer)
         interrupted = writer.returncode != 0
         caught += interrupted
-        with qvdfs_mount(_branches(dirs), dirs["mnt"], *NODE_OPTIONS) as mnt:
+        with qvdfs_mount(node_branches(dirs), dirs["mnt"], *NODE_OPTIONS) as mnt:
             assert _work_entries(dirs["upper"]) == []
             names = sorted(os.listdir(mnt))
             assert names in (["d"], ["e"]), names
@@ -272,7 +264,7 @@ def test_sigkill_during_removal_and_whiteouts(dirs: dict[str, Path], kill_after:
         (base / "tree" / f"d{d}" / "inner" / "x").write_text("inner\n")
     (base / "outside-the-tree").write_text("kept\n")
     log = dirs["base"].parent / "removed.log"
-    with qvdfs_mount(_branches(dirs), dirs["mnt"], *NODE_OPTIONS) as mnt:
+    with qvdfs_mount(node_branches(dirs), dirs["mnt"], *NODE_OPTIONS) as mnt:
         # Give every third file an upper version: its removal exchanges it for a whiteout.
         for d in range(6):
             for i in range(0, 150, 3):
@@ -292,7 +284,7 @@ def test_sigkill_during_removal_and_whiteouts(dirs: dict[str, Path], kill_after:
     assert writer.returncode != 0, "the removal finished before the kill"
     done = set(log.read_text().splitlines())
     assert len(done) >= kill_after
-    with qvdfs_mount(_branches(dirs), dirs["mnt"], *NODE_OPTIONS) as mnt:
+    with qvdfs_mount(node_branches(dirs), dirs["mnt"], *NODE_OPTIONS) as mnt:
         assert _work_entries(dirs["upper"]) == []
         assert sorted(os.listdir(mnt)) == ["outside-the-tree", "tree"]
         assert (mnt / "outside-the-tree").read_text() == "kept\n"
@@ -329,7 +321,7 @@ def test_enospc_reaches_the_writer_and_the_mount_survives(dirs: dict[str, Path])
     (dirs["base"] / "etc" / "conf").write_text("base conf\n")
     old_big = _big_file(dirs["base"] / "big", 4)
     with small_tmpfs(dirs["upper"], "2m"), \
-            qvdfs_mount(_branches(dirs), dirs["mnt"], *NODE_OPTIONS) as mnt:
+            qvdfs_mount(node_branches(dirs), dirs["mnt"], *NODE_OPTIONS) as mnt:
         (mnt / "kept").write_bytes(b"k" * 100_000)
         kept = _sha(mnt / "kept")
         # A new file that outgrows the branch.
@@ -366,7 +358,7 @@ def test_enospc_reaches_the_writer_and_the_mount_survives(dirs: dict[str, Path])
 def test_enospc_on_many_small_files_then_recovery(dirs: dict[str, Path]) -> None:
     """Fill the branch with small files and folders; then free space and carry on."""
     with small_tmpfs(dirs["upper"], "1m"), \
-            qvdfs_mount(_branches(dirs), dirs["mnt"], *NODE_OPTIONS) as mnt:
+            qvdfs_mount(node_branches(dirs), dirs["mnt"], *NODE_OPTIONS) as mnt:
         written = []
         with pytest.raises(OSError) as full:
             for i in range(100_000):
@@ -555,14 +547,9 @@ def test_qvdctl_killed_mid_command_leaves_a_state_the_next_command_repairs(
 
 
 @pytest.fixture
-def cli(tmp_path: Path) -> Iterator:
-    root = tmp_path / "root"
-    try:
-        c = Cli(root)
-        c.run("osf", "add", "name=o")
-        yield c
-    finally:
-        cleanup_root(root)
+def cli(cli: Cli) -> Cli:
+    cli.run("osf", "add", "name=o")
+    return cli
 
 
 def _big_image(tmp_path: Path) -> Path:

@@ -21,7 +21,7 @@ import tarfile
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -30,28 +30,21 @@ from qvdctl.container.config import hostname_for
 from qvdctl.errors import QvdError
 from qvdctl.images.extract import ensure_extracted
 from qvdproc.mountinfo import is_mounted
-from tests.support.mounts import NODE_OPTIONS, QVDFS, force_unmount, qvdfs_mount
-from tests.support.qvdctl import Cli, cleanup_root
+from tests.support.mounts import NODE_OPTIONS, QVDFS, force_unmount, node_branches, qvdfs_mount
+from tests.support.qvdctl import Cli
 from tests.support.trees import build_base, describe
 
 RESERVED = [".qvdfs.work", ".unionfs-fuse", ".unionfs"]
 
 
 @pytest.fixture
-def dirs(tmp_path: Path) -> Iterator[dict[str, Path]]:
-    d = {name: tmp_path / name for name in ("base", "upper", "mnt", "outside")}
-    for p in d.values():
-        p.mkdir()
+def dirs(dirs: dict[str, Path], tmp_path: Path) -> dict[str, Path]:
+    """The branches, and a folder ``outside`` them holding a canary nothing may touch."""
+    d = {**dirs, "outside": tmp_path / "outside"}
+    d["outside"].mkdir()
     (d["outside"] / "canary").write_text("host secret\n")
     os.chmod(d["outside"] / "canary", 0o600)
-    try:
-        yield d
-    finally:
-        force_unmount(d["mnt"])
-
-
-def _branches(d: dict[str, Path]) -> str:
-    return f"{d['upper']}=RW:{d['base']}=RO"
+    return d
 
 
 def _snapshot(outside: Path) -> dict[str, tuple]:
@@ -138,7 +131,7 @@ def test_symlinks_in_the_base_never_reach_host_paths(dirs: dict[str, Path]) -> N
         seen["link after chown"] = os.readlink("/abs")
         return seen
 
-    with qvdfs_mount(_branches(dirs), dirs["mnt"], *NODE_OPTIONS) as mnt:
+    with qvdfs_mount(node_branches(dirs), dirs["mnt"], *NODE_OPTIONS) as mnt:
         seen = in_container(mnt, attack)
         for key, value in seen.items():
             if key.startswith(("write", "read", "chmod", "truncate")) or key == "shadow":
@@ -193,7 +186,7 @@ def test_hard_link_in_the_base_to_a_host_file_is_never_written(dirs: dict[str, P
     os.link(canary, dirs["base"] / "hl")
     before = _snapshot(dirs["outside"])
     xattrs_before = os.listxattr(canary)
-    with qvdfs_mount(_branches(dirs), dirs["mnt"], *NODE_OPTIONS) as mnt:
+    with qvdfs_mount(node_branches(dirs), dirs["mnt"], *NODE_OPTIONS) as mnt:
         os.chmod(mnt / "hl", 0o4777)
         os.chown(mnt / "hl", 4321, 4321)
         os.setxattr(mnt / "hl", "user.tag", b"container")
@@ -269,7 +262,7 @@ def test_renames_racing_with_lookups_and_writes(dirs: dict[str, Path]) -> None:
             t.join()
         return counts
 
-    with qvdfs_mount(_branches(dirs), dirs["mnt"], *NODE_OPTIONS) as mnt:
+    with qvdfs_mount(node_branches(dirs), dirs["mnt"], *NODE_OPTIONS) as mnt:
         counts = in_container(mnt, attack, timeout=90)
         assert counts["swaps"] > 20 and counts["writes"] > 100 and counts["lookups"] > 100, counts
         assert counts["unexpected"] == 0, counts
@@ -296,7 +289,7 @@ def test_forged_whiteouts_and_overlay_xattrs_are_refused(dirs: dict[str, Path]) 
     (base / "etc" / "group").write_text("root\n")
     (base / "bin").mkdir()
     (base / "bin" / "sh").write_text("#!\n")
-    with qvdfs_mount(_branches(dirs), dirs["mnt"], *NODE_OPTIONS) as mnt:
+    with qvdfs_mount(node_branches(dirs), dirs["mnt"], *NODE_OPTIONS) as mnt:
         # A 0/0 character device is how overlayfs records a delete: never from the container.
         assert _errno_of(lambda: os.mknod(mnt / "etc" / "passwd", stat.S_IFCHR | 0o600,
                                           os.makedev(0, 0))) in (errno.EEXIST, errno.EPERM)
@@ -324,7 +317,7 @@ def test_forged_whiteouts_and_overlay_xattrs_are_refused(dirs: dict[str, Path]) 
         # A name that looks like a unionfs-fuse marker is just a name.
         (mnt / "bin" / "sh_HIDDEN~").write_text("x")
         assert sorted(os.listdir(mnt / "bin")) == ["sh", "sh_HIDDEN~"]
-    with qvdfs_mount(_branches(dirs), dirs["mnt"], *NODE_OPTIONS) as mnt:
+    with qvdfs_mount(node_branches(dirs), dirs["mnt"], *NODE_OPTIONS) as mnt:
         assert os.listdir(mnt / "etc") == ["passwd"]
         assert sorted(os.listdir(mnt / "bin")) == ["sh", "sh_HIDDEN~"]
 
@@ -332,7 +325,7 @@ def test_forged_whiteouts_and_overlay_xattrs_are_refused(dirs: dict[str, Path]) 
 @pytest.mark.parametrize("fmt", ["overlay", "unionfs"])
 def test_the_unions_own_names_are_invisible_and_reserved(dirs: dict[str, Path], fmt: str) -> None:
     (dirs["base"] / "f").write_text("base\n")
-    with qvdfs_mount(_branches(dirs), dirs["mnt"], *NODE_OPTIONS, "-o", f"whiteout={fmt}") as mnt:
+    with qvdfs_mount(node_branches(dirs), dirs["mnt"], *NODE_OPTIONS, "-o", f"whiteout={fmt}") as mnt:
         os.unlink(mnt / "f")  # makes the format's own metadata exist in the upper branch
         (mnt / "g").write_text("g")
         assert sorted(os.listdir(mnt)) == ["g"]
@@ -347,7 +340,7 @@ def test_the_unions_own_names_are_invisible_and_reserved(dirs: dict[str, Path], 
         os.mkdir(mnt / "sub")
         (mnt / "sub" / ".qvdfs.work").write_text("mine")
         assert os.listdir(mnt / "sub") == [".qvdfs.work"]
-    with qvdfs_mount(_branches(dirs), dirs["mnt"], *NODE_OPTIONS, "-o", f"whiteout={fmt}") as mnt:
+    with qvdfs_mount(node_branches(dirs), dirs["mnt"], *NODE_OPTIONS, "-o", f"whiteout={fmt}") as mnt:
         assert sorted(os.listdir(mnt)) == ["g", "sub"]
         assert (mnt / "sub" / ".qvdfs.work").read_text() == "mine"
 
@@ -363,7 +356,7 @@ def test_names_at_the_255_byte_limit(dirs: dict[str, Path], fmt: str) -> None:
     (dirs["base"] / ("d" * 255)).mkdir()
     (dirs["base"] / ("d" * 255) / ("f" * 255)).write_text("deep\n")
     opts = (*NODE_OPTIONS, "-o", f"whiteout={fmt}")
-    with qvdfs_mount(_branches(dirs), dirs["mnt"], *opts) as mnt:
+    with qvdfs_mount(node_branches(dirs), dirs["mnt"], *opts) as mnt:
         assert _errno_of(lambda: open(mnt / ("x" * 256), "w")) == errno.ENAMETOOLONG
         assert _errno_of(lambda: os.rename(mnt / longest, mnt / ("x" * 256))) == errno.ENAMETOOLONG
         (mnt / ("y" * 255)).write_text("new\n")
@@ -373,7 +366,7 @@ def test_names_at_the_255_byte_limit(dirs: dict[str, Path], fmt: str) -> None:
         # A delete must either happen for good or be refused with the file intact.
         assert err in (None, errno.ENAMETOOLONG), err
         deleted = err is None
-    with qvdfs_mount(_branches(dirs), dirs["mnt"], *opts) as mnt:
+    with qvdfs_mount(node_branches(dirs), dirs["mnt"], *opts) as mnt:
         assert (mnt / ("y" * 255)).read_text() == "new\n"
         assert (mnt / ("d" * 255) / ("f" * 255)).read_text() == "deep\nmore\n"
         assert (mnt / longest).exists() is not deleted
@@ -418,10 +411,10 @@ def test_paths_beyond_path_max(dirs: dict[str, Path]) -> None:
         long_path = "/" + "/".join(levels) + "/renamed"
         return {"long path": _errno_of(lambda: os.stat(long_path))}
 
-    with qvdfs_mount(_branches(dirs), dirs["mnt"], *NODE_OPTIONS) as mnt:
+    with qvdfs_mount(node_branches(dirs), dirs["mnt"], *NODE_OPTIONS) as mnt:
         seen = in_container(mnt, deep_work)
         assert seen["long path"] == errno.ENAMETOOLONG
-    with qvdfs_mount(_branches(dirs), dirs["mnt"], *NODE_OPTIONS) as mnt:
+    with qvdfs_mount(node_branches(dirs), dirs["mnt"], *NODE_OPTIONS) as mnt:
         root = os.open(mnt, os.O_RDONLY)
         try:
             fd = _walk_down(root, levels, create=False)
@@ -492,7 +485,7 @@ def test_unprivileged_users_inside_get_the_base_permissions(dirs: dict[str, Path
             "create in /": _errno_of(lambda: open("/mine", "w")),
         }
 
-    with qvdfs_mount(_branches(dirs), dirs["mnt"], *NODE_OPTIONS) as mnt:
+    with qvdfs_mount(node_branches(dirs), dirs["mnt"], *NODE_OPTIONS) as mnt:
         seen = in_container(mnt, as_nobody)
         assert seen == {"read shadow": errno.EACCES, "write su": errno.EACCES,
                         "chmod su": errno.EPERM, "unlink su": errno.EACCES,
@@ -542,15 +535,10 @@ def test_a_symlinked_branch_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def cli(tmp_path: Path) -> Iterator[Cli]:
-    root = tmp_path / "root"
-    try:
-        c = Cli(root)
-        c.run("osf", "add", "name=o")
-        c.run("user", "add", "login=u", "password=p")
-        yield c
-    finally:
-        cleanup_root(root)
+def cli(cli: Cli) -> Cli:
+    cli.run("osf", "add", "name=o")
+    cli.run("user", "add", "login=u", "password=p")
+    return cli
 
 
 def _db(cli: Cli) -> list[str]:

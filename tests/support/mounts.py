@@ -21,6 +21,11 @@ BACKEND_OPTIONS = ["-o", f"backend={os.environ['QVDFS_TEST_BACKEND']}"] \
     if os.environ.get("QVDFS_TEST_BACKEND") else []
 
 
+def node_branches(d: dict[str, Path]) -> str:
+    """The node's two-branch argument for the ``dirs`` fixture: ``UPPER=RW:BASE=RO``."""
+    return f"{d['upper']}=RW:{d['base']}=RO"
+
+
 def force_unmount(path: str | os.PathLike[str]) -> None:
     """Unmount ``path`` however it can be done; for cleanup after a failed test."""
     for cmd in (["umount", str(path)], ["fusermount3", "-u", "-z", str(path)], ["umount", "-l", str(path)]):

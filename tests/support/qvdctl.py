@@ -13,13 +13,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+from qvdctl.container.runtime import Monitor, monitors
 from qvdproc.mountinfo import mounts_under
 from tests.support.mounts import force_unmount
-from tools.imagebuild import build_busybox_rootfs, build_image_tarball
 from tools.sandbox import netns_argv
 
 QVDCTL = str(Path(sys.executable).parent / "qvdctl")
 STOCK_UNIONFS = "/usr/bin/unionfs"
+# The image name of SPEC §1's examples: extracted to basefs/<osf id>-image.0.22.tgz.
+IMAGE = "image.0.22.tgz"
 
 
 class Cli:
@@ -65,19 +67,14 @@ class Cli:
         return row
 
 
+def lxc_monitors(lxcpath: Path) -> list[Monitor]:
+    """liblxc's monitors of the containers in ``lxcpath``: one per running container."""
+    return [m for m in monitors() if m.lxcpath == lxcpath]
+
+
 def cleanup_root(root: Path) -> None:
     for point in mounts_under(root):
         force_unmount(point)
-
-
-def busybox_tarball(
-    dest: Path, rootfs: Path, compression: str = "gz", extended: bool = False
-) -> Path:
-    return build_image_tarball(dest, rootfs, compression=compression, extended=extended)
-
-
-def make_rootfs(dest: Path) -> Path:
-    return build_busybox_rootfs(dest)
 
 
 def stock_unionfs_wrapper(dest: Path) -> Path:
