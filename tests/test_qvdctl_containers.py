@@ -259,6 +259,34 @@ def test_exec_forwards_standard_input_and_the_exit_status(node: Node, tmp_path: 
         node.cli.run("vm", "stop", "-f", "name=v")
 
 
+@pytest.mark.timeout(180)
+def test_the_halt_signal_suits_the_image_unless_the_di_says_otherwise(
+    node: Node, tarball: Path, tmp_path: Path
+) -> None:
+    # Long enough that only a halt the init understood ends sooner.
+    node.cli.run("config", "set", "vm.stop.timeout=30")
+    node.cli.run("vm", "start", "-f", "name=v")
+    config = node.lxcpath / "qvd-1" / "config"
+    assert "\nlxc.signal.halt = SIGUSR2\n" in config.read_text()  # found: init -> busybox
+    started = time.monotonic()
+    node.cli.run("vm", "stop", "-f", "name=v")
+    assert time.monotonic() - started < 15
+
+    # The DI's own setting wins: SIGHUP, on which busybox init only reloads its inittab.
+    other = tmp_path / "image.0.23.tgz"
+    shutil.copy(tarball, other)
+    node.cli.run("osf", "add", "name=o2")
+    node.cli.run("di", "add", f"path={other}", "osf=o2", "halt_signal=sighup")
+    node.cli.run("vm", "add", "name=w", "user=u", "osf=o2")
+    node.cli.run("config", "set", "vm.stop.timeout=2")
+    node.cli.run("vm", "start", "-f", "name=w")
+    assert "\nlxc.signal.halt = SIGHUP\n" in (node.lxcpath / "qvd-2" / "config").read_text()
+    started = time.monotonic()
+    node.cli.run("vm", "stop", "-f", "name=w")
+    assert time.monotonic() - started >= 2  # waited for a halt that never came, then killed
+    assert node.state("w") == "stopped"
+
+
 @pytest.mark.timeout(120)
 def test_exec_and_console_refuse_a_stopped_vm(node: Node) -> None:
     assert node.cli.fails("vm", "exec", "-f", "name=v", "--", "true") == (
