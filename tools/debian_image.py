@@ -21,8 +21,8 @@ beside the image makes concurrent callers (two test runs, a demo) wait for one b
 
 The image gets a fixed ``/etc/machine-id``: with an empty one every boot on a fresh upper branch
 would be a "first boot" (``systemctl preset-all`` and friends), which is not what a VM's
-everyday boot does, and no ``/etc/hostname`` (see ``_build``). Nothing else is tuned for containers: units that fail there show up as
-``degraded`` in the results.
+everyday boot does, and no ``/etc/hostname`` (see ``_build``). Nothing else is tuned for
+containers: units that fail there show up as ``degraded``.
 """
 
 from __future__ import annotations
