@@ -22,11 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from qvdctl.mounting import mounts_under
-from tests.mounts import force_unmount
-from tests.test_qvdctl_containers import Node
+from tests.test_qvdctl_containers import Node, lxc_node
 from tools import debian_image
-from tools.sandbox import scratch_netns, shared_mount
 
 NET = "10.219.9"  # only ever configured inside the test's own namespace
 STOP_TIMEOUT = 30  # the node's default vm.stop.timeout
@@ -43,28 +40,13 @@ def image() -> debian_image.Image:
 
 @pytest.fixture
 def node(tmp_path: Path, image: debian_image.Image) -> Iterator[Node]:
-    root = tmp_path / "root"
-    root.mkdir()
-    with shared_mount(root), scratch_netns("qvddeb") as ns:
-        n = Node(root, ns)
-        try:
-            n.cli.run(
-                "config", "set", "vm.hypervisor=lxc", "vm.lxc.unionfs.type=qvdfs",
-                "vm.network.bridge=qvddeb0", f"vm.network.ip.start={NET}.2",
-                "vm.network.netmask=24", f"vm.network.gateway={NET}.1",
-                f"vm.stop.timeout={STOP_TIMEOUT}", f"vm.lxc.lxcpath={n.lxcpath}",
-            )  # fmt: skip
-            n.cli.run("osf", "add", "name=debian", "memory=512")
-            n.cli.run("di", "add", f"path={image.tarball}", "osf=debian", timeout=300)
-            n.cli.run("user", "add", "login=u", "password=p")
-            n.cli.run("vm", "add", "name=deb", "user=u", "osf=debian")
-            yield n
-        finally:
-            for entry in n.lxcpath.iterdir() if n.lxcpath.is_dir() else ():
-                n.in_ns("lxc-stop", "-P", str(n.lxcpath), "-n", entry.name, "-k")
-            for point in mounts_under(root):
-                if point != str(root):
-                    force_unmount(point)
+    with lxc_node(tmp_path / "root", prefix="qvddeb", net=NET, bridge="qvddeb0",
+                  stop_timeout=STOP_TIMEOUT) as n:  # fmt: skip
+        n.cli.run("osf", "add", "name=debian", "memory=512")
+        n.cli.run("di", "add", f"path={image.tarball}", "osf=debian", timeout=300)
+        n.cli.run("user", "add", "login=u", "password=p")
+        n.cli.run("vm", "add", "name=deb", "user=u", "osf=debian")
+        yield n
 
 
 def journal_state(path: Path) -> str:

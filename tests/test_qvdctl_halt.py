@@ -221,6 +221,19 @@ def test_di_add_takes_a_halt_signal_and_old_databases_gain_the_column(tmp_path: 
         cli.run("di", "add", f"path={archive}", "osf=o", "halt_signal=sigrtmin+3")
         with sqlite3.connect(root / "qvd.db") as db:
             assert db.execute("select halt_signal from dis").fetchall() == [("SIGRTMIN+3",)]
+        # The first start extracts the image and examines it; di del takes the record along.
+        cli.run("config", "set", "vm.hypervisor=lxc", "vm.start.mount_only=1")
+        cli.run("user", "add", "login=u", "password=p")
+        cli.run("vm", "add", "name=v", "user=u", "osf=o")
+        cli.run("vm", "start", "-f", "name=v")
+        cli.run("vm", "stop", "-f", "name=v")
+        facts = root / "basefs" / ".images" / ".image.0.1.tgz.init"
+        assert json.loads(facts.read_text())["init"] == "busybox"
+        cli.run("vm", "del", "-f", "name=v")
+        cli.run("di", "del", "-f", "id=1")
+        assert not facts.exists()
+        cli.run("di", "add", f"path={archive}", "osf=o", "halt_signal=sigrtmin+3")
+        with sqlite3.connect(root / "qvd.db") as db:
             # Back to a database without the column: qvdctl adds it on its next run.
             db.execute("alter table dis drop column halt_signal")
             db.execute("update schema_version set version = 1")
