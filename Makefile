@@ -5,7 +5,7 @@ setup:
 	bash scripts/setup.sh
 
 demo: setup
-	.venv/bin/python -m tools.demo
+	.venv/bin/python -m tools.demo $(DEMO_ARGS)
 
 # The type checker, the whole suite on the native FUSE session, then the union's tests again
 # on the portable pyfuse3 backend.
@@ -18,19 +18,8 @@ test: setup
 bench: setup
 	.venv/bin/python -m benchmarks.run $(BENCH_ARGS)
 
-# The real-image row (benchmarks/realimage.py): needs mmdebstrap to build its cached Debian image.
-IMAGE_APT_PACKAGES := mmdebstrap
-
+# The real-image row (benchmarks/realimage.py), on the cached Debian image (tools/debian_image.py).
 bench-image: setup
-	@missing=; for pkg in $(IMAGE_APT_PACKAGES); do \
-	    dpkg-query -W -f='$${Status}' $$pkg 2>/dev/null | grep -q "install ok installed" \
-	        || missing="$$missing $$pkg"; \
-	done; \
-	if [ -n "$$missing" ]; then \
-	    echo "bench-image: installing Debian packages:$$missing"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-	        apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
-	fi
 	.venv/bin/python -m benchmarks.realimage $(BENCH_ARGS)
 
 clean:

@@ -3,7 +3,7 @@
 ``make bench-image`` runs it.
 
 For every repetition, every target (kernel overlayfs, qvdfs, unionfs-fuse, fuse-overlayfs) in
-rotating order: mount it fresh over the cached image (``debian_image``) with an empty upper
+rotating order: mount it fresh over the cached image (``tools/debian_image.py``) with an empty upper
 branch, drop the caches, start a system container whose rootfs is the mountpoint, and time
 
     boot    from ``lxc-start`` until ``systemctl is-system-running --wait`` answers running or
@@ -50,9 +50,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from benchmarks import DEFAULT_CACHE, debian_image, targets
+from benchmarks import DEFAULT_CACHE, targets
 from benchmarks.workloads import drop_caches
 from qvdproc import processes
+from tools import debian_image
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 DEFAULT_REPS = 3
@@ -285,7 +286,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="comma-separated targets (default kernel-overlay,qvdfs,"
                              "unionfs-fuse,fuse-overlayfs)")
     parser.add_argument("--cache", default=DEFAULT_CACHE,
-                        help=f"folder of the cached image and scratch (default {DEFAULT_CACHE})")
+                        help=f"folder of the scratch mounts (default {DEFAULT_CACHE}; the image "
+                             f"is cached in {debian_image.CACHE})")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help="folder for realimage.md and realimage.json")
     args = parser.parse_args(argv)
@@ -309,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     signal.signal(signal.SIGTERM, _interrupt)
     chosen = choose_targets(args.target_names)
-    image = debian_image.ensure_image(args.cache)
+    image = debian_image.ensure_image()
     results = run(args, chosen, image)
     text = markdown(results)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ APT_PACKAGES=(
     libarchive13                           # python-libarchive-c loads it
     unionfs-fuse fuse-overlayfs            # the programs we replace and compare with
     busybox-static                         # the userland of the demo and test images
+    mmdebstrap                             # builds the cached Debian image (tools/debian_image.py)
     attr acl fio iproute2 bridge-utils kmod
 )
 

@@ -1,12 +1,15 @@
 """``make demo``: the SPEC §5 workflow end to end, on LXC containers and qvdfs.
 
-    .venv/bin/python -m tools.demo [--vms N]
+    .venv/bin/python -m tools.demo [--vms N] [--image busybox|debian]
 
-Builds a busybox image tarball, then drives the real ``qvdctl`` CLI as an admin
-would: settings, OSF, disk image, users, N VMs (2 by default), ``vm start``,
-``vm list``, a command in each VM, the proof that writes inside landed in the VM's
-overlay (base untouched) and in its homefs (``/home``), a ping between two VMs and
-to the gateway, ``vm stop``.
+Builds a busybox image tarball (quick, the default), or with ``--image debian`` takes the
+cached Debian bookworm + systemd image (``tools/debian_image.py``; built once, about half a
+minute), then drives the real ``qvdctl`` CLI as an admin would: settings, OSF, disk image,
+users, N VMs (2 by default), ``vm start``, ``vm list``, a command in each VM (on Debian:
+systemd's own verdict on its boot), the proof that writes inside landed in the VM's overlay
+(base untouched) and in its homefs (``/home``), a VM reaching the other and the gateway
+(busybox: ping; Debian minbase has no ping, so a TCP connection that the far end refuses),
+``vm stop`` (each with the halt signal found from its image).
 
 It leaves the host as it found it: the storage root is a temporary folder and
 every qvdctl command runs inside a network namespace made for the demo (see
@@ -37,11 +40,17 @@ from rich.console import Console
 
 from qvdctl.container.runtime import monitors
 from qvdproc.mountinfo import mounts_under
+from tools import debian_image
 from tools.imagebuild import build_busybox_rootfs, build_image_tarball
 from tools.sandbox import netns_argv, scratch_netns, shared_mount
 
 QVDCTL = str(Path(sys.executable).parent / "qvdctl")
 IMAGE = "busybox-demo.tar.gz"
+IMAGES = ("busybox", "debian")
+# Debian minbase has no ping: a TCP connection to a closed port that the far end refuses
+# (ECONNREFUSED, 111) proves the packets went there and back.
+REACH = "import socket; c = socket.socket(); c.settimeout(3); print(c.connect_ex(('{}', 9)))"
+REFUSED = "111"
 NET = "10.213.77"  # only ever configured inside the demo's own namespace
 BRIDGE = "qvddemo0"
 
@@ -99,16 +108,28 @@ def _id_from(message: str) -> int:
     return int(message.strip().rsplit(" ", 1)[1])
 
 
-def run(root: Path, netns: str, workdir: Path, n_vms: int) -> None:
+def _image(kind: str, root: Path, workdir: Path) -> Path:
+    """The tarball ``di add`` takes for ``kind``."""
+    if kind == "debian":
+        _step("The Debian bookworm + systemd image (built once, then cached)")
+        try:
+            tarball = debian_image.ensure_tarball().tarball
+        except debian_image.ImageError as exc:
+            raise DemoError(f"building the Debian image failed: {exc}") from None
+    else:
+        _step("Building a bootable busybox image tarball")
+        rootfs = build_busybox_rootfs(workdir / "image-root")
+        staging = root / "staging"
+        staging.mkdir(parents=True, exist_ok=True)
+        tarball = build_image_tarball(staging / IMAGE, rootfs, compression="gz")
+    console.print(f"{tarball} ({tarball.stat().st_size // 1024} KiB)")
+    return tarball
+
+
+def run(root: Path, netns: str, workdir: Path, n_vms: int, kind: str = "busybox") -> None:
     """The workflow; raises DemoError at the first step that fails."""
     demo = Demo(root, netns)
-
-    _step("Building a bootable busybox image tarball")
-    rootfs = build_busybox_rootfs(workdir / "image-root")
-    staging = root / "staging"
-    staging.mkdir(parents=True, exist_ok=True)
-    tarball = build_image_tarball(staging / IMAGE, rootfs, compression="gz")
-    console.print(f"{tarball} ({tarball.stat().st_size // 1024} KiB)")
+    tarball = _image(kind, root, workdir)
 
     _step("Settings: LXC containers on qvdfs, network in the demo's namespace")
     demo.qvdctl(
@@ -119,8 +140,8 @@ def run(root: Path, netns: str, workdir: Path, n_vms: int) -> None:
     )  # fmt: skip
 
     _step("An OS flavour, its disk image, users and VMs")
-    demo.qvdctl("osf", "add", "name=DemoOSF", "memory=256")
-    di_id = _id_from(demo.qvdctl("di", "add", f"path={IMAGE}", "osf=DemoOSF"))
+    demo.qvdctl("osf", "add", "name=DemoOSF", "memory=512" if kind == "debian" else "memory=256")
+    di_id = _id_from(demo.qvdctl("di", "add", f"path={tarball}", "osf=DemoOSF"))
     vms: list[tuple[int, str, int]] = []  # (vm id, name, user id)
     for i in range(n_vms):
         login = f"user{i + 1}"
@@ -142,11 +163,13 @@ def run(root: Path, netns: str, workdir: Path, n_vms: int) -> None:
     ips = {row["Name"]: row["Ip"] for row in table}
 
     _step("A command in each VM: write outside /home and inside /home")
+    # busybox's rcS logs its boot; systemd says how its boot went once it is over.
+    booted = "systemctl is-system-running --wait" if kind == "debian" else "cat /var/log/boot.log"
     for _, name, _ in vms:
         done = demo.in_vm(
             name,
             f"hostname; echo 'written in {name}' > /root/demo.txt; "
-            f"echo 'home of {name}' > /home/notes.txt; cat /var/log/boot.log",
+            f"echo 'home of {name}' > /home/notes.txt; {booted}",
         )  # fmt: skip
         if done.returncode != 0:
             raise DemoError(f"command in {name} failed: {done.stderr.strip()[-200:]}")
@@ -154,7 +177,7 @@ def run(root: Path, netns: str, workdir: Path, n_vms: int) -> None:
     _step("Where the writes landed")
     for vm_id, name, user_id in vms:
         overlay = root / "overlayfs" / f"{di_id}-{vm_id}-overlayfs"
-        base = root / "basefs" / f"{vm_id}-{IMAGE}"
+        base = root / "basefs" / f"{vm_id}-{tarball.name}"
         home = root / "homefs" / f"{vm_id}-{user_id}-homefs"
         checks = [
             (overlay / "root/demo.txt", f"written in {name}\n"),
@@ -174,8 +197,14 @@ def run(root: Path, netns: str, workdir: Path, n_vms: int) -> None:
     first = vms[0][1]
     targets = [ips[name] for _, name, _ in vms[1:]] + [f"{NET}.1"]
     for target in targets:
-        done = demo.in_vm(first, f"ping -c1 -W2 {target}")
-        if done.returncode != 0:
+        if kind == "debian":
+            done = demo.in_vm(first, f'python3 -c "{REACH.format(target)}"')
+            reached = done.stdout.strip() == REFUSED
+            if reached:
+                console.print(f"{target} refused port 9 (ECONNREFUSED): it answered")
+        else:
+            reached = demo.in_vm(first, f"ping -c1 -W2 {target}").returncode == 0
+        if not reached:
             raise DemoError(f"{first} cannot reach {target}")
 
     _step("Stopping the VMs")
@@ -223,9 +252,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m tools.demo", description="The SPEC §5 workflow on LXC and qvdfs."
     )
     parser.add_argument("--vms", type=int, default=2, help="how many VMs to start (2..50)")
+    parser.add_argument("--image", default="busybox",
+                        help="busybox (quick, the default) or debian (bookworm with systemd, "
+                             "built once and cached)")  # fmt: skip
     args = parser.parse_args(argv)
     if not 2 <= args.vms <= 50:
         print("Error: --vms must be between 2 and 50", file=sys.stderr)
+        return 1
+    if args.image not in IMAGES:
+        print(f"Error: --image must be one of {', '.join(IMAGES)}", file=sys.stderr)
         return 1
     if os.geteuid() != 0:
         print("Error: the demo mounts and starts containers: run it as root", file=sys.stderr)
@@ -249,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             console.print(
                 f"storage root {root}, lxcpath {root / 'lxc'}, network namespace {netns_name}"
             )
-            run(root, netns_name, workdir, args.vms)
+            run(root, netns_name, workdir, args.vms, args.image)
     except DemoError as exc:
         failure = str(exc)
     except Exception as exc:  # anything else: still one line, after the cleanup above

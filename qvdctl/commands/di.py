@@ -17,6 +17,7 @@ from pathlib import Path
 from qvdctl.commands.base import Request
 from qvdctl.db import store
 from qvdctl.errors import QvdError
+from qvdctl.images.halt import check_signal, facts_path
 from qvdctl.images.importer import check_image_name, import_image
 
 log = logging.getLogger(__name__)
@@ -26,9 +27,13 @@ _TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,199}")
 
 
 def add(req: Request) -> None:
-    """``di add path=FILE osf=NAME [version=V]``: import from staging and tag."""
+    """``di add path=FILE osf=NAME [version=V] [halt_signal=SIG]``: import from staging and tag.
+
+    ``halt_signal`` is what stops the image's VMs (``SIGRTMIN+3``, ``SIGPWR``, ...) when
+    what its ``/sbin/init`` looks like is not enough (``images/halt.py``).
+    """
     req.no_filter()
-    args = req.args(required=["path", "osf"], optional=["version"])
+    args = req.args(required=["path", "osf"], optional=["version", "halt_signal"])
     storage = req.node.storage()
     storage.ensure()
     source = _source_path(args["path"], storage.staging)
@@ -36,6 +41,12 @@ def add(req: Request) -> None:
     version = args.get("version")
     if version is not None:
         check_tag(version)
+    halt_signal = args.get("halt_signal")
+    if halt_signal is not None:
+        try:
+            halt_signal = check_signal(halt_signal)
+        except ValueError as exc:
+            raise QvdError(f"bad halt_signal: {exc}") from None
     with req.node.db.reader() as conn:
         osf = store.osf_by_name(conn, args["osf"])
         if any(d["path"] == name for d in store.list_dis(conn)):
@@ -45,7 +56,9 @@ def add(req: Request) -> None:
         with req.node.db.writer() as conn:
             if version is None:
                 version = _next_version(conn, osf["id"])
-            di_id = store.add_di(conn, osf["id"], name, version, imported.sha256, imported.size)
+            di_id = store.add_di(
+                conn, osf["id"], name, version, imported.sha256, imported.size, halt_signal
+            )
             di = store.get_di(conn, di_id)
             for tag in (version, "head"):
                 store.tag_di(conn, di, tag)
@@ -144,6 +157,7 @@ def del_(req: Request) -> None:
         tree = storage.extraction(row["path"])
         if tree.exists():
             shutil.rmtree(tree)
+        facts_path(tree).unlink(missing_ok=True)
         req.out.message(f"DI {row['id']} deleted", id=row["id"])
 
 

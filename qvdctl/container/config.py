@@ -23,6 +23,7 @@ from pathlib import Path
 
 import lxc
 
+from qvdctl.images.halt import check_signal
 from qvdctl.network.addresses import mac_for_ip, prefix_length, veth_name
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ class ContainerSpec:
             grafts the home branch at ``/home`` (qvdfs ``HOMEFS=RW@/home``).
         memory_mb: memory limit, None for none.
         cpus: CPU limit in cores (``1.5`` = one and a half), None for none.
-        halt_signal: what the image's init takes as "power off".
+        halt_signal: what the image's init takes as "power off" (SIGUSR2: busybox's).
     """
 
     name: str
@@ -174,6 +175,13 @@ def _word(value: str, what: str) -> str:
     return value
 
 
+def _halt_signal(value: str) -> str:
+    try:
+        return check_signal(value)
+    except ValueError as exc:
+        raise ConfigError(f"invalid halt signal: {exc}") from None
+
+
 def render_config(spec: ContainerSpec, lxcpath: Path = DEFAULT_LXCPATH) -> str:
     """The text of ``spec``'s LXC config.
 
@@ -196,9 +204,9 @@ def render_config(spec: ContainerSpec, lxcpath: Path = DEFAULT_LXCPATH) -> str:
         "lxc.tty.max = 3",
         "lxc.pty.max = 1024",
         "lxc.mount.auto = proc:mixed sys:ro",
-        # The signal that makes the image's init power off (busybox: SIGUSR2, systemd:
-        # SIGRTMIN+3); a shutdown that times out ends in a hard stop anyway.
-        f"lxc.signal.halt = {_word(spec.halt_signal, 'halt signal')}",
+        # The signal that makes the image's init power off (images/halt.py finds it);
+        # a shutdown that times out ends in a hard stop anyway.
+        f"lxc.signal.halt = {_halt_signal(spec.halt_signal)}",
         "lxc.init.cmd = /sbin/init",
     ]
     net = spec.network

@@ -31,6 +31,7 @@ import trio
 
 from qvdctl.container.config import DEFAULT_LXCPATH, LOG_NAME
 from qvdproc import processes
+from qvdctl.images.halt import signal_number
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +146,7 @@ async def start(name: str, lxcpath: Path = DEFAULT_LXCPATH, timeout: float = 30.
             f"container {name} failed to start: {reason or 'lxc-start exited %d' % done.returncode}"
         )
     c = await _in_thread(_container, name, lxcpath)
-    halt_signal = _signal_number(c.get_config_item("lxc.signal.halt") or "SIGPWR")
+    halt_signal = signal_number(c.get_config_item("lxc.signal.halt") or "SIGPWR")
     with trio.move_on_after(max(1.0, timeout - (trio.current_time() - started))):
         while not _init_ready(pid, halt_signal):
             if not processes.alive(pid):
@@ -187,21 +188,12 @@ def _init_ready(pid: int, sig: int) -> bool:
     return bool(masks >> (sig - 1) & 1) or bool(children)
 
 
-def _signal_number(name: str) -> int:
-    """``SIGUSR2`` -> 12, ``SIGRTMIN+3`` -> 37, ``12`` -> 12 (liblxc answers numbers)."""
-    if name.strip().isdigit():
-        return int(name)
-    base, _, offset = name.upper().partition("+")
-    number = int(signal.Signals[base if base.startswith("SIG") else "SIG" + base])
-    return number + int(offset or 0)
-
-
 def _send_halt(c: lxc.Container) -> bool:
     """Send init the config's halt signal; False if init is already gone."""
     pid = c.init_pid
     if pid <= 0:
         return False
-    sig = _signal_number(c.get_config_item("lxc.signal.halt") or "SIGPWR")
+    sig = signal_number(c.get_config_item("lxc.signal.halt") or "SIGPWR")
     try:
         # Through a pidfd: the pid cannot be recycled between lookup and signal.
         fd = os.pidfd_open(pid)

@@ -4,7 +4,8 @@ The admin CLI is synchronous; each call here runs one short trio loop around the
 async container layer. Inputs are plain values and the node's settings, so the
 lifecycle needs no knowledge of LXC:
 
-    start_vm_container(vm_id=, vm_name=, ip=, rootfs=, home=, memory_mb=, settings=)
+    start_vm_container(vm_id=, vm_name=, ip=, rootfs=, home=, memory_mb=, halt_signal=,
+                       settings=)
     stop_vm_container(vm_id=, settings=)
     exec_in_vm(vm_id, argv, settings=)          -> ExecResult
     exec_command(vm_id, argv, settings=)         -> the lxc-attach argv to exec
@@ -51,6 +52,7 @@ def _spec(
     rootfs: Path,
     home: Path | None,
     memory_mb: int | None,
+    halt_signal: str,
     settings: Mapping[str, str],
 ) -> ContainerSpec:
     gateway = settings["vm.network.gateway"]
@@ -62,6 +64,7 @@ def _spec(
         vm_id=vm_id, vm_name=vm_name, rootfs=rootfs, ip=ip,
         netmask=settings["vm.network.netmask"], gateway=gateway,
         bridge=settings["vm.network.bridge"], home=home, memory_mb=memory_mb or None,
+        halt_signal=halt_signal,
     )  # fmt: skip
 
 
@@ -73,18 +76,20 @@ def start_vm_container(
     rootfs: Path,
     home: Path | None,
     memory_mb: int | None,
+    halt_signal: str,
     settings: Mapping[str, str],
 ) -> int:
     """Start VM ``vm_id``'s container on its mounted ``rootfs``; return init's pid.
 
     ``home`` is bind-mounted onto ``/home``; pass None when the union grafts it.
+    ``halt_signal`` is what the image's init powers off on (``images/halt.py``).
 
     Raises:
         ConfigError: a setting or VM value cannot go into the config.
         ContainerError: the gateway is unset.
         LaunchError: a step failed; nothing of this call is left behind.
     """
-    spec = _spec(vm_id, vm_name, ip, rootfs, home, memory_mb, settings)
+    spec = _spec(vm_id, vm_name, ip, rootfs, home, memory_mb, halt_signal, settings)
     return trio.run(launch, spec, lxcpath_from(settings), START_TIMEOUT)
 
 

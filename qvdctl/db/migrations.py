@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from sqlalchemy import Connection, inspect, select
+from sqlalchemy import Connection, inspect, select, text
 
 from qvdctl.db import schema
 from qvdctl.errors import QvdError
@@ -26,7 +26,13 @@ def _v1_initial(conn: Connection) -> None:
     schema.metadata.create_all(conn)
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1_initial]
+def _add_di_halt_signal(conn: Connection) -> None:
+    # A database made fresh has the column already (_v1_initial creates today's tables).
+    if "halt_signal" not in {c["name"] for c in inspect(conn).get_columns("dis")}:
+        conn.execute(text("ALTER TABLE dis ADD COLUMN halt_signal VARCHAR(20)"))
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1_initial, _add_di_halt_signal]
 
 LATEST = len(MIGRATIONS)
 

@@ -59,6 +59,9 @@ dis = Table(
     Column("sha256", String(64), nullable=False),
     Column("size", Integer, nullable=False),
     Column("created", DateTime, nullable=False),
+    # The admin's lxc.signal.halt for this image; NULL: what its /sbin/init wants
+    # (images/halt.py). Added by migrations._add_di_halt_signal.
+    Column("halt_signal", String(20), nullable=True),
     UniqueConstraint("osf_id", "version"),
     sqlite_autoincrement=True,
 )

@@ -90,7 +90,13 @@ def del_osf(conn: Connection, osf: Row) -> None:
 
 
 def add_di(
-    conn: Connection, osf_id: int, path: str, version: str, sha256: str, size: int
+    conn: Connection,
+    osf_id: int,
+    path: str,
+    version: str,
+    sha256: str,
+    size: int,
+    halt_signal: str | None = None,
 ) -> int:
     if conn.execute(select(dis.c.id).where(dis.c.path == path)).first():
         raise QvdError(f"a disk image with file name '{path}' already exists")
@@ -98,8 +104,9 @@ def add_di(
     if conn.execute(clash).first():
         raise QvdError(f"this OSF already has a disk image with version '{version}'")
     stmt = insert(dis).values(
-        osf_id=osf_id, path=path, version=version, sha256=sha256, size=size, created=_now()
-    )
+        osf_id=osf_id, path=path, version=version, sha256=sha256, size=size, created=_now(),
+        halt_signal=halt_signal,
+    )  # fmt: skip
     return _insert(conn, stmt, f"disk image '{path}'")
 
 

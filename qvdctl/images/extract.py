@@ -15,6 +15,8 @@ How one image comes to serve many VMs:
    members written through an earlier symlink are refused. Owners stay numeric
    (no name lookup), modes, setuid bits, times, device nodes, hard links,
    symlinks, ACLs and xattrs (file capabilities) are kept.
+4. How the image's init wants to be halted is found then, once, and kept beside
+   the tree (``.<file>.init``, see ``halt.py``).
 
 libarchive writes relative to the current directory, which is process-wide;
 so the extraction itself runs in a child process (``python -m
@@ -37,6 +39,7 @@ from libarchive.exception import ArchiveError
 
 from qvdctl import locks
 from qvdctl.errors import QvdError
+from qvdctl.images import halt
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +185,8 @@ def ensure_extracted(archive: Path, target: Path) -> bool:
         tmp.mkdir()
         try:
             _extract_in_child(archive, tmp)
-            find_root(tmp)
+            # Examined before it is in place, so a tree in place always has its facts.
+            halt.record(target, find_root(tmp))
             # The rename must not reach the disk before the files do.
             os.sync()
             os.rename(tmp, target)

@@ -30,6 +30,7 @@ from qvdctl.container import seam
 from qvdctl.container.launch import LaunchError
 from qvdctl.db import store
 from qvdctl.errors import QvdError
+from qvdctl.images import halt
 from qvdctl.images.extract import ensure_extracted, find_root
 from qvdctl.node import Node
 from qvdctl.progress import status
@@ -59,6 +60,7 @@ class MountedRoot:
     home_in_union: bool
     unionfs_type: str
     settings: Mapping[str, str]  # the settings this start used (bridge, gateway, ...)
+    halt_signal: str  # what powers the image's init off (images/halt.py)
 
 
 def start_vm(node: Node, vm: Vm) -> MountedRoot:
@@ -84,7 +86,7 @@ def _start(node: Node, vm: Vm) -> MountedRoot:
             seam.start_vm_container(
                 vm_id=vm.id, vm_name=vm.name, ip=vm.ip, rootfs=mounted.rootfs,
                 home=None if mounted.home_in_union else mounted.home,
-                memory_mb=vm.memory, settings=mounted.settings,
+                memory_mb=vm.memory, halt_signal=mounted.halt_signal, settings=mounted.settings,
             )  # fmt: skip
         except LaunchError as exc:
             step = LAUNCH_STEPS.get(exc.step, "starting the container")
@@ -123,6 +125,9 @@ def prepare_and_mount(node: Node, vm: Vm) -> MountedRoot:
         step = "extracting the image"
         with status(f"extracting {di['path']}"):
             base = _prepare_base(storage, vm.id, di["path"])
+            halt_signal = halt.halt_signal(
+                storage.extraction(di["path"]), base.resolve(strict=True), di["halt_signal"]
+            )
 
         step = "preparing the overlay"
         overlay = storage.overlay(di["id"], vm.id)
@@ -160,6 +165,7 @@ def prepare_and_mount(node: Node, vm: Vm) -> MountedRoot:
     return MountedRoot(
         rootfs=rootfs, base=base, overlay=overlay, home=home,
         home_in_union=mounting.home_in_union(kind), unionfs_type=kind, settings=dict(settings),
+        halt_signal=halt_signal,
     )  # fmt: skip
 
 

@@ -311,7 +311,7 @@ vm_id = args["id"]
 out = {}
 out["pid"] = seam.start_vm_container(
     vm_id=vm_id, vm_name="Seam VM", ip="10.213.0.254", rootfs=Path(args["root"]),
-    home=Path(args["home"]), memory_mb=128, settings=settings,
+    home=Path(args["home"]), memory_mb=128, halt_signal="SIGUSR2", settings=settings,
 )
 out["states"] = seam.vm_container_states(settings=settings)
 done = seam.exec_in_vm(vm_id, ["sh", "-c", "echo hi > /home/h; ping -c1 -W2 10.213.0.1"],
@@ -325,7 +325,7 @@ out["veth_after"] = link_kind(f"qvd{vm_id}")
 try:
     seam.start_vm_container(
         vm_id=vm_id, vm_name="x", ip="10.213.0.254", rootfs=Path(args["root"]), home=None,
-        memory_mb=None, settings={**settings, "vm.network.gateway": ""},
+        memory_mb=None, halt_signal="SIGUSR2", settings={**settings, "vm.network.gateway": ""},
     )
 except Exception as exc:
     out["no_gateway"] = str(exc)

@@ -10,6 +10,7 @@ the namespace, no container config, no liblxc monitor, no new LXC cgroup.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import shutil
 import subprocess
@@ -98,24 +99,23 @@ class Node:
         assert _lxc_cgroups() - cgroups_before == set()
 
 
-@pytest.fixture
-def node(tmp_path, tarball) -> Iterator[Node]:
-    """A node with settings for LXC in its own namespace, one image and VM 'v' (id 1)."""
-    root = tmp_path / "root"
+@contextlib.contextmanager
+def lxc_node(
+    root: Path, *, prefix: str = "qvdtest", net: str = NET, bridge: str = BRIDGE,
+    stop_timeout: int = 10,
+) -> Iterator[Node]:
+    """A node on ``root`` set up for LXC on qvdfs in a namespace of its own; all of it
+    (containers, mounts, namespace) is gone afterwards."""
     root.mkdir()
-    with shared_mount(root), scratch_netns("qvdtest") as ns:
+    with shared_mount(root), scratch_netns(prefix) as ns:
         n = Node(root, ns)
         try:
             n.cli.run(
                 "config", "set", "vm.hypervisor=lxc", "vm.lxc.unionfs.type=qvdfs",
-                f"vm.network.bridge={BRIDGE}", f"vm.network.ip.start={NET}.2",
-                "vm.network.netmask=24", f"vm.network.gateway={NET}.1",
-                "vm.stop.timeout=10", f"vm.lxc.lxcpath={n.lxcpath}",
+                f"vm.network.bridge={bridge}", f"vm.network.ip.start={net}.2",
+                "vm.network.netmask=24", f"vm.network.gateway={net}.1",
+                f"vm.stop.timeout={stop_timeout}", f"vm.lxc.lxcpath={n.lxcpath}",
             )  # fmt: skip
-            n.cli.run("osf", "add", "name=o", "memory=256")
-            n.cli.run("di", "add", f"path={tarball}", "osf=o")
-            n.cli.run("user", "add", "login=u", "password=p")
-            n.cli.run("vm", "add", "name=v", "user=u", "osf=o")
             yield n
         finally:
             # Whatever a failed test left running is stopped by name, in our lxcpath only.
@@ -124,6 +124,17 @@ def node(tmp_path, tarball) -> Iterator[Node]:
             for point in mounts_under(root):
                 if point != str(root):
                     force_unmount(point)
+
+
+@pytest.fixture
+def node(tmp_path, tarball) -> Iterator[Node]:
+    """A node with settings for LXC in its own namespace, one image and VM 'v' (id 1)."""
+    with lxc_node(tmp_path / "root") as n:
+        n.cli.run("osf", "add", "name=o", "memory=256")
+        n.cli.run("di", "add", f"path={tarball}", "osf=o")
+        n.cli.run("user", "add", "login=u", "password=p")
+        n.cli.run("vm", "add", "name=v", "user=u", "osf=o")
+        yield n
 
 
 def _paths(node: Node, vm_id: int = 1, user_id: int = 1, di_id: int = 1) -> dict[str, Path]:
@@ -235,6 +246,34 @@ def test_exec_forwards_standard_input_and_the_exit_status(node: Node, tmp_path: 
         assert (done.returncode, done.stdout, done.stderr) == (0, b"", b"oops\n")
     finally:
         node.cli.run("vm", "stop", "-f", "name=v")
+
+
+@pytest.mark.timeout(180)
+def test_the_halt_signal_suits_the_image_unless_the_di_says_otherwise(
+    node: Node, tarball: Path, tmp_path: Path
+) -> None:
+    # Long enough that only a halt the init understood ends sooner.
+    node.cli.run("config", "set", "vm.stop.timeout=30")
+    node.cli.run("vm", "start", "-f", "name=v")
+    config = node.lxcpath / "qvd-1" / "config"
+    assert "\nlxc.signal.halt = SIGUSR2\n" in config.read_text()  # found: init -> busybox
+    started = time.monotonic()
+    node.cli.run("vm", "stop", "-f", "name=v")
+    assert time.monotonic() - started < 15
+
+    # The DI's own setting wins: SIGHUP, on which busybox init only reloads its inittab.
+    other = tmp_path / "image.0.23.tgz"
+    shutil.copy(tarball, other)
+    node.cli.run("osf", "add", "name=o2")
+    node.cli.run("di", "add", f"path={other}", "osf=o2", "halt_signal=sighup")
+    node.cli.run("vm", "add", "name=w", "user=u", "osf=o2")
+    node.cli.run("config", "set", "vm.stop.timeout=2")
+    node.cli.run("vm", "start", "-f", "name=w")
+    assert "\nlxc.signal.halt = SIGHUP\n" in (node.lxcpath / "qvd-2" / "config").read_text()
+    started = time.monotonic()
+    node.cli.run("vm", "stop", "-f", "name=w")
+    assert time.monotonic() - started >= 2  # waited for a halt that never came, then killed
+    assert node.state("w") == "stopped"
 
 
 @pytest.mark.timeout(120)

@@ -68,3 +68,9 @@ def test_demo_refuses_bad_arguments() -> None:
     )  # fmt: skip
     assert done.returncode == 1
     assert done.stderr.strip() == "Error: --vms must be between 2 and 50"
+    done = subprocess.run(
+        [sys.executable, "-m", "tools.demo", "--image", "windows"], cwd=REPO,
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.strip() == "Error: --image must be one of busybox, debian"

@@ -1,25 +1,33 @@
-"""A real Debian image for ``benchmarks.realimage``, built once and cached.
+"""A real Debian desktop image, built once and cached for the demo, the tests and benchmarks.
 
-The image is a folder ``<cache>/debian-systemd-v<VERSION>/`` holding:
+``make demo DEMO_ARGS="--image debian"`` boots it, ``tests/qvdctl/test_debian_vm.py`` boots it once,
+and ``benchmarks.realimage`` mounts every union over it; all three share one cache,
+``CACHE/debian-systemd-v<VERSION>/`` (``CACHE`` is ``/var/tmp/qvd-images``), holding:
 
     rootfs/         Debian bookworm, variant minbase, plus systemd, systemd-sysv, dbus, iproute2
-                    and python3: the read-only lower branch every target is mounted over
+                    and python3: the read-only lower branch every benchmark target mounts over
     debs/*.deb      a few small packages (``DEBS``) whose dependencies minbase already has,
-                    fetched once with ``apt-get download`` for the ``dpkg -i`` step
+                    fetched once with ``apt-get download`` for the benchmark's ``dpkg -i`` step
     manifest.json   what was built: the package list, the .deb files, build seconds
+    debian-systemd-v<VERSION>.tar.gz
+                    rootfs/ packed as an admin's image arrives in staging/ (numeric owners,
+                    xattrs and ACLs kept), for ``qvdctl di add``; packed on first use
 
 It is built with mmdebstrap under a temporary name and renamed into place only after the .debs
-were checked to install on it (``dpkg --root --no-act``), so an interrupted or failed build never
-leaves a half image that looks finished. Bump ``VERSION`` whenever the content changes.
+were checked to install on it, so an interrupted or failed build never leaves a half image that
+looks finished; the tarball likewise appears under its name only once complete. A lock file
+beside the image makes concurrent callers (two test runs, a demo) wait for one build. Bump
+``VERSION`` whenever the content changes. mmdebstrap comes with ``make setup``.
 
 The image gets a fixed ``/etc/machine-id``: with an empty one every boot on a fresh upper branch
 would be a "first boot" (``systemctl preset-all`` and friends), which is not what a VM's
-everyday boot does. Nothing else is tuned for containers: units that fail there show up as
-``degraded`` in the results.
+everyday boot does, and no ``/etc/hostname`` (see ``_build``). Nothing else is tuned for
+containers: units that fail there show up as ``degraded``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -30,9 +38,11 @@ import sys
 import time
 from pathlib import Path
 
+from qvdctl import locks
+
 log = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2
 NAME = "debian-systemd"
 SUITE = "bookworm"
 VARIANT = "minbase"
@@ -49,6 +59,7 @@ MIRRORS = (
 # Any fixed 128-bit hex id will do (see the module docstring).
 MACHINE_ID = "5176b2d9c3b64f1a9e0d2b7c4a8f6e31"
 BUILD_TIMEOUT = 1800.0
+CACHE = Path("/var/tmp/qvd-images")
 
 
 class ImageError(Exception):
@@ -71,23 +82,69 @@ class Image:
     def debs_dir(self) -> Path:
         return self.root / "debs"
 
+    @property
+    def tarball(self) -> Path:
+        """The packed rootfs; exists once ``ensure_tarball`` has run."""
+        return self.root / f"{self.root.name}.tar.gz"
 
-def image_root(cache: str | os.PathLike[str]) -> Path:
+
+def image_root(cache: str | os.PathLike[str] = CACHE) -> Path:
     return Path(cache) / f"{NAME}-v{VERSION}"
 
 
-def ensure_image(cache: str | os.PathLike[str]) -> Image:
-    """Return the cached image below ``cache``, building it first if needed (root only)."""
+def ensure_image(cache: str | os.PathLike[str] = CACHE) -> Image:
+    """Return the cached image below ``cache``, building it first if needed (root only).
+
+    Raises:
+        ImageError: mmdebstrap is missing or a build step failed (nothing half-built stays).
+    """
     root = image_root(cache)
-    if not (root / "manifest.json").exists():
-        _build(root)
+    with _locked(root):
+        if not (root / "manifest.json").exists():
+            _build(root)
     manifest = json.loads((root / "manifest.json").read_text())
     return Image(root, tuple(manifest["debs"]), manifest["build_seconds"])
 
 
+def ensure_tarball(cache: str | os.PathLike[str] = CACHE) -> Image:
+    """``ensure_image``, and its rootfs packed into ``Image.tarball`` if not yet done.
+
+    Raises:
+        ImageError: as ``ensure_image``, or tar failed.
+    """
+    image = ensure_image(cache)
+    with _locked(image.root):
+        if not image.tarball.exists():
+            _pack(image)
+    return image
+
+
+def _locked(root: Path) -> contextlib.AbstractContextManager[None]:
+    """An exclusive lock on ``<image>.lock`` beside the image, for a build or a pack."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    return locks.exclusive(root.with_name(root.name + ".lock"))
+
+
+def _pack(image: Image) -> None:
+    tmp = image.tarball.with_name(f".{image.tarball.name}.tmp-{os.getpid()}")
+    print(f"packing {image.rootfs} into {image.tarball} (once; it is cached)", file=sys.stderr,
+          flush=True)
+    started = time.monotonic()
+    try:
+        # GNU tar: it keeps xattrs (file capabilities) and ACLs, which Python's tarfile drops.
+        _run(["tar", "--numeric-owner", "--xattrs", "--xattrs-include=*", "--acls",
+              "-C", str(image.rootfs), "-czf", str(tmp), "."])
+        os.rename(tmp, image.tarball)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    print(f"packed in {time.monotonic() - started:.0f} s, "
+          f"{image.tarball.stat().st_size / 2**20:.0f} MiB", file=sys.stderr, flush=True)
+
+
 def _build(root: Path) -> None:
     if shutil.which("mmdebstrap") is None:
-        raise ImageError("mmdebstrap is not installed (make bench-image installs it)")
+        raise ImageError("mmdebstrap is not installed; run `make setup`")
     tmp = root.with_name(root.name + f".building-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -102,7 +159,9 @@ def _build(root: Path) -> None:
               SUITE, str(rootfs), *MIRRORS])
         # After mmdebstrap, whose last step empties /etc/machine-id again.
         (rootfs / "etc/machine-id").write_text(MACHINE_ID + "\n")
-        (rootfs / "etc/hostname").write_text(NAME + "\n")
+        # No /etc/hostname: systemd would give every VM that one name over the VM's own,
+        # which LXC sets (lxc.uts.name) before init runs.
+        (rootfs / "etc/hostname").unlink(missing_ok=True)
         debs.mkdir()
         _run(["apt-get", "download", "-q", *DEBS], cwd=debs)
         files = _order(debs)
@@ -171,12 +230,15 @@ def _run(argv: list[str], cwd: Path | None = None) -> None:
 
 
 def main() -> int:
-    """``python -m benchmarks.debian_image [CACHE]``: build (if needed) and print the image."""
-    from benchmarks import DEFAULT_CACHE
-
+    """``python -m tools.debian_image [CACHE]``: build and pack (if needed), print the image."""
     logging.basicConfig(level=logging.INFO, format="image: %(message)s")
-    image = ensure_image(sys.argv[1] if len(sys.argv) > 1 else DEFAULT_CACHE)
-    print(f"{image.rootfs} (built in {image.build_seconds:.0f} s); debs: {' '.join(image.debs)}")
+    try:
+        image = ensure_tarball(sys.argv[1] if len(sys.argv) > 1 else CACHE)
+    except ImageError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{image.rootfs} (built in {image.build_seconds:.0f} s), {image.tarball}; "
+          f"debs: {' '.join(image.debs)}")
     return 0
 
 
