@@ -1,7 +1,9 @@
 """``qvdctl``: the node's admin command line, in qvd-admin.pl's grammar.
 
-    qvdctl [--root DIR] [-q] [--json] [-v] <object> <command> [-f k=v[,k=v]]... [key=value ...]
+    qvdctl [--root DIR] [--config FILE] [--db URL] [-q] [--json] [-v] <object> <command>
+           [-f k=v[,k=v]]... [key=value ...]
     qvdctl vm exec -f name=VM -- COMMAND [ARG ...]
+    qvdctl [--config FILE] hkd          (a fleet node's daemon, in the foreground)
 
 Global options may come anywhere. Every failure an admin can cause prints one
 line, ``Error: ...``, on stderr and exits 1 having changed nothing.
@@ -41,6 +43,14 @@ def _parser() -> argparse.ArgumentParser:
         "--root", type=Path, default=os.environ.get("QVD_ROOT") or None,
         help="storage root holding the database too (env QVD_ROOT; default /var/lib/qvd/storage)",
     )
+    parser.add_argument(
+        "--config", type=Path, default=None,
+        help="node config file (env QVD_NODE_CONF; default /etc/qvd/node.conf if it exists)",
+    )
+    parser.add_argument(
+        "--db", default=None, metavar="URL",
+        help="database URL, e.g. postgresql://user@host/qvd (env QVD_DB; beats the node config)",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="no table headers")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
@@ -73,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"unknown command '{ns.command}' for {ns.object} (commands: {', '.join(commands)})"
             )
         filters = parse_filters(ns.filter)
-        node = Node(ns.root)
+        node = Node(ns.root, config=ns.config, db_url=ns.db)
         try:
             out = Output(quiet=ns.quiet, as_json=ns.json)
             command(Request(ns.object, ns.command, node, out, filters, ns.words, rest))
