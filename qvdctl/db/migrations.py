@@ -38,8 +38,9 @@ def _add_fleet_runtime(conn: Connection) -> None:
                 column = table.c[name]
                 ddl = f"ALTER TABLE {table.name} ADD COLUMN {name} "
                 ddl += column.type.compile(dialect=conn.dialect)
-                if column.server_default is not None:
-                    ddl += f" NOT NULL DEFAULT '{column.server_default.arg}'"
+                default = getattr(column.server_default, "arg", None)
+                if default is not None:
+                    ddl += f" NOT NULL DEFAULT '{default}'"
                 conn.exec_driver_sql(ddl)
 
 

@@ -14,8 +14,9 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Connection, select
 
 from qvdctl.db.notify import notify, vm_commands
 from qvdctl.db.schema import hosts, vms
@@ -113,14 +114,16 @@ def stop(node: Node, vms: list[Vm], *, wait: bool) -> list[Outcome]:
     return outcomes
 
 
-def _rows(conn, ids: list[int]) -> dict[int, dict]:
+def _rows(conn: Connection, ids: list[int]) -> dict[int, dict[str, Any]]:
     stmt = select(vms.c.id, vms.c.state, vms.c.vm_cmd, vms.c.host_id, vms.c.error).where(
         vms.c.id.in_(ids)
     )
     return {row.id: dict(row._mapping) for row in conn.execute(stmt)}
 
 
-def _wait(node: Node, outcomes: list[Outcome], success: Callable[[dict], bool]) -> None:
+def _wait(
+    node: Node, outcomes: list[Outcome], success: Callable[[dict[str, Any]], bool]
+) -> None:
     """Watch the rows until every queued command has ended."""
     while pending := [o for o in outcomes if not o.done]:
         time.sleep(WAIT_POLL_S)

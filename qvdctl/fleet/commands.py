@@ -17,7 +17,7 @@ import enum
 import logging
 import time
 
-from sqlalchemy import Connection, and_, or_, select, update
+from sqlalchemy import ColumnElement, Connection, and_, or_, select, update
 
 from qvdctl.db.schema import vms
 from qvdctl.vm.state import VmState
@@ -69,7 +69,7 @@ def cancel_start(conn: Connection, vm_id: int) -> bool:
     return _unqueue_starts(conn, vms.c.id == vm_id, None) == 1
 
 
-def _unqueue_starts(conn: Connection, which, why: str | None) -> int:
+def _unqueue_starts(conn: Connection, which: ColumnElement[bool], why: str | None) -> int:
     stmt = update(vms).where(and_(
         which, vms.c.vm_cmd == Cmd.START.value, vms.c.state == VmState.STOPPED.value
     )).values(vm_cmd=None, host_id=None, error=why)

@@ -34,6 +34,7 @@ import select
 import signal
 import time
 from pathlib import Path
+from types import FrameType
 
 from qvdctl import mounting
 from qvdctl.container import seam
@@ -67,7 +68,7 @@ class Hkd:
         self.name = node.name()
         self.host_id = 0
         self.settings: Settings = node.settings()
-        self.jobs: dict[int, concurrent.futures.Future] = {}
+        self.jobs: dict[int, concurrent.futures.Future[None]] = {}
         # As many threads as vm.lifecycle.parallel may ever allow; the claims keep the bound.
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="hkd")
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -111,7 +112,7 @@ class Hkd:
         self._shutdown()
         return 0
 
-    def _on_signal(self, signum: int, _frame) -> None:
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         log.info("signal %d: stopping this node", signum)
         self.stopping = True
 

@@ -16,6 +16,7 @@ import enum
 import logging
 import time
 from collections.abc import Mapping
+from typing import Any
 
 from sqlalchemy import Connection, and_, select, update
 
@@ -97,9 +98,9 @@ def mark_expired_lost(conn: Connection, me: int, limit: float) -> list[str]:
     return marked
 
 
-def shown_state(row: Mapping, limit: float, now: float) -> str:
+def shown_state(row: Mapping[str, Any], limit: float, now: float) -> str:
     """A host's state as ``host list`` shows it: an alive host whose lease expired is lost."""
     if row["state"] in ALIVE and (row["ok_ts"] is None or now - row["ok_ts"] > limit):
         return HostState.LOST.value
-    return row["state"]
+    return str(row["state"])
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Mapping
+from typing import Any
 
 from sqlalchemy import Connection
 
@@ -23,8 +24,7 @@ class Placer:
     """Places the VMs of one command, counting each placement in the hosts' load."""
 
     def __init__(self, conn: Connection, limit: float) -> None:
-        now = time.time()
-        self.shown = lambda row: shown_state(row, limit, now)
+        self.limit, self.now = limit, time.time()
         self.hosts = {row["name"]: row for row in store.list_hosts(conn)}
         self.hosts_by_id = {row["id"]: name for name, row in self.hosts.items()}
         self.live = {
@@ -33,7 +33,10 @@ class Placer:
         }
         self.load = {name: row["vms"] for name, row in self.live.items()}
 
-    def place(self, pin: str | None = None) -> Mapping:
+    def shown(self, row: Mapping[str, Any]) -> str:
+        return shown_state(row, self.limit, self.now)
+
+    def place(self, pin: str | None = None) -> Mapping[str, Any]:
         """The host row the next VM goes to (``pin``: that host, which must be live).
 
         Raises:
