@@ -160,3 +160,33 @@ def test_postgresql_stopped_under_a_running_hkd(tmp_path: Path) -> None:
             assert stop_hkd(node) == 0
         finally:
             f.close()
+
+
+@pytest.mark.timeout(300)
+def test_real_containers_a_killed_node_returns_with_nothing_left(
+    postgres: PgServer, tmp_path: Path,  # noqa: F811
+) -> None:
+    f = Fleet(tmp_path, postgres.url(), ("node-a", "node-b"), vms=2, timeout=TIMEOUT,
+              mount_only=False)
+    try:
+        f.start()
+        a, b = f.nodes["node-a"], f.nodes["node-b"]
+        f.admin.run("vm", "start", "-f", "name=v1", "host=node-a")
+        f.admin.run("vm", "start", "-f", "name=v2", "host=node-b")
+        assert a.containers() == ["qvd-1"] and b.containers() == ["qvd-2"]
+        assert "qvd-1" in a.in_ns("lxc-ls", "-P", str(a.lxcpath), "--running").stdout
+        stop_hkd(a, signal.SIGKILL)
+        assert "qvd-1" in a.in_ns("lxc-ls", "-P", str(a.lxcpath), "--running").stdout
+        until(lambda: f.admin.hosts()["node-a"]["State"] == "lost", "node-a lost", 3 * TIMEOUT)
+        f.admin.run("vm", "start", "-f", "name=v1")
+        assert f.admin.vms()["v1"]["Host"] == "node-b"
+        assert b.containers() == ["qvd-1", "qvd-2"]
+        f.start("node-a")  # reconciles before it takes commands: v1's old container goes
+        assert a.containers() == [] and a.mounts() == []
+        assert a.in_ns("lxc-ls", "-P", str(a.lxcpath), "--running").stdout.strip() == ""
+        assert stop_hkd(b) == 0  # SIGTERM: its containers stop, its roots unmount
+        assert b.containers() == [] and b.mounts() == []
+        assert b.in_ns("lxc-ls", "-P", str(b.lxcpath), "--running").stdout.strip() == ""
+        assert {row["State"] for row in f.admin.vms().values()} == {"stopped"}
+    finally:
+        f.close()
