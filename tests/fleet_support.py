@@ -28,14 +28,17 @@ BRIDGE = "qvdfleet0"
 
 
 class AdminCli(Cli):
-    """``qvdctl --db URL ...`` from a process on no node at all."""
+    """``qvdctl --config FILE ...`` from a process on no node at all: its config names
+    only the database (on SQLite, the config is what makes the CLI queue commands)."""
 
     def __init__(self, root: Path, url: str) -> None:
         super().__init__(root)
-        self.url = url
+        root.mkdir(parents=True, exist_ok=True)
+        self.conf = root / "admin.conf"
+        self.conf.write_text(f"database.url = {url}\n")
 
     def argv(self, *args: str) -> list[str]:
-        return [QVDCTL, "--root", str(self.root), "--db", self.url, *args]
+        return [QVDCTL, "--root", str(self.root), "--config", str(self.conf), *args]
 
     def hosts(self) -> dict[str, dict]:
         return {row["Name"]: row for row in self.json("host", "list")}
@@ -122,7 +125,7 @@ class Fleet:
                 self.nodes[name] = HkdNode(base, name, url, netns)
             self.admin = AdminCli(base / "admin", url)
             staging = base / "admin" / "staging"
-            staging.mkdir(parents=True)
+            staging.mkdir()
             busybox_tarball(staging / "img.tar.gz", make_rootfs(base / "image"))
             (base / "shared-images").mkdir()
             self.admin.run(

@@ -190,3 +190,18 @@ def test_real_containers_a_killed_node_returns_with_nothing_left(
         assert {row["State"] for row in f.admin.vms().values()} == {"stopped"}
     finally:
         f.close()
+
+
+def test_an_hkd_on_sqlite_works_by_the_poll(tmp_path: Path) -> None:
+    f = Fleet(tmp_path, f"sqlite:///{tmp_path / 'fleet.db'}", ("node-a",), vms=2,
+              timeout=TIMEOUT)
+    try:
+        f.start()
+        out = f.admin.run("vm", "start", "-f", "name=v*").stdout
+        assert sorted(out.splitlines()) == ["VM v1 started (root mounted only)",
+                                            "VM v2 started (root mounted only)"]
+        assert len(f.nodes["node-a"].mounts()) == 2
+        assert stop_hkd(f.nodes["node-a"]) == 0
+        assert f.nodes["node-a"].mounts() == []
+    finally:
+        f.close()
