@@ -24,14 +24,35 @@ pytestmark = pytest.mark.timeout(240)
 TIMEOUT = 5  # internal.hkd.cluster.node.timeout in these tests
 
 
-@pytest.fixture
-def fleet(postgres: PgServer, tmp_path: Path) -> Iterator[Fleet]:  # noqa: F811
-    f = Fleet(tmp_path, postgres.url(), ("node-a", "node-b"), vms=4, timeout=TIMEOUT)
+def _two_nodes(server: PgServer, base: Path) -> Iterator[Fleet]:
+    f = Fleet(base, server.url(), ("node-a", "node-b"), vms=4, timeout=TIMEOUT)
     try:
         f.start()
         yield f
     finally:
         f.close()
+
+
+@pytest.fixture(scope="module")
+def shared_fleet(postgres: PgServer, tmp_path_factory: pytest.TempPathFactory  # noqa: F811
+                 ) -> Iterator[Fleet]:
+    yield from _two_nodes(postgres, tmp_path_factory.mktemp("fleet"))
+
+
+@pytest.fixture
+def fleet(shared_fleet: Fleet) -> Iterator[Fleet]:
+    """The module's two nodes, every VM stopped and no host blocked between tests."""
+    yield shared_fleet
+    shared_fleet.admin.run("host", "unblock", "-f", "name=*")
+    if any(r["State"] != "stopped" for r in shared_fleet.admin.vms().values()):
+        shared_fleet.admin.run("vm", "stop", "-f", "name=*", check=False)
+    assert {r["State"] for r in shared_fleet.admin.vms().values()} == {"stopped"}
+
+
+@pytest.fixture
+def own_fleet(postgres: PgServer, tmp_path: Path) -> Iterator[Fleet]:  # noqa: F811
+    """Two nodes of the test's own, for tests that kill or stop them."""
+    yield from _two_nodes(postgres, tmp_path)
 
 
 def _placement(fleet: Fleet) -> dict[str, str | None]:
@@ -72,10 +93,10 @@ def test_pinning_blocking_and_no_live_host(fleet: Fleet) -> None:
     assert error == "Error: no running, unblocked host to start VMs on (see host list)"
     assert time.monotonic() - started < 5  # at once, not after a wait
     assert fleet.admin.vms()["v3"]["State"] == "stopped"
-    fleet.admin.run("host", "unblock", "-f", "name=node-*")
 
 
 def test_two_clis_starting_one_vm_start_it_once(fleet: Fleet) -> None:
+    logs_before = "".join(n.log_text() for n in fleet.nodes.values()).count("VM 1: claimed start")
     procs = [subprocess.Popen(fleet.admin.argv("vm", "start", "-f", "name=v1"),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
@@ -87,7 +108,7 @@ def test_two_clis_starting_one_vm_start_it_once(fleet: Fleet) -> None:
     host = _placement(fleet)["v1"]
     assert len(fleet.nodes[host].mounts()) == 1
     logs = "".join(node.log_text() for node in fleet.nodes.values())
-    assert logs.count("VM 1: claimed start") == 1
+    assert logs.count("VM 1: claimed start") == 1 + logs_before
 
 
 def test_no_wait_returns_once_queued(fleet: Fleet) -> None:
@@ -98,10 +119,10 @@ def test_no_wait_returns_once_queued(fleet: Fleet) -> None:
 
 
 def test_config_set_reaches_every_hkd_at_once(fleet: Fleet) -> None:
-    fleet.admin.run("config", "set", "vm.lifecycle.parallel=3")
-    # Faster than any heartbeat-driven reload could: the NOTIFY did it.
-    until(lambda: all("setting vm.lifecycle.parallel is now '3'" in n.log_text()
-                      for n in fleet.nodes.values()), "both HKDs to see the setting", 0.9)
+    fleet.admin.run("config", "set", "vm.lifecycle.parallel=5")
+    # Both re-read it because they were notified, not at their next heartbeat.
+    until(lambda: all("setting vm.lifecycle.parallel is now '5' (notified)" in n.log_text()
+                      for n in fleet.nodes.values()), "both HKDs to see the setting", 5)
 
 
 def test_console_and_exec_name_the_host_to_go_to(fleet: Fleet) -> None:
@@ -110,7 +131,8 @@ def test_console_and_exec_name_the_host_to_go_to(fleet: Fleet) -> None:
     assert error == "Error: VM 'v1' runs on host node-a; run this on node-a"
 
 
-def test_sigterm_leaves_nothing_running(fleet: Fleet) -> None:
+def test_sigterm_leaves_nothing_running(own_fleet: Fleet) -> None:
+    fleet = own_fleet
     fleet.admin.run("vm", "start", "-f", "name=v*")
     for node in fleet.nodes.values():
         assert stop_hkd(node) == 0
@@ -122,7 +144,8 @@ def test_sigterm_leaves_nothing_running(fleet: Fleet) -> None:
     assert "no running, unblocked host" in error
 
 
-def test_a_killed_node_is_lost_and_its_vms_start_elsewhere(fleet: Fleet) -> None:
+def test_a_killed_node_is_lost_and_its_vms_start_elsewhere(own_fleet: Fleet) -> None:
+    fleet = own_fleet
     fleet.admin.run("vm", "start", "-f", "name=v1", "host=node-a")
     fleet.admin.run("vm", "start", "-f", "name=v2", "host=node-b")
     a = fleet.nodes["node-a"]

@@ -106,7 +106,10 @@ class Hkd:
                     continue
                 self._drain_wakeups()
                 if any(channel == CONFIG_CHANGED for channel, _ in received):
-                    self._reload_settings()
+                    try:
+                        self._reload_settings("notified")
+                    except QvdError as exc:
+                        log.debug("re-reading the settings: %s", exc)
         finally:
             listener.close()
         self._shutdown()
@@ -133,11 +136,11 @@ class Hkd:
         except BlockingIOError:
             pass
 
-    def _reload_settings(self) -> None:
+    def _reload_settings(self, how: str) -> None:
         old, self.settings = self.settings, self.node.settings()
         for key in self.settings:
             if old[key] != self.settings[key]:
-                log.info("setting %s is now %r", key, self.settings[key])
+                log.info("setting %s is now %r (%s)", key, self.settings[key], how)
 
     # --- joining the fleet, the lease and fencing -----------------------------
 
@@ -164,7 +167,7 @@ class Hkd:
                     lease.mark_expired_lost(conn, self.host_id, lease.timeout(self.settings))
             if renewed and not self.fenced:
                 self.last_renewal = time.monotonic()
-                self._reload_settings()  # the safety net under qvd_config_changed
+                self._reload_settings("heartbeat")  # the safety net under the NOTIFY
                 return
         except QvdError as exc:
             silent = time.monotonic() - self.last_renewal
