@@ -1,5 +1,5 @@
 # Every target installs what it needs first (scripts/setup.sh is idempotent).
-.PHONY: setup demo test bench bench-image clean
+.PHONY: setup demo test bench bench-image bench-fleet clean
 
 setup:
 	bash scripts/setup.sh
@@ -21,6 +21,10 @@ bench: setup
 # The real-image row (benchmarks/realimage.py), on the cached Debian image (tools/debian_image.py).
 bench-image: setup
 	.venv/bin/python -m benchmarks.realimage $(BENCH_ARGS)
+
+# A fleet on this machine (benchmarks/fleet.py): 20 HKDs on one PostgreSQL, 200 VMs.
+bench-fleet: setup
+	.venv/bin/python -m benchmarks.fleet $(BENCH_ARGS)
 
 clean:
 	rm -rf .venv build *.egg-info

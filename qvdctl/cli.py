@@ -1,7 +1,9 @@
 """``qvdctl``: the node's admin command line, in qvd-admin.pl's grammar.
 
-    qvdctl [--root DIR] [-q] [--json] [-v] <object> <command> [-f k=v[,k=v]]... [key=value ...]
+    qvdctl [--root DIR] [--config FILE] [--db URL] [-q] [--json] [-v] <object> <command>
+           [-f k=v[,k=v]]... [key=value ...]
     qvdctl vm exec -f name=VM -- COMMAND [ARG ...]
+    qvdctl [--config FILE] hkd          (a fleet node's daemon, in the foreground)
 
 Global options may come anywhere. Every failure an admin can cause prints one
 line, ``Error: ...``, on stderr and exits 1 having changed nothing.
@@ -41,13 +43,23 @@ def _parser() -> argparse.ArgumentParser:
         "--root", type=Path, default=os.environ.get("QVD_ROOT") or None,
         help="storage root holding the database too (env QVD_ROOT; default /var/lib/qvd/storage)",
     )
+    parser.add_argument(
+        "--config", type=Path, default=None,
+        help="node config file (env QVD_NODE_CONF; default /etc/qvd/node.conf if it exists)",
+    )
+    parser.add_argument(
+        "--db", default=None, metavar="URL",
+        help="database URL, e.g. postgresql://user@host/qvd (env QVD_DB; beats the node config)",
+    )
+    parser.add_argument("--no-wait", action="store_true",
+                        help="in a fleet, vm start/stop return once the commands are queued")
     parser.add_argument("-q", "--quiet", action="store_true", help="no table headers")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
     parser.add_argument("-f", "--filter", action="append", default=[], metavar="K=V[,K=V]",
                         help="select objects; * and ? are wildcards")
     parser.add_argument("object", help=objects)
-    parser.add_argument("command")
+    parser.add_argument("command", nargs="?", default=None)
     parser.add_argument("words", nargs="*", metavar="key=value")
     return parser
 
@@ -63,7 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ns = _parser().parse_intermixed_args(argv)
         level = {0: logging.WARNING, 1: logging.INFO}.get(ns.verbose, logging.DEBUG)
-        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+            if ns.object == "hkd" else "%(levelname)s %(name)s: %(message)s"
+        )
+        if ns.object == "hkd":
+            return _hkd(ns)
+        if ns.command is None:
+            raise QvdError(f"{ns.object}: a command is missing (e.g. qvdctl {ns.object} list)")
         commands = OBJECTS.get(ns.object)
         if commands is None:
             raise QvdError(f"unknown object '{ns.object}' (objects: {', '.join(OBJECTS)})")
@@ -73,10 +92,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"unknown command '{ns.command}' for {ns.object} (commands: {', '.join(commands)})"
             )
         filters = parse_filters(ns.filter)
-        node = Node(ns.root)
+        node = Node(ns.root, config=ns.config, db_url=ns.db)
         try:
             out = Output(quiet=ns.quiet, as_json=ns.json)
-            command(Request(ns.object, ns.command, node, out, filters, ns.words, rest))
+            command(Request(ns.object, ns.command, node, out, filters, ns.words, rest,
+                            no_wait=ns.no_wait))
         finally:
             node.close()
     except QvdError as exc:
@@ -88,6 +108,21 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return 1
     return 0
+
+
+def _hkd(ns: argparse.Namespace) -> int:
+    """``qvdctl hkd``: the node's daemon, in the foreground, logging to stderr."""
+    from qvdctl.fleet import hkd  # here: only the daemon needs it
+
+    if ns.command is not None or ns.words or ns.filter:
+        raise QvdError("hkd takes no command, filter or arguments")
+    if ns.verbose == 0:
+        logging.getLogger().setLevel(logging.INFO)  # a daemon's log is its record
+    node = Node(ns.root, config=ns.config, db_url=ns.db)
+    try:
+        return hkd.main(node)
+    finally:
+        node.close()
 
 
 if __name__ == "__main__":

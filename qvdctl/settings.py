@@ -52,6 +52,12 @@ def _parallel(value: str) -> str:
     return value
 
 
+def _timeout(value: str) -> str:
+    if not re.fullmatch(r"[0-9]+", value) or not 2 <= int(value) <= 86400:
+        raise ValueError("must be a whole number of seconds between 2 and 86400")
+    return value
+
+
 def _ipv4(value: str) -> str:
     try:
         return str(ipaddress.IPv4Address(value))
@@ -127,6 +133,8 @@ KNOWN: dict[str, tuple[str, Callable[[str], str]]] = {
     "vm.lxc.lxcpath": ("", _optional_path),
     # Ours: the name this node goes by in the hosts table and the Host column.
     "nodename": ("", _hostname),
+    # Stock: seconds without a heartbeat after which a node is lost (qvdctl/fleet/lease.py).
+    "internal.hkd.cluster.node.timeout": ("600", _timeout),
     "path.storage.root": ("", _optional_path),
     **{f"path.storage.{name}": ("", _optional_path) for name in STORAGE_FOLDERS},
 }
@@ -150,12 +158,19 @@ class Settings(Mapping[str, str]):
     """Every known key with its stored value, or its default.
 
     ``root`` is the storage root chosen on the command line (``--root`` /
-    ``QVD_ROOT``); it is the default of ``path.storage.root``.
+    ``QVD_ROOT``); it is the default of ``path.storage.root``. ``local`` holds the
+    node config file's settings, which the stored (global) ones override.
     """
 
-    def __init__(self, stored: Mapping[str, str], root: Path = DEFAULT_ROOT) -> None:
+    def __init__(
+        self,
+        stored: Mapping[str, str],
+        root: Path = DEFAULT_ROOT,
+        local: Mapping[str, str] | None = None,
+    ) -> None:
         self._values = {key: default for key, (default, _) in KNOWN.items()}
         self._values["path.storage.root"] = str(root)
+        self._values.update({k: v for k, v in (local or {}).items() if k in KNOWN and v != ""})
         self._values.update({k: v for k, v in stored.items() if k in KNOWN and v != ""})
         storage_root = Path(self._values["path.storage.root"])
         for name in STORAGE_FOLDERS:

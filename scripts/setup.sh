@@ -14,6 +14,7 @@ APT_PACKAGES=(
     busybox-static                         # the userland of the demo and test images
     mmdebstrap                             # builds the cached Debian image (tools/debian_image.py)
     attr acl fio iproute2 bridge-utils kmod
+    postgresql                             # a fleet's shared database; tests start their own
 )
 
 missing=()
@@ -25,6 +26,14 @@ if ((${#missing[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # The package starts a default cluster on port 5432; nothing here uses it (tests run
+    # their own servers on Unix sockets in temporary folders), so it does not stay up.
+    if [[ " ${missing[*]} " == *" postgresql "* ]] && command -v pg_lsclusters >/dev/null; then
+        pg_lsclusters -h 2>/dev/null | while read -r version cluster _ status _; do
+            [ "$status" = online ] && pg_ctlcluster "$version" "$cluster" stop || true
+        done
+        command -v systemctl >/dev/null && systemctl disable --now postgresql >/dev/null 2>&1 || true
+    fi
 fi
 
 PYTHON=${PYTHON:-python3}

@@ -6,6 +6,7 @@ import logging
 
 from qvdctl.commands.base import Request, parse_pairs
 from qvdctl.db import store
+from qvdctl.db.notify import CONFIG_CHANGED, notify
 from qvdctl.errors import QvdError
 from qvdctl.settings import KNOWN, validate
 
@@ -22,6 +23,7 @@ def set_(req: Request) -> None:
     with req.node.db.writer() as conn:
         for key, value in checked.items():
             store.set_setting(conn, key, value)
+        notify(conn, CONFIG_CHANGED)  # every running HKD re-reads its settings
     for key, value in checked.items():
         req.out.message(f"{key}={value}", key=key, value=value)
 
@@ -51,6 +53,7 @@ def del_(req: Request) -> None:
             raise QvdError(f"setting '{missing[0]}' is not set")
         for key in req.words:
             store.del_setting(conn, key)
+        notify(conn, CONFIG_CHANGED)
     for key in req.words:
         req.out.message(f"{key} deleted (back to its default)", key=key)
 

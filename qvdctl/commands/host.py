@@ -1,14 +1,22 @@
-"""``qvdctl host add/list``: the nodes that run VMs (this one registers itself on first start)."""
+"""``qvdctl host add/list/block/unblock``: the nodes that run VMs.
+
+A node registers itself on its first VM start, or when its HKD starts (a fleet).
+``host list`` shows each HKD's lease: its state (an alive host whose lease ran out
+shows ``lost`` even before another HKD marks it so), and the lease's age in seconds.
+A blocked host keeps its VMs but gets no new ones.
+"""
 
 from __future__ import annotations
 
 import ipaddress
 import logging
 import re
+import time
 
 from qvdctl.commands.base import Request
 from qvdctl.db import store
 from qvdctl.errors import QvdError
+from qvdctl.fleet import lease
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +41,36 @@ def add(req: Request) -> None:
 def list_(req: Request) -> None:
     req.args()
     this = req.node.name()
+    limit = lease.timeout(req.node.settings())
+    now = time.time()
     with req.node.db.reader() as conn:
         rows = req.select(store.list_hosts(conn), KEYS, need=False)
     req.out.table(
-        ["Id", "Name", "Address", "RunningVMs", "ThisNode"],
-        [[r["id"], r["name"], r["address"], r["vms"], int(r["name"] == this)] for r in rows],
+        ["Id", "Name", "Address", "State", "LeaseAge", "RunningVMs", "Blocked", "ThisNode"],
+        [[r["id"], r["name"], r["address"], lease.shown_state(r, limit, now),
+          None if r["ok_ts"] is None else round(now - r["ok_ts"], 1), r["vms"], r["blocked"],
+          int(r["name"] == this)] for r in rows],
     )
 
 
-COMMANDS = {"add": add, "list": list_}
+def _set_blocked(req: Request, blocked: int) -> None:
+    req.args()
+    with req.node.db.writer() as conn:
+        rows = req.select(store.list_hosts(conn), KEYS, need=True)
+        for row in rows:
+            store.set_host_blocked(conn, row["id"], blocked)
+    for row in rows:
+        req.out.message(f"Host {row['name']} {'blocked' if blocked else 'unblocked'}",
+                        id=row["id"])
+
+
+def block(req: Request) -> None:
+    """``host block -f name=...``: no new VMs on these hosts."""
+    _set_blocked(req, 1)
+
+
+def unblock(req: Request) -> None:
+    _set_blocked(req, 0)
+
+
+COMMANDS = {"add": add, "list": list_, "block": block, "unblock": unblock}

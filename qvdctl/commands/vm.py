@@ -5,7 +5,8 @@ selects the VMs and prints. ``vm start`` / ``vm stop`` work on the matched VMs
 concurrently (``vm.lifecycle.parallel`` at a time); each success prints its line
 on stdout, each failure one ``Error:`` line on stderr, and any failure makes the
 exit status 1. ``vm list`` first reconciles the database with what really runs
-(``qvdctl/vm/health.py``).
+(``qvdctl/vm/health.py``). In a fleet, ``vm start`` / ``vm stop`` queue the work for
+the hosts' HKDs instead and wait for it (``qvdctl/fleet/client.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from qvdctl.commands.di import check_tag
 from qvdctl.commands.osf import check_name
 from qvdctl.db import store
 from qvdctl.errors import QvdError
+from qvdctl.fleet import client
 from qvdctl.network import addresses
 from qvdctl.vm import Vm, load_vm, reconcile, run_each, start_vm, stop_vm
 
@@ -68,7 +70,10 @@ def list_(req: Request) -> None:
     reconcile(req.node)
     with req.node.db.reader() as conn:
         rows = req.select(_rows(conn), KEYS, need=False)
-    req.out.table(COLUMNS, [[r[k] for k in KEYS] for r in rows])
+    # In a fleet the work happens elsewhere: the last failure's line is shown here.
+    extra = ["error"] if req.node.fleet else []
+    req.out.table(COLUMNS + [k.title() for k in extra],
+                  [[r[k] for k in KEYS + extra] for r in rows])
 
 
 def del_(req: Request) -> None:
@@ -94,8 +99,8 @@ def del_(req: Request) -> None:
         req.out.message(f"VM {row['name']} deleted", id=row["id"])
 
 
-def _selected(req: Request) -> list[Vm]:
-    req.args()
+def _selected(req: Request, optional: tuple[str, ...] = ()) -> list[Vm]:
+    req.args(optional=optional)
     with req.node.db.reader() as conn:
         rows = req.select(_rows(conn), KEYS, need=True)
     return [load_vm(req.node, row["id"]) for row in rows]
@@ -117,6 +122,8 @@ def _report_failures(results: list) -> None:
 
 
 def start(req: Request) -> None:
+    if req.node.fleet:
+        return _fleet_start(req)
     vms = _selected(req)
     results = run_each(lambda vm: start_vm(req.node, vm), vms, _parallel(req))
     for vm, mounted, _ in results:
@@ -127,6 +134,8 @@ def start(req: Request) -> None:
 
 
 def stop(req: Request) -> None:
+    if req.node.fleet:
+        return _fleet_stop(req)
     vms = _selected(req)
     results = run_each(lambda vm: stop_vm(req.node, vm), vms, _parallel(req))
     for vm, _, error in results:
@@ -135,12 +144,37 @@ def stop(req: Request) -> None:
     _report_failures(results)
 
 
+def _fleet_start(req: Request) -> None:
+    pin = req.args(optional=["host"]).get("host")
+    outcomes = client.start(req.node, _selected(req, ("host",)), pin=pin, wait=not req.no_wait)
+    how = " (root mounted only)" if req.node.settings()["vm.start.mount_only"] == "1" else ""
+    for o in outcomes:
+        if o.error is None:
+            what = f"queued on host {o.host}" if req.no_wait else f"started{how}"
+            req.out.message(f"VM {o.vm.name} {what}", id=o.vm.id, host=o.host)
+    _report_failures([(o.vm, None, o.error) for o in outcomes])
+
+
+def _fleet_stop(req: Request) -> None:
+    outcomes = client.stop(req.node, _selected(req), wait=not req.no_wait)
+    for o in outcomes:
+        if o.error is None:
+            what = "stop queued" if req.no_wait and not o.done else "stopped"
+            req.out.message(f"VM {o.vm.name} {what}", id=o.vm.id, host=o.host)
+    _report_failures([(o.vm, None, o.error) for o in outcomes])
+
+
 def _one_running(req: Request, what: str) -> Vm:
     vms = _selected(req)
     if len(vms) != 1:
         raise QvdError(f"the filter matches {len(vms)} VMs; {what} needs exactly one")
     if vms[0].state != "running":
         raise QvdError(f"VM '{vms[0].name}' is {vms[0].state}, not running")
+    if req.node.fleet:
+        with req.node.db.reader() as conn:
+            host = store.get_vm(conn, vms[0].id)["host"]
+        if host != req.node.name():
+            raise QvdError(f"VM '{vms[0].name}' runs on host {host}; run this on {host}")
     return vms[0]
 
 

@@ -1,4 +1,4 @@
-"""Opening the database: SQLite by default, safe for concurrent qvdctl processes.
+"""Opening the database: SQLite by default or a fleet's PostgreSQL, safe for concurrent processes.
 
 SQLite rules that keep several processes from corrupting or deadlocking it:
 
@@ -10,8 +10,15 @@ SQLite rules that keep several processes from corrupting or deadlocking it:
   first read, so two read-then-write transactions cannot both read, then
   deadlock on the upgrade (pysqlite's own deferred BEGIN would allow that).
 
-Anything SQLite-specific stays in this module; the rest of qvdctl speaks
-SQLAlchemy Core, so a PostgreSQL URL only needs a branch here.
+PostgreSQL (driver psycopg 3, ``postgresql+psycopg://``; a bare ``postgresql://``
+URL gets that driver) keeps the same promise with one transaction-level advisory
+lock taken by every writer at its start: writers run one at a time as on SQLite,
+so code that reads, then writes (the free IP of ``vm add``) stays correct, and
+readers never wait. Stale pooled connections (the server restarted under an HKD)
+are tested before use.
+
+Anything engine-specific stays in this module (and ``notify.py``); the rest of
+qvdctl speaks SQLAlchemy Core, so the schema and every query are the same on both.
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from sqlalchemy import Connection, Engine, create_engine, event
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from qvdctl.db import migrations
 from qvdctl.errors import QvdError
@@ -30,21 +38,38 @@ from qvdctl.errors import QvdError
 log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 30_000
+# The advisory lock key every PostgreSQL writer holds ("qvd" in ASCII).
+WRITER_LOCK = 0x717664
+# A PostgreSQL server that does not answer within this is down, as far as we care.
+CONNECT_TIMEOUT_S = 5
 
 
 class Database:
     """One database, opened (and created or upgraded) on construction."""
 
     def __init__(self, url: str) -> None:
+        if url.startswith("postgresql://"):
+            url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
         self.url = url
+        self.is_sqlite = url.startswith("sqlite")
         if url.startswith("sqlite:///"):
             path = Path(url.removeprefix("sqlite:///"))
             path.parent.mkdir(parents=True, exist_ok=True)
-        elif not url.startswith("sqlite"):
-            raise QvdError(f"unsupported database URL '{url}': only sqlite is wired so far")
-        self.engine: Engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
-        event.listen(self.engine, "connect", _sqlite_connect)
-        event.listen(self.engine, "begin", _sqlite_begin)
+        if self.is_sqlite:
+            self.engine: Engine = create_engine(
+                url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000}
+            )
+            event.listen(self.engine, "connect", _sqlite_connect)
+            event.listen(self.engine, "begin", _sqlite_begin)
+        elif url.startswith("postgresql+psycopg://"):
+            self.engine = create_engine(
+                url, pool_pre_ping=True, connect_args={"connect_timeout": CONNECT_TIMEOUT_S}
+            )
+            event.listen(self.engine, "begin", _postgresql_begin)
+        else:
+            raise QvdError(
+                f"unsupported database URL '{url}': use sqlite:///FILE or postgresql://..."
+            )
         with self.reader() as conn:
             current = migrations.current_version(conn)
         if current != migrations.LATEST:
@@ -72,8 +97,15 @@ class Database:
                 conn = conn.execution_options(qvd_write=write)
                 with conn.begin():
                     yield conn
-        except OperationalError as exc:
-            raise QvdError(f"database {self.url}: {exc.orig}") from exc
+        except (OperationalError, InterfaceError) as exc:
+            # A server gone away says so over several lines; the first is the reason.
+            first = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else exc
+            raise QvdError(f"database {self.shown_url}: {first}") from exc
+
+    @property
+    def shown_url(self) -> str:
+        """The URL without its password, for messages."""
+        return make_url(self.url).render_as_string(hide_password=True)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -92,3 +124,8 @@ def _sqlite_connect(dbapi_connection, _record) -> None:
 def _sqlite_begin(conn: Connection) -> None:
     write = conn.get_execution_options().get("qvd_write", True)
     conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def _postgresql_begin(conn: Connection) -> None:
+    if conn.get_execution_options().get("qvd_write", True):
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({WRITER_LOCK})")

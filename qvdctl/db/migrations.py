@@ -32,7 +32,29 @@ def _add_di_halt_signal(conn: Connection) -> None:
         conn.execute(text("ALTER TABLE dis ADD COLUMN halt_signal VARCHAR(20)"))
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1_initial, _add_di_halt_signal]
+def _add_fleet_runtime(conn: Connection) -> None:
+    # The columns a fleet's HKDs and admin CLI share (hosts' lease, VMs' commands).
+    # _v1_initial creates the tables from today's metadata, so a fresh database has
+    # them already: add only those missing.
+    inspector = inspect(conn)
+    for table in (schema.hosts, schema.vms):
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        for name in ("state", "ok_ts", "blocked", "vm_cmd", "cmd_at", "error"):
+            if name in table.c and name not in present:
+                column = table.c[name]
+                ddl = f"ALTER TABLE {table.name} ADD COLUMN {name} "
+                ddl += column.type.compile(dialect=conn.dialect)
+                default = getattr(column.server_default, "arg", None)
+                if default is not None:
+                    ddl += f" NOT NULL DEFAULT '{default}'"
+                conn.exec_driver_sql(ddl)
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [
+    _v1_initial,
+    _add_di_halt_signal,
+    _add_fleet_runtime,
+]
 
 LATEST = len(MIGRATIONS)
 

@@ -5,8 +5,10 @@ Ids are never reused (AUTOINCREMENT): they name containers and folders on
 disk (``<vm id>-<user id>-homefs``), so a new VM must never inherit a deleted
 one's id, and with it that VM's home.
 
-A VM's runtime state (state, host, current DI, timestamps) sits in its own row:
-this node only ever runs its own VMs, and one row keeps the queries simple.
+A VM's runtime state (state, host, current DI, timestamps) sits in its own row,
+and so does the command an admin queued for it in a fleet (``vm_cmd``, SPEC §6):
+one row keeps the queries simple, and a command is claimed with one conditional
+UPDATE of it. A host's row carries its HKD's lease (``state``, ``ok_ts``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 from sqlalchemy import (
     Column,
     DateTime,
+    Float,
     ForeignKey,
     Integer,
     MetaData,
@@ -95,6 +98,11 @@ hosts = Table(
     Column("name", String(253), nullable=False, unique=True),
     Column("address", String(64), nullable=False),
     Column("created", DateTime, nullable=False),
+    # Fleet (qvdctl/fleet/): the HKD's state (stopped starting running lost), the time
+    # of its last lease renewal (seconds since the epoch), and whether new VMs keep off.
+    Column("state", String(20), nullable=False, server_default="stopped"),
+    Column("ok_ts", Float, nullable=True),
+    Column("blocked", Integer, nullable=False, server_default="0"),
     sqlite_autoincrement=True,
 )
 
@@ -115,5 +123,10 @@ vms = Table(
     Column("current_di_id", Integer, ForeignKey("dis.id"), nullable=True),
     Column("created", DateTime, nullable=False),
     Column("state_changed", DateTime, nullable=False),
+    # Fleet: the command queued for the VM's host (start, stop; busy once claimed),
+    # when it was queued (seconds since the epoch), and the last failure's one line.
+    Column("vm_cmd", String(10), nullable=True),
+    Column("cmd_at", Float, nullable=True),
+    Column("error", Text, nullable=True),
     sqlite_autoincrement=True,
 )

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 Row = dict[str, Any]
 
 
-def _now() -> datetime.datetime:
+def now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC).replace(tzinfo=None, microsecond=0)
 
 
@@ -104,7 +104,7 @@ def add_di(
     if conn.execute(clash).first():
         raise QvdError(f"this OSF already has a disk image with version '{version}'")
     stmt = insert(dis).values(
-        osf_id=osf_id, path=path, version=version, sha256=sha256, size=size, created=_now(),
+        osf_id=osf_id, path=path, version=version, sha256=sha256, size=size, created=now(),
         halt_signal=halt_signal,
     )  # fmt: skip
     return _insert(conn, stmt, f"disk image '{path}'")
@@ -211,7 +211,7 @@ def del_user(conn: Connection, user: Row) -> None:
 def add_host(conn: Connection, name: str, address: str) -> int:
     if conn.execute(select(hosts.c.id).where(hosts.c.name == name)).first():
         raise QvdError(f"host '{name}' already exists")
-    stmt = insert(hosts).values(name=name, address=address, created=_now())
+    stmt = insert(hosts).values(name=name, address=address, created=now())
     return _insert(conn, stmt, f"host '{name}'")
 
 
@@ -220,6 +220,10 @@ def list_hosts(conn: Connection) -> list[Row]:
         vms, and_(vms.c.host_id == hosts.c.id, vms.c.state != "stopped")
     )
     return _rows(conn.execute(stmt.group_by(hosts.c.id).order_by(hosts.c.id)))
+
+
+def set_host_blocked(conn: Connection, host_id: int, blocked: int) -> None:
+    conn.execute(update(hosts).where(hosts.c.id == host_id).values(blocked=blocked))
 
 
 def ensure_host(conn: Connection, name: str) -> int:
@@ -238,10 +242,10 @@ def add_vm(conn: Connection, name: str, user_id: int, osf_id: int, di_tag: str, 
         raise QvdError(f"VM '{name}' already exists")
     if conn.execute(select(vms.c.id).where(vms.c.ip == ip)).first():
         raise QvdError(f"IP {ip} is already assigned to another VM")
-    now = _now()
+    stamp = now()
     stmt = insert(vms).values(
         name=name, user_id=user_id, osf_id=osf_id, di_tag=di_tag, ip=ip,
-        blocked=0, state="stopped", user_state="disconnected", created=now, state_changed=now,
+        blocked=0, state="stopped", user_state="disconnected", created=stamp, state_changed=stamp,
     )
     return _insert(conn, stmt, f"VM '{name}'")
 
@@ -293,7 +297,7 @@ def set_vm_state(
     stmt = update(vms).where(vms.c.id == vm_id)
     if expect is not None:
         stmt = stmt.where(vms.c.state.in_(expect))
-    result = conn.execute(stmt.values(state=new, state_changed=_now(), **values))
+    result = conn.execute(stmt.values(state=new, state_changed=now(), **values))
     return result.rowcount == 1
 
 

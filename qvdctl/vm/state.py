@@ -29,10 +29,11 @@ import enum
 from collections.abc import Collection, Iterator, Mapping
 from typing import Any, NoReturn
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, update
 
 from qvdctl import locks
 from qvdctl.db import store
+from qvdctl.db.schema import vms
 from qvdctl.errors import QvdError
 from qvdctl.node import Node
 
@@ -111,6 +112,22 @@ def change_state(
     expect = tuple(sorted(state.value for state in sources))
     if not store.set_vm_state(conn, vm_id, new.value, expect=expect, **values):
         raise StateRefused(vm_id, VmState(store.get_vm(conn, vm_id)["state"]), new)
+
+
+def release_host_vms(conn: Connection, host_id: int, why: str) -> int:
+    """Call every VM of a lost host ``stopped``, whatever its state; return how many.
+
+    The one move outside ``TRANSITIONS``: the host's HKD fenced itself (stopped its
+    VMs) before its lease ran out, so nothing of them runs any more, and they must be
+    free to start elsewhere. Commands queued for the host go with it; ``why`` is
+    the VMs' error line.
+    """
+    stmt = (
+        update(vms).where(vms.c.host_id == host_id)
+        .values(state=VmState.STOPPED.value, host_id=None, vm_cmd=None, error=why,
+                state_changed=store.now())
+    )  # fmt: skip
+    return conn.execute(stmt).rowcount
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The VM state table (``qvdctl/vm/state.py``) on a real SQLite database, no root needed.
+"""The VM state table (``qvdctl/vm/state.py``) on a real database: SQLite, and PostgreSQL.
 
 Each test puts a VM straight into a state with the raw ``store.set_vm_state``, then
 asks ``change_state`` for a move: it must happen exactly when ``TRANSITIONS`` lists it.
@@ -7,6 +7,7 @@ asks ``change_state`` for a move: it must happen exactly when ``TRANSITIONS`` li
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,16 +15,24 @@ import pytest
 from qvdctl.db import store
 from qvdctl.node import Node
 from qvdctl.vm.state import TRANSITIONS, StateRefused, VmState, change_state
+from tests.support.postgres import PgServer, postgres  # noqa: F401 (a fixture)
 
 
-@pytest.fixture
-def node(tmp_path: Path) -> Node:
-    node = Node(tmp_path)
+@pytest.fixture(params=["sqlite", "postgresql"])
+def node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Node]:
+    url = None
+    if request.param == "postgresql":
+        server: PgServer = request.getfixturevalue("postgres")
+        url = server.url()
+    node = Node(tmp_path, db_url=url)
     with node.db.writer() as conn:
         user = store.add_user(conn, "alice", "x")
         osf = store.add_osf(conn, "desktop", 256, 0)
         store.add_vm(conn, "v", user, osf, "default", "10.0.0.5")
-    return node
+    try:
+        yield node
+    finally:
+        node.close()
 
 
 def _vm(node: Node) -> dict:

@@ -1,0 +1,143 @@
+"""The admin side of ``vm start`` / ``vm stop`` against a fleet: queue, notify, wait.
+
+One writer transaction places every VM (``placement.py``) and queues its command
+(``commands.py``); the hosts' HKDs are notified when it commits. Then, unless told
+not to, the admin's process watches the rows until every command has ended (the
+HKD clears ``vm_cmd``): running or stopped is a success, anything else a failure
+whose one line the HKD wrote in ``error``. A host that dies meanwhile releases its
+VMs when it is marked lost, which ends the wait too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import Connection, select
+
+from qvdctl.db.notify import notify, vm_commands
+from qvdctl.db.schema import hosts, vms
+from qvdctl.errors import QvdError
+from qvdctl.fleet import commands, lease
+from qvdctl.fleet.commands import Cmd
+from qvdctl.fleet.placement import Placer
+from qvdctl.node import Node
+from qvdctl.vm.state import Vm, VmState
+
+log = logging.getLogger(__name__)
+
+WAIT_POLL_S = 0.05
+
+
+@dataclasses.dataclass
+class Outcome:
+    """One VM's command: where it went and, once known, how it ended."""
+
+    vm: Vm
+    host: str | None = None
+    error: QvdError | None = None
+    done: bool = False
+
+
+def start(node: Node, vms: list[Vm], *, pin: str | None, wait: bool) -> list[Outcome]:
+    """Queue a start of each VM on a live host and (with ``wait``) see them end.
+
+    Raises:
+        QvdError: there is no live host (or the pinned one is not); nothing was queued.
+    """
+    limit = lease.timeout(node.settings())
+    outcomes = [Outcome(vm) for vm in vms]
+    with node.db.writer() as conn:
+        placer = Placer(conn, limit)
+        rows = _rows(conn, [vm.id for vm in vms])
+        notified = set()
+        for outcome in outcomes:
+            vm, row = outcome.vm, rows[outcome.vm.id]
+            if row["vm_cmd"] is not None:
+                host = placer.hosts_by_id.get(row["host_id"], "?")
+                outcome.error = QvdError(f"VM '{vm.name}' is already queued to {row['vm_cmd']}"
+                                         f" on host {host}")
+            elif row["state"] == VmState.ZOMBIE:
+                # Its leftovers are on its host: that one cleans up and starts it.
+                name = placer.hosts_by_id.get(row["host_id"])
+                if name is None:
+                    outcome.error = QvdError(f"VM '{vm.name}' is a zombie of no known host")
+                    continue
+                try:
+                    host = placer.place(pin=name)
+                except QvdError as exc:
+                    outcome.error = QvdError(f"VM '{vm.name}' is a zombie on host {name}: {exc}")
+                    continue
+                commands.queue_start(conn, vm.id, host["id"], zombie=True)
+                outcome.host = name
+            elif row["state"] != VmState.STOPPED:
+                outcome.error = QvdError(f"VM '{vm.name}' is {row['state']}, not stopped")
+            else:
+                host = placer.place(pin)
+                commands.queue_start(conn, vm.id, host["id"])
+                outcome.host = host["name"]
+            if outcome.host is not None and outcome.host not in notified:
+                notify(conn, vm_commands(placer.hosts[outcome.host]["id"]))
+                notified.add(outcome.host)
+    for outcome in outcomes:
+        outcome.done = outcome.error is not None
+    if wait:
+        _wait(node, outcomes, lambda row: row["state"] == VmState.RUNNING)
+    return outcomes
+
+
+def stop(node: Node, vms: list[Vm], *, wait: bool) -> list[Outcome]:
+    """Queue a stop of each VM for its host and (with ``wait``) see them end."""
+    outcomes = [Outcome(vm) for vm in vms]
+    with node.db.writer() as conn:
+        rows = _rows(conn, [vm.id for vm in vms])
+        names = dict(conn.execute(select(hosts.c.id, hosts.c.name)).all())
+        notified = set()
+        for outcome in outcomes:
+            vm, row = outcome.vm, rows[outcome.vm.id]
+            outcome.host = names.get(row["host_id"])
+            if commands.cancel_start(conn, vm.id):
+                outcome.done = True  # no HKD had taken it: nothing ever ran
+            elif commands.queue_stop(conn, vm.id):
+                if row["host_id"] not in notified:
+                    notify(conn, vm_commands(row["host_id"]))
+                    notified.add(row["host_id"])
+            else:
+                why = f"already queued to {row['vm_cmd']}" if row["vm_cmd"] else row["state"]
+                outcome.error = QvdError(f"VM '{vm.name}' is {why}; there is nothing to stop")
+                outcome.done = True
+    if wait:
+        _wait(node, outcomes, lambda row: row["state"] == VmState.STOPPED)
+    return outcomes
+
+
+def _rows(conn: Connection, ids: list[int]) -> dict[int, dict[str, Any]]:
+    stmt = select(vms.c.id, vms.c.state, vms.c.vm_cmd, vms.c.host_id, vms.c.error).where(
+        vms.c.id.in_(ids)
+    )
+    return {row.id: dict(row._mapping) for row in conn.execute(stmt)}
+
+
+def _wait(
+    node: Node, outcomes: list[Outcome], success: Callable[[dict[str, Any]], bool]
+) -> None:
+    """Watch the rows until every queued command has ended."""
+    while pending := [o for o in outcomes if not o.done]:
+        time.sleep(WAIT_POLL_S)
+        with node.db.reader() as conn:
+            rows = _rows(conn, [o.vm.id for o in pending])
+        for outcome in pending:
+            row = rows.get(outcome.vm.id)
+            if row is None:
+                outcome.error, outcome.done = QvdError(f"VM '{outcome.vm.name}' is gone"), True
+            elif row["vm_cmd"] not in (Cmd.START, Cmd.STOP, Cmd.BUSY) or (
+                success(row) and row["vm_cmd"] != Cmd.BUSY
+            ):
+                outcome.done = True
+                if not success(row):
+                    outcome.error = QvdError(
+                        row["error"] or f"VM '{outcome.vm.name}' is {row['state']}"
+                    )

@@ -1,0 +1,338 @@
+"""``qvdctl hkd``: a fleet node's house-keeping daemon, in the foreground.
+
+    register   the host row: ``starting``, a fresh lease
+    reconcile  what runs here against the database (below); then ``running``
+    loop       wait for a NOTIFY (or the poll), renew the lease every heartbeat, mark
+               expired hosts lost, claim this host's commands and run each in a worker
+               thread (at most ``vm.lifecycle.parallel`` at once)
+    SIGTERM    take no more commands, finish those running, stop this node's VMs,
+               host ``stopped``, exit 0
+
+Reconcile (on start, and whenever the node comes back from a fence or a ``lost``):
+containers and mounted roots of VMs the database does not give to this host as
+running are stopped and unmounted; this host's VMs recorded running whose root or
+container is gone become zombies (``vm/health.py``); and every VM of this host left
+``starting``, ``stopping`` or ``zombie`` (a crashed HKD) is cleaned up with
+``stop_vm``. Only then are commands taken.
+
+Fencing: when the lease cannot be renewed for half the timeout (the database is
+down, or unreachable from here), the node stops every VM it runs, from what it sees
+locally (no database needed), before any other node may call it lost and start
+those VMs elsewhere. When the database answers again, it re-registers and reconciles.
+
+The work is today's lifecycle, unchanged: ``start_vm`` / ``stop_vm`` of ``qvdctl/vm/``,
+run with this node's ``Node`` (its node.conf: nodename, storage root, lxcpath).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import re
+import select
+import signal
+import time
+from pathlib import Path
+from types import FrameType
+
+from qvdproc.mountinfo import mounts_under
+from qvdctl.container import seam
+from qvdctl.db import store
+from qvdctl.db.notify import CONFIG_CHANGED, Listener, vm_commands
+from qvdctl.errors import QvdError
+from qvdctl.fleet import commands, lease
+from qvdctl.fleet.commands import Cmd
+from qvdctl.fleet.lease import HostState
+from qvdctl.node import Node
+from qvdctl.settings import Settings
+from qvdctl.storage import Storage
+from qvdctl.vm import VmState, load_vm, reconcile, run_each, start_vm, stop_vm
+
+log = logging.getLogger(__name__)
+
+# The safety-net poll when NOTIFY is there (stock: about a minute); SQLite has only the poll.
+POLL_S = 60.0
+SQLITE_POLL_S = 0.5
+# Fence once the lease has gone unrenewed for this share of the timeout.
+FENCE_AT = 0.5
+
+_ROOTFS_ENTRY = re.compile(r"[0-9]+-([0-9]+)-fs")
+
+
+class Hkd:
+    """One node's daemon; ``run`` returns the exit status."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.name = node.name()
+        self.host_id = 0
+        self.settings: Settings = node.settings()
+        self.jobs: dict[int, concurrent.futures.Future[None]] = {}
+        # As many threads as vm.lifecycle.parallel may ever allow; the claims keep the bound.
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="hkd")
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.stopping = False
+        self.fenced = False
+        self.last_renewal = time.monotonic()
+
+    # --- the loop -------------------------------------------------------------
+
+    def run(self) -> int:
+        signal.set_wakeup_fd(self.wake_w)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+        self._join()
+        listener = Listener(self.node.db, [vm_commands(self.host_id), CONFIG_CHANGED])
+        poll = SQLITE_POLL_S if self.node.db.is_sqlite else POLL_S
+        next_beat = 0.0
+        log.info("host %s (id %d) running; lease timeout %.0f s", self.name, self.host_id,
+                 lease.timeout(self.settings))
+        try:
+            while not self.stopping:
+                now = time.monotonic()
+                if now >= next_beat:
+                    self._beat()
+                    next_beat = now + lease.heartbeat(self.settings)
+                if not self.fenced:
+                    self._take_commands()
+                self._reap()
+                wait = min(next_beat - time.monotonic(), poll)
+                try:
+                    received = listener.wait(wait, self.wake_r)
+                except QvdError as exc:
+                    log.debug("%s", exc)  # the heartbeat says it, and fences if it lasts
+                    self._sleep(min(wait, 1.0))
+                    continue
+                self._drain_wakeups()
+                if any(channel == CONFIG_CHANGED for channel, _ in received):
+                    try:
+                        self._reload_settings("notified")
+                    except QvdError as exc:
+                        log.debug("re-reading the settings: %s", exc)
+        finally:
+            listener.close()
+        self._shutdown()
+        return 0
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %d: stopping this node", signum)
+        self.stopping = True
+
+    def _sleep(self, seconds: float) -> None:
+        select.select([self.wake_r], [], [], max(seconds, 0))
+        self._drain_wakeups()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self.wake_w, b"x")
+        except BlockingIOError:
+            pass  # the pipe is full: the loop is woken anyway
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _reload_settings(self, how: str) -> None:
+        old, self.settings = self.settings, self.node.settings()
+        for key in self.settings:
+            if old[key] != self.settings[key]:
+                log.info("setting %s is now %r (%s)", key, self.settings[key], how)
+
+    # --- joining the fleet, the lease and fencing -----------------------------
+
+    def _join(self) -> None:
+        """Register, reconcile, then take commands (``running``)."""
+        with self.node.db.writer() as conn:
+            self.host_id = lease.register(conn, self.name)
+            forgotten = commands.forget_claims(conn, self.host_id)
+        if forgotten:
+            log.info("dropped %d claims a previous HKD of this host left", forgotten)
+        self.last_renewal = time.monotonic()
+        self.settings = self.node.settings()
+        self._reconcile()
+        with self.node.db.writer() as conn:
+            lease.set_state(conn, self.host_id, HostState.RUNNING)
+        self.fenced = False
+
+    def _beat(self) -> None:
+        """Renew the lease and mark expired hosts lost; fence if renewing keeps failing."""
+        try:
+            with self.node.db.writer() as conn:
+                renewed = lease.renew(conn, self.host_id)
+                if renewed:
+                    lease.mark_expired_lost(conn, self.host_id, lease.timeout(self.settings))
+            if renewed and not self.fenced:
+                self.last_renewal = time.monotonic()
+                self._reload_settings("heartbeat")  # the safety net under the NOTIFY
+                return
+        except QvdError as exc:
+            silent = time.monotonic() - self.last_renewal
+            log.warning("cannot renew the lease (%.1f s without): %s", silent, exc)
+            if not self.fenced and silent >= FENCE_AT * lease.timeout(self.settings):
+                self._fence(f"no lease renewal for {silent:.1f} s")
+            return
+        # Marked lost behind our back (what we ran may run elsewhere by now), or fenced
+        # and the database answers again: either way, clean up and join afresh.
+        if not self.fenced:
+            self._fence("this host was marked lost")
+        log.info("the database answers again: rejoining")
+        try:
+            self._join()
+        except QvdError as exc:
+            log.warning("rejoining failed, retrying at the next heartbeat: %s", exc)
+
+    def _fence(self, why: str) -> None:
+        """Stop everything this node runs, from local knowledge only."""
+        log.warning("fencing: %s; stopping every VM on this node", why)
+        self.fenced = True
+        bound = 0.2 * lease.timeout(self.settings)
+        concurrent.futures.wait(list(self.jobs.values()), timeout=bound)
+        self._reap()
+        for vm_id, rootfs in self._local_vms().items():
+            self._remove_local(vm_id, rootfs)
+        log.warning("fenced: nothing runs on this node any more")
+
+    def _local_vms(self) -> dict[int, Path | None]:
+        """VM id -> mounted root (or None) of every container and root found on this node."""
+        found: dict[int, Path | None] = {}
+        if seam.lxcpath_from(self.settings).exists():
+            try:
+                found.update(dict.fromkeys(seam.vm_container_states(settings=self.settings)))
+            except Exception as exc:  # a node without liblxc's folder has no containers
+                log.debug("listing containers: %s", exc)
+        rootfs = Storage.from_settings(self.settings).rootfs
+        for point in mounts_under(rootfs):
+            path = Path(point)
+            if path.parent == rootfs.resolve() and (m := _ROOTFS_ENTRY.fullmatch(path.name)):
+                found[int(m.group(1))] = path
+        return found
+
+    def _remove_local(self, vm_id: int, rootfs: Path | None) -> None:
+        try:
+            seam.stop_vm_container(vm_id=vm_id, settings=self.settings)
+            if rootfs is not None:
+                mounting.unmount_tree(rootfs, lazy_fallback=True)
+            log.info("VM %d: stopped and unmounted on this node", vm_id)
+        except Exception as exc:
+            log.error("VM %d: could not stop what runs of it here: %s", vm_id, exc)
+
+    def _reconcile(self) -> None:
+        with self.node.db.reader() as conn:
+            mine = {row["id"]: row for row in store.list_vms(conn)
+                    if row["host_id"] == self.host_id}
+        for vm_id, rootfs in self._local_vms().items():
+            row = mine.get(vm_id)
+            if row is None or row["state"] == VmState.STOPPED:
+                log.warning("VM %d runs here but not in the database: stopping it", vm_id)
+                self._remove_local(vm_id, rootfs)
+        for name, why in reconcile(self.node):
+            log.warning("VM %s: %s; marked zombie", name, why)
+        with self.node.db.reader() as conn:
+            left = [row["id"] for row in store.list_vms(conn)
+                    if row["host_id"] == self.host_id
+                    and row["state"] in (VmState.STARTING, VmState.STOPPING, VmState.ZOMBIE)]
+        for vm_id in left:
+            try:
+                stop_vm(self.node, load_vm(self.node, vm_id))
+                log.info("VM %d: cleaned up what a previous HKD left", vm_id)
+            except QvdError as exc:
+                log.warning("%s", exc)
+
+    # --- commands ---------------------------------------------------------------
+
+    def _take_commands(self) -> None:
+        free = int(self.settings["vm.lifecycle.parallel"]) - len(self.jobs)
+        if free <= 0:
+            return
+        try:
+            with self.node.db.reader() as conn:
+                queued = commands.pending(conn, self.host_id)
+        except QvdError as exc:
+            log.debug("reading commands: %s", exc)
+            return
+        for vm_id, cmd, queued_at in queued:
+            if free <= 0:
+                break
+            if vm_id in self.jobs:
+                continue  # a stop queued during its start: taken once the start is done
+            try:
+                with self.node.db.writer() as conn:
+                    claimed = commands.claim(conn, self.host_id, vm_id, cmd)
+            except QvdError as exc:
+                log.debug("claiming: %s", exc)
+                return
+            if not claimed:
+                continue
+            waited = time.time() - queued_at if queued_at else 0.0
+            log.info("VM %d: claimed %s (queued %.0f ms ago)", vm_id, cmd, waited * 1000)
+            self.jobs[vm_id] = self.pool.submit(self._run_command, vm_id, cmd)
+            free -= 1
+
+    def _run_command(self, vm_id: int, cmd: Cmd) -> None:
+        error = None
+        try:
+            vm = load_vm(self.node, vm_id)
+            if cmd is Cmd.START:
+                start_vm(self.node, vm)
+            else:
+                stop_vm(self.node, vm)
+            log.info("VM %s: %s done", vm.name, cmd)
+        except QvdError as exc:
+            error = str(exc)
+            log.warning("VM %d: %s failed: %s", vm_id, cmd, error)
+        except Exception as exc:  # a bug: the admin still gets one line, the log the rest
+            log.exception("VM %d: %s crashed", vm_id, cmd)
+            error = f"{cmd} of VM {vm_id} failed on host {self.name}: {exc}"
+        try:
+            with self.node.db.writer() as conn:
+                commands.finish(conn, vm_id, error)
+        except QvdError as exc:
+            log.warning("VM %d: recording the end of %s: %s", vm_id, cmd, exc)
+        finally:
+            self._wake()
+
+    def _reap(self) -> None:
+        for vm_id, job in list(self.jobs.items()):
+            if job.done():
+                del self.jobs[vm_id]
+
+    # --- leaving ------------------------------------------------------------------
+
+    def _shutdown(self) -> None:
+        concurrent.futures.wait(list(self.jobs.values()))
+        self._reap()
+        try:
+            with self.node.db.writer() as conn:
+                lease.set_state(conn, self.host_id, HostState.STOPPING)
+                commands.release_queued_starts(
+                    conn, self.host_id, f"host {self.name} stopped before it started the VM"
+                )
+            with self.node.db.reader() as conn:
+                mine = [row["id"] for row in store.list_vms(conn)
+                        if row["host_id"] == self.host_id and row["state"] != VmState.STOPPED]
+            vms = [load_vm(self.node, vm_id) for vm_id in mine]
+            limit = int(self.settings["vm.lifecycle.parallel"])
+            for vm, _, error in run_each(lambda vm: stop_vm(self.node, vm), vms, limit):
+                if error is not None:
+                    log.error("%s", error)
+            with self.node.db.writer() as conn:
+                for vm_id in mine:
+                    commands.finish(conn, vm_id, None, drop_queued=True)
+                lease.set_state(conn, self.host_id, HostState.STOPPED)
+        except QvdError as exc:
+            log.error("stopping with the database unreachable: %s; stopping VMs locally", exc)
+            for vm_id, rootfs in self._local_vms().items():
+                self._remove_local(vm_id, rootfs)
+        self.pool.shutdown()
+        log.info("host %s stopped", self.name)
+
+
+def main(node: Node) -> int:
+    """Run the HKD of ``node`` until SIGTERM; the exit status."""
+    if not node.fleet:
+        log.info("no node config: this HKD works on the embedded SQLite database alone")
+    return Hkd(node).run()

@@ -1,0 +1,181 @@
+"""A fleet for the tests: HKDs, each with its own nodename, storage root, lxcpath and
+network namespace, on one PostgreSQL, and an admin CLI as a third process.
+
+Images live on "shared storage" (one ``path.storage.images`` set globally for every
+node, as SPEC §6 has it); everything else is per node, from each node's node.conf.
+Everything a fleet made is undone by ``close``: HKDs killed, containers stopped in
+the nodes' lxcpaths, mounts under the fleet's folder unmounted, namespaces removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from qvdproc.mountinfo import mounts_under
+from tests.support.mounts import force_unmount
+from tests.support.qvdctl import QVDCTL, Cli
+from tools.imagebuild import build_busybox_rootfs, build_image_tarball
+from tools.sandbox import create_netns, netns_argv, remove_netns
+
+NET = "10.219.77"  # only ever configured inside each node's own namespace
+BRIDGE = "qvdfleet0"
+
+
+class AdminCli(Cli):
+    """``qvdctl --config FILE ...`` from a process on no node at all: its config names
+    only the database (on SQLite, the config is what makes the CLI queue commands)."""
+
+    def __init__(self, root: Path, url: str) -> None:
+        super().__init__(root)
+        root.mkdir(parents=True, exist_ok=True)
+        self.conf = root / "admin.conf"
+        self.conf.write_text(f"database.url = {url}\n")
+
+    def argv(self, *args: str) -> list[str]:
+        return [QVDCTL, "--root", str(self.root), "--config", str(self.conf), *args]
+
+    def hosts(self) -> dict[str, dict]:
+        return {row["Name"]: row for row in self.json("host", "list")}
+
+    def vms(self) -> dict[str, dict]:
+        return {row["Name"]: row for row in self.json("vm", "list")}
+
+
+class HkdNode:
+    """One node: its folder, node.conf, namespace and (while running) its HKD."""
+
+    def __init__(self, base: Path, name: str, url: str, netns: str) -> None:
+        self.name = name
+        self.dir = base / name
+        self.root = self.dir / "storage"
+        self.lxcpath = self.dir / "lxc"
+        self.root.mkdir(parents=True)
+        self.lxcpath.mkdir()
+        self.netns = netns
+        self.conf = self.dir / "node.conf"
+        self.conf.write_text(
+            f"nodename = {name}\n"
+            f"database.url = {url}\n"
+            f"path.storage.root = {self.root}\n"
+            f"vm.lxc.lxcpath = {self.lxcpath}\n"
+        )
+        self.log = self.dir / "hkd.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        argv = netns_argv(self.netns, [QVDCTL, "--config", str(self.conf), "hkd"])
+        with open(self.log, "a") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL)
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        # netns_argv's shell execs the HKD, so this pid is the HKD itself.
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float = 60) -> int:
+        assert self.proc is not None
+        code = self.proc.wait(timeout=timeout)
+        self.proc = None
+        return code
+
+    def log_text(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+    def containers(self) -> list[str]:
+        return sorted(p.name for p in self.lxcpath.iterdir() if (p / "config").exists())
+
+    def mounts(self) -> list[str]:
+        return mounts_under(self.root / "rootfs")
+
+    def in_ns(self, *argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run(netns_argv(self.netns, list(argv)), capture_output=True,
+                              text=True, timeout=60)
+
+    def close(self) -> None:
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            self.proc.wait(timeout=30)
+            self.proc = None
+        for entry in self.lxcpath.iterdir() if self.lxcpath.is_dir() else ():
+            self.in_ns("lxc-stop", "-P", str(self.lxcpath), "-n", entry.name, "-k")
+
+
+class Fleet:
+    """Nodes ``names`` on database ``url``, set up with one image, one user and ``vms`` VMs."""
+
+    def __init__(self, base: Path, url: str, names: tuple[str, ...], *, vms: int,
+                 timeout: int = 5, mount_only: bool = True) -> None:
+        self.base = base
+        self.url = url
+        self.nodes: dict[str, HkdNode] = {}
+        subprocess.run(["mount", "--bind", str(base), str(base)], check=True)
+        subprocess.run(["mount", "--make-shared", str(base)], check=True)
+        try:
+            for name in names:
+                netns = f"qvdfleet-{name}-{os.getpid() % 10000}"
+                create_netns(netns)
+                self.nodes[name] = HkdNode(base, name, url, netns)
+            self.admin = AdminCli(base / "admin", url)
+            staging = base / "admin" / "staging"
+            staging.mkdir()
+            build_image_tarball(staging / "img.tar.gz", build_busybox_rootfs(base / "image"))
+            (base / "shared-images").mkdir()
+            self.admin.run(
+                "config", "set", "vm.hypervisor=lxc", "vm.lxc.unionfs.type=overlayfs",
+                f"vm.start.mount_only={int(mount_only)}",
+                f"internal.hkd.cluster.node.timeout={timeout}",
+                f"path.storage.images={base / 'shared-images'}",
+                f"vm.network.bridge={BRIDGE}", f"vm.network.ip.start={NET}.2",
+                "vm.network.netmask=24", f"vm.network.gateway={NET}.1", "vm.stop.timeout=5",
+            )  # fmt: skip
+            self.admin.run("osf", "add", "name=o", "memory=256")
+            self.admin.run("di", "add", "path=img.tar.gz", "osf=o")
+            self.admin.run("user", "add", "login=u", "password=p")
+            for i in range(1, vms + 1):
+                self.admin.run("vm", "add", f"name=v{i}", "user=u", "osf=o")
+        except BaseException:
+            self.close()
+            raise
+
+    def start(self, *names: str) -> None:
+        for name in names or tuple(self.nodes):
+            self.nodes[name].start()
+        for name in names or tuple(self.nodes):
+            until(lambda n=name: self.admin.hosts().get(n, {}).get("State") == "running",
+                  f"host {name} running", 60)
+
+    def close(self) -> None:
+        for node in self.nodes.values():
+            node.close()
+        for point in mounts_under(self.base):
+            if point != str(self.base):
+                force_unmount(point)
+        subprocess.run(["umount", "-l", str(self.base)], capture_output=True)
+        for node in self.nodes.values():
+            remove_netns(node.netns)
+
+
+def until(check: Callable[[], object], what: str, timeout: float, step: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(step)
+
+
+def stop_hkd(node: HkdNode, signum: int = signal.SIGTERM) -> int:
+    node.signal(signum)
+    return node.wait()
+
+
+def parse(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]

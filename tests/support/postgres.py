@@ -1,0 +1,121 @@
+"""A throwaway PostgreSQL server for the tests: Debian's binaries, a temporary folder,
+a Unix socket in that folder and no TCP listener at all.
+
+PostgreSQL refuses to run as root, so the cluster belongs to the ``postgres`` user
+the Debian package creates and the server runs as that user (``runuser``); clients
+(running as root) connect over the socket with ``trust`` authentication, as the
+superuser ``qvd``. ``initdb`` costs a few seconds, so its result is kept as a
+template under /tmp (keyed by the server's version) and copied for each server.
+The Debian package's own cluster (``main`` on port 5432) is never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+SUPERUSER = "qvd"
+
+
+def _bindir() -> Path | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return Path(found[-1]).parent if found else None
+
+
+def _as_postgres(argv: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(["runuser", "-u", "postgres", "--", *argv], check=True,
+                          capture_output=True, text=True, timeout=120, **kw)
+
+
+def _template(bindir: Path) -> Path:
+    """An initdb'd cluster folder to copy, made once per server version."""
+    path = Path(tempfile.gettempdir()) / f"qvd-pg-template-{bindir.parent.name}"
+    if (path / "PG_VERSION").is_file():
+        return path
+    tmp = Path(tempfile.mkdtemp(prefix="qvd-pg-initdb-"))
+    os.chown(tmp, pwd.getpwnam("postgres").pw_uid, -1)
+    _as_postgres([str(bindir / "initdb"), "-D", str(tmp / "data"), "-U", SUPERUSER,
+                  "-A", "trust", "--no-sync", "-E", "UTF8", "--locale=C"])
+    try:
+        os.rename(tmp, path)
+    except OSError:  # another test run made it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+class PgServer:
+    """One running server; ``url(name)`` creates database ``name`` and returns its URL."""
+
+    def __init__(self, bindir: Path) -> None:
+        self.bindir = bindir
+        self.dir = Path(tempfile.mkdtemp(prefix="qvd-pg-"))
+        self.data = self.dir / "data"
+        shutil.copytree(_template(bindir) / "data", self.data, symlinks=True)
+        postgres = pwd.getpwnam("postgres")
+        for path in [self.dir, *self.data.rglob("*"), self.data]:
+            os.lchown(path, postgres.pw_uid, postgres.pw_gid)
+        os.chmod(self.data, 0o700)
+        self._databases = 0
+
+    def start(self) -> None:
+        options = f"-k {self.dir} -c listen_addresses='' -c max_connections=300 -c fsync=off"
+        _as_postgres([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l",
+                      str(self.dir / "log"), "-o", options, "-w", "-t", "60", "start"])
+
+    def stop(self) -> None:
+        _as_postgres([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast",
+                      "-w", "-t", "60", "stop"])
+
+    def running(self) -> bool:
+        return (self.data / "postmaster.pid").exists()
+
+    def psql(self, sql: str, database: str = "postgres") -> str:
+        result = subprocess.run(
+            [str(self.bindir / "psql"), "-h", str(self.dir), "-U", SUPERUSER, "-d", database,
+             "-tAc", sql],
+            check=True, capture_output=True, text=True, timeout=60,
+        )
+        return result.stdout.strip()
+
+    def url(self, name: str | None = None) -> str:
+        if name is None:
+            self._databases += 1
+            name = f"qvd{self._databases}"
+        self.psql(f"CREATE DATABASE {name}")
+        return f"postgresql+psycopg://{SUPERUSER}@/{name}?host={self.dir}"
+
+    def remove(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            if self.running():
+                self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def pg_server() -> Iterator[PgServer]:
+    """A started server, stopped and removed on the way out; skips if PostgreSQL is absent."""
+    bindir = _bindir()
+    if bindir is None or shutil.which("runuser") is None:
+        pytest.skip("PostgreSQL is not installed (scripts/setup.sh installs it)")
+    server = PgServer(bindir)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.remove()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PgServer]:
+    """One server for the whole session; each test takes its own database with ``url()``."""
+    with pg_server() as server:
+        yield server
