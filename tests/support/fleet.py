@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
+import secrets
 import signal
 import subprocess
 import time
@@ -121,7 +121,7 @@ class Fleet:
         subprocess.run(["mount", "--make-shared", str(base)], check=True)
         try:
             for name in names:
-                netns = f"qvdfleet-{name}-{os.getpid() % 10000}"
+                netns = f"qvdfleet-{name}-{secrets.token_hex(4)}"  # fleets may coexist
                 create_netns(netns)
                 self.nodes[name] = HkdNode(base, name, url, netns)
             self.admin = AdminCli(base / "admin", url)
