@@ -46,7 +46,7 @@ def _claims(fleet: Fleet) -> dict[str, list[tuple[str, float]]]:
             for name, node in fleet.nodes.items()}
 
 
-def _new(after: dict[str, list], before: dict[str, list], cmd: str) -> list[float]:
+def _new(after: dict[str, list[tuple[str, float]]], before: dict[str, list[tuple[str, float]]], cmd: str) -> list[float]:
     return [ms for host, claims in after.items()
             for c, ms in claims[len(before.get(host, [])):] if c == cmd]
 

@@ -49,6 +49,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from benchmarks import DEFAULT_CACHE, targets
 from benchmarks.workloads import drop_caches
@@ -100,7 +101,7 @@ def choose_targets(names: list[str]) -> list[targets.Target]:
     return [by_name[n] for n in names]
 
 
-def _fields(target: targets.Target) -> dict[str, str]:
+def _fields(target: targets.Target) -> dict[str, Any]:
     return {"name": target.name, "kind": target.kind, "summary": target.summary}
 
 
@@ -167,7 +168,7 @@ class Container:
             while not socket.exists():
                 if time.monotonic() > deadline:
                     raise SampleError(f"no /run/systemd/private after {BOOT_TIMEOUT:g} s")
-                if not processes.alive(self.init_pid):
+                if self.init_pid is None or not processes.alive(self.init_pid):
                     raise SampleError("the container's init exited during boot")
                 time.sleep(POLL)
             left = max(deadline - time.monotonic(), 1.0)
@@ -324,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, chosen: list[targets.Target], image: debian_image.Image
-        ) -> dict:
+        ) -> dict[str, Any]:
     started = time.monotonic()
     scratch = Path(args.cache) / f"realimage-{os.getpid()}"
     scratch.mkdir(parents=True)
@@ -384,8 +385,9 @@ def run(args: argparse.Namespace, chosen: list[targets.Target], image: debian_im
 
 
 def summarize(names: list[str], samples: list[Sample], errors: dict[str, list[str]],
-              skipped: dict[str, str], commands: dict[str, str], meta: dict) -> dict:
-    per: dict[str, dict] = {}
+              skipped: dict[str, str], commands: dict[str, str], meta: dict[str, Any]
+              ) -> dict[str, Any]:
+    per: dict[str, dict[str, Any]] = {}
     for name in names:
         mine = [s for s in samples if s.target == name]
         raw = {m: [s.values[m] for s in mine] for m in METRICS}
@@ -410,7 +412,7 @@ def summarize(names: list[str], samples: list[Sample], errors: dict[str, list[st
     return {"meta": meta, "targets": per, "skipped": skipped, "goals": goals}
 
 
-def markdown(results: dict) -> str:
+def markdown(results: dict[str, Any]) -> str:
     meta, per = results["meta"], results["targets"]
     lines = [
         f"## Real image: boot, dpkg -i, stop in LXC ({meta['date']})",

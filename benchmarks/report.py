@@ -246,8 +246,8 @@ def markdown(results: Results) -> str:
         notes.append("")
         for g in checks:
             mark = {True: "met", False: "MISSED", None: "not measured"}[g.passed]
-            value = "" if g.value is None else f" — {_fmt(g.value, g.unit)}"
-            notes.append(f"- {mark}: {g.text}{value}")
+            shown = "" if g.value is None else f" — {_fmt(g.value, g.unit)}"
+            notes.append(f"- {mark}: {g.text}{shown}")
     meta = results.meta
     header = (f"Run of {meta.get('date', '?')} (qvdfs at {meta.get('qvdfs_version', '?')}, "
               f"{meta.get('fixture_entries', '?')} files, {meta.get('cpus', '?')} CPUs): medians "

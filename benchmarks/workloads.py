@@ -141,8 +141,8 @@ def _fio_seconds(path: Path, size: int, io_size: int, depth: int) -> float:
     if depth == 1:
         # One request at a time: the run lasts the sum of the latencies. fio's own runtime
         # is whole milliseconds, too coarse for cached re-reads.
-        return read["lat_ns"]["mean"] * read["total_ios"] / 1e9
-    return read["io_bytes"] / read["bw_bytes"]
+        return float(read["lat_ns"]["mean"] * read["total_ios"] / 1e9)
+    return float(read["io_bytes"] / read["bw_bytes"])
 
 
 def randread(ctx: Context) -> dict[str, float]:

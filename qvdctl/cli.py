@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from qvdctl.commands import OBJECTS
 from qvdctl.commands.base import Request, parse_filters
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse prints usage over several lines; we want one
+    def error(self, message: str) -> NoReturn:  # argparse prints usage over several lines; we want one
         raise QvdError(message)
 
 

@@ -79,6 +79,7 @@ def build_image_tarball(
     """
     mode = f"w:{compression}" if compression else "w"
     arcroot = "rootfs" if extended else "."
-    with tarfile.open(dest, mode, format=tarfile.PAX_FORMAT) as tar:
+    # The mode is built at run time; typeshed types each literal mode separately.
+    with tarfile.open(dest, mode, format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
         tar.add(rootfs, arcname=arcroot, recursive=True)
     return dest

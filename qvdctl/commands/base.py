@@ -58,7 +58,9 @@ class Request:
         if self.filters:
             raise QvdError(f"{self.obj} {self.command} takes no -f filter")
 
-    def select(self, rows: Iterable[dict[str, Any]], keys: Sequence[str], *, need: bool) -> list:
+    def select(
+        self, rows: Iterable[dict[str, Any]], keys: Sequence[str], *, need: bool
+    ) -> list[dict[str, Any]]:
         """The rows matching every filter; ``need``: this command must be given a filter.
 
         Raises:
@@ -98,7 +100,7 @@ def parse_pairs(words: Iterable[str], what: str) -> dict[str, str]:
 
 def parse_filters(specs: Iterable[str]) -> list[tuple[str, str]]:
     """``["name=a*,user=b"]`` -> ``[("name", "a*"), ("user", "b")]``."""
-    filters = []
+    filters: list[tuple[str, str]] = []
     for spec in specs:
         filters.extend(parse_pairs([p for p in spec.split(",")], "filter").items())
     return filters

@@ -14,8 +14,11 @@ import re
 import shutil
 from pathlib import Path
 
+from sqlalchemy import Connection
+
 from qvdctl.commands.base import Request
 from qvdctl.db import store
+from qvdctl.db.store import Row
 from qvdctl.errors import QvdError
 from qvdctl.images.halt import check_signal, facts_path
 from qvdctl.images.importer import check_image_name, import_image
@@ -79,7 +82,7 @@ def _source_path(path: str, staging: Path) -> Path:
     return candidate.absolute()
 
 
-def _next_version(conn, osf_id: int) -> str:
+def _next_version(conn: Connection, osf_id: int) -> str:
     """QVD's default version: today's date and a counter, e.g. ``2026-11-24-000``."""
     today = datetime.date.today().isoformat()
     taken = set(store.versions_like(conn, osf_id, today))
@@ -92,7 +95,7 @@ def check_tag(tag: str) -> str:
     return tag
 
 
-def _rows(conn) -> list[dict]:
+def _rows(conn: Connection) -> list[Row]:
     rows = store.list_dis(conn)
     for row in rows:
         row["tags"] = ",".join(row["tags"])
@@ -128,7 +131,7 @@ def untag(req: Request) -> None:
     req.out.message(f"DI {di['id']} untagged {tag_}", id=di["id"], tag=tag_)
 
 
-def _one(req: Request, conn) -> dict:
+def _one(req: Request, conn: Connection) -> Row:
     rows = req.select(_rows(conn), KEYS, need=True)
     if len(rows) != 1:
         raise QvdError(f"the filter matches {len(rows)} disk images; it must match one")

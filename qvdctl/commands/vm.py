@@ -15,15 +15,19 @@ import logging
 import os
 import shutil
 import sys
+from collections.abc import Sequence
+
+from sqlalchemy import Connection
 
 from qvdctl.commands.base import Request
 from qvdctl.commands.di import check_tag
 from qvdctl.commands.osf import check_name
 from qvdctl.db import store
+from qvdctl.db.store import Row
 from qvdctl.errors import QvdError
 from qvdctl.fleet import client
 from qvdctl.network import addresses
-from qvdctl.vm import Vm, load_vm, reconcile, run_each, start_vm, stop_vm
+from qvdctl.vm import Vm, VmState, load_vm, reconcile, run_each, start_vm, stop_vm
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +58,10 @@ def add(req: Request) -> None:
     req.out.message(f"VM added with id {vm_id}", id=vm_id, ip=ip)
 
 
-def _rows(conn) -> list[dict]:
+def _rows(conn: Connection) -> list[Row]:
     rows = store.list_vms(conn)
     for row in rows:
-        if row["state"] != "stopped" and row["current_di_version"]:
+        if row["state"] != VmState.STOPPED and row["current_di_version"]:
             row["di"] = row["current_di_version"]
         else:
             di = store.di_for_tag(conn, row["osf_id"], row["di_tag"])
@@ -82,7 +86,7 @@ def del_(req: Request) -> None:
     with req.node.db.writer() as conn:
         rows = req.select(_rows(conn), KEYS, need=True)
         for row in rows:
-            if row["state"] != "stopped":
+            if row["state"] != VmState.STOPPED:
                 raise QvdError(f"VM '{row['name']}' is {row['state']}; stop it before deleting it")
         for row in rows:
             store.del_vm(conn, row)
@@ -110,7 +114,7 @@ def _parallel(req: Request) -> int:
     return int(req.node.settings()["vm.lifecycle.parallel"])
 
 
-def _report_failures(results: list) -> None:
+def _report_failures(results: Sequence[tuple[Vm, object, QvdError | None]]) -> None:
     """One ``Error:`` line per failed VM on stderr; exit status 1 if there was any."""
     failures = [error for _, _, error in results if error is not None]
     if len(failures) == 1 and len(results) == 1:
@@ -168,7 +172,7 @@ def _one_running(req: Request, what: str) -> Vm:
     vms = _selected(req)
     if len(vms) != 1:
         raise QvdError(f"the filter matches {len(vms)} VMs; {what} needs exactly one")
-    if vms[0].state != "running":
+    if vms[0].state != VmState.RUNNING:
         raise QvdError(f"VM '{vms[0].name}' is {vms[0].state}, not running")
     if req.node.fleet:
         with req.node.db.reader() as conn:

@@ -27,6 +27,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
@@ -111,7 +112,7 @@ class Database:
         self.engine.dispose()
 
 
-def _sqlite_connect(dbapi_connection, _record) -> None:
+def _sqlite_connect(dbapi_connection: Any, _record: object) -> None:
     # Take transaction control away from pysqlite so _sqlite_begin decides.
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()

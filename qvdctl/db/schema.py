@@ -26,6 +26,8 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
+from qvdctl.db.states import VmState
+
 metadata = MetaData()
 
 schema_version = Table(
@@ -117,7 +119,7 @@ vms = Table(
     Column("ip", String(15), nullable=False, unique=True),
     Column("blocked", Integer, nullable=False, default=0),
     # Runtime state.
-    Column("state", String(20), nullable=False, default="stopped"),
+    Column("state", String(20), nullable=False, default=VmState.STOPPED.value),
     Column("user_state", String(20), nullable=False, default="disconnected"),
     Column("host_id", Integer, ForeignKey("hosts.id"), nullable=True),
     Column("current_di_id", Integer, ForeignKey("dis.id"), nullable=True),

@@ -13,10 +13,11 @@ import datetime
 import logging
 from typing import Any
 
-from sqlalchemy import Connection, and_, delete, func, insert, select, update
+from sqlalchemy import Connection, Insert, Result, and_, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from qvdctl.db.schema import di_tags, dis, hosts, osfs, settings, users, vms
+from qvdctl.db.states import VmState
 from qvdctl.errors import QvdError
 
 log = logging.getLogger(__name__)
@@ -28,13 +29,15 @@ def now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC).replace(tzinfo=None, microsecond=0)
 
 
-def _rows(result) -> list[Row]:
+def _rows(result: Result[Any]) -> list[Row]:
     return [dict(r._mapping) for r in result]
 
 
-def _insert(conn: Connection, stmt, what: str) -> int:
+def _insert(conn: Connection, stmt: Insert, what: str) -> int:
     try:
-        return conn.execute(stmt).inserted_primary_key[0]
+        key = conn.execute(stmt).inserted_primary_key
+        assert key is not None  # an INSERT of one row always has one
+        return int(key[0])
     except IntegrityError:
         raise QvdError(f"{what} already exists") from None
 
@@ -165,7 +168,7 @@ def get_di(conn: Connection, di_id: int) -> Row:
 
 def vms_using_di(conn: Connection, di_id: int) -> list[str]:
     """Names of VMs that run ``di_id`` right now (any state but stopped)."""
-    stmt = select(vms.c.name).where(and_(vms.c.current_di_id == di_id, vms.c.state != "stopped"))
+    stmt = select(vms.c.name).where(and_(vms.c.current_di_id == di_id, vms.c.state != VmState.STOPPED))
     return list(conn.execute(stmt).scalars())
 
 
@@ -217,7 +220,7 @@ def add_host(conn: Connection, name: str, address: str) -> int:
 
 def list_hosts(conn: Connection) -> list[Row]:
     stmt = select(hosts, func.count(vms.c.id).label("vms")).outerjoin(
-        vms, and_(vms.c.host_id == hosts.c.id, vms.c.state != "stopped")
+        vms, and_(vms.c.host_id == hosts.c.id, vms.c.state != VmState.STOPPED)
     )
     return _rows(conn.execute(stmt.group_by(hosts.c.id).order_by(hosts.c.id)))
 
@@ -245,7 +248,7 @@ def add_vm(conn: Connection, name: str, user_id: int, osf_id: int, di_tag: str, 
     stamp = now()
     stmt = insert(vms).values(
         name=name, user_id=user_id, osf_id=osf_id, di_tag=di_tag, ip=ip,
-        blocked=0, state="stopped", user_state="disconnected", created=stamp, state_changed=stamp,
+        blocked=0, state=VmState.STOPPED, user_state="disconnected", created=stamp, state_changed=stamp,
     )
     return _insert(conn, stmt, f"VM '{name}'")
 
@@ -286,7 +289,12 @@ def get_vm(conn: Connection, vm_id: int) -> Row:
 
 
 def set_vm_state(
-    conn: Connection, vm_id: int, new: str, *, expect: tuple[str, ...] | None = None, **values: Any
+    conn: Connection,
+    vm_id: int,
+    new: VmState,
+    *,
+    expect: tuple[VmState, ...] | None = None,
+    **values: Any,
 ) -> bool:
     """Move VM ``vm_id`` to state ``new`` (and set ``values``).
 
@@ -302,6 +310,6 @@ def set_vm_state(
 
 
 def del_vm(conn: Connection, vm: Row) -> None:
-    stmt = delete(vms).where(and_(vms.c.id == vm["id"], vms.c.state == "stopped"))
+    stmt = delete(vms).where(and_(vms.c.id == vm["id"], vms.c.state == VmState.STOPPED))
     if conn.execute(stmt).rowcount != 1:
         raise QvdError(f"VM '{vm['name']}' is {vm['state']}; stop it before deleting it")

@@ -25,7 +25,8 @@ from qvdctl.fleet import commands, lease
 from qvdctl.fleet.commands import Cmd
 from qvdctl.fleet.placement import Placer
 from qvdctl.node import Node
-from qvdctl.vm.state import Vm, VmState
+from qvdctl.db.states import VmState
+from qvdctl.vm.state import Vm
 
 log = logging.getLogger(__name__)
 

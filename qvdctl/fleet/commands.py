@@ -20,7 +20,7 @@ import time
 from sqlalchemy import ColumnElement, Connection, and_, or_, select, update
 
 from qvdctl.db.schema import vms
-from qvdctl.vm.state import VmState
+from qvdctl.db.states import VmState
 
 log = logging.getLogger(__name__)
 

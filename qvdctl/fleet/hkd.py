@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from qvdctl import mounting
 from qvdproc.mountinfo import mounts_under
 from qvdctl.container import seam
 from qvdctl.db import store

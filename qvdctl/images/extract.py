@@ -31,7 +31,9 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import libarchive
 from libarchive import extract as ae
@@ -120,7 +122,7 @@ def extract_here(archive: Path) -> int:
     warnings = _LibarchiveWarnings()
     previous = ""
 
-    def checked(entries):
+    def checked(entries: Iterable[Any]) -> Iterator[Any]:
         nonlocal count, previous
         for entry in entries:
             # The writer has finished the previous member by the time we get here.

@@ -12,10 +12,11 @@ work goes through ``qvdctl/container/seam.py``; mounting through ``mounting.py``
 
 from __future__ import annotations
 
+from qvdctl.db.states import VmState
 from qvdctl.vm.health import reconcile
 from qvdctl.vm.parallel import run_each
 from qvdctl.vm.start import MountedRoot, start_vm
-from qvdctl.vm.state import TRANSITIONS, Vm, VmState, load_vm
+from qvdctl.vm.state import TRANSITIONS, Vm, load_vm
 from qvdctl.vm.stop import stop_vm
 
 __all__ = [

@@ -17,9 +17,10 @@ from pathlib import Path
 
 from qvdctl.container import seam
 from qvdctl.db import store
+from qvdctl.db.states import VmState
 from qvdctl.node import Node
 from qvdctl.storage import Storage
-from qvdctl.vm.state import StateRefused, VmState, change_state
+from qvdctl.vm.state import StateRefused, change_state
 from qvdproc import mountinfo
 
 log = logging.getLogger(__name__)

@@ -29,13 +29,14 @@ from qvdctl import mounting
 from qvdctl.container import seam
 from qvdctl.container.launch import LaunchError
 from qvdctl.db import store
+from qvdctl.db.states import VmState
 from qvdctl.errors import QvdError
 from qvdctl.images import halt
 from qvdctl.images.extract import ensure_extracted, find_root
 from qvdctl.node import Node
 from qvdctl.progress import status
 from qvdctl.storage import Storage, move_aside
-from qvdctl.vm.state import StateRefused, Vm, VmState, change_state, fail_as_zombie, locked
+from qvdctl.vm.state import StateRefused, Vm, change_state, fail_as_zombie, locked
 from qvdctl.vm.stop import stop_locked
 
 log = logging.getLogger(__name__)

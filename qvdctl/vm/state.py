@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import enum
 from collections.abc import Collection, Iterator, Mapping
 from typing import Any, NoReturn
 
@@ -34,22 +33,9 @@ from sqlalchemy import Connection, update
 from qvdctl import locks
 from qvdctl.db import store
 from qvdctl.db.schema import vms
+from qvdctl.db.states import VmState
 from qvdctl.errors import QvdError
 from qvdctl.node import Node
-
-
-class VmState(enum.StrEnum):
-    """The ``state`` column of a VM (SPEC: ``vm list``); the values are the stock names."""
-
-    STOPPED = "stopped"
-    STARTING = "starting"
-    RUNNING = "running"
-    STOPPING = "stopping"
-    ZOMBIE = "zombie"
-    # The stock node's state for a VM held for inspection; qvdctl never enters it, but
-    # a VM found in it (a database shared with a stock node) can be stopped.
-    DEBUGGING = "debugging"
-
 
 S = VmState
 
@@ -109,8 +95,8 @@ def change_state(
         sources &= set(only_from)
     if new is VmState.STOPPED:
         values.setdefault("host_id", None)  # a stopped VM belongs to no node
-    expect = tuple(sorted(state.value for state in sources))
-    if not store.set_vm_state(conn, vm_id, new.value, expect=expect, **values):
+    expect = tuple(sorted(sources))
+    if not store.set_vm_state(conn, vm_id, new, expect=expect, **values):
         raise StateRefused(vm_id, VmState(store.get_vm(conn, vm_id)["state"]), new)
 
 

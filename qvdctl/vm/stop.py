@@ -14,10 +14,11 @@ from collections.abc import Mapping
 
 from qvdctl import mounting
 from qvdctl.container import seam
+from qvdctl.db.states import VmState
 from qvdctl.errors import QvdError
 from qvdctl.node import Node
 from qvdctl.storage import Storage
-from qvdctl.vm.state import StateRefused, Vm, VmState, change_state, fail_as_zombie, locked
+from qvdctl.vm.state import StateRefused, Vm, change_state, fail_as_zombie, locked
 
 log = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ def _put(node: Node, state: VmState) -> None:
     """Put the VM in ``state`` behind the table's back, on host ``here``."""
     with node.db.writer() as conn:
         host = store.ensure_host(conn, "here")
-        store.set_vm_state(conn, _vm(node)["id"], state.value, host_id=host)
+        store.set_vm_state(conn, _vm(node)["id"], state, host_id=host)
 
 
 def test_the_states_are_the_stock_names() -> None:
