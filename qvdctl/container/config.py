@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 DEFAULT_LXCPATH = Path(lxc.default_config_path)
 CONFIG_NAME = "config"
 LOG_NAME = "lxc.log"
+SECCOMP_NAME = "seccomp"
 # Marks a config directory as ours, so removing one never touches an admin's container.
 OWNER_MARK = ".qvdctl"
 
@@ -221,7 +222,49 @@ def render_config(spec: ContainerSpec, lxcpath: Path = DEFAULT_LXCPATH) -> str:
             f"lxc.mount.entry = {_path(spec.home, 'home')} home none bind,create=dir 0 0"
         )
     lines += _limit_lines(spec)
+    lines += _hardening_lines(spec, lxcpath)
     return "\n".join(lines) + "\n"
+
+
+# What a privileged container's root may not do to the node, after LXC's own defaults
+# (/usr/share/lxc/config/common.conf). Those files are spelled out here rather than
+# included: common.conf also sets the tty layout (lxc.tty.dir, 4 ttys), cgroup and sys
+# mounts and a clone hook that SPEC §4's config sets otherwise, and common.seccomp
+# misses kexec_file_load and the keyring calls.
+#
+# CAP_SYS_ADMIN stays: systemd images mount their API filesystems and per-service
+# namespaces with it, and without it they do not boot. What it still allows (mounts,
+# cgroupfs among them) is what unprivileged containers are for.
+DROPPED_CAPABILITIES = ("mac_admin", "mac_override", "sys_time", "sys_module", "sys_rawio")
+# errno 1 (EPERM): systemd takes a refused keyring as "access prohibited" and goes on.
+DENIED_SYSCALLS = (
+    "init_module", "finit_module", "delete_module", "kexec_load", "kexec_file_load",
+    "open_by_handle_at", "add_key", "keyctl", "request_key",
+)  # fmt: skip
+# Character devices the container may read and write (LXC's list): null, zero, full,
+# tty, console, ptmx, random, urandom, the pty slaves and fuse. Any node may be made
+# (mknod "m"), none other opened: the node's disks stay unreadable.
+ALLOWED_DEVICES = (
+    "c *:* m", "b *:* m", "c 1:3 rwm", "c 1:5 rwm", "c 1:7 rwm", "c 5:0 rwm", "c 5:1 rwm",
+    "c 5:2 rwm", "c 1:8 rwm", "c 1:9 rwm", "c 136:* rwm", "c 10:229 rwm",
+)  # fmt: skip
+
+
+def seccomp_policy() -> str:
+    """The text of the seccomp policy file (LXC's version 2 syntax, a denylist)."""
+    rules = "".join(f"{call} errno 1\n" for call in DENIED_SYSCALLS)
+    return f"2\ndenylist\nreject_force_umount\n[all]\n{rules}"
+
+
+def _hardening_lines(spec: ContainerSpec, lxcpath: Path) -> list[str]:
+    prefix = "lxc.cgroup2" if cgroup_version() == 2 else "lxc.cgroup"
+    lines = [
+        f"lxc.cap.drop = {' '.join(DROPPED_CAPABILITIES)}",
+        f"lxc.seccomp.profile = {_path(lxcpath / spec.name / SECCOMP_NAME, 'seccomp')}",
+        f"{prefix}.devices.deny = a",
+    ]
+    lines += [f"{prefix}.devices.allow = {rule}" for rule in ALLOWED_DEVICES]
+    return lines
 
 
 def _limit_lines(spec: ContainerSpec) -> list[str]:
@@ -262,11 +305,16 @@ def write_config(spec: ContainerSpec, lxcpath: Path = DEFAULT_LXCPATH) -> Path:
     folder.mkdir(parents=True, exist_ok=True, mode=0o750)
     (folder / OWNER_MARK).touch()
     target = folder / CONFIG_NAME
-    tmp = folder / (CONFIG_NAME + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, target)
+    _replace_file(folder / SECCOMP_NAME, seccomp_policy())
+    _replace_file(target, text)
     log.debug("wrote %s", target)
     return target
+
+
+def _replace_file(target: Path, text: str) -> None:
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, target)
 
 
 def remove_config(name: str, lxcpath: Path = DEFAULT_LXCPATH) -> bool:
