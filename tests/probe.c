@@ -1,6 +1,6 @@
 /* Asks the kernel for one thing a container's root should not get, prints the answer.
  *
- * Usage: probe WHAT [ARG]; prints "ok" or the errno's number and exits 0, so the
+ * Usage: probe WHAT [ARG...]; prints "ok" or the errno's number and exits 0, so the
  * test reads the kernel's answer rather than a shell's wording. Arguments are chosen
  * so that a call the kernel lets through does nothing harmful: no module image, no
  * kexec image, a null time.
@@ -9,9 +9,11 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mount.h>
 #include <sys/syscall.h>
+#include <grp.h>
 #include <sys/time.h>
 #include <unistd.h>
 
@@ -55,6 +57,25 @@ int main(int argc, char **argv) {
         return answer(mount("cgroup", arg, "cgroup", 0, "memory"));
     if (!strcmp(what, "mount_cgroup2"))
         return answer(mount("cgroup2", arg, "cgroup2", 0, NULL));
+    if (!strcmp(what, "as") && argc > 3) { /* probe as UID PROG ARGS: run PROG as UID */
+        unsigned id = (unsigned)atoi(argv[2]);
+        if (setgroups(0, NULL) || setgid(id) || setuid(id))
+            return answer(-1);
+        execv(argv[3], argv + 3);
+        return answer(-1);
+    }
+    if (!strcmp(what, "euid")) {
+        printf("%u\n", (unsigned)geteuid());
+        return 0;
+    }
+    if (!strcmp(what, "permitted")) { /* this process's CapPrm, as file capabilities gave it */
+        char line[256];
+        FILE *f = fopen("/proc/self/status", "r");
+        while (f && fgets(line, sizeof line, f))
+            if (!strncmp(line, "CapPrm:", 7))
+                printf("%s", line + 8);
+        return 0;
+    }
     fprintf(stderr, "probe: unknown request %s\n", what);
     return 2;
 }
