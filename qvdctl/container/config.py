@@ -24,6 +24,7 @@ from pathlib import Path
 import lxc
 
 from qvdctl.network.addresses import mac_for_ip, prefix_length, veth_name
+from qvdctl.settings import IDMAP_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,8 @@ class ContainerSpec:
         memory_mb: memory limit, None for none.
         cpus: CPU limit in cores (``1.5`` = one and a half), None for none.
         halt_signal: what the image's init takes as "power off".
+        idmap_start: run in a user namespace whose uids and gids 0-65535 are node ids
+            ``idmap_start`` on, the root idmapped to match; None: privileged, hardened.
     """
 
     name: str
@@ -77,6 +80,7 @@ class ContainerSpec:
     memory_mb: int | None = None
     cpus: float | None = None
     halt_signal: str = "SIGUSR2"
+    idmap_start: int | None = None
 
     @property
     def veth(self) -> str | None:
@@ -98,6 +102,7 @@ class ContainerSpec:
         memory_mb: int | None = None,
         cpus: float | None = None,
         halt_signal: str = "SIGUSR2",
+        idmap_start: int | None = None,
     ) -> ContainerSpec:
         """Build the spec of VM ``vm_id`` the way SPEC §4 names things.
 
@@ -138,6 +143,7 @@ class ContainerSpec:
             memory_mb=memory_mb,
             cpus=cpus,
             halt_signal=halt_signal,
+            idmap_start=idmap_start,
         )
 
 
@@ -223,6 +229,7 @@ def render_config(spec: ContainerSpec, lxcpath: Path = DEFAULT_LXCPATH) -> str:
         )
     lines += _limit_lines(spec)
     lines += _hardening_lines(spec, lxcpath)
+    lines += _userns_lines(spec)
     return "\n".join(lines) + "\n"
 
 
@@ -309,6 +316,58 @@ def write_config(spec: ContainerSpec, lxcpath: Path = DEFAULT_LXCPATH) -> Path:
     _replace_file(target, text)
     log.debug("wrote %s", target)
     return target
+
+
+SUBORDINATE_FILES = (Path("/etc/subuid"), Path("/etc/subgid"))
+
+
+def _userns_lines(spec: ContainerSpec) -> list[str]:
+    """An unprivileged container: its ids are node ids ``idmap_start`` on.
+
+    The root is mounted idmapped (``idmap=container``, a mount of the VM's union that
+    maps the same range), so the image keeps its owners inside while the branches
+    keep them as extracted: the kernel translates, qvdfs sees the container's ids on
+    creations only (FUSE_ALLOW_IDMAP), and overlays stay portable.
+    """
+    start = spec.idmap_start
+    if start is None:
+        return []
+    if not IDMAP_SIZE <= start <= 2**32 - 1 - IDMAP_SIZE:
+        raise ConfigError(f"id range {start}-{start + IDMAP_SIZE - 1} overlaps the node's ids")
+    for path in SUBORDINATE_FILES:
+        check_subordinate_range(path, start, IDMAP_SIZE)
+    return [
+        f"lxc.idmap = u 0 {start} {IDMAP_SIZE}",
+        f"lxc.idmap = g 0 {start} {IDMAP_SIZE}",
+        "lxc.rootfs.options = idmap=container",
+    ]
+
+
+def check_subordinate_range(path: Path, start: int, count: int) -> None:
+    """Refuse a range that ``path`` (/etc/subuid format) gives to a user other than root.
+
+    Another user's subordinate ids belong to their own containers; sharing them would
+    let that user's namespaces own the desktops' files.
+
+    Raises:
+        ConfigError: the ranges overlap.
+    """
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return
+    for line in text.splitlines():
+        fields = line.strip().split(":")
+        if len(fields) != 3 or fields[0] in ("root", "0") or not all(
+            f.isdigit() for f in fields[1:]
+        ):
+            continue
+        first, size = int(fields[1]), int(fields[2])
+        if first < start + count and start < first + size:
+            raise ConfigError(
+                f"id range {start}-{start + count - 1} overlaps {fields[0]}'s "
+                f"{first}-{first + size - 1} in {path}; set vm.lxc.idmap.start elsewhere"
+            )
 
 
 def _replace_file(target: Path, text: str) -> None:

@@ -61,6 +61,8 @@ def _spec(
         vm_id=vm_id, vm_name=vm_name, rootfs=rootfs, ip=ip,
         netmask=settings["vm.network.netmask"], gateway=gateway,
         bridge=settings["vm.network.bridge"], home=home, memory_mb=memory_mb or None,
+        idmap_start=int(settings["vm.lxc.idmap.start"])
+        if settings["vm.lxc.unprivileged"] == "1" else None,
     )  # fmt: skip
 
 
