@@ -56,7 +56,9 @@ def mount_command(kind: str, branches: Branches, rootfs: Path, settings: Setting
     b = branches
     if kind == "qvdfs":
         union = f"{b.overlay}=RW:{b.base}=RO:{b.home}=RW@/home"
-        return [str(QVDFS), *NODE_OPTIONS, union, str(rootfs)]
+        # An unprivileged container's root is an idmapped mount of this one.
+        idmap = ["-o", "idmap"] if settings["vm.lxc.unprivileged"] == "1" else []
+        return [str(QVDFS), *NODE_OPTIONS, *idmap, union, str(rootfs)]
     if kind == "unionfs-fuse":
         extra = shlex.split(settings["command.unionfs-fuse.args.extra"])
         binary = settings["command.unionfs-fuse"]

@@ -77,6 +77,25 @@ def _netmask(value: str) -> str:
         raise ValueError("must be a netmask such as 255.255.255.0 or a prefix length") from None
 
 
+# Ids a container's user namespace maps: all the ids an image may use (uid_t 0-65535).
+IDMAP_SIZE = 65536
+
+
+def _idmap_start(value: str) -> str:
+    """The first node uid/gid of the containers' range: above the node's own 0-65535."""
+    try:
+        start = int(value)
+    except ValueError:
+        raise ValueError("must be a number (the first node uid of the containers' ids)") from None
+    # 2**32 - 1 is (uid_t)-1, "no id", and cannot be mapped.
+    if start < IDMAP_SIZE or start + IDMAP_SIZE > 2**32 - 1:
+        raise ValueError(
+            f"must be at least {IDMAP_SIZE} (outside the node's own ids) "
+            f"and at most {2**32 - 1 - IDMAP_SIZE}"
+        )
+    return str(start)
+
+
 def _interface(value: str) -> str:
     # The kernel's limit (IFNAMSIZ - 1) and characters that are safe in lxc.conf.
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", value):
@@ -131,6 +150,11 @@ KNOWN: dict[str, tuple[str, Callable[[str], str]]] = {
     "vm.start.mount_only": ("0", _bool),
     # Where LXC keeps container configs; empty: liblxc's default (read by qvdctl/container/).
     "vm.lxc.lxcpath": ("", _optional_path),
+    # Ours: containers run in a user namespace (1, qvdfs roots only) or as the node's
+    # root, hardened (0). 0 until qvdctl's storage folders are checked for the mapped root.
+    "vm.lxc.unprivileged": ("0", _bool),
+    # Ours: container uid/gid 0-65535 are node ids START..START+65535 (every VM alike).
+    "vm.lxc.idmap.start": ("1000000", _idmap_start),
     # Ours: the name this node goes by in the hosts table and the Host column.
     "nodename": ("", _hostname),
     # Stock: seconds without a heartbeat after which a node is lost (qvdctl/fleet/lease.py).

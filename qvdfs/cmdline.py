@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 VERSION_TEXT = f"qvdfs {__version__} (unionfs-fuse compatible)"
 
 # Options that set a boolean field of MountConfig of the same name.
-_OWN_FLAGS = frozenset({"cow", "relaxed_permissions", "direct_io"})
+_OWN_FLAGS = frozenset({"cow", "relaxed_permissions", "direct_io", "idmap"})
 # libfuse mount options handed to the kernel unchanged.
 _FUSE_FLAGS = frozenset({"allow_other", "allow_root", "default_permissions", "suid", "dev",
                          "nosuid", "nodev"})
@@ -83,6 +83,9 @@ Options (-o takes a comma-separated list, may be repeated, and may be attached: 
     threads=N              threads answering requests (native backend)
     nopassthrough          serve file data from the daemon even where the kernel offers
                            passthrough (native backend)
+    idmap                  let the mount be idmapped (mount_setattr MOUNT_ATTR_IDMAP), as
+                           LXC does for an unprivileged container's root (native backend,
+                           Linux 6.12+, not with relaxed_permissions)
   libfuse options, passed to the kernel:
     allow_other, allow_root, default_permissions, suid, nosuid, dev, nodev,
     fsname=NAME (default qvdfs), subtype=NAME (default qvdfs)
@@ -186,6 +189,10 @@ def parse_args(argv: Sequence[str]) -> MountConfig:
     config.branches = parse_branches(branch_text, chroot=config.chroot)
     if config.fuse_options >= {"allow_other", "allow_root"}:
         raise MountError("allow_other and allow_root cannot be used together")
+    if config.idmap and (config.relaxed_permissions or config.backend != "native"):
+        # The kernel idmaps a FUSE mount only if it checks permissions itself, and only
+        # the native session can ask for it.
+        raise MountError("idmap needs the native backend and cannot go with relaxed_permissions")
     if not config.relaxed_permissions:
         config.fuse_options.add("default_permissions")
     if not any(o.startswith("fsname=") for o in config.fuse_options):

@@ -48,6 +48,10 @@ class MountConfig:
     threads: int | None = None
     # Let the kernel do file I/O on the branch files itself (native backend, where offered).
     passthrough: bool = True
+    # Ask the kernel for idmapped mounts (FUSE_ALLOW_IDMAP, native backend). The kernel
+    # then sends the caller's ids only with requests that create a node, already mapped
+    # through the mount's idmap; qvdfs reads them nowhere else.
+    idmap: bool = False
     # Mount options for the kernel (allow_other, suid, dev, fsname=..., max_read=...).
     fuse_options: set[str] = dataclasses.field(default_factory=set)
     # Kernel cache lifetimes in seconds. Every change is made by the daemon itself,

@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
     fuse3 libfuse3-dev pkg-config          # pyfuse3 builds against libfuse3
-    python3-dev gcc
+    python3-dev gcc libc6-dev               # libc6-dev: tests build a static probe too
+    libcap2-bin                            # setcap: tests give a file capability
     lxc lxc-dev                            # liblxc, and headers for python-lxc
     libarchive13                           # python-libarchive-c loads it
     unionfs-fuse fuse-overlayfs            # the programs we replace and compare with

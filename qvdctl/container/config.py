@@ -25,12 +25,14 @@ import lxc
 
 from qvdctl.images.halt import check_signal
 from qvdctl.network.addresses import mac_for_ip, prefix_length, veth_name
+from qvdctl.settings import IDMAP_SIZE
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LXCPATH = Path(lxc.default_config_path)
 CONFIG_NAME = "config"
 LOG_NAME = "lxc.log"
+SECCOMP_NAME = "seccomp"
 # Marks a config directory as ours, so removing one never touches an admin's container.
 OWNER_MARK = ".qvdctl"
 
@@ -67,6 +69,8 @@ class ContainerSpec:
         memory_mb: memory limit, None for none.
         cpus: CPU limit in cores (``1.5`` = one and a half), None for none.
         halt_signal: what the image's init takes as "power off" (SIGUSR2: busybox's).
+        idmap_start: run in a user namespace whose uids and gids 0-65535 are node ids
+            ``idmap_start`` on, the root idmapped to match; None: privileged, hardened.
     """
 
     name: str
@@ -77,6 +81,7 @@ class ContainerSpec:
     memory_mb: int | None = None
     cpus: float | None = None
     halt_signal: str = "SIGUSR2"
+    idmap_start: int | None = None
 
     @property
     def veth(self) -> str | None:
@@ -98,6 +103,7 @@ class ContainerSpec:
         memory_mb: int | None = None,
         cpus: float | None = None,
         halt_signal: str = "SIGUSR2",
+        idmap_start: int | None = None,
     ) -> ContainerSpec:
         """Build the spec of VM ``vm_id`` the way SPEC §4 names things.
 
@@ -138,6 +144,7 @@ class ContainerSpec:
             memory_mb=memory_mb,
             cpus=cpus,
             halt_signal=halt_signal,
+            idmap_start=idmap_start,
         )
 
 
@@ -229,7 +236,50 @@ def render_config(spec: ContainerSpec, lxcpath: Path = DEFAULT_LXCPATH) -> str:
             f"lxc.mount.entry = {_path(spec.home, 'home')} home none bind,create=dir 0 0"
         )
     lines += _limit_lines(spec)
+    lines += _hardening_lines(spec, lxcpath)
+    lines += _userns_lines(spec)
     return "\n".join(lines) + "\n"
+
+
+# What a privileged container's root may not do to the node, after LXC's own defaults
+# (/usr/share/lxc/config/common.conf). Those files are spelled out here rather than
+# included: common.conf also sets the tty layout (lxc.tty.dir, 4 ttys), cgroup and sys
+# mounts and a clone hook that SPEC §4's config sets otherwise, and common.seccomp
+# misses kexec_file_load and the keyring calls.
+#
+# CAP_SYS_ADMIN stays: systemd images mount their API filesystems and per-service
+# namespaces with it, and without it they do not boot. What it still allows (mounts,
+# cgroupfs among them) is what unprivileged containers are for.
+DROPPED_CAPABILITIES = ("mac_admin", "mac_override", "sys_time", "sys_module", "sys_rawio")
+# errno 1 (EPERM): systemd takes a refused keyring as "access prohibited" and goes on.
+DENIED_SYSCALLS = (
+    "init_module", "finit_module", "delete_module", "kexec_load", "kexec_file_load",
+    "open_by_handle_at", "add_key", "keyctl", "request_key",
+)  # fmt: skip
+# Character devices the container may read and write (LXC's list): null, zero, full,
+# tty, console, ptmx, random, urandom, the pty slaves and fuse. Any node may be made
+# (mknod "m"), none other opened: the node's disks stay unreadable.
+ALLOWED_DEVICES = (
+    "c *:* m", "b *:* m", "c 1:3 rwm", "c 1:5 rwm", "c 1:7 rwm", "c 5:0 rwm", "c 5:1 rwm",
+    "c 5:2 rwm", "c 1:8 rwm", "c 1:9 rwm", "c 136:* rwm", "c 10:229 rwm",
+)  # fmt: skip
+
+
+def seccomp_policy() -> str:
+    """The text of the seccomp policy file (LXC's version 2 syntax, a denylist)."""
+    rules = "".join(f"{call} errno 1\n" for call in DENIED_SYSCALLS)
+    return f"2\ndenylist\nreject_force_umount\n[all]\n{rules}"
+
+
+def _hardening_lines(spec: ContainerSpec, lxcpath: Path) -> list[str]:
+    prefix = "lxc.cgroup2" if cgroup_version() == 2 else "lxc.cgroup"
+    lines = [
+        f"lxc.cap.drop = {' '.join(DROPPED_CAPABILITIES)}",
+        f"lxc.seccomp.profile = {_path(lxcpath / spec.name / SECCOMP_NAME, 'seccomp')}",
+        f"{prefix}.devices.deny = a",
+    ]
+    lines += [f"{prefix}.devices.allow = {rule}" for rule in ALLOWED_DEVICES]
+    return lines
 
 
 def _limit_lines(spec: ContainerSpec) -> list[str]:
@@ -270,11 +320,68 @@ def write_config(spec: ContainerSpec, lxcpath: Path = DEFAULT_LXCPATH) -> Path:
     folder.mkdir(parents=True, exist_ok=True, mode=0o750)
     (folder / OWNER_MARK).touch()
     target = folder / CONFIG_NAME
-    tmp = folder / (CONFIG_NAME + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, target)
+    _replace_file(folder / SECCOMP_NAME, seccomp_policy())
+    _replace_file(target, text)
     log.debug("wrote %s", target)
     return target
+
+
+SUBORDINATE_FILES = (Path("/etc/subuid"), Path("/etc/subgid"))
+
+
+def _userns_lines(spec: ContainerSpec) -> list[str]:
+    """An unprivileged container: its ids are node ids ``idmap_start`` on.
+
+    The root is mounted idmapped (``idmap=container``, a mount of the VM's union that
+    maps the same range), so the image keeps its owners inside while the branches
+    keep them as extracted: the kernel translates, qvdfs sees the container's ids on
+    creations only (FUSE_ALLOW_IDMAP), and overlays stay portable.
+    """
+    start = spec.idmap_start
+    if start is None:
+        return []
+    if not IDMAP_SIZE <= start <= 2**32 - 1 - IDMAP_SIZE:
+        raise ConfigError(f"id range {start}-{start + IDMAP_SIZE - 1} overlaps the node's ids")
+    for path in SUBORDINATE_FILES:
+        check_subordinate_range(path, start, IDMAP_SIZE)
+    return [
+        f"lxc.idmap = u 0 {start} {IDMAP_SIZE}",
+        f"lxc.idmap = g 0 {start} {IDMAP_SIZE}",
+        "lxc.rootfs.options = idmap=container",
+    ]
+
+
+def check_subordinate_range(path: Path, start: int, count: int) -> None:
+    """Refuse a range that ``path`` (/etc/subuid format) gives to a user other than root.
+
+    Another user's subordinate ids belong to their own containers; sharing them would
+    let that user's namespaces own the desktops' files.
+
+    Raises:
+        ConfigError: the ranges overlap.
+    """
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return
+    for line in text.splitlines():
+        fields = line.strip().split(":")
+        if len(fields) != 3 or fields[0] in ("root", "0") or not all(
+            f.isdigit() for f in fields[1:]
+        ):
+            continue
+        first, size = int(fields[1]), int(fields[2])
+        if first < start + count and start < first + size:
+            raise ConfigError(
+                f"id range {start}-{start + count - 1} overlaps {fields[0]}'s "
+                f"{first}-{first + size - 1} in {path}; set vm.lxc.idmap.start elsewhere"
+            )
+
+
+def _replace_file(target: Path, text: str) -> None:
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, target)
 
 
 def remove_config(name: str, lxcpath: Path = DEFAULT_LXCPATH) -> bool:

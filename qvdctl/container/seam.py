@@ -65,6 +65,8 @@ def _spec(
         netmask=settings["vm.network.netmask"], gateway=gateway,
         bridge=settings["vm.network.bridge"], home=home, memory_mb=memory_mb or None,
         halt_signal=halt_signal,
+        idmap_start=int(settings["vm.lxc.idmap.start"])
+        if settings["vm.lxc.unprivileged"] == "1" else None,
     )  # fmt: skip
 
 

@@ -115,6 +115,13 @@ def prepare_and_mount(node: Node, vm: Vm) -> MountedRoot:
     storage = Storage.from_settings(settings)
     storage.ensure()
     kind = settings["vm.lxc.unionfs.type"]
+    if kind != "qvdfs" and settings["vm.lxc.unprivileged"] == "1":
+        # Only qvdfs can be mounted idmapped: without it the image's files would all
+        # belong to nobody inside the container.
+        raise QvdError(
+            f"vm.lxc.unionfs.type={kind} cannot give an unprivileged container its root; "
+            "use qvdfs or set vm.lxc.unprivileged=0"
+        )
     di = _claim(node, vm)
 
     overlay_used: Path | None = None

@@ -35,7 +35,8 @@ class NativeBackend:
             disabled=frozenset() if self.config.passthrough else frozenset({"passthrough"}),
             threads=self.config.threads or DEFAULT_THREADS,
             default_permissions="default_permissions" in options,
-            allow_root="allow_root" in options)
+            allow_root="allow_root" in options,
+            idmap=self.config.idmap)
 
     def serve(self) -> None:
         assert self.session is not None

@@ -163,6 +163,15 @@ def test_backend_threads_and_passthrough_options() -> None:
     assert "threads" in refused(["-o", "threads=0", "/a", "/m"])
 
 
+def test_idmap_option() -> None:
+    assert parse_args(["/a", "/m"]).idmap is False
+    config = parse_args(["-o", "cow,idmap", "/a=RW", "/m"])
+    assert config.idmap and "default_permissions" in config.fuse_options
+    # The kernel idmaps a FUSE mount only when it checks permissions itself.
+    assert "idmap" in refused(["-o", "idmap,relaxed_permissions", "/a", "/m"])
+    assert "native backend" in refused(["-o", "idmap,backend=pyfuse3", "/a", "/m"])
+
+
 def test_valued_options() -> None:
     config = parse_args(["-o", "fsname=base7,subtype=union,max_read=131072,max_files=64",
                          "-o", "debug_file=/var/log/q.log,whiteout=UNIONFS", "/a", "/m"])
@@ -227,7 +236,7 @@ def test_help_documents_every_option() -> None:
                    "negative_timeout=", "nonempty", "use_ino", "kernel_cache", "big_writes",
                    "async_read", "auto_cache", "dirs=", "-f", "-d", "-s", "--version",
                    "@/home", "no-ops", "Exit status", "backend=native|pyfuse3", "threads=N",
-                   "nopassthrough"]:
+                   "nopassthrough", "idmap"]:
         assert option in HELP_TEXT, option
 
 
