@@ -33,6 +33,8 @@ class Request:
     words: list[str]
     # The words after "--" (a command line for `vm exec`); other commands refuse them.
     after_dashes: list[str] = dataclasses.field(default_factory=list)
+    # --dry-run: show what would change, change nothing (only commands in DRY_RUN take it).
+    dry_run: bool = False
 
     def args(self, *, required: Sequence[str] = (), optional: Sequence[str] = ()) -> dict[str, str]:
         """The key=value words, checked against the keys this command takes."""
