@@ -285,6 +285,10 @@ def vm_by_name(conn: Connection, name: str) -> Row:
     return get_vm(conn, row.id)
 
 
+def set_vm_blocked(conn: Connection, vm_id: int, blocked: int) -> None:
+    conn.execute(update(vms).where(vms.c.id == vm_id).values(blocked=blocked))
+
+
 def set_vm_state(
     conn: Connection, vm_id: int, new: str, *, expect: tuple[str, ...] | None = None, **values: Any
 ) -> bool:
