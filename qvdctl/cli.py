@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from qvdctl.commands import OBJECTS
+from qvdctl.commands import DRY_RUN, OBJECTS
 from qvdctl.commands.base import Request, parse_filters
 from qvdctl.errors import QvdError
 from qvdctl.node import Node
@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="in a fleet, vm start/stop return once the commands are queued")
     parser.add_argument("-q", "--quiet", action="store_true", help="no table headers")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="show what the command would change, change nothing (di commit)")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
     parser.add_argument("-f", "--filter", action="append", default=[], metavar="K=V[,K=V]",
                         help="select objects; * and ? are wildcards")
@@ -92,12 +94,14 @@ def main(argv: list[str] | None = None) -> int:
             raise QvdError(
                 f"unknown command '{ns.command}' for {ns.object} (commands: {', '.join(commands)})"
             )
+        if ns.dry_run and (ns.object, ns.command) not in DRY_RUN:
+            raise QvdError(f"{ns.object} {ns.command} has no --dry-run")
         filters = parse_filters(ns.filter)
         node = Node(ns.root, config=ns.config, db_url=ns.db)
         try:
             out = Output(quiet=ns.quiet, as_json=ns.json)
             command(Request(ns.object, ns.command, node, out, filters, ns.words, rest,
-                            no_wait=ns.no_wait))
+                            no_wait=ns.no_wait, dry_run=ns.dry_run))
         finally:
             node.close()
     except QvdError as exc:

@@ -16,3 +16,6 @@ OBJECTS = {
     "vm": vm.COMMANDS,
     "host": host.COMMANDS,
 }
+
+# The commands that take --dry-run.
+DRY_RUN = {("di", "commit")}

@@ -35,6 +35,8 @@ class Request:
     after_dashes: list[str] = dataclasses.field(default_factory=list)
     # --no-wait: in a fleet, `vm start/stop` return once the commands are queued.
     no_wait: bool = False
+    # --dry-run: show what would change, change nothing (only commands in DRY_RUN take it).
+    dry_run: bool = False
 
     def args(self, *, required: Sequence[str] = (), optional: Sequence[str] = ()) -> dict[str, str]:
         """The key=value words, checked against the keys this command takes."""

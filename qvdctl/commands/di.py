@@ -21,7 +21,9 @@ from qvdctl.db import store
 from qvdctl.db.store import Row
 from qvdctl.errors import QvdError
 from qvdctl.images.halt import check_signal, facts_path
+from qvdctl.images.extract import ensure_extracted, find_root
 from qvdctl.images.importer import check_image_name, import_image
+from qvdctl.progress import status
 
 log = logging.getLogger(__name__)
 
@@ -55,23 +57,42 @@ def add(req: Request) -> None:
         if any(d["path"] == name for d in store.list_dis(conn)):
             raise QvdError(f"a disk image with file name '{name}' already exists")
     imported = import_image(source, storage.images)
+    di_id = _register(
+        req, osf["id"], name, version, imported.sha256, imported.size, [], halt_signal
+    )
+    req.out.message(f"DI added with id {di_id}", id=di_id, version=version, sha256=imported.sha256)
+
+
+def _register(req: Request, osf_id: int, name: str, version: str | None, sha256: str,
+              size: int, tags: list[str], halt_signal: str | None = None) -> int:
+    """Record images/``name`` as the OSF's next version, tagged with it, ``head``,
+    ``default`` if it is the OSF's first and ``tags``; on any failure the file goes
+    too, so images/ never holds a file the database does not know."""
     try:
         with req.node.db.writer() as conn:
             if version is None:
-                version = _next_version(conn, osf["id"])
-            di_id = store.add_di(
-                conn, osf["id"], name, version, imported.sha256, imported.size, halt_signal
-            )
+                version = _next_version(conn, osf_id)
+            for tag_ in tags:
+                _refuse_taken(conn, osf_id, tag_)
+            di_id = store.add_di(conn, osf_id, name, version, sha256, size, halt_signal)
             di = store.get_di(conn, di_id)
-            for tag in (version, "head"):
-                store.tag_di(conn, di, tag)
-            if store.count_dis(conn, osf["id"]) == 1:
+            for tag_ in (version, "head", *tags):
+                store.tag_di(conn, di, tag_)
+            if store.count_dis(conn, osf_id) == 1:
                 store.tag_di(conn, di, "default")
     except BaseException:
-        # Registering failed: the copied file must not stay behind unregistered.
-        imported.path.unlink(missing_ok=True)
+        req.node.storage().image(name).unlink(missing_ok=True)
         raise
-    req.out.message(f"DI added with id {di_id}", id=di_id, version=version, sha256=imported.sha256)
+    return di_id
+
+
+def _refuse_taken(conn: Connection, osf_id: int, tag_: str) -> None:
+    taken = store.di_for_tag(conn, osf_id, tag_)
+    if taken is not None:
+        raise QvdError(
+            f"tag '{tag_}' is already on DI {taken['id']} (version {taken['version']}) of this"
+            " OSF; choose another, or move it later with di tag"
+        )
 
 
 def _source_path(path: str, staging: Path) -> Path:
@@ -164,4 +185,67 @@ def del_(req: Request) -> None:
         req.out.message(f"DI {row['id']} deleted", id=row["id"])
 
 
-COMMANDS = {"add": add, "list": list_, "tag": tag, "untag": untag, "del": del_}
+def commit(req: Request) -> None:
+    """``di commit vm=NAME [tag=TAG] [--dry-run]``: a stopped VM's base with its overlay
+    applied, as the next disk image of its OSF (tagged with its version, ``head`` and TAG).
+
+    The VM, its overlay and its image stay as they were; the VM keeps its di_tag.
+    ``--dry-run`` lists what the new image would add, change and remove, and
+    writes nothing.
+    """
+    from qvdctl.images import commit as committing  # libarchive's writer: only here
+    from qvdctl.db.states import VmState
+    from qvdctl.vm.state import locked
+
+    req.no_filter()
+    args = req.args(required=["vm"], optional=["tag"])
+    tag_ = check_tag(args["tag"]) if "tag" in args else None
+    with req.node.db.reader() as conn:
+        row = store.vm_by_name(conn, args["vm"])
+    # The VM's lock: no start can write to the overlay while it is read.
+    with locked(req.node, row["id"]) as vm:
+        if vm.state is not VmState.STOPPED:
+            raise QvdError(f"VM '{vm.name}' is {vm.state}; stop it before committing it")
+        with req.node.db.reader() as conn:
+            row = store.get_vm(conn, vm.id)
+            if row["current_di_id"] is None:
+                raise QvdError(f"VM '{vm.name}' has never been started: nothing to commit")
+            di = store.get_di(conn, row["current_di_id"])
+            if tag_ is not None:
+                _refuse_taken(conn, di["osf_id"], tag_)
+        storage = req.node.storage()
+        overlay = storage.overlay(di["id"], vm.id)
+        if not overlay.is_dir() or overlay.is_symlink():
+            raise QvdError(f"VM '{vm.name}' has no overlay {overlay.name} to commit")
+        tree = storage.extraction(di["path"])
+        ensure_extracted(storage.image(di["path"]), tree)
+        root = find_root(tree)
+        outer = None if root == tree else tree
+        if req.dry_run:
+            changes = committing.changes(overlay, root)
+            rows = [["added", p] for p in changes.added] + [
+                ["changed", p] for p in changes.changed] + [
+                ["removed", p] for p in changes.removed]
+            req.out.table(["Change", "Path"], rows)
+            return
+        with req.node.db.reader() as conn:
+            version = _next_version(conn, di["osf_id"])
+            osf = store.get_osf(conn, di["osf_id"])
+        name = check_image_name(_image_name(osf["name"], version))
+        with status(f"committing VM {vm.name} as {name}"):
+            written = committing.write_image(overlay, root, storage.image(name), outer=outer)
+        # The new image keeps its base's halt_signal override; without one, its init is
+        # looked at again when it is first extracted.
+        di_id = _register(req, di["osf_id"], name, version, written.sha256, written.size,
+                          [tag_] if tag_ else [], di["halt_signal"])
+    req.out.message(f"DI added with id {di_id}", id=di_id, version=version, path=name,
+                    sha256=written.sha256)
+
+
+def _image_name(osf: str, version: str) -> str:
+    """``<OSF>-<version>.tar.gz``, the OSF's name made a plain file name."""
+    plain = re.sub(r"[^A-Za-z0-9._+-]", "_", osf).lstrip(".-") or "osf"
+    return f"{plain}-{version}.tar.gz"
+
+
+COMMANDS = {"add": add, "list": list_, "tag": tag, "untag": untag, "del": del_, "commit": commit}

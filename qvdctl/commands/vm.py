@@ -221,7 +221,29 @@ def exec_(req: Request) -> None:
     os.execv(program, [program, *attach[1:]])
 
 
+def _set_blocked(req: Request, blocked: int) -> None:
+    req.args()
+    with req.node.db.writer() as conn:
+        rows = req.select(_rows(conn), KEYS, need=True)
+        for row in rows:
+            store.set_vm_blocked(conn, row["id"], blocked)
+    word = "blocked" if blocked else "unblocked"
+    for row in rows:
+        req.out.message(f"VM {row['name']} {word}", id=row["id"])
+
+
+def block(req: Request) -> None:
+    """``vm block -f ...``: a blocked VM cannot be started (a running one keeps running)."""
+    _set_blocked(req, 1)
+
+
+def unblock(req: Request) -> None:
+    """``vm unblock -f ...``: the VM can be started again."""
+    _set_blocked(req, 0)
+
+
 COMMANDS = {
+    "block": block, "unblock": unblock,
     "add": add, "list": list_, "del": del_, "start": start, "stop": stop, "console": console,
     "exec": exec_,
 }

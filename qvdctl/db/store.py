@@ -81,6 +81,10 @@ def osf_by_name(conn: Connection, name: str) -> Row:
     return dict(row._mapping)
 
 
+def get_osf(conn: Connection, osf_id: int) -> Row:
+    return dict(conn.execute(select(osfs).where(osfs.c.id == osf_id)).one()._mapping)
+
+
 def del_osf(conn: Connection, osf: Row) -> None:
     if conn.execute(select(func.count()).where(dis.c.osf_id == osf["id"])).scalar_one():
         raise QvdError(f"OSF '{osf['name']}' still has disk images; delete them first")
@@ -286,6 +290,17 @@ def get_vm(conn: Connection, vm_id: int) -> Row:
     if not rows:
         raise QvdError(f"no VM with id {vm_id}")
     return rows[0]
+
+
+def vm_by_name(conn: Connection, name: str) -> Row:
+    row = conn.execute(select(vms.c.id).where(vms.c.name == name)).first()
+    if row is None:
+        raise QvdError(f"no VM named '{name}'")
+    return get_vm(conn, row.id)
+
+
+def set_vm_blocked(conn: Connection, vm_id: int, blocked: int) -> None:
+    conn.execute(update(vms).where(vms.c.id == vm_id).values(blocked=blocked))
 
 
 def set_vm_state(

@@ -1,0 +1,164 @@
+"""``di commit``: a stopped VM's changes become a new image a second VM boots from."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.support.qvdctl import Cli, cleanup_root
+from tools.imagebuild import build_busybox_rootfs, build_image_tarball
+
+
+@pytest.fixture(scope="module")
+def tarball(tmp_path_factory) -> Path:
+    rootfs = build_busybox_rootfs(tmp_path_factory.mktemp("busybox") / "root")
+    os.link(rootfs / "etc" / "hostname", rootfs / "etc" / "hostname.link")
+    (rootfs / "opt" / "old").mkdir(parents=True)
+    (rootfs / "opt" / "old" / "a").write_text("a\n")
+    (rootfs / "opt" / "old" / "b").write_text("b\n")
+    return build_image_tarball(tmp_path_factory.mktemp("tarballs") / "image.0.22.tgz", rootfs)
+
+
+@pytest.fixture
+def cli(tmp_path, tarball):
+    """VM 'v' on OSF 'o' (mount-only starts, qvdfs roots)."""
+    cli = Cli(tmp_path / "root")
+    try:
+        cli.run("config", "set", "vm.hypervisor=lxc", "vm.start.mount_only=1",
+                "vm.overlay.persistent=1")
+        cli.run("osf", "add", "name=o")
+        cli.run("di", "add", f"path={tarball}", "osf=o")
+        cli.run("user", "add", "login=u", "password=p")
+        cli.run("vm", "add", "name=v", "user=u", "osf=o")
+        yield cli
+    finally:
+        cleanup_root(cli.root)
+
+
+def _rootfs(cli: Cli, vm_id: int) -> Path:
+    return cli.root / "rootfs" / f"1-{vm_id}-fs"
+
+
+def _change_things(root: Path) -> None:
+    """Add, change and remove files, replace a folder, link, mknod, setxattr: as a VM would."""
+    (root / "etc" / "added.conf").write_text("new\n")
+    (root / "etc" / "motd").write_text("changed\n")
+    (root / "etc" / "profile").unlink() if (root / "etc" / "profile").exists() else None
+    (root / "etc" / "hostname.link").unlink()
+    # A folder replaced: everything of the base's goes, the new one is opaque.
+    for name in ("a", "b"):
+        (root / "opt" / "old" / name).unlink()
+    (root / "opt" / "old").rmdir()
+    (root / "opt" / "old").mkdir()
+    (root / "opt" / "old" / "c").write_text("c\n")
+    os.link(root / "etc" / "added.conf", root / "etc" / "added.hard")
+    os.mknod(root / "dev" / "null2", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    os.setxattr(root / "etc" / "added.conf", "user.note", b"kept")
+    os.chown(root / "etc" / "added.conf", 1234, 5678)
+    os.chmod(root / "etc" / "added.conf", 0o640)
+    os.utime(root / "etc" / "added.conf", ns=(1_000_000_000, 1_500_000_000_123))
+    (root / "bin" / "sh.old").symlink_to("busybox")
+
+
+@pytest.mark.timeout(300)
+def test_commit_round_trip(cli):
+    root = _rootfs(cli, 1)
+    cli.run("vm", "start", "-f", "name=v")
+    had_profile = (root / "etc" / "profile").exists()
+    (root / "etc" / "motd").write_text("before\n") if not (root / "etc" / "motd").exists() else None
+    _change_things(root)
+    assert "is running" in cli.fails("di", "commit", "vm=v")
+    cli.run("vm", "stop", "-f", "name=v")
+    overlay = cli.root / "overlayfs" / "1-1-overlayfs"
+    def contents() -> list[str]:
+        # .qvdfs.work is the union daemon's, removed as it exits after the stop.
+        return sorted(str(p.relative_to(overlay)) for p in overlay.rglob("*")
+                      if not str(p.relative_to(overlay)).startswith(".qvdfs.work"))
+
+    before = contents()
+
+    listed = cli.json("--dry-run", "di", "commit", "vm=v")
+    change = {r["Path"]: r["Change"] for r in listed}
+    assert change["/etc/added.conf"] == "added"
+    assert change["/etc/added.hard"] == "added"
+    assert change["/dev/null2"] == "added"
+    assert change["/opt/old/c"] == "added"
+    assert change["/etc/hostname.link"] == "removed"
+    assert change["/opt/old/a"] == "removed" and change["/opt/old/b"] == "removed"
+    assert change["/bin/sh.old"] == "added"
+    if had_profile:
+        assert change["/etc/profile"] == "removed"
+    assert "/etc/hostname" not in change and "/bin/busybox" not in change
+    assert len(cli.json("di", "list")) == 1  # the dry run wrote nothing
+    assert os.listdir(cli.root / "images") == ["image.0.22.tgz"]
+
+    out = cli.json("di", "commit", "vm=v", "tag=tested")
+    assert out["message"].startswith("DI added with id 2")
+    (new,) = [d for d in cli.json("di", "list") if d["Id"] == 2]
+    assert set(new["Tags"].split(",")) == {"tested", "head", out["version"]}
+    assert contents() == before
+    assert not [n for n in os.listdir(cli.root / "images") if n.startswith(".")]
+
+    cli.run("vm", "add", "name=w", "user=u", "osf=o", "di_tag=tested")
+    cli.run("vm", "start", "-f", "name=w")
+    try:
+        w = _rootfs(cli, 2)
+        assert (w / "etc" / "added.conf").read_text() == "new\n"
+        assert (w / "etc" / "motd").read_text() == "changed\n"
+        assert not (w / "etc" / "hostname.link").exists()
+        assert (w / "etc" / "profile").exists() is False
+        assert sorted(os.listdir(w / "opt" / "old")) == ["c"]
+        st = os.stat(w / "etc" / "added.conf")
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1234, 5678, 0o640)
+        assert st.st_mtime_ns == 1_500_000_000_123
+        assert os.getxattr(w / "etc" / "added.conf", "user.note") == b"kept"
+        assert os.stat(w / "etc" / "hostname").st_nlink == 1  # its link was removed
+        assert os.stat(w / "etc" / "added.hard").st_ino == st.st_ino
+        dev = os.stat(w / "dev" / "null2")
+        assert stat.S_ISCHR(dev.st_mode) and dev.st_rdev == os.makedev(1, 3)
+        assert os.readlink(w / "bin" / "sh.old") == "busybox"
+        # Nothing of the unions' bookkeeping reaches the image.
+        tree = cli.root / "basefs" / ".images" / new["Path"]
+        for path in [tree, *tree.rglob("*")]:
+            names = os.listxattr(path, follow_symlinks=False)
+            assert not [n for n in names if n.startswith("trusted.overlay.")], path
+            if path.is_char_device() and not path.is_symlink():
+                assert path.stat().st_rdev != 0, path
+        assert not (tree / ".qvdfs.work").exists()
+        # The second VM's own overlay starts empty: the image carries the changes.
+        fresh = cli.root / "overlayfs" / "2-2-overlayfs"
+        assert [n for n in os.listdir(fresh) if n != ".qvdfs.work"] == []
+    finally:
+        cli.run("vm", "stop", "-f", "name=w")
+
+
+@pytest.mark.timeout(180)
+def test_commit_refusals(cli, tmp_path):
+    assert "never been started" in cli.fails("di", "commit", "vm=v")
+    assert "no VM named" in cli.fails("di", "commit", "vm=nope")
+    assert "has no --dry-run" in cli.fails("--dry-run", "vm", "list")
+    cli.run("vm", "start", "-f", "name=v")
+    (_rootfs(cli, 1) / "big").write_bytes(os.urandom(6 << 20))
+    cli.run("vm", "stop", "-f", "name=v")
+    version = cli.json("di", "list")[0]["Version"]
+    assert "already on DI 1" in cli.fails("di", "commit", "vm=v", f"tag={version}")
+    assert "already on DI 1" in cli.fails("di", "commit", "vm=v", "tag=default")
+
+    # images/ on a small tmpfs: the disk fills half-way through the tarball.
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(small)], check=True)
+    try:
+        image = cli.root / "images" / "image.0.22.tgz"
+        (small / image.name).write_bytes(image.read_bytes())
+        cli.run("config", "set", f"path.storage.images={small}")
+        error = cli.fails("di", "commit", "vm=v", "tag=full")
+        assert "No space left" in error, error
+        assert os.listdir(small) == [image.name]
+        assert len(cli.json("di", "list")) == 1
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
