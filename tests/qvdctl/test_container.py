@@ -38,7 +38,7 @@ from qvdctl.container.runtime import prune_cgroups
 from qvdproc.mountinfo import is_mounted
 from tests.support import consoles
 from tests.support.mounts import NODE_OPTIONS, force_unmount, qvdfs_mount
-from tests.support.qvdctl import lxc_monitors
+from tests.support.qvdctl import lxc_monitors, scratch_lxcpath
 
 # Stock unionfs-fuse cannot raise its open-file limit to 32000 here (no CAP_SYS_RESOURCE
 # and a hard limit of 20000), so the comparison mounts leave max_files out.
@@ -51,12 +51,8 @@ def _vm_id() -> int:
 
 @pytest.fixture
 def lxcpath(tmp_path: Path) -> Iterator[Path]:
-    path = tmp_path / "lxc"
-    path.mkdir()
-    yield path
-    # Whatever a failed test left running is stopped here, by name, in our lxcpath only.
-    for entry in path.iterdir():
-        subprocess.run(["lxc-stop", "-P", str(path), "-n", entry.name, "-k"], capture_output=True)
+    with scratch_lxcpath(tmp_path) as path:
+        yield path
 
 
 @pytest.fixture(params=["qvdfs", "unionfs-fuse"])

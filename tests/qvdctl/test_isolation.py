@@ -25,6 +25,7 @@ import pytest
 from qvdctl.container import ContainerSpec, exec_in, halt, launch, render_config
 from qvdctl.container import config as config_mod
 from tests.support.mounts import NODE_OPTIONS, qvdfs_mount
+from tests.support.qvdctl import scratch_lxcpath
 from tools.imagebuild import build_busybox_rootfs
 
 PROBE_SOURCE = Path(__file__).parent.parent / "support" / "probe.c"
@@ -79,11 +80,8 @@ def work() -> Iterator[Path]:
 
 @pytest.fixture
 def lxcpath(work: Path) -> Iterator[Path]:
-    path = work / "lxc"
-    path.mkdir()
-    yield path
-    for entry in path.iterdir():
-        subprocess.run(["lxc-stop", "-P", str(path), "-n", entry.name, "-k"], capture_output=True)
+    with scratch_lxcpath(work) as path:
+        yield path
 
 
 class Desktop:

@@ -6,11 +6,13 @@ mounted under it is unmounted, deepest first.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from qvdctl.container.runtime import Monitor, monitors
@@ -98,3 +100,16 @@ def stock_unionfs_wrapper(dest: Path) -> Path:
     )
     dest.chmod(0o755)
     return dest
+
+
+@contextlib.contextmanager
+def scratch_lxcpath(parent: Path) -> Iterator[Path]:
+    """An empty lxcpath under ``parent``; whatever a failed test left running in it (and
+    only in it) is stopped by name on the way out."""
+    path = parent / "lxc"
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        for entry in path.iterdir():
+            subprocess.run(["lxc-stop", "-P", str(path), "-n", entry.name, "-k"], capture_output=True)
