@@ -305,7 +305,7 @@ args = json.loads(sys.argv[1])
 settings = {
     "vm.network.bridge": "qvdnet", "vm.network.netmask": "255.255.255.0",
     "vm.network.gateway": "10.213.0.1", "vm.stop.timeout": "10",
-    "vm.lxc.lxcpath": args["lxcpath"],
+    "vm.lxc.lxcpath": args["lxcpath"], "vm.lxc.unprivileged": "0",
 }
 vm_id = args["id"]
 out = {}

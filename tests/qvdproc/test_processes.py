@@ -23,8 +23,15 @@ def sleeper():
     started: list[subprocess.Popen[bytes]] = []
 
     def start(*argv: str) -> subprocess.Popen[bytes]:
-        child = subprocess.Popen(list(argv or ("sleep", "60")))
+        argv = argv or ("sleep", "60")
+        child = subprocess.Popen(list(argv))
         started.append(child)
+        # Until the child has exec'd, its command line is its parent's (or empty, mid-exec).
+        deadline = time.monotonic() + 10
+        cmdline = Path(f"/proc/{child.pid}/cmdline")
+        while not cmdline.read_bytes().startswith(os.fsencode(argv[0]) + b"\0"):
+            assert time.monotonic() < deadline, f"child {child.pid} did not exec {argv[0]}"
+            time.sleep(0.01)
         return child
 
     try:
