@@ -25,10 +25,12 @@ and are left out; the union's own bookkeeping (``trusted.overlay.*``, the
 marker folders, ``.qvdfs.work``) never reaches the image.
 
 The tarball (pax, gzip) is written by libarchive, which qvdctl already uses to
-read images: numeric owners, modes, times (ns), xattrs, hard links (one inode
-seen twice in the merged tree), symlinks and device nodes, so extracting it
-gives back the tree the VM saw. libarchive-c has no setters for symlink and
-hard-link targets or xattrs, so the three C functions are bound here. The file
+read images: numeric owners, modes, times (ns), xattrs, POSIX ACLs (as the
+archive's ACL entries, which is all libarchive's extraction restores), hard
+links (one inode seen twice in the merged tree), symlinks and device nodes, so
+extracting it gives back the tree the VM saw. libarchive-c has no setters for
+symlink and hard-link targets, xattrs or ACL entries, so the four C functions
+are bound here. The file
 is written under a temporary name, fsynced and linked into place only when
 complete; any failure removes it.
 """
@@ -42,6 +44,7 @@ import hashlib
 import logging
 import os
 import stat
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -75,6 +78,24 @@ _lib.archive_entry_copy_hardlink.argtypes = [ffi.c_archive_entry_p, ctypes.c_cha
 _lib.archive_entry_xattr_add_entry.argtypes = [
     ffi.c_archive_entry_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t,
 ]
+_lib.archive_entry_acl_add_entry.argtypes = [
+    ffi.c_archive_entry_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+    ctypes.c_char_p,
+]
+
+# POSIX ACLs travel as ACL entries, never as their xattrs: libarchive's extraction skips
+# the system.posix_acl_* xattrs and restores only the archive's ACLs (SCHILY.acl.*).
+# The kernel's xattr form (linux/posix_acl_xattr.h): a version word, then one
+# (tag, perm, id) per entry; the perm bits (r=4, w=2, x=1) are libarchive's too.
+ACL_XATTRS = {
+    b"system.posix_acl_access": 0x100,  # ARCHIVE_ENTRY_ACL_TYPE_ACCESS
+    b"system.posix_acl_default": 0x200,  # ARCHIVE_ENTRY_ACL_TYPE_DEFAULT
+}
+ACL_XATTR_VERSION = 2
+ACL_ENTRY = struct.Struct("<HHI")
+# The kernel's ACL_USER_OBJ ... ACL_OTHER, as libarchive's ARCHIVE_ENTRY_ACL_* tags.
+ACL_TAGS = {0x01: 10002, 0x02: 10001, 0x04: 10004, 0x08: 10003, 0x10: 10005, 0x20: 10006}
+ACL_NAMED = (0x02, 0x08)  # ACL_USER, ACL_GROUP: the only ones whose id means something
 
 
 class CommitError(QvdError):
@@ -525,7 +546,10 @@ def _write_entry(archive: Any, entry: Entry, prefix: bytes,
         ffi.entry_set_mtime(e, st.st_mtime_ns // 10**9, st.st_mtime_ns % 10**9)
         ffi.entry_set_atime(e, st.st_atime_ns // 10**9, st.st_atime_ns % 10**9)
         for xattr, value in entry.meta.xattrs().items():
-            _lib.archive_entry_xattr_add_entry(e, xattr, value, len(value))
+            if xattr in ACL_XATTRS:
+                _add_acl(e, ACL_XATTRS[xattr], value, entry.path)
+            else:
+                _lib.archive_entry_xattr_add_entry(e, xattr, value, len(value))
         data = None
         if stat.S_ISLNK(st.st_mode):
             _lib.archive_entry_copy_symlink(e, os.readlink(entry.meta.name,
@@ -552,6 +576,19 @@ def _write_entry(archive: Any, entry: Entry, prefix: bytes,
             ffi.write_finish_entry(archive)
         finally:
             _close(data)
+
+
+def _add_acl(e: Any, kind: int, value: bytes, path: bytes) -> None:
+    """Add the ACL of xattr form ``value`` to archive entry ``e`` as ``kind`` (access/default)."""
+    body = value[4:]
+    if (len(value) < 4 or int.from_bytes(value[:4], "little") != ACL_XATTR_VERSION
+            or len(body) % ACL_ENTRY.size):
+        raise CommitError(f"/{os.fsdecode(path)}: an ACL the kernel did not write")
+    for tag, perm, id_ in ACL_ENTRY.iter_unpack(body):
+        if tag not in ACL_TAGS:
+            raise CommitError(f"/{os.fsdecode(path)}: an ACL entry of unknown tag {tag:#x}")
+        qualifier = id_ if tag in ACL_NAMED else -1
+        _lib.archive_entry_acl_add_entry(e, kind, perm & 0o7, ACL_TAGS[tag], qualifier, None)
 
 
 def _open_regular(source: Source) -> int:

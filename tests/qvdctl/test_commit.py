@@ -162,3 +162,67 @@ def test_commit_refusals(cli, tmp_path):
         assert len(cli.json("di", "list")) == 1
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+def _metadata(path: Path) -> tuple[int, int, int, dict[str, bytes]]:
+    """What a commit must carry over: owner, mode and every xattr (ACLs are xattrs too)."""
+    st = path.lstat()
+    xattrs = {n: os.getxattr(path, n, follow_symlinks=False)
+              for n in os.listxattr(path, follow_symlinks=False)}
+    return st.st_uid, st.st_gid, st.st_mode, xattrs
+
+
+@pytest.mark.timeout(300)
+def test_commit_keeps_acls_capabilities_xattrs_links_and_devices(cli):
+    """ACLs (access and default), file capabilities and user xattrs set in a VM, hard links
+    made there and device nodes it created are all in the committed image's tree."""
+    root = _rootfs(cli, 1)
+    cli.run("vm", "start", "-f", "name=v")
+    shared = root / "srv" / "shared"
+    shared.mkdir(parents=True)
+    subprocess.run(["setfacl", "-m", "u:1001:rwx,g:1002:r-x,m::rwx",
+                    "-d", "-m", "u:1001:rwx,g::r-x", str(shared)], check=True)
+    (shared / "inherits").write_text("x\n")  # gets the default ACL as its access ACL
+    (root / "etc" / "secret").write_text("s\n")
+    subprocess.run(["setfacl", "-m", "u:1001:r--", str(root / "etc" / "secret")], check=True)
+    # A base file changed in metadata only (chown, ACL, xattr) is committed with its data.
+    subprocess.run(["setfacl", "-m", "g:1003:r--", str(root / "etc" / "hostname")], check=True)
+    ping = root / "bin" / "pinger"
+    ping.write_bytes(b"#!/bin/sh\n")
+    ping.chmod(0o755)
+    os.setxattr(ping, "user.origin", b"vm")
+    subprocess.run(["setcap", "cap_net_raw+ep", str(ping)], check=True)
+    os.link(ping, root / "srv" / "pinger.hard")  # a link across folders, made in the VM
+    os.mknod(root / "dev" / "loop9", stat.S_IFBLK | 0o660, os.makedev(7, 9))
+    os.mkfifo(root / "srv" / "fifo", 0o620)
+    paths = ["srv/shared", "srv/shared/inherits", "etc/secret", "etc/hostname", "bin/pinger",
+             "dev/loop9", "srv/fifo"]
+    before = {p: _metadata(root / p) for p in paths}
+    assert "system.posix_acl_default" in before["srv/shared"][3]
+    assert "system.posix_acl_access" in before["srv/shared/inherits"][3]
+    assert "security.capability" in before["bin/pinger"][3]
+    cli.run("vm", "stop", "-f", "name=v")
+
+    out = cli.json("di", "commit", "vm=v", "tag=acl")
+    base_hostname = (cli.root / "basefs" / ".images" / "image.0.22.tgz" / "etc" / "hostname"
+                     ).read_text()
+    tree = cli.root / "basefs" / ".images" / out["path"]
+    cli.run("vm", "add", "name=w", "user=u", "osf=o", "di_tag=acl")
+    cli.run("vm", "start", "-f", "name=w")  # extracts the new image
+    try:
+        for where in (tree, _rootfs(cli, 2)):
+            assert {p: _metadata(where / p) for p in paths} == before, where
+            facl = subprocess.run(["getfacl", "-cn", str(where / "srv" / "shared")],
+                                  capture_output=True, text=True, check=True).stdout.split()
+            assert {"user:1001:rwx", "group:1002:r-x", "default:user:1001:rwx"} <= set(facl)
+            caps = subprocess.run(["getcap", str(where / "bin" / "pinger")],
+                                  capture_output=True, text=True, check=True).stdout
+            assert "cap_net_raw=ep" in caps, caps
+            assert (where / "etc" / "hostname").read_text() == base_hostname
+            assert (where / "srv" / "pinger.hard").stat().st_ino == (
+                where / "bin" / "pinger").stat().st_ino
+            assert stat.S_ISBLK((where / "dev" / "loop9").lstat().st_mode)
+            assert (where / "dev" / "loop9").lstat().st_rdev == os.makedev(7, 9)
+            assert stat.S_ISFIFO((where / "srv" / "fifo").lstat().st_mode)
+    finally:
+        cli.run("vm", "stop", "-f", "name=w")
