@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 from qvdctl.container.runtime import Monitor, monitors
 from qvdproc.mountinfo import mounts_under
@@ -43,9 +44,11 @@ class Cli:
         return netns_argv(self.netns, argv) if self.netns else argv
 
     def run(self, *args: str, check: bool = True, env: dict | None = None,
-            preexec_fn=None, timeout: float = 120) -> subprocess.CompletedProcess:
+            preexec_fn=None, timeout: float = 120, stdin: IO[bytes] | None = None,
+            ) -> subprocess.CompletedProcess:
+        """``stdin``: a file the command reads (``vm exec`` passes it on), else none."""
         result = subprocess.run(
-            self.argv(*args),
+            self.argv(*args), stdin=stdin,
             capture_output=True, text=True, timeout=timeout,
             env={**os.environ, **(env or {})}, preexec_fn=preexec_fn,
         )
