@@ -226,3 +226,37 @@ def test_commit_keeps_acls_capabilities_xattrs_links_and_devices(cli):
             assert stat.S_ISFIFO((where / "srv" / "fifo").lstat().st_mode)
     finally:
         cli.run("vm", "stop", "-f", "name=w")
+
+
+@pytest.mark.timeout(180)
+def test_commit_of_an_extended_image_keeps_what_is_beside_its_rootfs(tmp_path):
+    """An extended image (the root under rootfs/) commits to an extended image: the changes
+    under rootfs/, everything beside it as it was."""
+    staged = tmp_path / "staged"
+    build_busybox_rootfs(staged / "rootfs")
+    (staged / "hooks").mkdir()  # what QVD keeps beside rootfs/
+    (staged / "hooks" / "start").write_text("#!/bin/sh\n")
+    tarball = build_image_tarball(tmp_path / "ext.1.0.tgz", staged)
+    cli = Cli(tmp_path / "root")
+    try:
+        cli.run("config", "set", "vm.hypervisor=lxc", "vm.start.mount_only=1")
+        cli.run("osf", "add", "name=o")
+        cli.run("di", "add", f"path={tarball}", "osf=o")
+        cli.run("user", "add", "login=u", "password=p")
+        cli.run("vm", "add", "name=v", "user=u", "osf=o")
+        cli.run("vm", "start", "-f", "name=v")
+        (_rootfs(cli, 1) / "etc" / "added").write_text("in the VM\n")
+        cli.run("vm", "stop", "-f", "name=v")
+        out = cli.json("di", "commit", "vm=v", "tag=next")
+        cli.run("vm", "add", "name=w", "user=u", "osf=o", "di_tag=next")
+        cli.run("vm", "start", "-f", "name=w")
+        try:
+            tree = cli.root / "basefs" / ".images" / out["path"]
+            assert (tree / "rootfs" / "etc" / "added").read_text() == "in the VM\n"
+            assert (tree / "hooks" / "start").read_text() == "#!/bin/sh\n"
+            assert sorted(os.listdir(tree)) == ["hooks", "rootfs"]
+            assert (_rootfs(cli, 2) / "etc" / "added").read_text() == "in the VM\n"
+        finally:
+            cli.run("vm", "stop", "-f", "name=w")
+    finally:
+        cleanup_root(cli.root)
