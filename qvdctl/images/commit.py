@@ -308,11 +308,18 @@ class Merge:
                 b = None
             if u is None:
                 assert lo is not None
-                # Untouched by the overlay: the base's own entry (and, if the base is
-                # the lower here, its whole subtree unchanged).
+                # Not in the overlay: the base's own entry (and, if the base is the lower
+                # here and no unionfs-fuse marker hides anything below, its whole subtree
+                # unchanged). unionfs-fuse deletes lower/a/b with only a marker in
+                # .unionfs-fuse/a/, never making the overlay's a/.
                 change = None if b is lo else ("changed" if b is not None else "added")
-                yield from self._emit(child, lo, lo, b, upper=None, lower=lo,
-                                      markers=[], opaque=False, change=change)
+                child_markers = [fd for fd in (_open_child_dir(m, name) for m in markers)
+                                 if fd is not None] if stat.S_ISDIR(lo.st.st_mode) else []
+                try:
+                    yield from self._emit(child, lo, lo, b, upper=None, lower=lo,
+                                          markers=child_markers, opaque=False, change=change)
+                finally:
+                    _close(*child_markers)
                 continue
             change = "added" if b is None else (None if _same(u, b) else "changed")
             if stat.S_ISDIR(u.st.st_mode):
@@ -352,7 +359,7 @@ class Merge:
         same_base = base is not None and lower is not None and base is lower
         ba = lo if same_base else _open_dir(base)
         try:
-            if up is None and same_base:
+            if up is None and same_base and not markers:
                 yield from _pristine(path, lo)
             else:
                 yield from self._dir(path, up, lo, ba, markers, opaque=opaque)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.qvdctl import Cli, cleanup_root
+from tests.support.qvdctl import Cli, cleanup_root, stock_unionfs_wrapper
 from tools.imagebuild import build_busybox_rootfs, build_image_tarball
 
 
@@ -260,3 +260,33 @@ def test_commit_of_an_extended_image_keeps_what_is_beside_its_rootfs(tmp_path):
             cli.run("vm", "stop", "-f", "name=w")
     finally:
         cleanup_root(cli.root)
+
+
+@pytest.mark.timeout(180)
+def test_commit_of_a_stock_unionfs_fuse_overlay_honours_its_markers(cli, tmp_path):
+    """unionfs-fuse deletes a base file with only a marker, .unionfs-fuse/<dir>/<name>_HIDDEN~,
+    without making <dir> in the overlay: the commit must leave the file out all the same."""
+    wrapper = stock_unionfs_wrapper(tmp_path / "unionfs")
+    cli.run("config", "set", "vm.lxc.unionfs.type=unionfs-fuse",
+            f"command.unionfs-fuse={wrapper}")
+    root = _rootfs(cli, 1)
+    cli.run("vm", "start", "-f", "name=v")
+    (root / "opt" / "old" / "a").unlink()
+    (root / "etc" / "added.conf").write_text("new\n")
+    cli.run("vm", "stop", "-f", "name=v")
+    overlay = cli.root / "overlayfs" / "1-1-overlayfs"
+    assert (overlay / ".unionfs-fuse" / "opt" / "old" / "a_HIDDEN~").exists()
+    assert not (overlay / "opt").exists()
+
+    change = {r["Path"]: r["Change"] for r in cli.json("--dry-run", "di", "commit", "vm=v")}
+    assert change == {"/opt/old/a": "removed", "/etc/added.conf": "added"}
+    out = cli.json("di", "commit", "vm=v", "tag=next")
+    tree = cli.root / "basefs" / ".images" / out["path"]
+    cli.run("vm", "add", "name=w", "user=u", "osf=o", "di_tag=next")
+    cli.run("vm", "start", "-f", "name=w")
+    try:
+        assert sorted(os.listdir(tree / "opt" / "old")) == ["b"]
+        assert sorted(os.listdir(_rootfs(cli, 2) / "opt" / "old")) == ["b"]
+        assert not (tree / ".unionfs-fuse").exists()
+    finally:
+        cli.run("vm", "stop", "-f", "name=w")
