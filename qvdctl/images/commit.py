@@ -239,7 +239,7 @@ def _pristine(path: bytes, fd: int | None, skip: frozenset[bytes] = frozenset()
               ) -> Iterator[Entry]:
     """A base folder the overlay never touched: everything in it as it is."""
     for name, src in sorted(_listing(fd, skip=skip).items()):
-        if _is_whiteout(src.st):
+        if _is_whiteout(src.st) or stat.S_ISSOCK(src.st.st_mode):
             continue
         child = path + b"/" + name if path else name
         if stat.S_ISDIR(src.st.st_mode):
@@ -346,6 +346,13 @@ class Merge:
     def _emit(self, path: bytes, meta: Source, data: Source | None, base: Source | None, *,
               upper: Source | None, lower: Source | None, markers: list[int],
               opaque: bool, change: str | None) -> Iterator[Entry]:
+        if stat.S_ISSOCK(meta.st.st_mode):
+            # A socket cannot be archived: the image has nothing at its path, and the
+            # dry run lists what the image will be.
+            log.debug("leaving out the socket %s", os.fsdecode(path))
+            if base is not None and not stat.S_ISSOCK(base.st.st_mode):
+                self._remove(path, base)
+            return
         if not stat.S_ISDIR(meta.st.st_mode):
             if stat.S_ISREG(meta.st.st_mode) and data is None:
                 data = meta
@@ -541,9 +548,6 @@ def _write_entry(archive: Any, entry: Entry, prefix: bytes,
                  links: dict[tuple[int, int], bytes]) -> None:
     st = entry.meta.st
     name = prefix + entry.path if entry.path else (prefix or b".")
-    if stat.S_ISSOCK(st.st_mode):
-        log.debug("leaving out the socket %s", os.fsdecode(entry.path))
-        return
     with new_archive_entry() as e:
         ffi.entry_copy_pathname(e, name)
         ffi.entry_set_filetype(e, stat.S_IFMT(st.st_mode))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import subprocess
 from pathlib import Path
@@ -62,6 +63,12 @@ def _change_things(root: Path) -> None:
     os.chmod(root / "etc" / "added.conf", 0o640)
     os.utime(root / "etc" / "added.conf", ns=(1_000_000_000, 1_500_000_000_123))
     (root / "bin" / "sh.old").symlink_to("busybox")
+    # Sockets cannot be archived: a new one is not in the image, one over a base file
+    # removes it.
+    (root / "etc" / "os-release").unlink()
+    for name in ("app.sock", "os-release"):
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind(str(root / "etc" / name))
 
 
 @pytest.mark.timeout(300)
@@ -90,6 +97,7 @@ def test_commit_round_trip(cli):
     assert change["/etc/hostname.link"] == "removed"
     assert change["/opt/old/a"] == "removed" and change["/opt/old/b"] == "removed"
     assert change["/bin/sh.old"] == "added"
+    assert change["/etc/os-release"] == "removed" and "/etc/app.sock" not in change
     if had_profile:
         assert change["/etc/profile"] == "removed"
     assert "/etc/hostname" not in change and "/bin/busybox" not in change
@@ -121,6 +129,7 @@ def test_commit_round_trip(cli):
         dev = os.stat(w / "dev" / "null2")
         assert stat.S_ISCHR(dev.st_mode) and dev.st_rdev == os.makedev(1, 3)
         assert os.readlink(w / "bin" / "sh.old") == "busybox"
+        assert not (w / "etc" / "app.sock").exists() and not (w / "etc" / "os-release").exists()
         # Nothing of the unions' bookkeeping reaches the image.
         tree = cli.root / "basefs" / ".images" / new["Path"]
         for path in [tree, *tree.rglob("*")]:
