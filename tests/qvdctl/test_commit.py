@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import stat
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,10 +26,10 @@ def tarball(tmp_path_factory) -> Path:
     return build_image_tarball(tmp_path_factory.mktemp("tarballs") / "image.0.22.tgz", rootfs)
 
 
-@pytest.fixture
-def cli(tmp_path, tarball):
-    """VM 'v' on OSF 'o' (mount-only starts, qvdfs roots)."""
-    cli = Cli(tmp_path / "root")
+@contextlib.contextmanager
+def _node(root: Path, tarball: Path) -> Iterator[Cli]:
+    """VM 'v' on OSF 'o' of image ``tarball`` (mount-only starts, qvdfs roots)."""
+    cli = Cli(root)
     try:
         cli.run("config", "set", "vm.hypervisor=lxc", "vm.start.mount_only=1",
                 "vm.overlay.persistent=1")
@@ -40,8 +42,26 @@ def cli(tmp_path, tarball):
         cleanup_root(cli.root)
 
 
+@pytest.fixture
+def cli(tmp_path, tarball):
+    with _node(tmp_path / "root", tarball) as cli:
+        yield cli
+
+
 def _rootfs(cli: Cli, vm_id: int) -> Path:
     return cli.root / "rootfs" / f"1-{vm_id}-fs"
+
+
+@contextlib.contextmanager
+def _second_vm(cli: Cli, tag: str) -> Iterator[Path]:
+    """VM 'w' (id 2) on the image tagged ``tag``, started (which extracts the image); its
+    root, stopped on the way out."""
+    cli.run("vm", "add", "name=w", "user=u", "osf=o", f"di_tag={tag}")
+    cli.run("vm", "start", "-f", "name=w")
+    try:
+        yield _rootfs(cli, 2)
+    finally:
+        cli.run("vm", "stop", "-f", "name=w")
 
 
 def _change_things(root: Path) -> None:
@@ -216,10 +236,8 @@ def test_commit_keeps_acls_capabilities_xattrs_links_and_devices(cli):
     base_hostname = (cli.root / "basefs" / ".images" / "image.0.22.tgz" / "etc" / "hostname"
                      ).read_text()
     tree = cli.root / "basefs" / ".images" / out["path"]
-    cli.run("vm", "add", "name=w", "user=u", "osf=o", "di_tag=acl")
-    cli.run("vm", "start", "-f", "name=w")  # extracts the new image
-    try:
-        for where in (tree, _rootfs(cli, 2)):
+    with _second_vm(cli, "acl") as w:
+        for where in (tree, w):
             assert {p: _metadata(where / p) for p in paths} == before, where
             facl = subprocess.run(["getfacl", "-cn", str(where / "srv" / "shared")],
                                   capture_output=True, text=True, check=True).stdout.split()
@@ -233,8 +251,6 @@ def test_commit_keeps_acls_capabilities_xattrs_links_and_devices(cli):
             assert stat.S_ISBLK((where / "dev" / "loop9").lstat().st_mode)
             assert (where / "dev" / "loop9").lstat().st_rdev == os.makedev(7, 9)
             assert stat.S_ISFIFO((where / "srv" / "fifo").lstat().st_mode)
-    finally:
-        cli.run("vm", "stop", "-f", "name=w")
 
 
 @pytest.mark.timeout(180)
@@ -246,29 +262,17 @@ def test_commit_of_an_extended_image_keeps_what_is_beside_its_rootfs(tmp_path):
     (staged / "hooks").mkdir()  # what QVD keeps beside rootfs/
     (staged / "hooks" / "start").write_text("#!/bin/sh\n")
     tarball = build_image_tarball(tmp_path / "ext.1.0.tgz", staged)
-    cli = Cli(tmp_path / "root")
-    try:
-        cli.run("config", "set", "vm.hypervisor=lxc", "vm.start.mount_only=1")
-        cli.run("osf", "add", "name=o")
-        cli.run("di", "add", f"path={tarball}", "osf=o")
-        cli.run("user", "add", "login=u", "password=p")
-        cli.run("vm", "add", "name=v", "user=u", "osf=o")
+    with _node(tmp_path / "root", tarball) as cli:
         cli.run("vm", "start", "-f", "name=v")
         (_rootfs(cli, 1) / "etc" / "added").write_text("in the VM\n")
         cli.run("vm", "stop", "-f", "name=v")
         out = cli.json("di", "commit", "vm=v", "tag=next")
-        cli.run("vm", "add", "name=w", "user=u", "osf=o", "di_tag=next")
-        cli.run("vm", "start", "-f", "name=w")
-        try:
+        with _second_vm(cli, "next") as w:
             tree = cli.root / "basefs" / ".images" / out["path"]
             assert (tree / "rootfs" / "etc" / "added").read_text() == "in the VM\n"
             assert (tree / "hooks" / "start").read_text() == "#!/bin/sh\n"
             assert sorted(os.listdir(tree)) == ["hooks", "rootfs"]
-            assert (_rootfs(cli, 2) / "etc" / "added").read_text() == "in the VM\n"
-        finally:
-            cli.run("vm", "stop", "-f", "name=w")
-    finally:
-        cleanup_root(cli.root)
+            assert (w / "etc" / "added").read_text() == "in the VM\n"
 
 
 @pytest.mark.timeout(180)
@@ -291,11 +295,7 @@ def test_commit_of_a_stock_unionfs_fuse_overlay_honours_its_markers(cli, tmp_pat
     assert change == {"/opt/old/a": "removed", "/etc/added.conf": "added"}
     out = cli.json("di", "commit", "vm=v", "tag=next")
     tree = cli.root / "basefs" / ".images" / out["path"]
-    cli.run("vm", "add", "name=w", "user=u", "osf=o", "di_tag=next")
-    cli.run("vm", "start", "-f", "name=w")
-    try:
+    with _second_vm(cli, "next") as w:
         assert sorted(os.listdir(tree / "opt" / "old")) == ["b"]
-        assert sorted(os.listdir(_rootfs(cli, 2) / "opt" / "old")) == ["b"]
+        assert sorted(os.listdir(w / "opt" / "old")) == ["b"]
         assert not (tree / ".unionfs-fuse").exists()
-    finally:
-        cli.run("vm", "stop", "-f", "name=w")
