@@ -92,7 +92,10 @@ def _change_things(root: Path) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_commit_round_trip(cli):
+@pytest.mark.parametrize("union", ["qvdfs", "overlayfs"])
+def test_commit_round_trip(cli, union):
+    # The kernel writes the overlay format qvdfs writes: its whiteouts and opaque folders.
+    cli.run("config", "set", f"vm.lxc.unionfs.type={union}")
     root = _rootfs(cli, 1)
     cli.run("vm", "start", "-f", "name=v")
     had_profile = (root / "etc" / "profile").exists()
