@@ -129,13 +129,12 @@ def list_(req: Request) -> None:
     with req.node.db.reader() as conn:
         rows = req.select(_rows(conn), KEYS, need=False)
     storage = req.node.storage()
-    for r in rows:
-        r["halt"] = _halt(storage.extraction(r["path"]), r["halt_signal"], r["osf_halt_signal"])
     req.out.table(
         ["Id", "OSF", "Version", "Path", "Tags", "Size", "HaltSignal", "HaltFrom"],
-        [[r["id"], r["osf"], r["version"], r["path"], r["tags"], r["size"], *r["halt"]]
+        [[r["id"], r["osf"], r["version"], r["path"], r["tags"], r["size"],
+          *_halt(storage.extraction(r["path"]), r["halt_signal"], r["osf_halt_signal"])]
          for r in rows],
-    )
+    )  # fmt: skip
 
 
 def _halt(tree: Path, di_signal: str | None, osf_signal: str | None) -> tuple[str | None, str]:

@@ -39,9 +39,7 @@ def edit(req: Request) -> None:
     A running VM keeps what it started with: memory and halt_signal apply at its next
     start. ``halt_signal=`` (empty) drops the override. A rename must pick one OSF.
     """
-    args = req.args(optional=EDITABLE)
-    if not args:
-        raise QvdError(f"osf edit needs one of {', '.join(k + '=...' for k in EDITABLE)}")
+    args = req.edits(EDITABLE)
     values: dict[str, Any] = {}
     if "name" in args:
         values["name"] = check_name(args["name"], "OSF")

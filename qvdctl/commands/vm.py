@@ -74,9 +74,7 @@ def edit(req: Request) -> None:
     meanwhile. ``name`` and ``ip`` need a filter that picks one VM. The user and the
     OSF stay: the home is named by the user, the overlay by the image.
     """
-    args = req.args(optional=EDITABLE)
-    if not args:
-        raise QvdError(f"vm edit needs one of {', '.join(k + '=...' for k in EDITABLE)}")
+    args = req.edits(EDITABLE)
     values: dict[str, Any] = {}
     if "name" in args:
         values["name"] = check_name(args["name"], "VM")
@@ -294,7 +292,7 @@ def unblock(req: Request) -> None:
 
 
 COMMANDS = {
-    "block": block, "unblock": unblock,
-    "add": add, "edit": edit, "list": list_, "del": del_, "start": start, "stop": stop, "console": console,
+    "block": block, "unblock": unblock, "edit": edit,
+    "add": add, "list": list_, "del": del_, "start": start, "stop": stop, "console": console,
     "exec": exec_,
 }
