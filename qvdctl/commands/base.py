@@ -56,6 +56,14 @@ class Request:
             raise QvdError(f"{self.obj} {self.command} needs {needed}")
         return values
 
+    def edits(self, keys: Sequence[str]) -> dict[str, str]:
+        """The key=value words of an ``edit``: any of ``keys``, and at least one."""
+        values = self.args(optional=keys)
+        if not values:
+            raise QvdError(f"{self.obj} {self.command} needs one of "
+                           + ", ".join(k + "=..." for k in keys))
+        return values
+
     def no_filter(self) -> None:
         if self.filters:
             raise QvdError(f"{self.obj} {self.command} takes no -f filter")

@@ -17,10 +17,11 @@ from pathlib import Path
 from sqlalchemy import Connection
 
 from qvdctl.commands.base import Request
+from qvdctl.commands.osf import check_halt_signal
 from qvdctl.db import store
 from qvdctl.db.store import Row
 from qvdctl.errors import QvdError
-from qvdctl.images.halt import check_signal, facts_path
+from qvdctl.images.halt import facts_path, override, recorded
 from qvdctl.images.extract import ensure_extracted, find_root
 from qvdctl.images.importer import check_image_name, import_image
 from qvdctl.progress import status
@@ -46,12 +47,7 @@ def add(req: Request) -> None:
     version = args.get("version")
     if version is not None:
         check_tag(version)
-    halt_signal = args.get("halt_signal")
-    if halt_signal is not None:
-        try:
-            halt_signal = check_signal(halt_signal)
-        except ValueError as exc:
-            raise QvdError(f"bad halt_signal: {exc}") from None
+    halt_signal = check_halt_signal(args.get("halt_signal", "")) or None
     with req.node.db.reader() as conn:
         osf = store.osf_by_name(conn, args["osf"])
         if any(d["path"] == name for d in store.list_dis(conn)):
@@ -124,13 +120,30 @@ def _rows(conn: Connection) -> list[Row]:
 
 
 def list_(req: Request) -> None:
+    """``di list [-f ...]``: the images, their tags, and the signal that halts their VMs.
+
+    ``HaltFrom`` says whose ``HaltSignal`` it is: the DI's, its OSF's, or what the
+    image's init wants (``-`` until its first start has examined it).
+    """
     req.args()
     with req.node.db.reader() as conn:
         rows = req.select(_rows(conn), KEYS, need=False)
+    storage = req.node.storage()
     req.out.table(
-        ["Id", "OSF", "Version", "Path", "Tags", "Size"],
-        [[r["id"], r["osf"], r["version"], r["path"], r["tags"], r["size"]] for r in rows],
-    )
+        ["Id", "OSF", "Version", "Path", "Tags", "Size", "HaltSignal", "HaltFrom"],
+        [[r["id"], r["osf"], r["version"], r["path"], r["tags"], r["size"],
+          *_halt(storage.extraction(r["path"]), r["halt_signal"], r["osf_halt_signal"])]
+         for r in rows],
+    )  # fmt: skip
+
+
+def _halt(tree: Path, di_signal: str | None, osf_signal: str | None) -> tuple[str | None, str]:
+    """The signal a VM of this image gets at its next start, and whose setting it is."""
+    chosen = override(di_signal, osf_signal)
+    if chosen is not None:
+        return chosen
+    facts = recorded(tree)
+    return (facts.halt_signal if facts else None), "init"
 
 
 def tag(req: Request) -> None:

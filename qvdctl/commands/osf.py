@@ -1,30 +1,62 @@
-"""``qvdctl osf add/list/del``: OS flavours, the hardware profile of a group of VMs."""
+"""``qvdctl osf add/edit/list/del``: OS flavours, the hardware profile of a group of VMs."""
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from qvdctl.commands.base import Request, positive_int
 from qvdctl.db import store
 from qvdctl.errors import QvdError
+from qvdctl.images.halt import check_signal
 
 log = logging.getLogger(__name__)
 
-KEYS = ["id", "name", "memory", "user_storage"]
+KEYS = ["id", "name", "memory", "user_storage", "halt_signal"]
+EDITABLE = ["name", "memory", "user_storage", "halt_signal"]
 
 
 def add(req: Request) -> None:
-    """``osf add name=N [memory=MiB] [user_storage=MiB]``."""
+    """``osf add name=N [memory=MiB] [user_storage=MiB] [halt_signal=SIG]``.
+
+    ``halt_signal`` stops the VMs of every image of the flavour whose DI sets none
+    (``images/halt.py``).
+    """
     req.no_filter()
-    args = req.args(required=["name"], optional=["memory", "user_storage"])
+    args = req.args(required=["name"], optional=["memory", "user_storage", "halt_signal"])
     name = check_name(args["name"], "OSF")
     memory = positive_int("memory", args.get("memory", "256"))
-    user_storage = args.get("user_storage", "0")
-    if not user_storage.isdigit():
-        raise QvdError(f"bad value for user_storage: '{user_storage}' is not a whole number")
+    user_storage = _whole("user_storage", args.get("user_storage", "0"))
+    halt_signal = check_halt_signal(args.get("halt_signal", "")) or None
     with req.node.db.writer() as conn:
-        osf_id = store.add_osf(conn, name, memory, int(user_storage))
+        osf_id = store.add_osf(conn, name, memory, user_storage, halt_signal)
     req.out.message(f"OSF added with id {osf_id}", id=osf_id)
+
+
+def edit(req: Request) -> None:
+    """``osf edit -f ... [name=N] [memory=MiB] [user_storage=MiB] [halt_signal=SIG]``: change OSFs.
+
+    A running VM keeps what it started with: memory and halt_signal apply at its next
+    start. ``halt_signal=`` (empty) drops the override. A rename must pick one OSF.
+    """
+    args = req.edits(EDITABLE)
+    values: dict[str, Any] = {}
+    if "name" in args:
+        values["name"] = check_name(args["name"], "OSF")
+    if "memory" in args:
+        values["memory"] = positive_int("memory", args["memory"])
+    if "user_storage" in args:
+        values["user_storage"] = _whole("user_storage", args["user_storage"])
+    if "halt_signal" in args:
+        values["halt_signal"] = check_halt_signal(args["halt_signal"]) or None
+    with req.node.db.writer() as conn:
+        rows = req.select(store.list_osfs(conn), KEYS, need=True)
+        if "name" in values and len(rows) != 1:
+            raise QvdError(f"the filter matches {len(rows)} OSFs; a rename needs exactly one")
+        for row in rows:
+            store.edit_osf(conn, row, values)
+    for row in rows:
+        req.out.message(f"OSF {values.get('name', row['name'])} edited", id=row["id"])
 
 
 def list_(req: Request) -> None:
@@ -32,8 +64,8 @@ def list_(req: Request) -> None:
     with req.node.db.reader() as conn:
         rows = req.select(store.list_osfs(conn), KEYS, need=False)
     req.out.table(
-        ["Id", "Name", "Memory", "UserStorage"],
-        [[r["id"], r["name"], r["memory"], r["user_storage"]] for r in rows],
+        ["Id", "Name", "Memory", "UserStorage", "HaltSignal"],
+        [[r["id"], r["name"], r["memory"], r["user_storage"], r["halt_signal"]] for r in rows],
     )
 
 
@@ -54,4 +86,20 @@ def check_name(name: str, what: str) -> str:
     return name
 
 
-COMMANDS = {"add": add, "list": list_, "del": del_}
+def check_halt_signal(text: str) -> str:
+    """A ``halt_signal=`` value (an OSF's or a DI's) upper-cased; empty stays empty."""
+    if not text:
+        return text
+    try:
+        return check_signal(text)
+    except ValueError as exc:
+        raise QvdError(f"bad halt_signal: {exc}") from None
+
+
+def _whole(key: str, value: str) -> int:
+    if not value.isdigit():
+        raise QvdError(f"bad value for {key}: '{value}' is not a whole number")
+    return int(value)
+
+
+COMMANDS = {"add": add, "edit": edit, "list": list_, "del": del_}

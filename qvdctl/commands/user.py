@@ -1,4 +1,4 @@
-"""``qvdctl user add/list/del``, and how passwords are stored.
+"""``qvdctl user add/passwd/list/del``, and how passwords are stored.
 
 Passwords are hashed with scrypt (stdlib ``hashlib``), a memory-hard slow
 hash, with a random salt; the stored form says its parameters so they can be
@@ -8,10 +8,12 @@ raised later without breaking old hashes: ``scrypt$n$r$p$salt$hash`` (base64).
 from __future__ import annotations
 
 import base64
+import getpass
 import hashlib
 import hmac
 import logging
 import os
+import sys
 
 from qvdctl.commands.base import Request
 from qvdctl.commands.osf import check_name
@@ -49,12 +51,48 @@ def add(req: Request) -> None:
     req.no_filter()
     args = req.args(required=["login", "password"])
     login = check_name(args["login"], "login")
-    if not args["password"]:
-        raise QvdError("the password must not be empty")
-    hashed = hash_password(args["password"])
+    hashed = hash_password(_nonempty(args["password"]))
     with req.node.db.writer() as conn:
         user_id = store.add_user(conn, login, hashed)
     req.out.message(f"User added with id {user_id}", id=user_id)
+
+
+def passwd(req: Request) -> None:
+    """``user passwd -f login=L [password=P]``: set one user's password.
+
+    Without ``password=`` it is asked for twice on the terminal, unechoed, as
+    qvd-admin does; with no terminal to ask on, ``password=`` is needed.
+    """
+    given = req.args(optional=["password"]).get("password")
+    with req.node.db.reader() as conn:
+        rows = req.select(store.list_users(conn), KEYS, need=True)
+    if len(rows) != 1:
+        raise QvdError(f"the filter matches {len(rows)} users; user passwd needs exactly one")
+    login = rows[0]["login"]
+    hashed = hash_password(_nonempty(given if given is not None else _ask(login)))
+    with req.node.db.writer() as conn:
+        if not store.set_user_password(conn, rows[0]["id"], hashed):
+            raise QvdError(f"user '{login}' was deleted meanwhile")
+    req.out.message(f"Password of user {login} changed", id=rows[0]["id"])
+
+
+def _ask(login: str) -> str:
+    if not sys.stdin.isatty():
+        raise QvdError("user passwd needs password=... when not run on a terminal")
+    try:
+        first = getpass.getpass(f"New password for {login}: ")
+        again = getpass.getpass("Retype it: ")
+    except EOFError:
+        raise QvdError("no password given") from None
+    if first != again:
+        raise QvdError("the passwords do not match; nothing changed")
+    return first
+
+
+def _nonempty(password: str) -> str:
+    if not password:
+        raise QvdError("the password must not be empty")
+    return password
 
 
 def list_(req: Request) -> None:
@@ -74,4 +112,4 @@ def del_(req: Request) -> None:
         req.out.message(f"User {row['login']} deleted", id=row["id"])
 
 
-COMMANDS = {"add": add, "list": list_, "del": del_}
+COMMANDS = {"add": add, "passwd": passwd, "list": list_, "del": del_}

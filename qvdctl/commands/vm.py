@@ -1,4 +1,4 @@
-"""``qvdctl vm add/list/del/start/stop/console/exec``.
+"""``qvdctl vm add/edit/list/del/start/stop/console/exec/block/unblock``.
 
 Starting and stopping are in ``qvdctl/vm/``; this module parses,
 selects the VMs and prints. ``vm start`` / ``vm stop`` work on the matched VMs
@@ -11,11 +11,13 @@ the hosts' HKDs instead and wait for it (``qvdctl/fleet/client.py``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from sqlalchemy import Connection
 
@@ -28,6 +30,7 @@ from qvdctl.errors import QvdError
 from qvdctl.fleet import client
 from qvdctl.network import addresses
 from qvdctl.vm import Vm, VmState, load_vm, reconcile, run_each, start_vm, stop_vm
+from qvdctl.vm.state import locked
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,52 @@ def add(req: Request) -> None:
             ip = addresses.next_free(settings, used)
         vm_id = store.add_vm(conn, name, user["id"], osf["id"], di_tag, ip)
     req.out.message(f"VM added with id {vm_id}", id=vm_id, ip=ip)
+
+
+EDITABLE = ["name", "di_tag", "ip"]
+
+
+def edit(req: Request) -> None:
+    """``vm edit -f ... [name=N] [di_tag=T] [ip=A]``: rename a VM, or change its tag or address.
+
+    Containers, veths and folders are named by the VM's id, not its name, so a running
+    VM can be renamed; its hostname (the name) follows at its next start. ``di_tag`` is
+    resolved at each start, so it also applies at the next one. ``ip`` only while the VM
+    is stopped: a running container keeps its address, which no other VM may get
+    meanwhile. ``name`` and ``ip`` need a filter that picks one VM. The user and the
+    OSF stay: the home is named by the user, the overlay by the image.
+    """
+    args = req.edits(EDITABLE)
+    values: dict[str, Any] = {}
+    if "name" in args:
+        values["name"] = check_name(args["name"], "VM")
+    if "di_tag" in args:
+        values["di_tag"] = check_tag(args["di_tag"])
+    with req.node.db.reader() as conn:
+        ids = [row["id"] for row in req.select(_rows(conn), KEYS, need=True)]
+    if len(ids) != 1 and ("name" in args or "ip" in args):
+        which = " and ".join(k for k in ("name", "ip") if k in args)
+        raise QvdError(f"the filter matches {len(ids)} VMs; changing the {which} needs one")
+    settings = req.node.settings()
+    with contextlib.ExitStack() as stack:
+        if "ip" in args:
+            # The VM's lock: no start can be reading the old address while it changes.
+            stack.enter_context(locked(req.node, ids[0]))
+        with req.node.db.writer() as conn:
+            rows = [row for row in _rows(conn) if row["id"] in ids]
+            if len(rows) != len(ids):
+                raise QvdError("a VM the filter matched was deleted meanwhile; nothing changed")
+            for row in rows:
+                if "ip" in args:
+                    if row["state"] != VmState.STOPPED:
+                        raise QvdError(
+                            f"VM '{row['name']}' is {row['state']}; stop it before changing its ip"
+                        )
+                    others = store.used_ips(conn) - {row["ip"]}
+                    values["ip"] = addresses.check_requested(settings, args["ip"], others)
+                store.edit_vm(conn, row, values)
+    for row in rows:
+        req.out.message(f"VM {values.get('name', row['name'])} edited", id=row["id"])
 
 
 def _rows(conn: Connection) -> list[Row]:
@@ -243,7 +292,7 @@ def unblock(req: Request) -> None:
 
 
 COMMANDS = {
-    "block": block, "unblock": unblock,
+    "block": block, "unblock": unblock, "edit": edit,
     "add": add, "list": list_, "del": del_, "start": start, "stop": stop, "console": console,
     "exec": exec_,
 }

@@ -50,10 +50,17 @@ def _add_fleet_runtime(conn: Connection) -> None:
                 conn.exec_driver_sql(ddl)
 
 
+def _add_osf_halt_signal(conn: Connection) -> None:
+    # As _add_di_halt_signal: a fresh database has it from _v1_initial.
+    if "halt_signal" not in {c["name"] for c in inspect(conn).get_columns("osfs")}:
+        conn.execute(text("ALTER TABLE osfs ADD COLUMN halt_signal VARCHAR(20)"))
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _v1_initial,
     _add_di_halt_signal,
     _add_fleet_runtime,
+    _add_osf_halt_signal,
 ]
 
 LATEST = len(MIGRATIONS)

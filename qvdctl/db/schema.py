@@ -50,6 +50,10 @@ osfs = Table(
     Column("name", String(200), nullable=False, unique=True),
     Column("memory", Integer, nullable=False),  # MiB, the container's limit
     Column("user_storage", Integer, nullable=False),  # MiB, 0 = unlimited
+    # The admin's lxc.signal.halt for every image of the flavour; a DI's own wins over
+    # it, and it over what the image's /sbin/init wants (images/halt.py). Added by
+    # migrations._add_osf_halt_signal.
+    Column("halt_signal", String(20), nullable=True),
     sqlite_autoincrement=True,
 )
 

@@ -13,7 +13,9 @@ import datetime
 import logging
 from typing import Any
 
-from sqlalchemy import Connection, Insert, Result, and_, delete, func, insert, select, update
+from sqlalchemy import (
+    Connection, Insert, Result, Update, and_, delete, func, insert, select, update,
+)
 from sqlalchemy.exc import IntegrityError
 
 from qvdctl.db.schema import di_tags, dis, hosts, osfs, settings, users, vms
@@ -31,6 +33,13 @@ def now() -> datetime.datetime:
 
 def _rows(result: Result[Any]) -> list[Row]:
     return [dict(r._mapping) for r in result]
+
+
+def _update(conn: Connection, stmt: Update, what: str) -> None:
+    try:
+        conn.execute(stmt)
+    except IntegrityError:
+        raise QvdError(f"{what} already exists") from None
 
 
 def _insert(conn: Connection, stmt: Insert, what: str) -> int:
@@ -63,11 +72,23 @@ def del_setting(conn: Connection, key: str) -> bool:
 # --- OS flavours ----------------------------------------------------------
 
 
-def add_osf(conn: Connection, name: str, memory: int, user_storage: int) -> int:
+def add_osf(
+    conn: Connection, name: str, memory: int, user_storage: int, halt_signal: str | None = None
+) -> int:
     if conn.execute(select(osfs.c.id).where(osfs.c.name == name)).first():
         raise QvdError(f"OSF '{name}' already exists")
-    stmt = insert(osfs).values(name=name, memory=memory, user_storage=user_storage)
+    stmt = insert(osfs).values(
+        name=name, memory=memory, user_storage=user_storage, halt_signal=halt_signal
+    )
     return _insert(conn, stmt, f"OSF '{name}'")
+
+
+def edit_osf(conn: Connection, osf: Row, values: dict[str, Any]) -> None:
+    """Set the columns ``values`` of OSF ``osf``; a new name must be free."""
+    name = values.get("name", osf["name"])
+    if name != osf["name"] and conn.execute(select(osfs.c.id).where(osfs.c.name == name)).first():
+        raise QvdError(f"OSF '{name}' already exists")
+    _update(conn, update(osfs).where(osfs.c.id == osf["id"]).values(**values), f"OSF '{name}'")
 
 
 def list_osfs(conn: Connection) -> list[Row]:
@@ -141,9 +162,9 @@ def untag_di(conn: Connection, di: Row, tag: str) -> bool:
 
 
 def list_dis(conn: Connection) -> list[Row]:
-    """Every DI with its OSF name and its tags (a sorted list)."""
+    """Every DI with its OSF's name and halt signal, and its tags (a sorted list)."""
     stmt = (
-        select(dis, osfs.c.name.label("osf"))
+        select(dis, osfs.c.name.label("osf"), osfs.c.halt_signal.label("osf_halt_signal"))
         .join(osfs, osfs.c.id == dis.c.osf_id)
         .order_by(dis.c.id)
     )
@@ -190,6 +211,11 @@ def add_user(conn: Connection, login: str, password_hash: str) -> int:
         raise QvdError(f"user '{login}' already exists")
     stmt = insert(users).values(login=login, password=password_hash)
     return _insert(conn, stmt, f"user '{login}'")
+
+
+def set_user_password(conn: Connection, user_id: int, password_hash: str) -> bool:
+    stmt = update(users).where(users.c.id == user_id).values(password=password_hash)
+    return conn.execute(stmt).rowcount == 1
 
 
 def list_users(conn: Connection) -> list[Row]:
@@ -257,6 +283,17 @@ def add_vm(conn: Connection, name: str, user_id: int, osf_id: int, di_tag: str, 
     return _insert(conn, stmt, f"VM '{name}'")
 
 
+def edit_vm(conn: Connection, vm: Row, values: dict[str, Any]) -> None:
+    """Set the columns ``values`` of VM ``vm``; a new name or IP must be free."""
+    name = values.get("name", vm["name"])
+    others = select(vms.c.id).where(vms.c.id != vm["id"])
+    if conn.execute(others.where(vms.c.name == name)).first():
+        raise QvdError(f"VM '{name}' already exists")
+    if "ip" in values and conn.execute(others.where(vms.c.ip == values["ip"])).first():
+        raise QvdError(f"IP {values['ip']} is already assigned to another VM")
+    _update(conn, update(vms).where(vms.c.id == vm["id"]).values(**values), f"VM '{name}'")
+
+
 def used_ips(conn: Connection) -> set[str]:
     return set(conn.execute(select(vms.c.ip)).scalars())
 
@@ -270,6 +307,7 @@ def list_vms(conn: Connection, vm_id: int | None = None) -> list[Row]:
             users.c.login.label("user"),
             osfs.c.name.label("osf"),
             osfs.c.memory.label("memory"),
+            osfs.c.halt_signal.label("osf_halt_signal"),
             hosts.c.name.label("host"),
             current.c.version.label("current_di_version"),
             current.c.path.label("current_di_path"),

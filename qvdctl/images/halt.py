@@ -9,8 +9,12 @@ Where ``/sbin/init`` leads tells them apart: a link to ``systemd`` or ``busybox`
 the program's first bytes (busybox's banner, sysvinit's ``/run/initctl``). Anything else
 gets SIGPWR, liblxc's own default. The answer is found when the image is extracted
 (``extract.ensure_extracted``) and kept in a small JSON file beside the tree
-(``basefs/.images/.<file>.init``), so every VM of the image reuses it; a DI's own
-``halt_signal`` (``di add ... halt_signal=SIG``) overrides it.
+(``basefs/.images/.<file>.init``), so every VM of the image reuses it.
+
+The admin can override it: a DI's own ``halt_signal`` (``di add ... halt_signal=SIG``)
+wins, then its OSF's (``osf add/edit ... halt_signal=SIG``), then what the init is. The
+DI's comes first because it speaks of that one image; the OSF's is the flavour's
+default for all of its images (including those ``di commit`` makes later).
 
 The tree is hostile input read as root. Links are resolved by hand, one component at a
 time from descriptors opened with ``O_PATH | O_NOFOLLOW``, with the image's root as
@@ -194,19 +198,37 @@ def record(tree: Path, root: Path) -> InitFacts:
     return facts
 
 
-def halt_signal(tree: Path, root: Path, override: str | None = None) -> str:
+def override(di_signal: str | None, osf_signal: str | None) -> tuple[str, str] | None:
+    """The admin's halt signal and whose it is ("di" or "osf"), None if neither set one."""
+    if di_signal:
+        return check_signal(di_signal), "di"
+    if osf_signal:
+        return check_signal(osf_signal), "osf"
+    return None
+
+
+def recorded(tree: Path) -> InitFacts | None:
+    """What extraction found of ``tree``'s init; None if not yet examined (or spoilt)."""
+    try:
+        facts = InitFacts(**json.loads(facts_path(tree).read_text()))
+        return dataclasses.replace(facts, halt_signal=check_signal(facts.halt_signal))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def halt_signal(
+    tree: Path, root: Path, di_signal: str | None = None, osf_signal: str | None = None
+) -> str:
     """``lxc.signal.halt`` for the VMs of extraction ``tree`` (image root ``root``).
 
-    ``override`` (a DI's ``halt_signal``) wins when set; otherwise what was found at
+    The DI's ``di_signal``, else the OSF's ``osf_signal``, else what was found at
     extraction. A tree extracted before images were examined is examined now, once.
 
     Raises:
-        ValueError: ``override`` is not a signal.
+        ValueError: an override is not a signal.
     """
-    if override:
-        return check_signal(override)
-    try:
-        facts = InitFacts(**json.loads(facts_path(tree).read_text()))
-        return check_signal(facts.halt_signal)
-    except (OSError, ValueError, TypeError):
-        return record(tree, root).halt_signal
+    chosen = override(di_signal, osf_signal)
+    if chosen is not None:
+        return chosen[0]
+    facts = recorded(tree)
+    return (facts or record(tree, root)).halt_signal

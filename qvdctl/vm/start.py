@@ -122,7 +122,7 @@ def prepare_and_mount(node: Node, vm: Vm) -> MountedRoot:
             f"vm.lxc.unionfs.type={kind} cannot give an unprivileged container its root; "
             "use qvdfs or set vm.lxc.unprivileged=0"
         )
-    di = _claim(node, vm)
+    di, osf_halt_signal = _claim(node, vm)
 
     overlay_used: Path | None = None
     rootfs = storage.rootfs_entry(vm.user_id, vm.id)
@@ -134,8 +134,9 @@ def prepare_and_mount(node: Node, vm: Vm) -> MountedRoot:
         with status(f"extracting {di['path']}"):
             base = _prepare_base(storage, vm.id, di["path"])
             halt_signal = halt.halt_signal(
-                storage.extraction(di["path"]), base.resolve(strict=True), di["halt_signal"]
-            )
+                storage.extraction(di["path"]), base.resolve(strict=True),
+                di["halt_signal"], osf_halt_signal,
+            )  # fmt: skip
 
         step = "preparing the overlay"
         overlay = storage.overlay(di["id"], vm.id)
@@ -177,8 +178,9 @@ def prepare_and_mount(node: Node, vm: Vm) -> MountedRoot:
     )  # fmt: skip
 
 
-def _claim(node: Node, vm: Vm) -> store.Row:
-    """Resolve the VM's DI and move it ``stopped`` -> ``starting``; return the DI row."""
+def _claim(node: Node, vm: Vm) -> tuple[store.Row, str | None]:
+    """Resolve the VM's DI and move it ``stopped`` -> ``starting``; return the DI row
+    and the OSF's halt signal override, read in the same transaction."""
     node_name = node.name()
     with node.db.writer() as conn:
         row = store.get_vm(conn, vm.id)
@@ -192,7 +194,7 @@ def _claim(node: Node, vm: Vm) -> store.Row:
             change_state(conn, vm.id, VmState.STARTING, host_id=host_id, current_di_id=di["id"])
         except StateRefused as exc:
             raise QvdError(f"VM '{vm.name}' is {exc.current}, not stopped") from None
-    return di
+    return di, row["osf_halt_signal"]
 
 
 def _prepare_base(storage: Storage, vm_id: int, image_file: str) -> Path:

@@ -177,10 +177,6 @@ def test_qvd_root_environment_variable(tmp_path):
 # --- errors: one line, exit 1, nothing changed ----------------------------------
 
 
-def _db_dump(cli) -> list[str]:
-    return list(sqlite3.connect(cli.root / "qvd.db").iterdump())
-
-
 @pytest.mark.parametrize("args, expected", [
     (["nosuch", "list"], "unknown object 'nosuch'"),
     (["vm", "frobnicate"], "unknown command 'frobnicate' for vm"),
@@ -211,10 +207,10 @@ def _db_dump(cli) -> list[str]:
 def test_errors_are_one_line_and_change_nothing(populated, args, expected):
     cli = populated
     cli.run("vm", "add", "name=TestVM", "user=test", "osf=MyOSF")
-    before = _db_dump(cli)
+    before = cli.db_dump()
     error = cli.fails(*args)
     assert expected in error
-    assert _db_dump(cli) == before
+    assert cli.db_dump() == before
 
 
 def test_name_clashes(populated, tarball):
@@ -235,11 +231,11 @@ def test_wrong_vm_state_and_di_in_use(populated):
     assert "is stopped; there is nothing to stop" in cli.fails("vm", "stop", "-f", "name=TestVM")
     assert "not running" in cli.fails("vm", "console", "-f", "name=TestVM")
     cli.run("vm", "start", "-f", "name=TestVM")
-    before = _db_dump(cli)
+    before = cli.db_dump()
     assert "is running, not stopped" in cli.fails("vm", "start", "-f", "name=TestVM")
     assert "stop it before deleting it" in cli.fails("vm", "del", "-f", "name=TestVM")
     assert "DI 1 is in use by VM TestVM" in cli.fails("di", "del", "-f", "id=1")
-    assert _db_dump(cli) == before
+    assert cli.db_dump() == before
     assert (cli.root / "images" / cli.json("di", "list")[0]["Path"]).exists()
     cli.run("vm", "stop", "-f", "name=TestVM")
     cli.run("vm", "del", "-f", "name=TestVM")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import stat
 import time
@@ -195,7 +196,7 @@ def test_extraction_remembers_the_init_and_a_di_setting_overrides_it(tmp_path: P
     facts = json.loads(halt.facts_path(tree).read_text())
     assert facts == {"init": "busybox", "target": "/bin/busybox", "halt_signal": "SIGUSR2"}
     assert halt.halt_signal(tree, tree) == "SIGUSR2"
-    assert halt.halt_signal(tree, tree, override="sigpwr") == "SIGPWR"
+    assert halt.halt_signal(tree, tree, di_signal="sigpwr") == "SIGPWR"
     # What is remembered is what counts: the tree is not examined again.
     halt.facts_path(tree).write_text(json.dumps({**facts, "halt_signal": "SIGRTMIN+3"}))
     assert halt.halt_signal(tree, tree) == "SIGRTMIN+3"
@@ -207,6 +208,60 @@ def test_extraction_remembers_the_init_and_a_di_setting_overrides_it(tmp_path: P
             halt.facts_path(tree).write_text(spoilt)
         assert halt.halt_signal(tree, tree) == "SIGUSR2"
         assert json.loads(halt.facts_path(tree).read_text()) == facts
+
+
+def test_a_dis_signal_wins_over_its_osfs_which_wins_over_the_init(tmp_path: Path) -> None:
+    """The choice ``vm start`` writes into the container config, the one ``vm stop`` sends."""
+    archive = build_image_tarball(tmp_path / "image.tgz", build_busybox_rootfs(tmp_path / "rootfs"))
+    tree = tmp_path / "basefs" / ".images" / "image.tgz"
+    ensure_extracted(archive, tree)
+    assert halt.halt_signal(tree, tree, None, None) == "SIGUSR2"  # busybox's
+    assert halt.halt_signal(tree, tree, None, "sigpwr") == "SIGPWR"
+    assert halt.halt_signal(tree, tree, "SIGRTMIN+3", "SIGPWR") == "SIGRTMIN+3"
+    assert halt.halt_signal(tree, tree, "", "SIGPWR") == "SIGPWR"  # empty: not set
+    assert halt.override(None, "sighup") == ("SIGHUP", "osf")
+    assert halt.override("sigterm", "sighup") == ("SIGTERM", "di")
+    assert halt.override(None, None) is None
+    with pytest.raises(ValueError):
+        halt.halt_signal(tree, tree, None, "SIGNOPE")
+
+
+@pytest.mark.timeout(120)
+def test_di_list_shows_the_signal_and_whose_it_is(cli: Cli, tarball: Path, tmp_path: Path) -> None:
+    second = tmp_path / "image.0.23.tgz"
+    shutil.copy(tarball, second)
+    cli.run("config", "set", "vm.hypervisor=lxc", "vm.start.mount_only=1")
+    cli.run("osf", "add", "name=o")
+    cli.run("di", "add", f"path={tarball}", "osf=o")
+    cli.run("di", "add", f"path={second}", "osf=o", "halt_signal=sighup")
+
+    def shown() -> list[tuple[str | None, str]]:
+        return [(r["HaltSignal"], r["HaltFrom"]) for r in cli.json("di", "list")]
+
+    assert shown() == [(None, "init"), ("SIGHUP", "di")]  # the first not yet examined
+    cli.run("user", "add", "login=u", "password=p")
+    cli.run("vm", "add", "name=v", "user=u", "osf=o")
+    cli.run("vm", "start", "-f", "name=v")  # extracts the image: its init is examined
+    cli.run("vm", "stop", "-f", "name=v")
+    assert shown() == [("SIGUSR2", "init"), ("SIGHUP", "di")]
+    cli.run("osf", "edit", "-f", "name=o", "halt_signal=sigpwr")
+    assert shown() == [("SIGPWR", "osf"), ("SIGHUP", "di")]
+    cli.run("osf", "edit", "-f", "name=o", "halt_signal=")
+    assert shown()[0] == ("SIGUSR2", "init")
+
+
+def test_osf_add_takes_a_halt_signal_and_old_databases_gain_the_column(cli: Cli) -> None:
+    assert "bad halt_signal" in cli.fails("osf", "add", "name=o", "halt_signal=SIGUSR2+1")
+    cli.run("osf", "add", "name=o", "halt_signal=sigrtmin+3")
+    with sqlite3.connect(cli.root / "qvd.db") as db:
+        assert db.execute("select name, halt_signal from osfs").fetchall() == [("o", "SIGRTMIN+3")]
+        # Back to a database of migration 3, without the column: the next run adds it.
+        db.execute("alter table osfs drop column halt_signal")
+        db.execute("update schema_version set version = 3")
+    assert cli.json("osf", "list")[0]["HaltSignal"] is None
+    with sqlite3.connect(cli.root / "qvd.db") as db:
+        assert db.execute("select halt_signal from osfs").fetchall() == [(None,)]
+        assert db.execute("select version from schema_version").fetchone()[0] >= 4
 
 
 def test_di_add_takes_a_halt_signal_and_old_databases_gain_the_column(tmp_path: Path) -> None:

@@ -276,6 +276,27 @@ def test_the_halt_signal_suits_the_image_unless_the_di_says_otherwise(
     assert node.state("w") == "stopped"
 
 
+@pytest.mark.timeout(180)
+def test_an_osf_halt_signal_reaches_the_config_unless_its_di_has_one(
+    node: Node, tarball: Path, tmp_path: Path
+) -> None:
+    node.cli.run("config", "set", "vm.stop.timeout=2")  # SIGPWR does not halt busybox
+    node.cli.run("osf", "edit", "-f", "name=o", "halt_signal=sigpwr")
+    node.cli.run("vm", "start", "-f", "name=v")
+    config = node.lxcpath / "qvd-1" / "config"
+    assert "\nlxc.signal.halt = SIGPWR\n" in config.read_text()
+    node.cli.run("vm", "stop", "-f", "name=v")
+    # A DI of the same OSF with its own signal: the VM gets it once its tag points there.
+    other = tmp_path / "image.0.23.tgz"
+    shutil.copy(tarball, other)
+    node.cli.run("di", "add", f"path={other}", "osf=o", "halt_signal=sigusr2")
+    node.cli.run("vm", "edit", "-f", "name=v", "di_tag=head")
+    node.cli.run("vm", "start", "-f", "name=v")
+    assert "\nlxc.signal.halt = SIGUSR2\n" in config.read_text()
+    node.cli.run("vm", "stop", "-f", "name=v")
+    assert node.state("v") == "stopped"
+
+
 @pytest.mark.timeout(120)
 def test_exec_and_console_refuse_a_stopped_vm(node: Node) -> None:
     assert node.cli.fails("vm", "exec", "-f", "name=v", "--", "true") == (

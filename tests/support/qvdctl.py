@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import resource
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -70,6 +71,11 @@ class Cli:
     def vm(self, name: str) -> dict:
         (row,) = self.json("vm", "list", "-f", f"name={name}")
         return row
+
+    def db_dump(self) -> list[str]:
+        """The whole SQLite database as SQL: equal before and after means nothing changed."""
+        with contextlib.closing(sqlite3.connect(self.root / "qvd.db")) as db:
+            return list(db.iterdump())
 
 
 def lxc_monitors(lxcpath: Path) -> list[Monitor]:
