@@ -56,11 +56,19 @@ def _add_osf_halt_signal(conn: Connection) -> None:
         conn.execute(text("ALTER TABLE osfs ADD COLUMN halt_signal VARCHAR(20)"))
 
 
+def _widen_di_size(conn: Connection) -> None:
+    # dis.size was a 32-bit INTEGER on PostgreSQL, which refuses an image of 2 GiB or
+    # more; SQLite's INTEGER holds 64 bits already.
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("ALTER TABLE dis ALTER COLUMN size TYPE BIGINT")
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _v1_initial,
     _add_di_halt_signal,
     _add_fleet_runtime,
     _add_osf_halt_signal,
+    _widen_di_size,
 ]
 
 LATEST = len(MIGRATIONS)

@@ -14,6 +14,7 @@ UPDATE of it. A host's row carries its HKD's lease (``state``, ``ok_ts``).
 from __future__ import annotations
 
 from sqlalchemy import (
+    BigInteger,
     Column,
     DateTime,
     Float,
@@ -66,7 +67,8 @@ dis = Table(
     Column("path", String(255), nullable=False, unique=True),
     Column("version", String(200), nullable=False),
     Column("sha256", String(64), nullable=False),
-    Column("size", Integer, nullable=False),
+    # Bytes: BIGINT, since a desktop image passes 2 GiB (migrations._widen_di_size).
+    Column("size", BigInteger, nullable=False),
     Column("created", DateTime, nullable=False),
     # The admin's lxc.signal.halt for this image; NULL: what its /sbin/init wants
     # (images/halt.py). Added by migrations._add_di_halt_signal.

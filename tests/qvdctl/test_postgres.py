@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import inspect
 
 from qvdctl import nodeconf
-from qvdctl.db import migrations
+from qvdctl.db import migrations, store
 from qvdctl.errors import QvdError
 from qvdctl.node import Node
 from tests.support.postgres import PgServer, postgres  # noqa: F401 (a fixture)
@@ -134,3 +134,24 @@ def test_an_unreachable_postgresql_is_one_line(tmp_path: Path) -> None:
     cli = Cli(tmp_path)
     error = cli.fails("osf", "list", env={"QVD_DB": f"postgresql://qvd@/qvd?host={tmp_path}"})
     assert error.startswith("Error: database postgresql+psycopg://qvd@/qvd"), error
+
+
+def test_a_disk_image_of_more_than_2_gib_is_recorded(db_url: str, tmp_path: Path) -> None:
+    node = Node(tmp_path, db_url=db_url)
+    try:
+        with node.db.writer() as conn:
+            # As a database made before dis.size was widened: a 32-bit column.
+            if conn.dialect.name == "postgresql":
+                conn.exec_driver_sql("ALTER TABLE dis ALTER COLUMN size TYPE INTEGER")
+            conn.exec_driver_sql("UPDATE schema_version SET version = 4")
+    finally:
+        node.close()
+    node = Node(tmp_path, db_url=db_url)
+    try:
+        with node.db.writer() as conn:
+            osf = store.add_osf(conn, "o", 256, 0)
+            di = store.add_di(conn, osf, "o-1.tar.gz", "1", "0" * 64, 5 << 30)
+        with node.db.reader() as conn:
+            assert store.get_di(conn, di)["size"] == 5 << 30
+    finally:
+        node.close()
