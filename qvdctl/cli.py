@@ -4,6 +4,7 @@
            [-f k=v[,k=v]]... [key=value ...]
     qvdctl vm exec -f name=VM -- COMMAND [ARG ...]
     qvdctl [--config FILE] hkd          (a fleet node's daemon, in the foreground)
+    qvdctl [<object> [<command>]] --help (or the word help in place of --help)
 
 Global options may come anywhere. Every failure an admin can cause prints one
 line, ``Error: ...``, on stderr and exits 1 having changed nothing.
@@ -40,11 +41,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    width = max(map(len, [*OBJECTS, "hkd"])) + 2
-    objects = "\n".join(
-        f"  {name:<{width}}{line}" for name, line in [*((n, l) for n, (_, l) in OBJECTS.items()),
-                                                       ("hkd", HKD)]
-    )
+    lines = {name: line for name, (_, line) in OBJECTS.items()} | {"hkd": HKD}
+    width = max(map(len, lines)) + 2
+    objects = "\n".join(f"  {name:<{width}}{line}" for name, line in lines.items())
     parser = _Parser(
         prog="qvdctl",
         usage=USAGE,
@@ -110,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
             return _hkd(ns)
         commands = commands_of(ns.object)
         if ns.command is None:
-            raise QvdError(f"{ns.object}: a command is missing (qvdctl {ns.object} --help lists them)")
+            raise QvdError(
+                f"{ns.object}: a command is missing (qvdctl {ns.object} --help lists them)"
+            )
         command = _command(ns.object, ns.command, commands)
         if ns.dry_run and (ns.object, ns.command) not in DRY_RUN:
             raise QvdError(f"{ns.object} {ns.command} has no --dry-run")
