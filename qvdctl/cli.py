@@ -16,6 +16,7 @@ import argparse
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
@@ -133,6 +134,8 @@ def run() -> NoReturn:
     By the time ``main`` returns, the node and its database engine are closed; what is
     left is output to flush. Tearing down SQLAlchemy's objects and every module would
     only cost time, so once stdout and stderr are flushed the process exits at once.
+    What the interpreter's exit would wait for is still waited for: worker threads of
+    a ``vm start`` interrupted by Ctrl+C each finish their VM (``vm/parallel.py``).
     """
     try:
         status = main()
@@ -142,6 +145,9 @@ def run() -> NoReturn:
         else:
             print(exc.code, file=sys.stderr)
             status = 1
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -111,3 +111,30 @@ def test_a_failure_of_each_of_several_vms_is_reported_and_exits_1(with_vms):
     assert result.returncode == 1
     errors = result.stderr.splitlines()
     assert len(errors) == 2 and all("no disk image tagged 'default'" in e for e in errors)
+
+
+# cli.run around a stand-in for main: what it leaves must still happen before the exit.
+_EXIT = """
+import sys, threading, time
+from qvdctl import cli
+
+def finishing():
+    time.sleep(0.3)
+    print("worker finished")  # unflushed: stdout is a pipe here
+
+def main(argv=None):
+    threading.Thread(target=finishing).start()
+    print("main's output", file=sys.stderr)
+    raise SystemExit(int(sys.argv[1]))
+
+cli.main = main
+cli.run()
+"""
+
+
+@pytest.mark.parametrize("status", [0, 3])
+def test_the_quick_exit_waits_for_workers_flushes_and_keeps_the_status(status):
+    result = subprocess.run([sys.executable, "-c", _EXIT, str(status)],
+                            capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout, result.stderr) == (
+        status, "worker finished\n", "main's output\n")
