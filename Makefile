@@ -1,5 +1,5 @@
 # Every target installs what it needs first (scripts/setup.sh is idempotent).
-.PHONY: setup demo test bench bench-image bench-fleet clean
+.PHONY: setup demo test bench bench-image bench-fleet bench-cli clean
 
 setup:
 	bash scripts/setup.sh
@@ -25,6 +25,10 @@ bench-image: setup
 # A fleet on this machine (benchmarks/fleet.py): 20 HKDs on one PostgreSQL, 200 VMs.
 bench-fleet: setup
 	.venv/bin/python -m benchmarks.fleet $(BENCH_ARGS)
+
+# How long qvdctl takes to answer (benchmarks/cli.py): --help, vm list, config get.
+bench-cli: setup
+	.venv/bin/python -m benchmarks.cli $(BENCH_ARGS)
 
 clean:
 	rm -rf .venv build *.egg-info

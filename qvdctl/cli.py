@@ -4,6 +4,7 @@
            [-f k=v[,k=v]]... [key=value ...]
     qvdctl vm exec -f name=VM -- COMMAND [ARG ...]
     qvdctl [--config FILE] hkd          (a fleet node's daemon, in the foreground)
+    qvdctl [<object> [<command>]] --help (or the word help in place of --help)
 
 Global options may come anywhere. Every failure an admin can cause prints one
 line, ``Error: ...``, on stderr and exits 1 having changed nothing.
@@ -15,16 +16,24 @@ import argparse
 import logging
 import os
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
-from qvdctl.commands import DRY_RUN, OBJECTS
-from qvdctl.commands.base import Request, parse_filters
+from qvdctl.commands import DRY_RUN, OBJECTS, Command, commands_of
 from qvdctl.errors import QvdError
-from qvdctl.node import Node
-from qvdctl.output import Output
+
+# Only what parsing and help need is imported up here: a command's module (and the
+# database layer with it) is imported once the command is known, so that `--help`
+# answers at once and each command loads only what it uses (commands/__init__.py).
 
 log = logging.getLogger(__name__)
+
+USAGE = """qvdctl [options] <object> <command> [-f K=V[,K=V]]... [key=value ...]
+       qvdctl [options] vm exec -f name=VM -- COMMAND [ARG ...]
+       qvdctl [options] hkd"""
+HKD = "a fleet node's daemon, in the foreground (no command)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,19 +42,27 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    objects = ", ".join(OBJECTS)
+    lines = {name: line for name, (_, line) in OBJECTS.items()} | {"hkd": HKD}
+    width = max(map(len, lines)) + 2
+    objects = "\n".join(f"  {name:<{width}}{line}" for name, line in lines.items())
     parser = _Parser(
         prog="qvdctl",
+        usage=USAGE,
         allow_abbrev=False,
-        description=f"Administer a QVD LXC node. Objects: {objects}.",
-        epilog="Example: qvdctl vm list -f name=Test*",
+        add_help=False,  # -h is ours: help of qvdctl, of an object, or of one command
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=f"Administer a QVD LXC node.\n\nobjects:\n{objects}",
+        epilog="qvdctl OBJECT --help lists its commands; qvdctl OBJECT COMMAND --help shows one."
+        "\nExample: qvdctl vm list -f name=Test*",
     )
+    parser.add_argument("-h", "--help", action="store_true",
+                        help="this help; after an object or a command, theirs")
     parser.add_argument(
-        "--root", type=Path, default=os.environ.get("QVD_ROOT") or None,
+        "--root", type=Path, default=os.environ.get("QVD_ROOT") or None, metavar="DIR",
         help="storage root holding the database too (env QVD_ROOT; default /var/lib/qvd/storage)",
     )
     parser.add_argument(
-        "--config", type=Path, default=None,
+        "--config", type=Path, default=None, metavar="FILE",
         help="node config file (env QVD_NODE_CONF; default /etc/qvd/node.conf if it exists)",
     )
     parser.add_argument(
@@ -61,9 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
     parser.add_argument("-f", "--filter", action="append", default=[], metavar="K=V[,K=V]",
                         help="select objects; * and ? are wildcards")
-    parser.add_argument("object", help=objects)
-    parser.add_argument("command", nargs="?", default=None)
-    parser.add_argument("words", nargs="*", metavar="key=value")
+    parser.add_argument("object", nargs="?", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("command", nargs="?", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("words", nargs="*", help=argparse.SUPPRESS)
     return parser
 
 
@@ -76,7 +93,14 @@ def main(argv: list[str] | None = None) -> int:
         cut = argv.index("--")
         argv, rest = argv[:cut], argv[cut + 1:]
     try:
-        ns = _parser().parse_intermixed_args(argv)
+        parser = _parser()
+        ns = parser.parse_intermixed_args(argv)
+        topic = _help_topic(ns)
+        if topic is not None:
+            print(_help(parser, *topic), end="")
+            return 0
+        if ns.object is None:
+            raise QvdError("an object is missing (qvdctl --help lists them)")
         level = {0: logging.WARNING, 1: logging.INFO}.get(ns.verbose, logging.DEBUG)
         logging.basicConfig(
             level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -84,26 +108,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         if ns.object == "hkd":
             return _hkd(ns)
+        commands = commands_of(ns.object)
         if ns.command is None:
-            raise QvdError(f"{ns.object}: a command is missing (e.g. qvdctl {ns.object} list)")
-        commands = OBJECTS.get(ns.object)
-        if commands is None:
-            raise QvdError(f"unknown object '{ns.object}' (objects: {', '.join(OBJECTS)})")
-        command = commands.get(ns.command)
-        if command is None:
             raise QvdError(
-                f"unknown command '{ns.command}' for {ns.object} (commands: {', '.join(commands)})"
+                f"{ns.object}: a command is missing (qvdctl {ns.object} --help lists them)"
             )
+        command = _command(ns.object, ns.command, commands)
         if ns.dry_run and (ns.object, ns.command) not in DRY_RUN:
             raise QvdError(f"{ns.object} {ns.command} has no --dry-run")
-        filters = parse_filters(ns.filter)
-        node = Node(ns.root, config=ns.config, db_url=ns.db)
-        try:
-            out = Output(quiet=ns.quiet, as_json=ns.json)
-            command(Request(ns.object, ns.command, node, out, filters, ns.words, rest,
-                            no_wait=ns.no_wait, dry_run=ns.dry_run))
-        finally:
-            node.close()
+        _run(command, ns, rest)
     except QvdError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 1
@@ -115,9 +128,115 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run() -> NoReturn:
+    """The ``qvdctl`` program: ``main``, then leave without the interpreter's teardown.
+
+    By the time ``main`` returns, the node and its database engine are closed; what is
+    left is output to flush. Tearing down SQLAlchemy's objects and every module would
+    only cost time, so once stdout and stderr are flushed the process exits at once.
+    What the interpreter's exit would wait for is still waited for: worker threads of
+    a ``vm start`` interrupted by Ctrl+C each finish their VM (``vm/parallel.py``).
+    """
+    try:
+        status = main()
+    except SystemExit as exc:  # e.g. `vm start` of several VMs, one of which failed
+        if exc.code is None or isinstance(exc.code, int):
+            status = exc.code or 0
+        else:
+            print(exc.code, file=sys.stderr)
+            status = 1
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # the reader went away (`| head`), or it was closed
+            status = status or 1
+    os._exit(status)
+
+
+def _command(obj: str, name: str, commands: dict[str, Command]) -> Command:
+    command = commands.get(name)
+    if command is None:
+        raise QvdError(f"unknown command '{name}' for {obj} (commands: {', '.join(commands)})")
+    return command
+
+
+def _run(command: Command, ns: argparse.Namespace, rest: list[str]) -> None:
+    # The command's module has imported these already.
+    from qvdctl.commands.base import Request, parse_filters
+    from qvdctl.node import Node
+    from qvdctl.output import Output
+
+    filters = parse_filters(ns.filter)
+    node = Node(ns.root, config=ns.config, db_url=ns.db)
+    try:
+        out = Output(quiet=ns.quiet, as_json=ns.json)
+        command(Request(ns.object, ns.command, node, out, filters, ns.words, rest,
+                        no_wait=ns.no_wait, dry_run=ns.dry_run))
+    finally:
+        node.close()
+
+
+def _help_topic(ns: argparse.Namespace) -> tuple[str | None, str | None] | None:
+    """What help was asked for, as (object, command), either None; None: no help.
+
+    ``--help`` anywhere, or the word ``help`` as the object or command:
+    ``qvdctl help``, ``qvdctl vm help``, ``qvdctl vm help start``, ``qvdctl help vm``.
+    """
+    words = [w for w in (ns.object, ns.command, *ns.words) if w is not None]
+    if not ns.help and "help" not in words[:2]:
+        return None
+    topic = [w for w in words if w != "help"][:2] + [None, None]
+    return topic[0], topic[1]
+
+
+def _help(parser: argparse.ArgumentParser, obj: str | None, name: str | None) -> str:
+    """The help text of qvdctl, of object ``obj``, or of its command ``name``.
+
+    Raises:
+        QvdError: no such object or command.
+    """
+    if obj is None:
+        return parser.format_help()
+    if obj == "hkd":
+        return f"usage: qvdctl [options] hkd\n\n{_doc(_hkd)}\n"
+    commands = commands_of(obj)
+    if name is not None:
+        return _doc(_command(obj, name, commands)) + "\n\nqvdctl --help shows the options.\n"
+    lines = [_summary(obj, n, commands[n]) for n in sorted(commands)]
+    return (f"usage: qvdctl [options] {obj} <command> [-f K=V[,K=V]]... [key=value ...]\n\n"
+            f"{obj} commands (qvdctl {obj} COMMAND --help shows one):\n"
+            + "".join(f"  {line}\n" for line in lines))
+
+
+def _doc(function: Callable[..., object]) -> str:
+    """A command's docstring, dedented, without reST's double backquotes."""
+    import textwrap  # here: only help needs it
+
+    first, _, body = (function.__doc__ or "").strip().partition("\n")
+    return (first + "\n" + textwrap.dedent(body)).strip().replace("``", "")
+
+
+def _summary(obj: str, name: str, function: Command) -> str:
+    """A command's line in its object's help: its docstring's first paragraph, on one line."""
+    summary = " ".join(_doc(function).split("\n\n")[0].split()).removesuffix(".")
+    if summary.startswith(f"{obj} {name}"):
+        return summary
+    return f"{obj} {name}: {summary}" if summary else f"{obj} {name}"
+
+
 def _hkd(ns: argparse.Namespace) -> int:
-    """``qvdctl hkd``: the node's daemon, in the foreground, logging to stderr."""
+    """``hkd``: the node's house-keeping daemon, in the foreground, logging to stderr.
+
+    It registers this node in the fleet's database, reconciles what runs here with it,
+    then renews its lease and runs the vm start and stop commands queued for this host.
+    SIGTERM: it finishes what runs, stops this node's VMs and exits 0.
+    """
     from qvdctl.fleet import hkd  # here: only the daemon needs it
+    from qvdctl.node import Node
 
     if ns.command is not None or ns.words or ns.filter:
         raise QvdError("hkd takes no command, filter or arguments")
@@ -131,4 +250,4 @@ def _hkd(ns: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -22,8 +22,6 @@ from qvdctl.db import store
 from qvdctl.db.store import Row
 from qvdctl.errors import QvdError
 from qvdctl.images.halt import facts_path, override, recorded
-from qvdctl.images.extract import ensure_extracted, find_root
-from qvdctl.images.importer import check_image_name, import_image
 from qvdctl.progress import status
 
 log = logging.getLogger(__name__)
@@ -38,6 +36,8 @@ def add(req: Request) -> None:
     ``halt_signal`` is what stops the image's VMs (``SIGRTMIN+3``, ``SIGPWR``, ...) when
     what its ``/sbin/init`` looks like is not enough (``images/halt.py``).
     """
+    from qvdctl.images.importer import check_image_name, import_image  # libarchive: only here
+
     req.no_filter()
     args = req.args(required=["path", "osf"], optional=["version", "halt_signal"])
     storage = req.node.storage()
@@ -207,6 +207,8 @@ def commit(req: Request) -> None:
     writes nothing.
     """
     from qvdctl.images import commit as committing  # libarchive's writer: only here
+    from qvdctl.images.extract import ensure_extracted, find_root
+    from qvdctl.images.importer import check_image_name
     from qvdctl.db.states import VmState
     from qvdctl.vm.state import locked
 

@@ -39,6 +39,7 @@ def add(req: Request) -> None:
 
 
 def list_(req: Request) -> None:
+    """``host list [-f ...]``: the nodes, their leases' state and age, their running VMs."""
     req.args()
     this = req.node.name()
     limit = lease.timeout(req.node.settings())
@@ -70,6 +71,7 @@ def block(req: Request) -> None:
 
 
 def unblock(req: Request) -> None:
+    """``host unblock -f name=...``: these hosts get new VMs again."""
     _set_blocked(req, 0)
 
 

@@ -60,6 +60,7 @@ def edit(req: Request) -> None:
 
 
 def list_(req: Request) -> None:
+    """``osf list [-f ...]``: the OS flavours with their memory and user storage (MiB)."""
     req.args()
     with req.node.db.reader() as conn:
         rows = req.select(store.list_osfs(conn), KEYS, need=False)
@@ -70,6 +71,7 @@ def list_(req: Request) -> None:
 
 
 def del_(req: Request) -> None:
+    """``osf del -f ...``: only OSFs without disk images or VMs."""
     req.args()
     with req.node.db.writer() as conn:
         rows = req.select(store.list_osfs(conn), KEYS, need=True)

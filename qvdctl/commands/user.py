@@ -96,6 +96,7 @@ def _nonempty(password: str) -> str:
 
 
 def list_(req: Request) -> None:
+    """``user list [-f ...]``: the users, and whether they are blocked."""
     req.args()
     with req.node.db.reader() as conn:
         rows = req.select(store.list_users(conn), KEYS, need=False)
@@ -103,6 +104,7 @@ def list_(req: Request) -> None:
 
 
 def del_(req: Request) -> None:
+    """``user del -f ...``: only users without VMs."""
     req.args()
     with req.node.db.writer() as conn:
         rows = req.select(store.list_users(conn), KEYS, need=True)

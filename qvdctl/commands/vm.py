@@ -25,12 +25,13 @@ from qvdctl.commands.base import Request
 from qvdctl.commands.di import check_tag
 from qvdctl.commands.osf import check_name
 from qvdctl.db import store
+from qvdctl.db.states import VmState
 from qvdctl.db.store import Row
 from qvdctl.errors import QvdError
-from qvdctl.fleet import client
 from qvdctl.network import addresses
-from qvdctl.vm import Vm, VmState, load_vm, reconcile, run_each, start_vm, stop_vm
-from qvdctl.vm.state import locked
+from qvdctl.vm.health import reconcile
+from qvdctl.vm.parallel import run_each
+from qvdctl.vm.state import Vm, load_vm, locked
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,7 @@ def _rows(conn: Connection) -> list[Row]:
 
 
 def list_(req: Request) -> None:
+    """``vm list [-f ...]``: the VMs and their state; a running VM found dead is marked zombie."""
     req.args()
     reconcile(req.node)
     with req.node.db.reader() as conn:
@@ -175,8 +177,17 @@ def _report_failures(results: Sequence[tuple[Vm, object, QvdError | None]]) -> N
 
 
 def start(req: Request) -> None:
+    """``vm start -f ...``: start the VMs, ``vm.lifecycle.parallel`` at a time.
+
+    Each VM's root is mounted and its container started; one that fails is left
+    stopped (or zombie) with an ``Error:`` line, and the others go on. In a fleet the
+    starts are queued for the hosts' HKDs (``host=NAME`` picks the host) and waited for,
+    unless ``--no-wait``.
+    """
     if req.node.fleet:
         return _fleet_start(req)
+    from qvdctl.vm.start import start_vm  # here: the start machinery loads liblxc and trio
+
     vms = _selected(req)
     results = run_each(lambda vm: start_vm(req.node, vm), vms, _parallel(req))
     for vm, mounted, _ in results:
@@ -187,8 +198,15 @@ def start(req: Request) -> None:
 
 
 def stop(req: Request) -> None:
+    """``vm stop -f ...``: halt the VMs (hard stop after ``vm.stop.timeout``), unmount their roots.
+
+    ``vm.lifecycle.parallel`` at a time; in a fleet the stops are queued for the VMs'
+    hosts and waited for, unless ``--no-wait``.
+    """
     if req.node.fleet:
         return _fleet_stop(req)
+    from qvdctl.vm.stop import stop_vm  # here: the stop machinery loads liblxc and trio
+
     vms = _selected(req)
     results = run_each(lambda vm: stop_vm(req.node, vm), vms, _parallel(req))
     for vm, _, error in results:
@@ -198,6 +216,8 @@ def stop(req: Request) -> None:
 
 
 def _fleet_start(req: Request) -> None:
+    from qvdctl.fleet import client  # here: only a fleet's start and stop need it
+
     pin = req.args(optional=["host"]).get("host")
     outcomes = client.start(req.node, _selected(req, ("host",)), pin=pin, wait=not req.no_wait)
     how = " (root mounted only)" if req.node.settings()["vm.start.mount_only"] == "1" else ""
@@ -209,6 +229,8 @@ def _fleet_start(req: Request) -> None:
 
 
 def _fleet_stop(req: Request) -> None:
+    from qvdctl.fleet import client
+
     outcomes = client.stop(req.node, _selected(req), wait=not req.no_wait)
     for o in outcomes:
         if o.error is None:

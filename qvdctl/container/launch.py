@@ -17,7 +17,7 @@ import trio
 
 from qvdctl.container import runtime
 from qvdctl.container.config import DEFAULT_LXCPATH, ContainerSpec, remove_config, write_config
-from qvdctl.network import NetworkError, ensure_bridge, remove_veth
+from qvdctl.network.links import NetworkError, ensure_bridge, remove_veth
 
 log = logging.getLogger(__name__)
 

@@ -48,7 +48,12 @@ from qvdctl.fleet.lease import HostState
 from qvdctl.node import Node
 from qvdctl.settings import Settings
 from qvdctl.storage import Storage
-from qvdctl.vm import VmState, load_vm, reconcile, run_each, start_vm, stop_vm
+from qvdctl.db.states import VmState
+from qvdctl.vm.health import reconcile
+from qvdctl.vm.parallel import run_each
+from qvdctl.vm.start import start_vm
+from qvdctl.vm.state import load_vm
+from qvdctl.vm.stop import stop_vm
 
 log = logging.getLogger(__name__)
 

@@ -8,25 +8,7 @@
 ``state.py`` holds the model: ``Vm``, ``VmState``, the one table of allowed
 transitions, the VM's lock and what ``zombie`` means. The container and network
 work goes through ``qvdctl/container/seam.py``; mounting through ``mounting.py``.
+
+Import from the modules themselves: this package re-exports nothing, so that
+`vm list` loads the state and health checks without the start machinery.
 """
-
-from __future__ import annotations
-
-from qvdctl.db.states import VmState
-from qvdctl.vm.health import reconcile
-from qvdctl.vm.parallel import run_each
-from qvdctl.vm.start import MountedRoot, start_vm
-from qvdctl.vm.state import TRANSITIONS, Vm, load_vm
-from qvdctl.vm.stop import stop_vm
-
-__all__ = [
-    "TRANSITIONS",
-    "MountedRoot",
-    "Vm",
-    "VmState",
-    "load_vm",
-    "reconcile",
-    "run_each",
-    "start_vm",
-    "stop_vm",
-]

@@ -15,7 +15,6 @@ import threading
 from collections.abc import Mapping
 from pathlib import Path
 
-from qvdctl.container import seam
 from qvdctl.db import store
 from qvdctl.db.states import VmState
 from qvdctl.node import Node
@@ -52,6 +51,8 @@ def reconcile(node: Node) -> list[tuple[str, str]]:
     storage = Storage.from_settings(settings)
     containers = None
     if settings["vm.start.mount_only"] != "1":
+        from qvdctl.container import seam  # here: liblxc and trio load only to ask it
+
         containers = seam.vm_container_states(settings=settings)
     marked = []
     for row in running:
@@ -101,6 +102,8 @@ def _container_problem(
     vm_id: int, containers: Mapping[int, str], settings: Mapping[str, str]
 ) -> str | None:
     """Why VM ``vm_id``'s container does not run, or None if it does."""
+    from qvdctl.container import seam  # loaded already: reconcile asked liblxc
+
     state = containers.get(vm_id)
     if state == "RUNNING":
         return None

@@ -20,21 +20,16 @@ from pathlib import Path
 import pytest
 import trio
 
-from qvdctl.container import (
+from qvdctl.container import config as config_mod
+from qvdctl.container.config import (
     ConfigError,
     ContainerSpec,
-    LaunchError,
-    exec_in,
-    halt,
-    launch,
-    list_states,
+    remove_config,
     render_config,
-    state,
     write_config,
 )
-from qvdctl.container import config as config_mod
-from qvdctl.container.config import remove_config
-from qvdctl.container.runtime import prune_cgroups
+from qvdctl.container.launch import LaunchError, halt, launch
+from qvdctl.container.runtime import exec_in, list_states, prune_cgroups, state
 from qvdproc.mountinfo import is_mounted
 from tests.support import consoles
 from tests.support.mounts import NODE_OPTIONS, force_unmount, qvdfs_mount
@@ -466,7 +461,7 @@ async def test_console_gives_an_interactive_shell(
 
 def _talk_to_console(name: str, lxcpath: Path) -> str:
     """Drive ``lxc-console`` through a pty as an admin would: a command, then Ctrl+a q."""
-    from qvdctl.container import console_argv
+    from qvdctl.container.runtime import console_argv
 
     seen = consoles.talk(
         console_argv(name, lxcpath), b"echo console-says-$((6*7))", marker=b"console-says-42"

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from qvdctl.container import ContainerSpec, render_config
-from qvdctl.container.config import ConfigError
+from qvdctl.container.config import ConfigError, ContainerSpec, render_config
 from qvdctl.images import halt
 from qvdctl.images.extract import ensure_extracted
 from tests.support.qvdctl import Cli, cleanup_root

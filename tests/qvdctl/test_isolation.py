@@ -22,8 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from qvdctl.container import ContainerSpec, exec_in, halt, launch, render_config
 from qvdctl.container import config as config_mod
+from qvdctl.container.config import ContainerSpec, render_config
+from qvdctl.container.launch import halt, launch
+from qvdctl.container.runtime import exec_in
 from tests.support.mounts import NODE_OPTIONS, qvdfs_mount
 from tests.support.qvdctl import scratch_lxcpath
 from tools.imagebuild import build_busybox_rootfs

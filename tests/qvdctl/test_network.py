@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from qvdctl.network import gateway_cidr, mac_for_ip, prefix_length, veth_name
+from qvdctl.network.addresses import gateway_cidr, mac_for_ip, prefix_length, veth_name
 from qvdproc.mountinfo import mounts_under
 from tests.support import REPO
 from tests.support.mounts import NODE_OPTIONS, force_unmount, qvdfs_mount
@@ -81,7 +81,7 @@ def test_names_and_masks() -> None:
 
 _BRIDGE_CODE = """
 import json, sys
-from qvdctl.network import NetworkError, ensure_bridge, link_kind, remove_veth
+from qvdctl.network.links import NetworkError, ensure_bridge, link_kind, remove_veth
 from pyroute2 import IPRoute
 out = {}
 out["created"] = ensure_bridge("qvdbr", "10.213.1.1/24")
@@ -133,8 +133,10 @@ _TWO_VMS_CODE = """
 import json, sys, time
 from pathlib import Path
 import trio
-from qvdctl.container import ContainerSpec, LaunchError, exec_in, halt, launch
-from qvdctl.network import link_kind
+from qvdctl.container.config import ContainerSpec
+from qvdctl.container.launch import LaunchError, halt, launch
+from qvdctl.container.runtime import exec_in
+from qvdctl.network.links import link_kind
 
 args = json.loads(sys.argv[1])
 lxcpath = Path(args["lxcpath"])
@@ -236,8 +238,10 @@ import json, sys
 from pathlib import Path
 import trio
 from pyroute2 import IPRoute
-from qvdctl.container import ContainerSpec, LaunchError, launch, state
-from qvdctl.network import link_kind
+from qvdctl.container.config import ContainerSpec
+from qvdctl.container.launch import LaunchError, launch
+from qvdctl.container.runtime import state
+from qvdctl.network.links import link_kind
 
 args = json.loads(sys.argv[1])
 lxcpath = Path(args["lxcpath"])
@@ -299,7 +303,7 @@ _SEAM_CODE = """
 import json, sys
 from pathlib import Path
 from qvdctl.container import seam
-from qvdctl.network import link_kind
+from qvdctl.network.links import link_kind
 
 args = json.loads(sys.argv[1])
 settings = {

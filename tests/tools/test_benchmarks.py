@@ -272,3 +272,11 @@ def test_abort_frees_calls_stuck_in_a_hung_daemon(tmp_path: Path) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(mounted.daemon_pid, signal.SIGCONT)
     assert mounts_under(tmp_path) == []
+
+
+def test_cli_startup_bench_prints_a_row_per_command() -> None:
+    done = subprocess.run([sys.executable, "-m", "benchmarks.cli", "--runs", "2", "--vms", "1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=100)
+    assert done.returncode == 0, done.stderr
+    rows = [line.split("|")[1].strip() for line in done.stdout.splitlines()[2:]]
+    assert rows == ["`qvdctl --help`", "`qvdctl vm list`", "`qvdctl config get`"]
