@@ -156,7 +156,7 @@ def tag(req: Request) -> None:
 
 
 def untag(req: Request) -> None:
-    """``di untag -f id=N tag=T``."""
+    """``di untag -f id=N tag=T``: remove tag T from the disk image."""
     tag_ = req.args(required=["tag"])["tag"]
     with req.node.db.writer() as conn:
         di = _one(req, conn)

@@ -24,7 +24,7 @@ KEYS = ["id", "name", "address"]
 
 
 def add(req: Request) -> None:
-    """``host add name=N address=IP``."""
+    """``host add name=N address=IP``: register a node of the fleet."""
     req.no_filter()
     args = req.args(required=["name", "address"])
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}", args["name"]):

@@ -17,7 +17,7 @@ EDITABLE = ["name", "memory", "user_storage", "halt_signal"]
 
 
 def add(req: Request) -> None:
-    """``osf add name=N [memory=MiB] [user_storage=MiB] [halt_signal=SIG]``.
+    """``osf add name=N [memory=MiB] [user_storage=MiB] [halt_signal=SIG]``: a new OS flavour.
 
     ``halt_signal`` stops the VMs of every image of the flavour whose DI sets none
     (``images/halt.py``).

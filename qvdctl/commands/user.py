@@ -47,7 +47,7 @@ def _scrypt(password: str, salt: bytes, n: int, r: int, p: int) -> bytes:
 
 
 def add(req: Request) -> None:
-    """``user add login=L password=P``."""
+    """``user add login=L password=P``: a new user (the password is stored hashed)."""
     req.no_filter()
     args = req.args(required=["login", "password"])
     login = check_name(args["login"], "login")

@@ -42,7 +42,10 @@ KEYS = ["id", "name", "user", "ip", "osf", "di_tag", "di", "host", "state", "use
 
 
 def add(req: Request) -> None:
-    """``vm add name=N user=LOGIN osf=NAME [di_tag=T] [ip=A]``."""
+    """``vm add name=N user=LOGIN osf=NAME [di_tag=T] [ip=A]``: a new, stopped VM.
+
+    It runs the OSF's image tagged ``di_tag`` (``default`` unless given).
+    """
     req.no_filter()
     args = req.args(required=["name", "user", "osf"], optional=["di_tag", "ip"])
     name = check_name(args["name"], "VM")
