@@ -3,9 +3,11 @@
 Entering a namespace for LXC takes more than ``setns``: liblxc checks
 ``/sys/class/net/<bridge>/bridge`` before attaching a veth (a missing entry makes it
 try Open vSwitch), and sysfs shows the devices of the namespace that mounted it. So
-the child gets a fresh sysfs view of its namespace's devices over ``/sys/class/net``
-and ``/sys/devices/virtual/net``, in a mount namespace of its own; the rest of
-``/sys`` (cgroups) stays as it is.
+the child gets a fresh sysfs of its namespace on ``/sys``, in a mount namespace of its
+own, with the host's mounts below ``/sys`` (cgroups) bound back onto it. A whole sysfs,
+not binds over ``/sys/class/net``: an unprivileged container may mount sysfs only where
+some sysfs mount is fully visible (the kernel's ``mount_too_revealing``), and a bind
+over a non-empty folder hides part of it.
 
 ``ip netns exec`` does a similar remount but also makes every mount a slave, so a FUSE
 mount made inside would never reach the host or the next command. Here the mount
@@ -20,6 +22,7 @@ import contextlib
 import logging
 import secrets
 import subprocess
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -30,19 +33,37 @@ log = logging.getLogger(__name__)
 # Runs as `sh -c SCRIPT sh ARGV...` inside the target netns and a new mount namespace.
 # On hosts whose mounts are shared (systemd's default) the new namespace's copies are
 # peers of the host's: /sys and the mount holding the temporary view are made private
-# first, or the sysfs view would replace the host's own /sys/class/net.
+# first, or the new sysfs would replace the host's own /sys.
 _ENTER_SCRIPT = """\
 set -e
 view=$(mktemp -d -t qvd-sysfs.XXXXXX)
 mount --make-rprivate /sys
 mount --make-private "$(stat -c %m "$view")"
 mount -t sysfs sysfs "$view"
-mount --bind "$view/class/net" /sys/class/net
-mount --bind "$view/devices/virtual/net" /sys/devices/virtual/net
-umount -l "$view"
+sys=$(awk '$5 == "/sys" { id = $1 } END { print id }' /proc/self/mountinfo)
+for below in $(awk -v sys="$sys" '$2 == sys { print $5 }' /proc/self/mountinfo); do
+    mount --rbind "$below" "$view${below#/sys}"
+done
+mount --move "$view" /sys
 rmdir "$view"
 exec "$@"
 """
+
+
+def reachable_by_mapped_root(path: Path) -> Path:
+    """Let an unprivileged container's root pass through ``path`` and its parents; return it.
+
+    liblxc refuses to start a container whose lxcpath the mapped root (an ordinary
+    uid on the node) cannot reach, and pytest and ``mkdtemp`` make their folders 0700.
+    Only the folders under the temporary directory are changed, and only search
+    permission (x) is added: nothing in them can be listed.
+    """
+    top = Path(tempfile.gettempdir()).resolve()
+    for folder in (path.resolve(), *path.resolve().parents):
+        if top not in folder.parents:
+            break
+        folder.chmod(folder.stat().st_mode | 0o011)
+    return path
 
 
 def create_netns(name: str) -> None:
