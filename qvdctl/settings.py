@@ -151,8 +151,8 @@ KNOWN: dict[str, tuple[str, Callable[[str], str]]] = {
     # Where LXC keeps container configs; empty: liblxc's default (read by qvdctl/container/).
     "vm.lxc.lxcpath": ("", _optional_path),
     # Ours: containers run in a user namespace (1, qvdfs roots only) or as the node's
-    # root, hardened (0). 0 until qvdctl's storage folders are checked for the mapped root.
-    "vm.lxc.unprivileged": ("0", _bool),
+    # root, hardened (0). README.md: "What a desktop's root can do".
+    "vm.lxc.unprivileged": ("1", _bool),
     # Ours: container uid/gid 0-65535 are node ids START..START+65535 (every VM alike).
     "vm.lxc.idmap.start": ("1000000", _idmap_start),
     # Ours: the name this node goes by in the hosts table and the Host column.

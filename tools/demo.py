@@ -42,7 +42,7 @@ from qvdctl.container.runtime import monitors
 from qvdproc.mountinfo import mounts_under
 from tools import debian_image
 from tools.imagebuild import build_busybox_rootfs, build_image_tarball
-from tools.sandbox import netns_argv, scratch_netns, shared_mount
+from tools.sandbox import netns_argv, reachable_by_mapped_root, scratch_netns, shared_mount
 
 QVDCTL = str(Path(sys.executable).parent / "qvdctl")
 IMAGE = "busybox-demo.tar.gz"
@@ -237,7 +237,7 @@ def _cleanup(root: Path, netns: str) -> None:
 
 @contextlib.contextmanager
 def _scratch_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="qvd-demo-"))
+    path = reachable_by_mapped_root(Path(tempfile.mkdtemp(prefix="qvd-demo-")))
     try:
         yield path
     finally:

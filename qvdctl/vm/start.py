@@ -115,7 +115,8 @@ def prepare_and_mount(node: Node, vm: Vm) -> MountedRoot:
     storage = Storage.from_settings(settings)
     storage.ensure()
     kind = settings["vm.lxc.unionfs.type"]
-    if kind != "qvdfs" and settings["vm.lxc.unprivileged"] == "1":
+    container = settings["vm.start.mount_only"] != "1"
+    if kind != "qvdfs" and settings["vm.lxc.unprivileged"] == "1" and container:
         # Only qvdfs can be mounted idmapped: without it the image's files would all
         # belong to nobody inside the container.
         raise QvdError(

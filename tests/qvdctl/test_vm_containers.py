@@ -28,18 +28,21 @@ from tests.support import consoles
 from tests.support.mounts import NODE_OPTIONS, daemon_pids, force_unmount
 from tests.support.qvdctl import IMAGE, Cli, lxc_monitors, stock_unionfs_wrapper
 from tools.imagebuild import build_image_tarball
-from tools.sandbox import netns_argv, scratch_netns, shared_mount
+from tools.sandbox import netns_argv, reachable_by_mapped_root, scratch_netns, shared_mount
 
 NET = "10.219.5"  # only ever configured inside each test's own namespace
 BRIDGE = "qvdtbr0"
 
 MODES = {
-    "qvdfs": {"vm.lxc.unionfs.type": "qvdfs"},
+    "qvdfs": {"vm.lxc.unionfs.type": "qvdfs"},  # unprivileged, the default
+    "qvdfs,privileged": {"vm.lxc.unionfs.type": "qvdfs", "vm.lxc.unprivileged": "0"},
+    # unionfs-fuse cannot be mounted idmapped, so its containers run privileged.
     "unionfs-fuse=qvdfs": {
         "vm.lxc.unionfs.type": "unionfs-fuse", "command.unionfs-fuse": str(QVDFS),
+        "vm.lxc.unprivileged": "0",
     },
     # The stock binary through the recording wrapper (see stock_unionfs_wrapper).
-    "unionfs-fuse=stock": {"vm.lxc.unionfs.type": "unionfs-fuse"},
+    "unionfs-fuse=stock": {"vm.lxc.unionfs.type": "unionfs-fuse", "vm.lxc.unprivileged": "0"},
 }
 
 
@@ -107,6 +110,7 @@ def lxc_node(
     """A node on ``root`` set up for LXC on qvdfs in a namespace of its own; all of it
     (containers, mounts, namespace) is gone afterwards."""
     root.mkdir()
+    reachable_by_mapped_root(root)
     with shared_mount(root), scratch_netns(prefix) as ns:
         n = Node(root, ns)
         try:
@@ -396,12 +400,28 @@ def test_corrupt_image(node: Node) -> None:
 def test_mount_failure(node: Node) -> None:
     cgroups = _lxc_cgroups()
     node.cli.run("config", "set", "vm.lxc.unionfs.type=unionfs-fuse",
-                 "command.unionfs-fuse=/bin/false")
+                 "command.unionfs-fuse=/bin/false", "vm.lxc.unprivileged=0")
     error = node.cli.fails("vm", "start", "-f", "name=v")
     _assert_failed_cleanly(node, error, "mounting the root", cgroups)
     assert error.endswith("its overlay is kept as deleteme-1-1-overlayfs")
     assert (node.root / "overlayfs" / "deleteme-1-1-overlayfs").is_dir()
     assert not _paths(node)["overlay"].exists()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["unionfs-fuse", "overlayfs"])
+def test_a_union_that_cannot_be_idmapped_is_refused_for_an_unprivileged_vm(
+    node: Node, kind: str
+) -> None:
+    node.cli.run("config", "set", f"vm.lxc.unionfs.type={kind}")
+    error = node.cli.fails("vm", "start", "-f", "name=v")
+    assert error == (
+        f"Error: vm.lxc.unionfs.type={kind} cannot give an unprivileged container its root; "
+        "use qvdfs or set vm.lxc.unprivileged=0"
+    )
+    assert node.state("v") == "stopped"
+    assert sorted(p.name for p in (node.root / "overlayfs").iterdir()) == []
+    node.assert_nothing_left(set())
 
 
 @pytest.mark.timeout(120)

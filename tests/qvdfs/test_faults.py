@@ -438,11 +438,12 @@ class Node:
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     from tools.imagebuild import build_busybox_rootfs, build_image_tarball
-    from tools.sandbox import netns_argv, scratch_netns, shared_mount
+    from tools.sandbox import netns_argv, reachable_by_mapped_root, scratch_netns, shared_mount
 
     tmp = tmp_path_factory.mktemp("node")
     root = tmp / "storage"
     (root / "staging").mkdir(parents=True)
+    reachable_by_mapped_root(root)
     build_image_tarball(root / "staging" / "img.tar.gz", build_busybox_rootfs(tmp / "image"),
                         compression="gz")
     with shared_mount(root), scratch_netns("qvdfault") as ns:

@@ -303,10 +303,11 @@ def _links(ns: str) -> list[str]:
 def test_ten_vms_started_and_stopped_repeatedly_leak_nothing(tmp_path: Path) -> None:
     from tools.demo import Demo
     from tools.imagebuild import build_busybox_rootfs, build_image_tarball
-    from tools.sandbox import netns_argv, scratch_netns, shared_mount
+    from tools.sandbox import netns_argv, reachable_by_mapped_root, scratch_netns, shared_mount
 
     root = tmp_path / "storage"
     (root / "staging").mkdir(parents=True)
+    reachable_by_mapped_root(root)
     tarball = build_image_tarball(root / "staging" / "soak.tar.gz",
                                   build_busybox_rootfs(tmp_path / "image-root"), compression="gz")
     figures = []

@@ -22,7 +22,7 @@ from qvdproc.mountinfo import mounts_under
 from tests.support.mounts import force_unmount
 from tests.support.qvdctl import QVDCTL, Cli
 from tools.imagebuild import build_busybox_rootfs, build_image_tarball
-from tools.sandbox import create_netns, netns_argv, remove_netns
+from tools.sandbox import create_netns, netns_argv, reachable_by_mapped_root, remove_netns
 
 NET = "10.219.77"  # only ever configured inside each node's own namespace
 BRIDGE = "qvdfleet0"
@@ -58,6 +58,7 @@ class HkdNode:
         self.lxcpath = self.dir / "lxc"
         self.root.mkdir(parents=True)
         self.lxcpath.mkdir()
+        reachable_by_mapped_root(self.lxcpath)
         self.netns = netns
         self.conf = self.dir / "node.conf"
         self.conf.write_text(
