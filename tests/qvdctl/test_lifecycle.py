@@ -152,7 +152,8 @@ def test_a_failed_mount_leaves_the_vm_stopped_and_its_overlay_renamed(cli, comma
 
 def test_a_container_the_layer_refuses_fails_the_start_cleanly(cli):
     """The wired seam: without a gateway no container config can be written."""
-    cli.run("config", "set", "vm.lxc.unionfs.type=overlayfs", "vm.start.mount_only=0")
+    cli.run("config", "set", "vm.lxc.unionfs.type=overlayfs", "vm.start.mount_only=0",
+            "vm.lxc.unprivileged=0")
     p = _paths(cli)
     error = cli.fails("vm", "start", "-f", "name=v")
     assert "cannot start VM 'v': starting the container failed: vm.network.gateway is not set" \

@@ -22,7 +22,7 @@ from qvdproc.mountinfo import mounts_under
 from tests.support.mounts import force_unmount
 from tests.support.qvdctl import QVDCTL, Cli
 from tools.imagebuild import build_busybox_rootfs, build_image_tarball
-from tools.sandbox import create_netns, netns_argv, reachable_by_mapped_root, remove_netns
+from tools.sandbox import create_netns, netns_argv, remove_netns
 
 NET = "10.219.77"  # only ever configured inside each node's own namespace
 BRIDGE = "qvdfleet0"
@@ -58,7 +58,6 @@ class HkdNode:
         self.lxcpath = self.dir / "lxc"
         self.root.mkdir(parents=True)
         self.lxcpath.mkdir()
-        reachable_by_mapped_root(self.lxcpath)
         self.netns = netns
         self.conf = self.dir / "node.conf"
         self.conf.write_text(
@@ -131,8 +130,9 @@ class Fleet:
             build_image_tarball(staging / "img.tar.gz", build_busybox_rootfs(base / "image"))
             (base / "shared-images").mkdir()
             self.admin.run(
+                # Kernel overlayfs (no daemon per VM) cannot be idmapped: privileged.
                 "config", "set", "vm.hypervisor=lxc", "vm.lxc.unionfs.type=overlayfs",
-                f"vm.start.mount_only={int(mount_only)}",
+                "vm.lxc.unprivileged=0", f"vm.start.mount_only={int(mount_only)}",
                 f"internal.hkd.cluster.node.timeout={timeout}",
                 f"path.storage.images={base / 'shared-images'}",
                 f"vm.network.bridge={BRIDGE}", f"vm.network.ip.start={NET}.2",
