@@ -1,4 +1,8 @@
-"""A private network namespace for tests and the demo to run the whole controller in.
+"""A private network namespace, and a scratch node in it, to run the whole controller in.
+
+``scratch_node`` is what the demo, the container tests and the VM benchmark start from: a
+storage root, a network namespace holding the node's bridge and the VMs' veths, the
+settings of an LXC node on qvdfs, and a cleanup that leaves the host as it was.
 
 Entering a namespace for LXC takes more than ``setns``: liblxc checks
 ``/sys/class/net/<bridge>/bridge`` before attaching a veth (a missing entry makes it
@@ -19,16 +23,24 @@ later command, and a plain ``umount`` anywhere removes them everywhere.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import os
 import secrets
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from pyroute2 import IPRoute, netns
 
+from qvdproc.mountinfo import is_mounted, mounts_under
+
 log = logging.getLogger(__name__)
+
+# The qvdctl installed beside this Python (.venv/bin/qvdctl).
+QVDCTL = str(Path(sys.executable).parent / "qvdctl")
 
 # Runs as `sh -c SCRIPT sh ARGV...` inside the target netns and a new mount namespace.
 # On hosts whose mounts are shared (systemd's default) the new namespace's copies are
@@ -99,10 +111,19 @@ def shared_mount(path: Path) -> Iterator[Path]:
         subprocess.run(["mount", "--make-shared", str(path)], check=True, capture_output=True)
         yield path
     finally:
-        done = subprocess.run(["umount", str(path)], capture_output=True)
-        if done.returncode != 0:
+        force_unmount(path)
+
+
+def force_unmount(path: str | os.PathLike[str]) -> None:
+    """Take the top mount off ``path`` however it can be done, for cleanups: ``umount``,
+    then FUSE's lazy unmount, then a lazy ``umount`` (logged). Not mounted is fine."""
+    for argv in (["umount"], ["fusermount3", "-u", "-z"], ["umount", "-l"]):
+        if not is_mounted(path):
+            return
+        if argv[-1] == "-l":
             log.warning("%s still busy, detaching it lazily", path)
-            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+        if subprocess.run([*argv, str(path)], capture_output=True, timeout=30).returncode == 0:
+            return
 
 
 @contextlib.contextmanager
@@ -114,3 +135,75 @@ def scratch_netns(prefix: str = "qvdtest") -> Iterator[str]:
         yield name
     finally:
         remove_netns(name)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScratchNode:
+    """A node's storage root (a shared mount) and the network namespace its commands run in.
+
+    Its containers live in ``lxcpath`` (setting ``vm.lxc.lxcpath``), inside the root, so
+    they never meet the host's own ``qvd-<id>``; ``ip netns exec NETNS lxc-ls -P LXCPATH``
+    shows them.
+    """
+
+    root: Path
+    netns: str
+
+    @property
+    def lxcpath(self) -> Path:
+        return self.root / "lxc"
+
+    def lxc_settings(self, *, net: str, bridge: str, stop_timeout: int = 10) -> list[str]:
+        """``config set`` words for LXC desktops on qvdfs: bridge ``bridge`` (made in the
+        namespace at the first start), VM addresses in ``<net>.0/24``, gateway ``<net>.1``."""
+        return [
+            "vm.hypervisor=lxc", "vm.lxc.unionfs.type=qvdfs", f"vm.network.bridge={bridge}",
+            f"vm.network.ip.start={net}.2", "vm.network.netmask=255.255.255.0",
+            f"vm.network.gateway={net}.1", f"vm.stop.timeout={stop_timeout}",
+            f"vm.lxc.lxcpath={self.lxcpath}",
+        ]  # fmt: skip
+
+    def qvdctl_argv(self, *args: str) -> list[str]:
+        """The command line of ``qvdctl --root ROOT ARGS`` in the node's namespace."""
+        return netns_argv(self.netns, [QVDCTL, "--root", str(self.root), *args])
+
+    def qvdctl(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        """Run ``qvdctl ARGS``; raise RuntimeError with its error line if it fails."""
+        done = subprocess.run(self.qvdctl_argv(*args), capture_output=True, text=True,
+                              timeout=timeout)  # fmt: skip
+        if done.returncode != 0:
+            why = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
+            raise RuntimeError(f"qvdctl {' '.join(args)}: {why[0]}")
+        return done
+
+
+@contextlib.contextmanager
+def scratch_node(root: Path, *, prefix: str) -> Iterator[ScratchNode]:
+    """A node on ``root`` (created if missing) whose commands run in a new network
+    namespace ``<prefix>-<random>``; ``lxc_settings`` gives its LXC settings.
+
+    On exit, whatever is left runs no more: every container in its lxcpath is stopped
+    (killed: the node is being thrown away), everything mounted below ``root`` is
+    unmounted, and the namespace is deleted with its links. ``root`` itself stays.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    reachable_by_mapped_root(root)
+    with shared_mount(root), scratch_netns(prefix) as ns:
+        node = ScratchNode(root, ns)
+        try:
+            yield node
+        finally:
+            _tear_down(node)
+
+
+def _tear_down(node: ScratchNode) -> None:
+    # liblxc reaches a container only from the namespace that started it.
+    for folder in sorted(node.lxcpath.glob("qvd-*")) if node.lxcpath.is_dir() else ():
+        log.warning("stopping container %s left running", folder.name)
+        subprocess.run(
+            netns_argv(node.netns, ["lxc-stop", "-P", str(node.lxcpath), "-n", folder.name, "-k"]),
+            capture_output=True, timeout=60,
+        )  # fmt: skip
+    for point in mounts_under(node.root):
+        if point != str(node.root.resolve()):  # the shared mount: shared_mount's to undo
+            force_unmount(point)

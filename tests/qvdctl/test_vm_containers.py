@@ -25,10 +25,10 @@ from qvdctl.mounting import QVDFS
 from qvdproc import processes
 from qvdproc.mountinfo import mounts_under
 from tests.support import consoles
-from tests.support.mounts import NODE_OPTIONS, daemon_pids, force_unmount
+from tests.support.mounts import NODE_OPTIONS, daemon_pids
 from tests.support.qvdctl import IMAGE, Cli, lxc_monitors, stock_unionfs_wrapper
 from tools.imagebuild import build_image_tarball
-from tools.sandbox import netns_argv, reachable_by_mapped_root, scratch_netns, shared_mount
+from tools.sandbox import netns_argv, scratch_node
 
 NET = "10.219.5"  # only ever configured inside each test's own namespace
 BRIDGE = "qvdtbr0"
@@ -109,25 +109,11 @@ def lxc_node(
 ) -> Iterator[Node]:
     """A node on ``root`` set up for LXC on qvdfs in a namespace of its own; all of it
     (containers, mounts, namespace) is gone afterwards."""
-    root.mkdir()
-    reachable_by_mapped_root(root)
-    with shared_mount(root), scratch_netns(prefix) as ns:
-        n = Node(root, ns)
-        try:
-            n.cli.run(
-                "config", "set", "vm.hypervisor=lxc", "vm.lxc.unionfs.type=qvdfs",
-                f"vm.network.bridge={bridge}", f"vm.network.ip.start={net}.2",
-                "vm.network.netmask=24", f"vm.network.gateway={net}.1",
-                f"vm.stop.timeout={stop_timeout}", f"vm.lxc.lxcpath={n.lxcpath}",
-            )  # fmt: skip
-            yield n
-        finally:
-            # Whatever a failed test left running is stopped by name, in our lxcpath only.
-            for entry in n.lxcpath.iterdir() if n.lxcpath.is_dir() else ():
-                n.in_ns("lxc-stop", "-P", str(n.lxcpath), "-n", entry.name, "-k")
-            for point in mounts_under(root):
-                if point != str(root):
-                    force_unmount(point)
+    with scratch_node(root, prefix=prefix) as scratch:
+        n = Node(root, scratch.netns)
+        n.cli.run("config", "set",
+                  *scratch.lxc_settings(net=net, bridge=bridge, stop_timeout=stop_timeout))
+        yield n
 
 
 @pytest.fixture

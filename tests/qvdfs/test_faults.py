@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -35,6 +36,9 @@ from tests.support.mounts import (
     qvdfs_mount,
 )
 from tests.support.qvdctl import QVDCTL, Cli
+
+if TYPE_CHECKING:
+    from tools.sandbox import ScratchNode
 
 WORK = ".qvdfs.work"
 MiB = 1 << 20
@@ -381,15 +385,10 @@ def test_enospc_on_many_small_files_then_recovery(dirs: dict[str, Path]) -> None
 
 
 class Node:
-    """A throwaway node: storage root (shared mount), its own netns, two VMs of one image."""
+    """A throwaway node (``tools.sandbox.scratch_node``) with two VMs of one image."""
 
-    def __init__(self, root: Path, ns: str) -> None:
-        from tools.sandbox import netns_argv
-        self.root, self.ns, self._argv = root, ns, netns_argv
-
-    def argv(self, *args: str) -> list[str]:
-        return self._argv(self.ns, [str(Path(sys.executable).parent / "qvdctl"),
-                                    "--root", str(self.root), *args])
+    def __init__(self, scratch: ScratchNode) -> None:
+        self.root, self.ns, self.argv = scratch.root, scratch.netns, scratch.qvdctl_argv
 
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         done = subprocess.run(self.argv(*args), capture_output=True, text=True, timeout=180)
@@ -438,37 +437,22 @@ class Node:
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:
     from tools.imagebuild import build_busybox_rootfs, build_image_tarball
-    from tools.sandbox import netns_argv, reachable_by_mapped_root, scratch_netns, shared_mount
+    from tools.sandbox import scratch_node
 
     tmp = tmp_path_factory.mktemp("node")
     root = tmp / "storage"
     (root / "staging").mkdir(parents=True)
-    reachable_by_mapped_root(root)
     build_image_tarball(root / "staging" / "img.tar.gz", build_busybox_rootfs(tmp / "image"),
                         compression="gz")
-    with shared_mount(root), scratch_netns("qvdfault") as ns:
-        n = Node(root, ns)
-        try:
-            n.run("config", "set", "vm.hypervisor=lxc", "vm.lxc.unionfs.type=qvdfs",
-                  "vm.network.bridge=qvdfault0", "vm.network.ip.start=10.213.79.2",
-                  "vm.network.netmask=255.255.255.0", "vm.network.gateway=10.213.79.1",
-                  "vm.stop.timeout=10", f"vm.lxc.lxcpath={root / 'lxc'}")
-            n.run("osf", "add", "name=o")
-            n.run("di", "add", "path=img.tar.gz", "osf=o")
-            for vm in ("a", "b"):
-                n.run("user", "add", f"login={vm}", "password=p")
-                n.run("vm", "add", f"name={vm}", f"user={vm}", "osf=o")
-            yield n
-        finally:
-            # liblxc reaches a container only from the namespace that started it.
-            n.run("vm", "stop", "-f", "name=*", check=False)
-            subprocess.run(netns_argv(ns, ["sh", "-c", f"for c in {root}/lxc/qvd-*; do "
-                                      f"[ -d \"$c\" ] && lxc-stop -P {root}/lxc "
-                                      "-n $(basename $c) -k; done"]),
-                           capture_output=True, timeout=120)
-            for target in mounts_under(root):
-                if target != str(root):
-                    force_unmount(target)
+    with scratch_node(root, prefix="qvdfault") as scratch:
+        n = Node(scratch)
+        n.run("config", "set", *scratch.lxc_settings(net="10.213.79", bridge="qvdfault0"))
+        n.run("osf", "add", "name=o")
+        n.run("di", "add", "path=img.tar.gz", "osf=o")
+        for vm in ("a", "b"):
+            n.run("user", "add", f"login={vm}", "password=p")
+            n.run("vm", "add", f"name={vm}", f"user={vm}", "osf=o")
+        yield n
 
 
 @pytest.mark.timeout(300)

@@ -301,61 +301,45 @@ def _links(ns: str) -> list[str]:
 
 @pytest.mark.timeout(600)
 def test_ten_vms_started_and_stopped_repeatedly_leak_nothing(tmp_path: Path) -> None:
-    from tools.demo import Demo
     from tools.imagebuild import build_busybox_rootfs, build_image_tarball
-    from tools.sandbox import netns_argv, reachable_by_mapped_root, scratch_netns, shared_mount
+    from tools.sandbox import scratch_node
 
     root = tmp_path / "storage"
     (root / "staging").mkdir(parents=True)
-    reachable_by_mapped_root(root)
     tarball = build_image_tarball(root / "staging" / "soak.tar.gz",
                                   build_busybox_rootfs(tmp_path / "image-root"), compression="gz")
     figures = []
-    with shared_mount(root), scratch_netns("qvdsoak") as ns:
-        demo = Demo(root, ns)
-        try:
-            demo.qvdctl("config", "set", "vm.hypervisor=lxc", "vm.lxc.unionfs.type=qvdfs",
-                        "vm.network.bridge=qvdsoak0", "vm.network.ip.start=10.213.78.2",
-                        "vm.network.netmask=255.255.255.0", "vm.network.gateway=10.213.78.1",
-                        "vm.stop.timeout=10", f"vm.lxc.lxcpath={root / 'lxc'}", show=False)
-            demo.qvdctl("osf", "add", "name=o", show=False)
-            demo.qvdctl("di", "add", f"path={tarball.name}", "osf=o", show=False)
-            for i in range(VMS):
-                demo.qvdctl("user", "add", f"login=u{i}", "password=p", show=False)
-                demo.qvdctl("vm", "add", f"name=v{i}", f"user=u{i}", "osf=o", show=False)
-            idle = _under(root)
-            for cycle in range(CYCLES):
-                started = time.monotonic()
-                demo.qvdctl("vm", "start", "-f", "name=v*", show=False)
-                start_s = time.monotonic() - started
-                table = json.loads(demo.qvdctl("--json", "vm", "list", show=False))
-                assert [r["State"] for r in table] == ["running"] * VMS, table
-                running = _under(root)
-                links_running = _links(ns)
-                started = time.monotonic()
-                demo.qvdctl("vm", "stop", "-f", "name=v*", show=False)
-                stop_s = time.monotonic() - started
-                table = json.loads(demo.qvdctl("--json", "vm", "list", show=False))
-                assert [r["State"] for r in table] == ["stopped"] * VMS, table
-                after = _under(root)
-                assert after == idle, f"cycle {cycle} left {after}"
-                assert [n for n in _links(ns) if n.startswith("qvd") and n != "qvdsoak0"] == []
-                figures.append({
-                    "cycle": cycle, "start_s": round(start_s, 2), "stop_s": round(stop_s, 2),
-                    "mounts_running": len(running["mounts"]),
-                    "procs_running": len(running["procs"]),
-                    "fds_running": running["fds"], "rss_mib_running": running["rss_kib"] // 1024,
-                    "links_running": len(links_running),
-                })
-        finally:
-            # liblxc reaches a container only from the namespace that started it.
-            demo.qvdctl("vm", "stop", "-f", "name=*", check=False, show=False)
-            subprocess.run(netns_argv(ns, ["sh", "-c", f"for c in {root}/lxc/qvd-*; do "
-                                      f"[ -d \"$c\" ] && lxc-stop -P {root}/lxc "
-                                      "-n $(basename $c) -k; done"]),
-                           capture_output=True, timeout=120)
-            for target in sorted(_under(root)["mounts"], key=len, reverse=True):
-                force_unmount(target)
+    with scratch_node(root, prefix="qvdsoak") as node:
+        node.qvdctl("config", "set", *node.lxc_settings(net="10.213.78", bridge="qvdsoak0"))
+        node.qvdctl("osf", "add", "name=o")
+        node.qvdctl("di", "add", f"path={tarball.name}", "osf=o")
+        for i in range(VMS):
+            node.qvdctl("user", "add", f"login=u{i}", "password=p")
+            node.qvdctl("vm", "add", f"name=v{i}", f"user=u{i}", "osf=o")
+        idle = _under(root)
+        for cycle in range(CYCLES):
+            started = time.monotonic()
+            node.qvdctl("vm", "start", "-f", "name=v*")
+            start_s = time.monotonic() - started
+            table = json.loads(node.qvdctl("--json", "vm", "list").stdout)
+            assert [r["State"] for r in table] == ["running"] * VMS, table
+            running = _under(root)
+            links_running = _links(node.netns)
+            started = time.monotonic()
+            node.qvdctl("vm", "stop", "-f", "name=v*")
+            stop_s = time.monotonic() - started
+            table = json.loads(node.qvdctl("--json", "vm", "list").stdout)
+            assert [r["State"] for r in table] == ["stopped"] * VMS, table
+            after = _under(root)
+            assert after == idle, f"cycle {cycle} left {after}"
+            assert [n for n in _links(node.netns) if n.startswith("qvd") and n != "qvdsoak0"] == []
+            figures.append({
+                "cycle": cycle, "start_s": round(start_s, 2), "stop_s": round(stop_s, 2),
+                "mounts_running": len(running["mounts"]),
+                "procs_running": len(running["procs"]),
+                "fds_running": running["fds"], "rss_mib_running": running["rss_kib"] // 1024,
+                "links_running": len(links_running),
+            })
     print("\nten VMs:", *figures, sep="\n  ")
     # Nothing grows from one cycle to the next: the same mounts, processes and fds.
     for key in ("mounts_running", "procs_running", "fds_running", "links_running"):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from qvdproc import processes
 from qvdproc.mountinfo import is_mounted
+from tools.sandbox import force_unmount
 
 VENV_BIN = Path(sys.executable).parent
 # QVDFS_BIN lets the same tests run against another build of the daemon.
@@ -24,14 +25,6 @@ BACKEND_OPTIONS = ["-o", f"backend={os.environ['QVDFS_TEST_BACKEND']}"] \
 def node_branches(d: dict[str, Path]) -> str:
     """The node's two-branch argument for the ``dirs`` fixture: ``UPPER=RW:BASE=RO``."""
     return f"{d['upper']}=RW:{d['base']}=RO"
-
-
-def force_unmount(path: str | os.PathLike[str]) -> None:
-    """Unmount ``path`` however it can be done; for cleanup after a failed test."""
-    for cmd in (["umount", str(path)], ["fusermount3", "-u", "-z", str(path)], ["umount", "-l", str(path)]):
-        if not is_mounted(path):
-            return
-        subprocess.run(cmd, capture_output=True, timeout=30)
 
 
 def daemon_pids(mountpoint: str | os.PathLike[str]) -> list[int]:
