@@ -1,19 +1,20 @@
 """``make demo``: the SPEC §5 workflow end to end, on LXC containers and qvdfs.
 
-    .venv/bin/python -m tools.demo [--vms N] [--image busybox|debian]
+    .venv/bin/python -m tools.demo [--vms N] [--image busybox|debian] [--privileged]
 
 Builds a busybox image tarball (quick, the default), or with ``--image debian`` takes the
 cached Debian bookworm + systemd image (``tools/debian_image.py``; built once, about half a
 minute), then drives the real ``qvdctl`` CLI as an admin would: settings, OSF, disk image,
 users, N VMs (2 by default), ``vm start``, ``vm list``, a command in each VM (on Debian:
-systemd's own verdict on its boot), the proof that writes inside landed in the VM's overlay
+systemd's own verdict on its boot), which node ids the VM's root is (unprivileged, the
+default: an ordinary uid of the node; ``--privileged``: the node's root, hardened), the proof that writes inside landed in the VM's overlay
 (base untouched) and in its homefs (``/home``), a VM reaching the other and the gateway
 (busybox: ping; Debian minbase has no ping, so a TCP connection that the far end refuses),
 ``vm stop`` (each with the halt signal found from its image).
 
 It leaves the host as it found it: the storage root is a temporary folder and
-every qvdctl command runs inside a network namespace made for the demo (see
-``tools/sandbox.py``), holding the bridge and the VMs' veths. The
+every qvdctl command runs inside a network namespace made for the demo (a scratch
+node, ``tools/sandbox.py``), holding the bridge and the VMs' veths. The
 containers live in an lxcpath inside the temporary root (setting ``vm.lxc.lxcpath``),
 so they never meet a node's own ``qvd-<id>``; while the demo runs an admin can watch
 them from its namespace: ``ip netns exec <ns> lxc-ls -P <root>/lxc -f`` (both printed).
@@ -42,9 +43,8 @@ from qvdctl.container.runtime import monitors
 from qvdproc.mountinfo import mounts_under
 from tools import debian_image
 from tools.imagebuild import build_busybox_rootfs, build_image_tarball
-from tools.sandbox import netns_argv, reachable_by_mapped_root, scratch_netns, shared_mount
+from tools.sandbox import ScratchNode, reachable_by_mapped_root, scratch_node
 
-QVDCTL = str(Path(sys.executable).parent / "qvdctl")
 IMAGE = "busybox-demo.tar.gz"
 IMAGES = ("busybox", "debian")
 # Debian minbase has no ping: a TCP connection to a closed port that the far end refuses
@@ -63,20 +63,18 @@ class DemoError(Exception):
 
 
 class Demo:
-    """One run: a storage root, a namespace, and the qvdctl commands run in it."""
+    """One run: a scratch node, and the qvdctl commands it shows as it runs them."""
 
-    def __init__(self, root: Path, netns: str) -> None:
-        self.root = root
-        self.netns = netns
+    def __init__(self, node: ScratchNode) -> None:
+        self.node = node
+        self.root = node.root
 
     def qvdctl(self, *args: str, check: bool = True, show: bool = True) -> str:
         """Run ``qvdctl --root ROOT ARGS`` in the namespace; print and return its stdout."""
         if show:
             console.print(f"[bold cyan]$ qvdctl {' '.join(args)}[/]")
-        done = subprocess.run(
-            netns_argv(self.netns, [QVDCTL, "--root", str(self.root), *args]),
-            capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+        done = subprocess.run(self.node.qvdctl_argv(*args), capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
         if show and done.stdout.strip():
             console.print(done.stdout.rstrip(), markup=False)
         if check and done.returncode != 0:
@@ -88,10 +86,7 @@ class Demo:
         """Run ``sh -c SCRIPT`` inside a VM with ``qvdctl vm exec``; print its output."""
         console.print(f"[bold cyan]$ qvdctl vm exec -f name={vm_name} -- sh -c {script!r}[/]")
         done = subprocess.run(
-            netns_argv(self.netns, [
-                QVDCTL, "--root", str(self.root), "vm", "exec", "-f", f"name={vm_name}",
-                "--", "sh", "-c", script,
-            ]),
+            self.node.qvdctl_argv("vm", "exec", "-f", f"name={vm_name}", "--", "sh", "-c", script),
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         if done.stdout.strip():
@@ -126,18 +121,17 @@ def _image(kind: str, root: Path, workdir: Path) -> Path:
     return tarball
 
 
-def run(root: Path, netns: str, workdir: Path, n_vms: int, kind: str = "busybox") -> None:
+def run(
+    node: ScratchNode, workdir: Path, n_vms: int, kind: str = "busybox", privileged: bool = False
+) -> None:
     """The workflow; raises DemoError at the first step that fails."""
-    demo = Demo(root, netns)
+    demo = Demo(node)
+    root = node.root
     tarball = _image(kind, root, workdir)
 
     _step("Settings: LXC containers on qvdfs, network in the demo's namespace")
-    demo.qvdctl(
-        "config", "set", "vm.hypervisor=lxc", "vm.lxc.unionfs.type=qvdfs",
-        f"vm.network.bridge={BRIDGE}", f"vm.network.ip.start={NET}.2",
-        "vm.network.netmask=255.255.255.0", f"vm.network.gateway={NET}.1",
-        "vm.stop.timeout=10", f"vm.lxc.lxcpath={root / 'lxc'}",
-    )  # fmt: skip
+    mode = "vm.lxc.unprivileged=" + ("0" if privileged else "1")
+    demo.qvdctl("config", "set", *node.lxc_settings(net=NET, bridge=BRIDGE), mode)
 
     _step("An OS flavour, its disk image, users and VMs")
     demo.qvdctl("osf", "add", "name=DemoOSF", "memory=512" if kind == "debian" else "memory=256")
@@ -173,6 +167,16 @@ def run(root: Path, netns: str, workdir: Path, n_vms: int, kind: str = "busybox"
         )  # fmt: skip
         if done.returncode != 0:
             raise DemoError(f"command in {name} failed: {done.stderr.strip()[-200:]}")
+
+    _step("Who the desktop's root is on the node (its user namespace's id map)")
+    for _, name, _ in vms:
+        # "0 <first node id> <count>": the container's uid 0 is that node uid.
+        done = demo.in_vm(name, "cat /proc/self/uid_map")
+        root_on_node = int(done.stdout.split()[1])
+        if (root_on_node == 0) != privileged:
+            raise DemoError(f"{name}'s root is node uid {root_on_node}")
+        console.print(f"{name}: root is node uid {root_on_node}"
+                      + (" (privileged, hardened)" if privileged else ", an ordinary user"))
 
     _step("Where the writes landed")
     for vm_id, name, user_id in vms:
@@ -218,23 +222,6 @@ def run(root: Path, netns: str, workdir: Path, n_vms: int, kind: str = "busybox"
             raise DemoError(f"{mountpoint} is not empty after vm stop")
 
 
-def _cleanup(root: Path, netns: str) -> None:
-    """Stop the demo's containers that are still there, then unmount what is left."""
-    lxcpath = root / "lxc"
-    for folder in sorted(lxcpath.glob("qvd-*")) if lxcpath.is_dir() else ():
-        console.print(f"[yellow]cleanup: stopping {folder.name}[/]")
-        subprocess.run(
-            netns_argv(netns, ["lxc-stop", "-P", str(lxcpath), "-n", folder.name, "-k"]),
-            capture_output=True, timeout=60,
-        )  # fmt: skip
-    for target in mounts_under(root):
-        if target == str(root.resolve()):
-            continue  # the shared bind mount itself; its context manager removes it
-        console.print(f"[yellow]cleanup: unmounting {target}[/]")
-        if subprocess.run(["umount", target], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", target], capture_output=True)
-
-
 @contextlib.contextmanager
 def _scratch_dir() -> Iterator[Path]:
     path = reachable_by_mapped_root(Path(tempfile.mkdtemp(prefix="qvd-demo-")))
@@ -255,6 +242,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--image", default="busybox",
                         help="busybox (quick, the default) or debian (bookworm with systemd, "
                              "built once and cached)")  # fmt: skip
+    parser.add_argument("--privileged", action="store_true",
+                        help="run the desktops privileged (hardened) instead of in user "
+                             "namespaces (vm.lxc.unprivileged=0)")  # fmt: skip
     args = parser.parse_args(argv)
     if not 2 <= args.vms <= 50:
         print("Error: --vms must be between 2 and 50", file=sys.stderr)
@@ -276,15 +266,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with contextlib.ExitStack() as stack:
             workdir = made["workdir"] = stack.enter_context(_scratch_dir())
-            root = workdir / "storage"
-            root.mkdir()
-            stack.enter_context(shared_mount(root))
-            netns_name = made["netns"] = stack.enter_context(scratch_netns("qvddemo"))
-            stack.callback(_cleanup, root, netns_name)
+            node = stack.enter_context(scratch_node(workdir / "storage", prefix="qvddemo"))
+            made["netns"] = node.netns
             console.print(
-                f"storage root {root}, lxcpath {root / 'lxc'}, network namespace {netns_name}"
+                f"storage root {node.root}, lxcpath {node.lxcpath}, network namespace {node.netns}"
             )
-            run(root, netns_name, workdir, args.vms, args.image)
+            run(node, workdir, args.vms, args.image, args.privileged)
     except DemoError as exc:
         failure = str(exc)
     except Exception as exc:  # anything else: still one line, after the cleanup above

@@ -56,6 +56,8 @@ def test_demo_runs_the_workflow(demo_run) -> None:
         "overlayfs/1-1-overlayfs/root/demo.txt = 'written in Desk1'",
         "homefs/2-2-homefs/notes.txt = 'home of Desk2'",
         "the base is untouched", "1 packets received",
+        # Unprivileged, the node's default: the desktop's root is an ordinary node uid.
+        "Desk1: root is node uid 1000000, an ordinary user",
         "VM Desk1 stopped", "VM Desk2 stopped",
     ):
         assert expected in done.stdout, expected
