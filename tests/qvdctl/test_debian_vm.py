@@ -4,8 +4,9 @@ The image comes from the builder the demo and the benchmarks use (``tools/debian
 cached in ``/var/tmp/qvd-images``: on a fresh machine the first run builds it (mmdebstrap,
 about a minute), every later run only copies its tarball in with ``di add``.
 
-What this checks, as an admin would: ``vm start`` on a qvdfs root boots systemd to
-``running`` or ``degraded`` (systemd's own verdict; the failed units are printed), ``vm exec``
+What this checks, as an admin would, in both modes of ``vm.lxc.unprivileged`` (the
+container's root an ordinary node uid, or the node's root hardened): ``vm start`` on a
+qvdfs root boots systemd to ``running`` or ``degraded`` (systemd's own verdict; the failed units are printed), ``vm exec``
 runs commands in it, and ``vm stop`` halts it with the signal found from the image
 (SIGRTMIN+3), cleanly and well inside ``vm.stop.timeout``. "Cleanly" is read from the host,
 after the stop, in the VM's overlay: the header of the journal file journald wrote says
@@ -15,7 +16,7 @@ timeout leaves it ONLINE.
 And issue 13's check of ``di commit``: a package installed with ``dpkg -i`` and one purged in
 a VM, the VM committed, and a second VM booted on the new image has the one (files, owners,
 modes, md5sums) and not the other. The module's node is shared, so the image is added and
-extracted once; the tests boot three VMs in all (about 5 s each).
+extracted once; the tests boot four VMs in all (about 5 s each).
 """
 
 from __future__ import annotations
@@ -73,42 +74,54 @@ def journal_state(path: Path) -> str:
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.parametrize("mode", ["unprivileged", "privileged"])
 def test_a_debian_systemd_vm_boots_runs_commands_and_stops_cleanly(
-    node: Node, image: debian_image.Image
+    node: Node, image: debian_image.Image, mode: str
 ) -> None:
-    node.cli.run("vm", "add", "name=deb", "user=u", "osf=debian")
+    vm = f"deb-{mode[0]}"
+    node.cli.run("config", "set", f"vm.lxc.unprivileged={int(mode == 'unprivileged')}")
+    node.cli.run("vm", "add", f"name={vm}", "user=u", "osf=debian")
     started = time.monotonic()
-    node.cli.run("vm", "start", "-f", "name=deb", timeout=300)
+    try:
+        node.cli.run("vm", "start", "-f", f"name={vm}", timeout=300)
+    finally:
+        node.cli.run("config", "set", "vm.lxc.unprivileged=1")  # the node's default again
     started_in = time.monotonic() - started
-    config = (node.lxcpath / f"qvd-{node.cli.vm('deb')['Id']}" / "config").read_text()
+    config = (node.lxcpath / f"qvd-{node.cli.vm(vm)['Id']}" / "config").read_text()
     assert "\nlxc.signal.halt = SIGRTMIN+3\n" in config  # found from /sbin/init
 
-    done = node.cli.run("vm", "exec", "-f", "name=deb", "--",
+    done = node.cli.run("vm", "exec", "-f", f"name={vm}", "--",
                         "systemctl", "is-system-running", "--wait",
                         check=False, timeout=BOOT_TIMEOUT)  # fmt: skip
     booted_in = time.monotonic() - started
     state = done.stdout.strip()
-    failed = node.exec("deb", "systemctl --failed --no-legend --plain | cut -d' ' -f1").stdout
-    print(f"vm start {started_in:.2f} s; systemd {state!r} {booted_in:.2f} s after vm start; "
-          f"failed units: {failed.split() or 'none'}")
+    failed = node.exec(vm, "systemctl --failed --no-legend --plain | cut -d' ' -f1").stdout
+    print(f"{mode}: vm start {started_in:.2f} s; systemd {state!r} {booted_in:.2f} s after "
+          f"vm start; failed units: {failed.split() or 'none'}")
     assert state in ("running", "degraded"), (done.stdout, done.stderr)
 
     # Commands run in it, with their output and status; the Python of the image runs.
-    done = node.exec("deb", ". /etc/os-release; echo $VERSION_CODENAME; "
+    done = node.exec(vm, ". /etc/os-release; echo $VERSION_CODENAME; "
                      "python3 -c 'import sys; print(sys.version_info[0])'; hostname; exit 4")
-    assert (done.returncode, done.stdout.split()) == (4, ["bookworm", "3", "deb"]), done.stderr
-
-    journal = overlay(node, "deb") / "var/log/journal" / debian_image.MACHINE_ID / "system.journal"
+    assert (done.returncode, done.stdout.split()) == (4, ["bookworm", "3", vm]), done.stderr
+    # Its root is the node's root only when privileged: "0 <node uid> <count>".
+    uid_map = node.exec(vm, "cat /proc/self/uid_map").stdout.split()
+    assert uid_map[:1] == ["0"] and (uid_map[1] == "0") == (mode == "privileged"), uid_map
+    # What a service wrote, as the container meant it: journald's files are root's and
+    # group systemd-journal's in the image's own ids, in the overlay too.
+    journal = overlay(node, vm) / "var/log/journal" / debian_image.MACHINE_ID / "system.journal"
     assert journal_state(journal) == "online"
+    group = node.exec(vm, "getent group systemd-journal | cut -d: -f3").stdout.strip()
+    assert (journal.stat().st_uid, str(journal.stat().st_gid)) == (0, group)
 
     started = time.monotonic()
-    done = node.cli.run("vm", "stop", "-f", "name=deb", timeout=STOP_TIMEOUT + 60)
+    done = node.cli.run("vm", "stop", "-f", f"name={vm}", timeout=STOP_TIMEOUT + 60)
     stopped_in = time.monotonic() - started
-    print(f"vm stop {stopped_in:.2f} s (vm.stop.timeout {STOP_TIMEOUT} s); "
+    print(f"{mode}: vm stop {stopped_in:.2f} s (vm.stop.timeout {STOP_TIMEOUT} s); "
           f"journal {journal_state(journal)}")
     assert stopped_in < STOP_TIMEOUT / 2
     assert "stopping it hard" not in done.stderr, done.stderr
-    assert node.state("deb") == "stopped"
+    assert node.state(vm) == "stopped"
     assert journal_state(journal) in ("offline", "archived")
     # journald's last words in that file are its own stop, not a cut-off boot.
     assert re.search(rb"Journal stopped|Stopping.*Journal Service", journal.read_bytes())
