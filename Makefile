@@ -1,5 +1,5 @@
 # Every target installs what it needs first (scripts/setup.sh is idempotent).
-.PHONY: setup demo test bench bench-image bench-fleet bench-cli clean
+.PHONY: setup demo test bench bench-image bench-fleet bench-cli bench-vm clean
 
 setup:
 	bash scripts/setup.sh
@@ -29,6 +29,11 @@ bench-fleet: setup
 # How long qvdctl takes to answer (benchmarks/cli.py): --help, vm list, config get.
 bench-cli: setup
 	.venv/bin/python -m benchmarks.cli $(BENCH_ARGS)
+
+# A VM's start, boot, exec, dpkg and stop through qvdctl (benchmarks/vmlife.py), busybox and
+# Debian, unprivileged and privileged.
+bench-vm: setup
+	.venv/bin/python -m benchmarks.vmlife $(BENCH_ARGS)
 
 clean:
 	rm -rf .venv build *.egg-info

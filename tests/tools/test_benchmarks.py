@@ -20,6 +20,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from pyroute2 import netns
 
 from benchmarks import report, targets, workloads
 from qvdproc.mountinfo import mounts_under
@@ -280,3 +281,30 @@ def test_cli_startup_bench_prints_a_row_per_command() -> None:
     assert done.returncode == 0, done.stderr
     rows = [line.split("|")[1].strip() for line in done.stdout.splitlines()[2:]]
     assert rows == ["`qvdctl --help`", "`qvdctl vm list`", "`qvdctl config get`"]
+
+
+@pytest.mark.timeout(240)
+def test_vm_life_bench_times_both_modes_through_the_cli(tmp_path: Path) -> None:
+    """``make bench-vm`` on busybox, one run per mode: a row per mode, every metric a time,
+    the results written, and nothing of its scratch node left on the host."""
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.vmlife", "--images", "busybox", "--reps", "1",
+         "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=220,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads((tmp_path / "vmlife.json").read_text())
+    runs = result["samples"]["busybox"]
+    assert {mode: len(samples) for mode, samples in runs.items()} == {
+        "unprivileged": 1, "privileged": 1,
+    }
+    for (sample,) in runs.values():
+        assert set(sample) == {"start", "boot", "exec", "stop"}
+        assert 0 < sample["start"] < sample["boot"]
+    assert result["first_start"]["busybox"]["mode"] == "unprivileged"
+    rows = (tmp_path / "vmlife.md").read_text().splitlines()[2:]
+    assert [row.split("|")[1:3] for row in rows] == [
+        [" busybox ", " unprivileged "], [" busybox ", " privileged "],
+    ]
+    assert not [m for m in mounts_under("/tmp") if "qvd-bench-vm-" in m]
+    assert not [n for n in netns.listnetns() if n.startswith("qvdbench-")]
