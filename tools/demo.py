@@ -39,7 +39,7 @@ from pathlib import Path
 from pyroute2 import netns
 from rich.console import Console
 
-from qvdctl.container.runtime import monitors
+from qvdctl.container.query import monitors
 from qvdproc.mountinfo import mounts_under
 from tools import debian_image
 from tools.imagebuild import build_busybox_rootfs, build_image_tarball

@@ -258,7 +258,7 @@ def _one_running(req: Request, what: str) -> Vm:
 
 def console(req: Request) -> None:
     """``vm console -f ...``: attach to the container's console (Ctrl+a q leaves)."""
-    from qvdctl.container import seam  # here: trio and liblxc load only when needed
+    from qvdctl.container import seam  # here: liblxc loads only when needed
 
     vm = _one_running(req, "a console")
     argv = seam.console_command(vm.id, settings=req.node.settings())
@@ -280,7 +280,7 @@ def exec_(req: Request) -> None:
     if not argv:
         raise QvdError("vm exec needs a command after '--'")
     vm = _one_running(req, "vm exec")
-    from qvdctl.container import seam  # here: trio and liblxc load only when needed
+    from qvdctl.container import seam  # here: liblxc loads only when needed
 
     try:
         attach = seam.exec_command(vm.id, argv, settings=req.node.settings())

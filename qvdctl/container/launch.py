@@ -15,7 +15,7 @@ from pathlib import Path
 
 import trio
 
-from qvdctl.container import runtime
+from qvdctl.container import query, runtime
 from qvdctl.container.config import DEFAULT_LXCPATH, ContainerSpec, remove_config, write_config
 from qvdctl.network.links import NetworkError, ensure_bridge, remove_veth
 
@@ -54,7 +54,7 @@ async def launch(
     """
     # Checked first: the cleanup of a failed launch stops the container, and a running
     # one with this name (started by another storage root, or twice) is not ours to stop.
-    if await runtime.state(spec.name, lxcpath) not in (runtime.ABSENT, "STOPPED"):
+    if await runtime.state(spec.name, lxcpath) not in (query.ABSENT, "STOPPED"):
         raise LaunchError("config", f"container {spec.name} is already running in {lxcpath}")
     net = spec.network
     if net is not None:
@@ -80,7 +80,7 @@ async def launch(
                 # the CLI's contract is one error line.
                 log.info("cleanup after failed start of %s failed: %s", spec.name, cleanup)
                 cleanup_error = str(cleanup)
-        if isinstance(exc, runtime.ContainerError):
+        if isinstance(exc, query.ContainerError):
             raise LaunchError("start", str(exc), cleanup_error) from exc
         raise
 
@@ -94,7 +94,7 @@ async def halt(
     halted by itself (or was not running), False if it had to be killed.
 
     Raises:
-        runtime.ContainerError: the container could not be stopped (config kept).
+        query.ContainerError: the container could not be stopped (config kept).
         NetworkError: the veth could not be removed.
     """
     clean = await runtime.stop(name, lxcpath, timeout)

@@ -1,15 +1,12 @@
-"""Running containers through liblxc: start, wait, shut down, query, exec, console.
+"""Running containers through liblxc, in trio: start, wait, shut down, exec.
 
-Queries and the hard stop use python-lxc; its calls block, so each runs in a worker
-thread (``trio.to_thread.run_sync``) and a False becomes a ``ContainerError`` naming
-the container. Three things go through LXC's tools instead, as cancellable
-subprocesses: the start (``lxc-start``: liblxc moves whoever starts a container into
-that container's monitor cgroup, see ``start``), commands inside (``lxc-attach``) and
-the console (``lxc-console``). The graceful shutdown is ours too: liblxc's waits
-while holding the GIL and would freeze every other task.
-
-liblxc reaches a running container through an abstract unix socket, which lives in
-the network namespace of whoever started it: query and attach from that namespace.
+Queries (``query.py``) and the hard stop use python-lxc; its calls block, so each runs
+in a worker thread (``trio.to_thread.run_sync``) and a False becomes a
+``ContainerError`` naming the container. Two things go through LXC's tools instead, as
+cancellable subprocesses: the start (``lxc-start``: liblxc moves whoever starts a
+container into that container's monitor cgroup, see ``start``) and commands inside
+(``lxc-attach``). The graceful shutdown is ours too: liblxc's waits while holding the
+GIL and would freeze every other task.
 """
 
 from __future__ import annotations
@@ -24,28 +21,20 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NamedTuple, TypeVar
+from typing import TypeVar
 
 import lxc
 import trio
 
+from qvdctl.container import query
 from qvdctl.container.config import DEFAULT_LXCPATH, LOG_NAME
-from qvdproc import processes
+from qvdctl.container.query import ABSENT, ContainerError, attach_command, container
 from qvdctl.images.halt import signal_number
+from qvdproc import processes
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-# What a command run with `vm exec` finds in its environment (lxc-attach --clear-env).
-EXEC_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-ABSENT = "ABSENT"
-# liblxc retitles the monitor process of each running container "[lxc monitor] LXCPATH NAME".
-MONITOR_TITLE = "[lxc monitor] "
-
-
-class ContainerError(Exception):
-    """A container operation failed; the message is one line naming the container."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,10 +48,6 @@ class ExecResult:
 
 async def _in_thread(fn: Callable[..., T], *args: object) -> T:
     return await trio.to_thread.run_sync(functools.partial(fn, *args))
-
-
-def _container(name: str, lxcpath: Path) -> lxc.Container:
-    return lxc.Container(name, str(lxcpath))
 
 
 def _log_size(name: str, lxcpath: Path) -> int:
@@ -92,7 +77,7 @@ def _first_error(name: str, lxcpath: Path, since: int) -> str | None:
 
 def _prepare_start(name: str, lxcpath: Path) -> int:
     """Check ``name`` can start; return the log's size, to read only this start's errors."""
-    c = _container(name, lxcpath)
+    c = container(name, lxcpath)
     if not c.defined:
         raise ContainerError(f"container {name} has no config in {lxcpath}")
     if c.running:
@@ -101,7 +86,7 @@ def _prepare_start(name: str, lxcpath: Path) -> int:
 
 
 def _running_init(name: str, lxcpath: Path) -> int:
-    c = _container(name, lxcpath)
+    c = container(name, lxcpath)
     return c.init_pid if c.running else -1
 
 
@@ -145,7 +130,7 @@ async def start(name: str, lxcpath: Path = DEFAULT_LXCPATH, timeout: float = 30.
         raise ContainerError(
             f"container {name} failed to start: {reason or 'lxc-start exited %d' % done.returncode}"
         )
-    c = await _in_thread(_container, name, lxcpath)
+    c = await _in_thread(container, name, lxcpath)
     halt_signal = signal_number(c.get_config_item("lxc.signal.halt") or "SIGPWR")
     with trio.move_on_after(max(1.0, timeout - (trio.current_time() - started))):
         while not _init_ready(pid, halt_signal):
@@ -226,7 +211,7 @@ async def stop(name: str, lxcpath: Path = DEFAULT_LXCPATH, timeout: float = 30.0
     """
     # Not liblxc's shutdown(): it waits holding the GIL, freezing every other task.
     # Sending init the halt signal is all liblxc would do before waiting.
-    c = await _in_thread(_container, name, lxcpath)
+    c = await _in_thread(container, name, lxcpath)
     if not c.running:
         return True
     if timeout > 0 and await _in_thread(_send_halt, c):
@@ -241,45 +226,14 @@ async def stop(name: str, lxcpath: Path = DEFAULT_LXCPATH, timeout: float = 30.0
     return False
 
 
-def _state_blocking(name: str, lxcpath: Path) -> str:
-    c = _container(name, lxcpath)
-    return c.state if c.defined else ABSENT
-
-
 async def state(name: str, lxcpath: Path = DEFAULT_LXCPATH) -> str:
     """liblxc's state of ``name`` ("RUNNING", "STOPPED", ...), or "ABSENT" with no config."""
-    return await _in_thread(_state_blocking, name, lxcpath)
-
-
-def _states_blocking(lxcpath: Path) -> dict[str, str]:
-    names = lxc.list_containers(config_path=str(lxcpath)) if lxcpath.is_dir() else ()
-    return {n: _state_blocking(n, lxcpath) for n in names if n.startswith("qvd-")}
+    return await _in_thread(query.state, name, lxcpath)
 
 
 async def list_states(lxcpath: Path = DEFAULT_LXCPATH) -> dict[str, str]:
     """States of every ``qvd-*`` container defined in ``lxcpath``, for ``vm list``."""
-    return await _in_thread(_states_blocking, lxcpath)
-
-
-def attach_argv(name: str, argv: Sequence[str], lxcpath: Path = DEFAULT_LXCPATH) -> list[str]:
-    """The ``lxc-attach`` command line running ``argv`` in ``name`` with a clean env."""
-    return [
-        "lxc-attach", "-P", str(lxcpath), "-n", name,
-        "--clear-env", "--set-var", f"PATH={EXEC_PATH}", "--", *argv,
-    ]  # fmt: skip
-
-
-def attach_command(name: str, argv: Sequence[str], lxcpath: Path = DEFAULT_LXCPATH) -> list[str]:
-    """``attach_argv`` for a command that can run now.
-
-    Raises:
-        ContainerError: empty command, or the container is not running.
-    """
-    if not argv:
-        raise ContainerError(f"no command given to run in container {name}")
-    if _state_blocking(name, lxcpath) != "RUNNING":
-        raise ContainerError(f"container {name} is not running")
-    return attach_argv(name, argv, lxcpath)
+    return await _in_thread(query.states, lxcpath)
 
 
 async def exec_in(
@@ -309,24 +263,6 @@ async def exec_in(
     except trio.TooSlowError:
         raise ContainerError(f"command in container {name} timed out after {timeout} s") from None
     return ExecResult(done.returncode, done.stdout, done.stderr)
-
-
-def console_argv(name: str, lxcpath: Path = DEFAULT_LXCPATH, tty: int = 1) -> list[str]:
-    """The ``lxc-console`` command line for ``name``'s tty (Ctrl+a q leaves)."""
-    return ["lxc-console", "-P", str(lxcpath), "-n", name, "-t", str(tty)]
-
-
-def console(name: str, lxcpath: Path = DEFAULT_LXCPATH, tty: int = 1) -> int:
-    """Attach the caller's terminal to ``name``'s console until Ctrl+a q; returns the status.
-
-    Blocking and interactive on purpose: it owns the terminal while it runs.
-
-    Raises:
-        ContainerError: the container is not running.
-    """
-    if _state_blocking(name, lxcpath) != "RUNNING":
-        raise ContainerError(f"container {name} is not running")
-    return subprocess.run(console_argv(name, lxcpath, tty)).returncode
 
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -375,24 +311,3 @@ def _rmdir_quiet(path: Path) -> None:
         os.rmdir(path)
     except OSError:
         pass  # busy (a live group), or already gone
-
-
-class Monitor(NamedTuple):
-    pid: int
-    lxcpath: Path
-    name: str
-
-
-def monitors() -> list[Monitor]:
-    """liblxc's monitor processes on this host: one per running container.
-
-    Unlike liblxc's socket, which only answers in the network namespace that started the
-    container, the process table is the same from everywhere.
-    """
-    found = []
-    for process in processes.processes():
-        title = process.command_line
-        if title.startswith(MONITOR_TITLE):
-            lxcpath, _, name = title.removeprefix(MONITOR_TITLE).rpartition(" ")
-            found.append(Monitor(process.pid, Path(lxcpath), name))
-    return found

@@ -1,8 +1,10 @@
 """Blocking entry points for a VM's start and stop (``qvdctl/vm/``), in the node's own terms.
 
-The admin CLI is synchronous; each call here runs one short trio loop around the
-async container layer. Inputs are plain values and the node's settings, so the
-lifecycle needs no knowledge of LXC:
+The admin CLI is synchronous; a start, a stop or ``exec_in_vm`` runs one short trio
+loop around the async container layer, and loads it (trio, pyroute2) only then: the
+queries below are plain calls, so ``vm list``, ``vm exec`` and ``vm console`` answer
+without it. Inputs are plain values and the node's settings, so the lifecycle needs no
+knowledge of LXC:
 
     start_vm_container(vm_id=, vm_name=, ip=, rootfs=, home=, memory_mb=, halt_signal=,
                        settings=)
@@ -23,13 +25,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import trio
-
-from qvdctl.container import runtime
+from qvdctl.container import query
 from qvdctl.container.config import DEFAULT_LXCPATH, ContainerSpec, container_name
-from qvdctl.container.launch import halt, launch
 from qvdctl.network.addresses import veth_name
+
+if TYPE_CHECKING:
+    from qvdctl.container.runtime import ExecResult
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +60,7 @@ def _spec(
 ) -> ContainerSpec:
     gateway = settings["vm.network.gateway"]
     if not gateway:
-        raise runtime.ContainerError(
+        raise query.ContainerError(
             "vm.network.gateway is not set; set it with `config set vm.network.gateway=IP`"
         )
     return ContainerSpec.for_vm(
@@ -91,6 +94,10 @@ def start_vm_container(
         ContainerError: the gateway is unset.
         LaunchError: a step failed; nothing of this call is left behind.
     """
+    import trio
+
+    from qvdctl.container.launch import launch
+
     spec = _spec(vm_id, vm_name, ip, rootfs, home, memory_mb, halt_signal, settings)
     return trio.run(launch, spec, lxcpath_from(settings), START_TIMEOUT)
 
@@ -108,19 +115,27 @@ def stop_vm_container(*, vm_id: int, settings: Mapping[str, str]) -> bool:
         ContainerError: it could not be stopped (its config is kept for a retry).
         NetworkError: its veth could not be removed.
     """
+    import trio
+
+    from qvdctl.container.launch import halt
+
     timeout = float(settings["vm.stop.timeout"] or 30)
     return trio.run(halt, container_name(vm_id), veth_name(vm_id), lxcpath_from(settings), timeout)
 
 
 def exec_in_vm(
     vm_id: int, argv: Sequence[str], *, settings: Mapping[str, str], timeout: float = 3600
-) -> runtime.ExecResult:
+) -> ExecResult:
     """Run ``argv`` in VM ``vm_id``'s container; return its exit status and output.
 
     Raises:
         ContainerError: the container is not running, or the command timed out.
     """
-    return trio.run(runtime.exec_in, container_name(vm_id), argv, lxcpath_from(settings), timeout)
+    import trio
+
+    from qvdctl.container.runtime import exec_in
+
+    return trio.run(exec_in, container_name(vm_id), argv, lxcpath_from(settings), timeout)
 
 
 def exec_command(vm_id: int, argv: Sequence[str], *, settings: Mapping[str, str]) -> list[str]:
@@ -132,7 +147,7 @@ def exec_command(vm_id: int, argv: Sequence[str], *, settings: Mapping[str, str]
     Raises:
         ContainerError: empty command, or the container is not running.
     """
-    return runtime.attach_command(container_name(vm_id), argv, lxcpath_from(settings))
+    return query.attach_command(container_name(vm_id), argv, lxcpath_from(settings))
 
 
 def vm_container_states(*, settings: Mapping[str, str]) -> dict[int, str]:
@@ -141,16 +156,16 @@ def vm_container_states(*, settings: Mapping[str, str]) -> dict[int, str]:
     A VM whose id is missing here has no container: if the database says it runs,
     it died or was destroyed from outside.
     """
-    states = trio.run(runtime.list_states, lxcpath_from(settings))
+    states = query.states(lxcpath_from(settings))
     return {int(name.removeprefix("qvd-")): state for name, state in states.items()}
 
 
 def monitor_runs(vm_id: int, *, settings: Mapping[str, str]) -> bool:
     """Whether liblxc's monitor of VM ``vm_id``'s container runs (seen from any namespace)."""
     name, lxcpath = container_name(vm_id), lxcpath_from(settings)
-    return any(m.name == name and m.lxcpath == lxcpath for m in runtime.monitors())
+    return any(m.name == name and m.lxcpath == lxcpath for m in query.monitors())
 
 
 def console_command(vm_id: int, *, settings: Mapping[str, str]) -> list[str]:
     """The ``lxc-console`` command line for VM ``vm_id`` (Ctrl+a q leaves), to exec."""
-    return runtime.console_argv(container_name(vm_id), lxcpath_from(settings))
+    return query.console_argv(container_name(vm_id), lxcpath_from(settings))

@@ -51,7 +51,7 @@ def reconcile(node: Node) -> list[tuple[str, str]]:
     storage = Storage.from_settings(settings)
     containers = None
     if settings["vm.start.mount_only"] != "1":
-        from qvdctl.container import seam  # here: liblxc and trio load only to ask it
+        from qvdctl.container import seam  # here: liblxc loads only to ask it
 
         containers = seam.vm_container_states(settings=settings)
     marked = []

@@ -461,7 +461,7 @@ async def test_console_gives_an_interactive_shell(
 
 def _talk_to_console(name: str, lxcpath: Path) -> str:
     """Drive ``lxc-console`` through a pty as an admin would: a command, then Ctrl+a q."""
-    from qvdctl.container.runtime import console_argv
+    from qvdctl.container.query import console_argv
 
     seen = consoles.talk(
         console_argv(name, lxcpath), b"echo console-says-$((6*7))", marker=b"console-says-42"

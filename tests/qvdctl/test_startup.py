@@ -6,7 +6,9 @@ imported, which is what the time goes into (``make bench-cli`` measures it).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 import subprocess
 import sys
 
@@ -26,13 +28,14 @@ print(json.dumps({{"status": status, "loaded": sorted(
 """
 
 
-def _loaded(cli, *args: str) -> set[str]:
-    """The top-level packages among HEAVY and sqlalchemy that ``qvdctl ARGS`` imported."""
+def _loaded(cli, *args: str, status: int = 0) -> set[str]:
+    """The top-level packages among HEAVY and sqlalchemy that ``qvdctl ARGS`` imported,
+    once it returned ``status``."""
     result = subprocess.run([sys.executable, "-c", _PROBE, "--root", str(cli.root), *args],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     probe = json.loads(result.stdout.splitlines()[-1])
-    assert probe["status"] == 0, result.stderr
+    assert probe["status"] == status, result.stderr
     return {name.split(".")[0] for name in probe["loaded"]}
 
 
@@ -50,6 +53,24 @@ def test_vm_list_and_config_get_load_no_container_network_or_archive_library(wit
     assert _loaded(with_vms, "vm", "list") == {"sqlalchemy"}
     assert _loaded(with_vms, "config", "get") == {"sqlalchemy"}
     assert _loaded(with_vms, "user", "list") == {"sqlalchemy"}
+
+
+def test_list_and_exec_of_a_running_vm_load_liblxc_only(with_vms):
+    """With a VM running, ``vm list`` asks liblxc whether its container still runs, and
+    ``vm exec`` whether it can be reached: the container queries, not the start
+    machinery (trio, pyroute2), which would cost more than the rest."""
+    with_vms.run("config", "set", "vm.hypervisor=lxc", "nodename=n1")
+    with contextlib.closing(sqlite3.connect(with_vms.root / "qvd.db")) as db, db:
+        db.execute("INSERT INTO hosts (name, address, created) "
+                   "VALUES ('n1', '127.0.0.1', CURRENT_TIMESTAMP)")
+        db.execute("UPDATE vms SET state = 'running', "
+                   "host_id = (SELECT id FROM hosts WHERE name = 'n1')")
+    # No container runs: exec finds that out from liblxc, and list marks v1 a zombie
+    # for it (its root is not mounted either).
+    assert _loaded(with_vms, "vm", "exec", "-f", "name=v2", "--", "true", status=1) == {
+        "sqlalchemy", "lxc"}
+    assert _loaded(with_vms, "vm", "list") == {"sqlalchemy", "lxc"}
+    assert with_vms.vm("v1")["State"] == "zombie"
 
 
 def test_help_loads_no_library_but_the_one_command_module(cli):

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from qvdctl.container.runtime import monitors
+from qvdctl.container.query import monitors
 from qvdproc import processes
 from qvdproc.mountinfo import is_mounted, mounts_under
 from tests.support.mounts import (

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from qvdctl.container.runtime import Monitor, monitors
+from qvdctl.container.query import Monitor, monitors
 from qvdproc.mountinfo import mounts_under
 from tests.support.mounts import force_unmount
 from tools.sandbox import netns_argv

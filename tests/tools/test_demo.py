@@ -9,7 +9,7 @@ import sys
 import pytest
 from pyroute2 import netns
 
-from qvdctl.container.runtime import monitors
+from qvdctl.container.query import monitors
 from qvdproc.mountinfo import read_mounts
 from tests.support import REPO
 
