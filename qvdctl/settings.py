@@ -153,8 +153,10 @@ KNOWN: dict[str, tuple[str, Callable[[str], str]]] = {
     # Ours: containers run in a user namespace (1, qvdfs roots only) or as the node's
     # root, hardened (0). README.md: "What a desktop's root can do".
     "vm.lxc.unprivileged": ("1", _bool),
-    # Ours: container uid/gid 0-65535 are node ids START..START+65535 (every VM alike).
+    # Ours: container uid/gid 0-65535 are node ids from START on: VM N's from
+    # START + (N-1)*65536 when isolated (1), every VM's from START when not (0).
     "vm.lxc.idmap.start": ("1000000", _idmap_start),
+    "vm.lxc.idmap.isolated": ("1", _bool),
     # Ours: the name this node goes by in the hosts table and the Host column.
     "nodename": ("", _hostname),
     # Stock: seconds without a heartbeat after which a node is lost (qvdctl/fleet/lease.py).

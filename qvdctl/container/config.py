@@ -329,6 +329,17 @@ def write_config(spec: ContainerSpec, lxcpath: Path = DEFAULT_LXCPATH) -> Path:
 SUBORDINATE_FILES = (Path("/etc/subuid"), Path("/etc/subgid"))
 
 
+def idmap_start_for(vm_id: int, start: int, isolated: bool) -> int:
+    """The first node id of VM ``vm_id``'s user namespace.
+
+    Isolated, each VM has a range of its own, next to the one before: then no two
+    desktops' roots (or users) are the same node uid, even to a process that left its
+    namespaces. The image and the overlays do not care which range a VM gets: the
+    idmapped root translates, so the setting can change between starts.
+    """
+    return start + (vm_id - 1) * IDMAP_SIZE if isolated else start
+
+
 def _userns_lines(spec: ContainerSpec) -> list[str]:
     """An unprivileged container: its ids are node ids ``idmap_start`` on.
 
@@ -340,8 +351,14 @@ def _userns_lines(spec: ContainerSpec) -> list[str]:
     start = spec.idmap_start
     if start is None:
         return []
-    if not IDMAP_SIZE <= start <= 2**32 - 1 - IDMAP_SIZE:
+    if start < IDMAP_SIZE:
         raise ConfigError(f"id range {start}-{start + IDMAP_SIZE - 1} overlaps the node's ids")
+    # 2**32 - 1 is (uid_t)-1, "no id", and cannot be mapped.
+    if start + IDMAP_SIZE > 2**32 - 1:
+        raise ConfigError(
+            f"id range {start}-{start + IDMAP_SIZE - 1} passes the last node id; "
+            "lower vm.lxc.idmap.start or set vm.lxc.idmap.isolated=0"
+        )
     for path in SUBORDINATE_FILES:
         check_subordinate_range(path, start, IDMAP_SIZE)
     return [

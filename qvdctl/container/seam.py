@@ -16,8 +16,9 @@ knowledge of LXC:
     console_command(vm_id, settings=)            -> the lxc-console argv to exec
 
 Settings read: ``vm.network.bridge``, ``vm.network.netmask``, ``vm.network.gateway``,
-``vm.stop.timeout``, and ``vm.lxc.lxcpath`` when the node defines it (else liblxc's
-default, which the LXC tools use without ``-P``).
+``vm.stop.timeout``, ``vm.lxc.unprivileged`` with ``vm.lxc.idmap.start`` and
+``vm.lxc.idmap.isolated``, and ``vm.lxc.lxcpath`` when the node defines it (else
+liblxc's default, which the LXC tools use without ``-P``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qvdctl.container import query
-from qvdctl.container.config import DEFAULT_LXCPATH, ContainerSpec, container_name
+from qvdctl.container.config import (
+    DEFAULT_LXCPATH,
+    ContainerSpec,
+    container_name,
+    idmap_start_for,
+)
 from qvdctl.network.addresses import veth_name
 
 if TYPE_CHECKING:
@@ -68,7 +74,8 @@ def _spec(
         netmask=settings["vm.network.netmask"], gateway=gateway,
         bridge=settings["vm.network.bridge"], home=home, memory_mb=memory_mb or None,
         halt_signal=halt_signal,
-        idmap_start=int(settings["vm.lxc.idmap.start"])
+        idmap_start=idmap_start_for(vm_id, int(settings["vm.lxc.idmap.start"]),
+                                    settings["vm.lxc.idmap.isolated"] == "1")
         if settings["vm.lxc.unprivileged"] == "1" else None,
     )  # fmt: skip
 

@@ -285,6 +285,14 @@ async def test_files_land_with_the_owner_the_container_meant(desktop: Desktop) -
     assert (d.overlay / "root/note").stat().st_uid == 0
 
 
+def test_isolated_vms_get_ranges_of_their_own_next_to_each_other() -> None:
+    assert [config_mod.idmap_start_for(vm, IDMAP_START, True) for vm in (1, 2, 3)] == [
+        IDMAP_START, IDMAP_START + 65536, IDMAP_START + 2 * 65536,
+    ]
+    assert {config_mod.idmap_start_for(vm, IDMAP_START, False) for vm in (1, 2, 3)} == {
+        IDMAP_START}
+
+
 def test_unprivileged_config_maps_ids_and_mounts_the_root_idmapped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -306,9 +314,12 @@ def test_unprivileged_config_maps_ids_and_mounts_the_root_idmapped(
         ContainerSpec(name="qvd-4", rootfs=tmp_path, hostname="v"), tmp_path
     )
     # Never the node's own ids, never past the last mappable id.
-    for bad in (0, 65535, 2**32 - 65536):
+    for bad in (0, 65535):
         with pytest.raises(config_mod.ConfigError, match="overlaps the node's ids"):
             render_config(spec(bad), tmp_path)
+    with pytest.raises(config_mod.ConfigError, match="passes the last node id"):
+        render_config(spec(2**32 - 65536), tmp_path)
+    render_config(spec(2**32 - 1 - 65536), tmp_path)  # the last range that fits
     # Root's own subordinate range is what the node gives its containers; another
     # user's is theirs.
     subuid.write_text(f"root:{IDMAP_START}:65536\n")

@@ -330,6 +330,32 @@ def test_concurrent_starts_reach_each_other_and_one_failure_spares_the_rest(node
     node.assert_nothing_left(cgroups)
 
 
+def _init_uid(node: Node, vm_id: int) -> int:
+    """The node uid that VM ``vm_id``'s init runs as."""
+    done = node.in_ns("lxc-info", "-P", str(node.lxcpath), "-n", f"qvd-{vm_id}", "-p", "-H")
+    status = processes.status(int(done.stdout))
+    return int(status["Uid"].split()[0])
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("isolated", ["1", "0"])
+def test_each_vm_has_an_id_range_of_its_own_unless_told_otherwise(
+    node: Node, isolated: str
+) -> None:
+    node.cli.run("config", "set", f"vm.lxc.idmap.isolated={isolated}")
+    node.cli.run("vm", "add", "name=v2", "user=u", "osf=o")
+    node.cli.run("vm", "start", "-f", "name=v*")
+    try:
+        uids = [_init_uid(node, vm_id) for vm_id in (1, 2)]
+        assert uids == ([1_000_000, 1_065_536] if isolated == "1" else [1_000_000] * 2)
+        # Whatever the range, the overlay holds the ids the container meant.
+        assert node.exec("v2", "echo x > /root/f && chown 1000:1000 /root/f").returncode == 0
+        st = (_paths(node, vm_id=2)["overlay"] / "root" / "f").stat()
+        assert (st.st_uid, st.st_gid) == (1000, 1000)
+    finally:
+        node.cli.run("vm", "stop", "-f", "name=v*")
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_ten_vms_started_together(node: Node) -> None:
