@@ -31,7 +31,7 @@ from qvdfs.fuse.filesystem import (
     SetattrChanges,
 )
 from qvdfs.union import syscalls
-from qvdfs.union.core import Union
+from qvdfs.union.core import Union, dropped_by_write
 from qvdfs.union.handles import backing_flags
 from qvdfs.union.tree import Node, stale
 
@@ -228,13 +228,19 @@ class UnionFilesystem:
 
     # -- files ----------------------------------------------------------------------------
 
-    def _opened(self, fh: int) -> Opened:
+    def _opened(self, fh: int, privileged: bool | None = None) -> Opened:
         """The reply to an open: the page cache survives opens, since every change to a
-        file's data goes through this daemon and the kernel."""
+        file's data goes through this daemon and the kernel.
+
+        ``privileged``: whether the file has set-id bits a write drops or a capability,
+        when the caller knows it already (a file it just created); None: ask the branch.
+        """
         if self.config.direct_io:
             return Opened(fh, FOPEN_DIRECT_IO)
         handle = self.union.files.get(fh)
-        if handle.writable and self.union.has_privileges(handle.node):
+        if privileged is None:
+            privileged = handle.writable and self.union.has_privileges(handle.node)
+        if handle.writable and privileged:
             # A passed-through write never reaches us, and with HANDLE_KILLPRIV_V2 the
             # kernel leaves dropping set-id bits and capabilities to us: serve it ourselves.
             return Opened(fh, FOPEN_KEEP_CACHE)
@@ -265,7 +271,10 @@ class UnionFilesystem:
                                          | os.O_CLOEXEC, stat.S_IMODE(mode), dir_fd=dirfd))
             assert fd is not None
             fh = self.union.files.adopt(node, fd)
-            return self._entry(node), self._opened(fh)
+            entry = self._entry(node)
+            assert entry.attr is not None
+            # A new file has no capability; its set-id bits are the ones asked for.
+            return entry, self._opened(fh, privileged=bool(dropped_by_write(entry.attr.mode)))
 
     def _fd(self, fh: int) -> int:
         with self.lock:

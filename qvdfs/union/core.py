@@ -34,6 +34,12 @@ log = logging.getLogger(__name__)
 CAPABILITY_XATTR = b"security.capability"
 
 
+def dropped_by_write(mode: int) -> int:
+    """The set-id bits an unprivileged write drops from a file of ``mode``: set-user-id,
+    and set-group-id if group-executable (without that bit it marks mandatory locking)."""
+    return mode & (stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0))
+
+
 class Union:
     def __init__(self, config: MountConfig) -> None:
         branches: list[Branch] = []
@@ -180,6 +186,8 @@ class Union:
     @staticmethod
     def _chown_new(dirfd: int, name: bytes, uid: int, gid: int) -> None:
         st = syscalls.lstat_at(dirfd, name)
+        if uid in (-1, st.st_uid) and gid in (-1, st.st_gid):
+            return  # made as its owner already: the caller is the daemon's own user (root)
         os.chown(name, uid, gid, dir_fd=dirfd, follow_symlinks=False)
         # chown clears set-id bits of non-directories; the caller asked for them.
         if st.st_mode & 0o6000 and not stat.S_ISDIR(st.st_mode) and not stat.S_ISLNK(st.st_mode):
@@ -304,7 +312,7 @@ class Union:
         """(mode, the set-id bits a write drops from it, whether a file capability is set)."""
         dirfd, name = self.index.entry_ref(node, node.branch)
         mode = syscalls.lstat_at(dirfd, name).st_mode
-        kill = mode & (stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0))
+        kill = dropped_by_write(mode)
         try:
             self.getxattr(node, CAPABILITY_XATTR)
         except OSError:
