@@ -12,7 +12,6 @@ import os
 import resource
 import sqlite3
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -20,9 +19,8 @@ from typing import IO
 from qvdctl.container.query import Monitor, monitors
 from qvdproc.mountinfo import mounts_under
 from tests.support.mounts import force_unmount
-from tools.sandbox import netns_argv
+from tools.sandbox import QVDCTL, netns_argv
 
-QVDCTL = str(Path(sys.executable).parent / "qvdctl")
 STOCK_UNIONFS = "/usr/bin/unionfs"
 # The image name of SPEC §1's examples: extracted to basefs/<osf id>-image.0.22.tgz.
 IMAGE = "image.0.22.tgz"
