@@ -7,8 +7,9 @@ cached Debian bookworm + systemd image (``tools/debian_image.py``; built once, a
 minute), then drives the real ``qvdctl`` CLI as an admin would: settings, OSF, disk image,
 users, N VMs (2 by default), ``vm start``, ``vm list``, a command in each VM (on Debian:
 systemd's own verdict on its boot), which node ids the VM's root is (unprivileged, the
-default: an ordinary uid of the node; ``--privileged``: the node's root, hardened), the proof that writes inside landed in the VM's overlay
-(base untouched) and in its homefs (``/home``), a VM reaching the other and the gateway
+default: an ordinary uid of the node; ``--privileged``: the node's root, hardened), the
+proof that writes inside landed in the VM's overlay (base untouched) and in its homefs
+(``/home``), a VM reaching the other and the gateway
 (busybox: ping; Debian minbase has no ping, so a TCP connection that the far end refuses),
 ``vm stop`` (each with the halt signal found from its image).
 
@@ -69,7 +70,7 @@ class Demo:
         self.node = node
         self.root = node.root
 
-    def qvdctl(self, *args: str, check: bool = True, show: bool = True) -> str:
+    def qvdctl(self, *args: str, show: bool = True) -> str:
         """Run ``qvdctl --root ROOT ARGS`` in the namespace; print and return its stdout."""
         if show:
             console.print(f"[bold cyan]$ qvdctl {' '.join(args)}[/]")
@@ -77,7 +78,7 @@ class Demo:
                               timeout=300)  # fmt: skip
         if show and done.stdout.strip():
             console.print(done.stdout.rstrip(), markup=False)
-        if check and done.returncode != 0:
+        if done.returncode != 0:
             why = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
             raise DemoError(f"qvdctl {' '.join(args)}: {why[0]}")
         return done.stdout
