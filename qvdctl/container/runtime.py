@@ -231,11 +231,6 @@ async def state(name: str, lxcpath: Path = DEFAULT_LXCPATH) -> str:
     return await _in_thread(query.state, name, lxcpath)
 
 
-async def list_states(lxcpath: Path = DEFAULT_LXCPATH) -> dict[str, str]:
-    """States of every ``qvd-*`` container defined in ``lxcpath``, for ``vm list``."""
-    return await _in_thread(query.states, lxcpath)
-
-
 async def exec_in(
     name: str,
     argv: Sequence[str],

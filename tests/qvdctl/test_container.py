@@ -21,6 +21,7 @@ import pytest
 import trio
 
 from qvdctl.container import config as config_mod
+from qvdctl.container import query
 from qvdctl.container.config import (
     ConfigError,
     ContainerSpec,
@@ -29,7 +30,7 @@ from qvdctl.container.config import (
     write_config,
 )
 from qvdctl.container.launch import LaunchError, halt, launch
-from qvdctl.container.runtime import exec_in, list_states, prune_cgroups, state
+from qvdctl.container.runtime import exec_in, prune_cgroups, state
 from qvdproc.mountinfo import is_mounted
 from tests.support import consoles
 from tests.support.mounts import NODE_OPTIONS, force_unmount, qvdfs_mount
@@ -243,7 +244,7 @@ async def test_lxc_tools_find_the_container(
             capture_output=True, text=True, check=True, timeout=30,
         ).stdout  # fmt: skip
         assert attached.strip() == spec.hostname
-        assert await list_states(lxcpath) == {spec.name: "RUNNING"}
+        assert query.states(lxcpath) == {spec.name: "RUNNING"}
         assert len(lxc_monitors(lxcpath)) == 1
         # A second launch of the same name is refused and leaves the running one alone.
         with pytest.raises(LaunchError, match="already running"):
@@ -251,7 +252,7 @@ async def test_lxc_tools_find_the_container(
         assert await state(spec.name, lxcpath) == "RUNNING"
     finally:
         await halt(spec.name, spec.veth, lxcpath, timeout=20)
-    assert await list_states(lxcpath) == {}
+    assert query.states(lxcpath) == {}
 
 
 @pytest.mark.timeout(90)
@@ -428,7 +429,7 @@ async def test_concurrent_launches(tmp_path: Path, rootfs: Path, lxcpath: Path) 
             async with trio.open_nursery() as nursery:
                 for spec in specs:
                     nursery.start_soon(launch, spec, lxcpath)
-            assert await list_states(lxcpath) == {s.name: "RUNNING" for s in specs}
+            assert query.states(lxcpath) == {s.name: "RUNNING" for s in specs}
             for spec, (overlay, _) in zip(specs, roots):
                 argv = ["sh", "-c", f"echo {spec.name} > /tmp/me"]
                 done = await exec_in(spec.name, argv, lxcpath)
@@ -438,7 +439,7 @@ async def test_concurrent_launches(tmp_path: Path, rootfs: Path, lxcpath: Path) 
             async with trio.open_nursery() as nursery:
                 for spec in specs:
                     nursery.start_soon(halt, spec.name, spec.veth, lxcpath, 20)
-        assert await list_states(lxcpath) == {}
+        assert query.states(lxcpath) == {}
     finally:
         for _, mnt in roots:
             force_unmount(mnt)
