@@ -74,7 +74,7 @@ class Desktop:
 
     node: ScratchNode
     image: str
-    debs: list[str]  # paths inside the VM, Debian only
+    debs: list[str] = dataclasses.field(default_factory=list)  # paths inside, Debian only
 
     def qvdctl(self, *args: str, timeout: float = 300) -> tuple[float, str]:
         """Run ``qvdctl ARGS``; its wall time in seconds and its stdout."""
@@ -98,14 +98,13 @@ def _busybox_tarball(workdir: Path) -> Path:
 @contextlib.contextmanager
 def desktop(image: str, workdir: Path) -> Iterator[Desktop]:
     """A scratch node with the image added and VM ``bench`` (id 1, user id 1) on it."""
-    debs: list[str] = []
     if image == "debian":
         built = debian_image.ensure_tarball()
         tarball = built.tarball
     else:
         tarball = _busybox_tarball(workdir)
     with scratch_node(workdir / "storage", prefix="qvdbench") as node:
-        d = Desktop(node, image, debs)
+        d = Desktop(node, image)
         d.qvdctl("config", "set", *node.lxc_settings(net=NET, bridge=BRIDGE,
                                                       stop_timeout=STOP_TIMEOUT))
         d.qvdctl("osf", "add", "name=bench", "memory=512")
@@ -118,7 +117,7 @@ def desktop(image: str, workdir: Path) -> Iterator[Desktop]:
             home.mkdir(parents=True)
             for name in built.debs:
                 shutil.copy(built.debs_dir / name, home / name)
-            debs.extend(f"/home/debs/{name}" for name in built.debs)
+            d.debs = [f"/home/debs/{name}" for name in built.debs]
         yield d
 
 
