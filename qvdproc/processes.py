@@ -76,6 +76,12 @@ def state(pid: int, proc: str = PROC) -> str | None:
     return fields[0] if fields else None
 
 
+def parent(pid: int, proc: str = PROC) -> int | None:
+    """The parent pid of ``pid``; None if it is gone."""
+    fields = _stat_fields(pid, proc)
+    return int(fields[1]) if fields else None
+
+
 def alive(pid: int, proc: str = PROC) -> bool:
     """Whether ``pid`` exists and is not a zombie (which has ended, but not been reaped)."""
     return state(pid, proc) not in (None, "Z", "X")

@@ -11,10 +11,9 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
-import time
 
 from qvdctl.commands.base import Request
-from qvdctl.db import store
+from qvdctl.db import clock, store
 from qvdctl.errors import QvdError
 from qvdctl.fleet import lease
 
@@ -43,8 +42,8 @@ def list_(req: Request) -> None:
     req.args()
     this = req.node.name()
     limit = lease.timeout(req.node.settings())
-    now = time.time()
     with req.node.db.reader() as conn:
+        now = clock.read(conn)  # the leases' clock, not this machine's
         rows = req.select(store.list_hosts(conn), KEYS, need=False)
     req.out.table(
         ["Id", "Name", "Address", "State", "LeaseAge", "RunningVMs", "Blocked", "ThisNode"],

@@ -17,8 +17,8 @@ so code that reads, then writes (the free IP of ``vm add``) stays correct, and
 readers never wait. Stale pooled connections (the server restarted under an HKD)
 are tested before use.
 
-Anything engine-specific stays in this module (and ``notify.py``); the rest of
-qvdctl speaks SQLAlchemy Core, so the schema and every query are the same on both.
+Anything engine-specific stays in this module (and ``notify.py``, ``clock.py``); the
+rest of qvdctl speaks SQLAlchemy Core, so the schema and every query are the same on both.
 """
 
 from __future__ import annotations

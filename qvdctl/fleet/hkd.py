@@ -15,10 +15,12 @@ container is gone become zombies (``vm/health.py``); and every VM of this host l
 ``starting``, ``stopping`` or ``zombie`` (a crashed HKD) is cleaned up with
 ``stop_vm``. Only then are commands taken.
 
-Fencing: when the lease cannot be renewed for half the timeout (the database is
-down, or unreachable from here), the node stops every VM it runs, from what it sees
-locally (no database needed), before any other node may call it lost and start
-those VMs elsewhere. When the database answers again, it re-registers and reconciles.
+Fencing: after each renewal the database accepted, the HKD tells its fence process
+(``fence.py``) how long the lease holds; if no renewal follows in time, that process kills
+the node's containers before any other node may call it lost and start those VMs
+elsewhere, whether this loop runs, hangs, is paused or was killed. The loop, when it runs,
+sees the same deadline pass and cleans up (stops and unmounts what is left, from local
+knowledge only); when the database answers again, it re-registers and reconciles.
 
 The work is today's lifecycle, unchanged: ``start_vm`` / ``stop_vm`` of ``qvdctl/vm/``,
 run with this node's ``Node`` (its node.conf: nodename, storage root, lxcpath).
@@ -44,6 +46,7 @@ from qvdctl.db.notify import CONFIG_CHANGED, Listener, vm_commands
 from qvdctl.errors import QvdError
 from qvdctl.fleet import commands, lease
 from qvdctl.fleet.commands import Cmd
+from qvdctl.fleet.fence import Fence
 from qvdctl.fleet.lease import HostState
 from qvdctl.node import Node
 from qvdctl.settings import Settings
@@ -60,8 +63,6 @@ log = logging.getLogger(__name__)
 # The safety-net poll when NOTIFY is there (stock: about a minute); SQLite has only the poll.
 POLL_S = 60.0
 SQLITE_POLL_S = 0.5
-# Fence once the lease has gone unrenewed for this share of the timeout.
-FENCE_AT = 0.5
 
 _ROOTFS_ENTRY = re.compile(r"[0-9]+-([0-9]+)-fs")
 
@@ -81,6 +82,7 @@ class Hkd:
         self.stopping = False
         self.fenced = False
         self.last_renewal = time.monotonic()
+        self.fence = Fence(seam.lxcpath_from(self.settings))
 
     # --- the loop -------------------------------------------------------------
 
@@ -96,6 +98,7 @@ class Hkd:
                  lease.timeout(self.settings))
         try:
             while not self.stopping:
+                self.fence.check()
                 now = time.monotonic()
                 if now >= next_beat:
                     self._beat()
@@ -152,13 +155,14 @@ class Hkd:
 
     def _join(self) -> None:
         """Register, reconcile, then take commands (``running``)."""
+        sent = time.monotonic()
         with self.node.db.writer() as conn:
             self.host_id = lease.register(conn, self.name)
             forgotten = commands.forget_claims(conn, self.host_id)
         if forgotten:
             log.info("dropped %d claims a previous HKD of this host left", forgotten)
-        self.last_renewal = time.monotonic()
         self.settings = self.node.settings()
+        self._renewed(sent)
         self._reconcile()
         with self.node.db.writer() as conn:
             lease.set_state(conn, self.host_id, HostState.RUNNING)
@@ -166,19 +170,20 @@ class Hkd:
 
     def _beat(self) -> None:
         """Renew the lease and mark expired hosts lost; fence if renewing keeps failing."""
+        sent = time.monotonic()
         try:
             with self.node.db.writer() as conn:
                 renewed = lease.renew(conn, self.host_id)
                 if renewed:
                     lease.mark_expired_lost(conn, self.host_id, lease.timeout(self.settings))
             if renewed and not self.fenced:
-                self.last_renewal = time.monotonic()
+                self._renewed(sent)
                 self._reload_settings("heartbeat")  # the safety net under the NOTIFY
                 return
         except QvdError as exc:
             silent = time.monotonic() - self.last_renewal
             log.warning("cannot renew the lease (%.1f s without): %s", silent, exc)
-            if not self.fenced and silent >= FENCE_AT * lease.timeout(self.settings):
+            if not self.fenced and silent >= lease.valid_for(lease.timeout(self.settings)):
                 self._fence(f"no lease renewal for {silent:.1f} s")
             return
         # Marked lost behind our back (what we ran may run elsewhere by now), or fenced
@@ -190,6 +195,11 @@ class Hkd:
             self._join()
         except QvdError as exc:
             log.warning("rejoining failed, retrying at the next heartbeat: %s", exc)
+
+    def _renewed(self, sent: float) -> None:
+        """The database accepted a renewal sent at ``sent``: the lease holds from then."""
+        self.last_renewal = sent
+        self.fence.feed(sent + lease.valid_for(lease.timeout(self.settings)))
 
     def _fence(self, why: str) -> None:
         """Stop everything this node runs, from local knowledge only."""
@@ -329,7 +339,10 @@ class Hkd:
                 for vm_id in mine:
                     commands.finish(conn, vm_id, None, drop_queued=True)
                 lease.set_state(conn, self.host_id, HostState.STOPPED)
+            self.fence.stop()  # the host is stopped: no other node takes its VMs over
         except QvdError as exc:
+            # The host stays alive in the database and will be called lost: the fence
+            # keeps watching until the lease runs out, in case a VM outlived this stop.
             log.error("stopping with the database unreachable: %s; stopping VMs locally", exc)
             for vm_id, rootfs in self._local_vms().items():
                 self._remove_local(vm_id, rootfs)

@@ -9,13 +9,12 @@ RAM and CPU too; our nodes do not report them.)
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy import Connection
 
-from qvdctl.db import store
+from qvdctl.db import clock, store
 from qvdctl.errors import QvdError
 from qvdctl.fleet.lease import HostState, shown_state
 
@@ -24,7 +23,7 @@ class Placer:
     """Places the VMs of one command, counting each placement in the hosts' load."""
 
     def __init__(self, conn: Connection, limit: float) -> None:
-        self.limit, self.now = limit, time.time()
+        self.limit, self.now = limit, clock.read(conn)
         self.hosts = {row["name"]: row for row in store.list_hosts(conn)}
         self.hosts_by_id = {row["id"]: name for name, row in self.hosts.items()}
         self.live = {

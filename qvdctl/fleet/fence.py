@@ -1,0 +1,202 @@
+"""A node's fence: a small process of its own that kills the node's VMs when its lease runs out.
+
+The HKD starts it (``Fence``) and, after each renewal the database accepted, sends it the
+lease's deadline on the node's monotonic clock (``lease.valid_for`` after the moment the
+renewal was *sent*). When a deadline passes with no later one, the fence kills every
+container of the node's lxcpath, and keeps killing any that appears, until it is sent a
+deadline in the future again (the HKD renewed, or rejoined). Being its own process, it
+holds while the HKD is paused (SIGSTOP, a hung NFS read), busy, or killed: a HKD that
+dies closes the pipe, and the fence then waits out the last deadline, kills, and exits.
+
+How it kills: SIGKILL to the container's init, the first process of its PID namespace.
+The kernel then kills every process in that namespace and lets no new one in, in one
+step the container cannot block or outrun; it needs no cgroup controller (this works on
+cgroup v1, hybrid and v2 hosts alike) and no answer from liblxc. The inits are found from
+the process table: liblxc retitles each container's monitor ``[lxc monitor] LXCPATH NAME``
+and the init is that monitor's child. The monitor then sees its container stopped and
+cleans up as after any stop; the roots are unmounted when the HKD reconciles.
+
+To keep its promise on a node in trouble, it locks its memory (no page of it waits on a
+swap storm), runs at a real-time priority and is the last process the OOM killer picks.
+What it cannot survive is its own death while the HKD is stopped too: README.md ("What
+fencing guarantees") says what the admin adds for that (a hardware watchdog).
+
+    HKD -> fence, one line each:   feed DEADLINE      (time.monotonic() seconds)
+                                   stop               (the HKD stopped every VM: exit)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from qvdctl.container.query import monitors
+from qvdproc import processes
+
+log = logging.getLogger(__name__)
+
+# Once fired, how often the fence looks again for a container to kill (one being started
+# as the HKD stopped may appear a moment later).
+RECHECK_S = 0.1
+# The real-time priority of the fence: the lowest, above every ordinary process.
+RT_PRIORITY = 1
+_MCL_CURRENT, _MCL_FUTURE = 1, 2
+
+
+def container_inits(lxcpath: Path) -> dict[int, str]:
+    """Pid -> container name of the init of every running ``qvd-*`` container in ``lxcpath``."""
+    names = {m.pid: m.name for m in monitors()
+             if m.lxcpath == lxcpath and m.name.startswith("qvd-")}
+    if not names:
+        return {}
+    inits = {}
+    for pid in (int(entry) for entry in os.listdir(processes.PROC) if entry.isdigit()):
+        ppid = processes.parent(pid)
+        if ppid in names and processes.alive(pid):
+            inits[pid] = names[ppid]
+    return inits
+
+
+def kill_containers(lxcpath: Path) -> list[str]:
+    """SIGKILL the init of every container of ``lxcpath``; the names of those killed."""
+    killed = []
+    for pid, name in container_inits(lxcpath).items():
+        try:
+            # A pidfd, checked again after opening, cannot hit a pid reused meanwhile.
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        try:
+            if processes.alive(pid):
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+                killed.append(name)
+        except ProcessLookupError:
+            pass
+        finally:
+            os.close(fd)
+    return killed
+
+
+class Fence:
+    """The HKD's handle on its fence process."""
+
+    def __init__(self, lxcpath: Path) -> None:
+        self.lxcpath = lxcpath
+        self.deadline: float | None = None
+        self.proc = self._spawn()
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        # Its own session: a Ctrl+C for the HKD's terminal must not end the fence too.
+        proc = subprocess.Popen([sys.executable, "-m", "qvdctl.fleet.fence", str(self.lxcpath)],
+                                stdin=subprocess.PIPE, start_new_session=True)
+        log.info("fence process %d watches the containers of %s", proc.pid, self.lxcpath)
+        return proc
+
+    def feed(self, deadline: float) -> None:
+        """The lease holds until ``deadline`` (``time.monotonic()``)."""
+        self.deadline = deadline
+        self._send(f"feed {deadline!r}\n")
+
+    def check(self) -> None:
+        """Start the fence again if it died, with the deadline it knew."""
+        if self.proc.poll() is None:
+            return
+        log.error("the fence process %d ended (status %s); starting another",
+                  self.proc.pid, self.proc.returncode)
+        self.proc = self._spawn()
+        if self.deadline is not None:
+            self.feed(self.deadline)
+
+    def stop(self) -> None:
+        """The HKD leaves with nothing running: the fence exits without killing."""
+        self._send("stop\n")
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            log.error("the fence process %d did not exit; killing it", self.proc.pid)
+            self.proc.kill()
+            self.proc.wait()
+
+    def _send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(line.encode())
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # it died: check() starts another and sends it the deadline
+
+
+def _harden() -> None:
+    """Memory locked, real-time priority, never the OOM killer's pick (each if allowed)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mlockall(_MCL_CURRENT | _MCL_FUTURE) != 0:
+        log.warning("fence: cannot lock its memory: %s", os.strerror(ctypes.get_errno()))
+    try:
+        os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(RT_PRIORITY))
+        Path("/proc/self/oom_score_adj").write_text("-1000")
+    except OSError as exc:
+        log.warning("fence: cannot raise its priority: %s", exc)
+
+
+def run(lxcpath: Path, feeds: int) -> int:
+    """The fence's loop, reading the HKD's lines from descriptor ``feeds``."""
+    deadline: float | None = None
+    fired = False
+    hkd_gone = False
+    pending = b""
+    while True:
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            killed = kill_containers(lxcpath)
+            if not fired or killed:
+                log.warning("fence: the lease ran out %.2f s ago; killed %s", now - deadline,
+                            ", ".join(killed) or "nothing (no container ran)")
+            fired = True
+            if hkd_gone and not killed:
+                return 0
+            wait: float | None = RECHECK_S
+        elif hkd_gone:
+            if deadline is None:
+                return 0
+            wait = deadline - now
+        else:
+            wait = None if deadline is None else deadline - now
+        if not select.select([] if hkd_gone else [feeds], [], [], wait)[0]:
+            continue
+        chunk = os.read(feeds, 4096)
+        if not chunk:
+            hkd_gone = True
+            log.warning("fence: the HKD is gone; the lease holds %s",
+                        "nothing" if deadline is None else
+                        f"{max(deadline - time.monotonic(), 0):.2f} s more")
+            continue
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            word, _, value = line.decode().partition(" ")
+            if word == "stop":
+                return 0
+            if word == "feed":
+                deadline = max(deadline or 0.0, float(value))
+                if fired and deadline > time.monotonic():
+                    log.warning("fence: the lease holds again; no longer killing")
+                    fired = False
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    (lxcpath,) = argv
+    _harden()
+    return run(Path(lxcpath), sys.stdin.fileno())
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
