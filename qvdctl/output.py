@@ -26,6 +26,10 @@ class Output:
         else:
             print(text)
 
+    def progress(self, text: str) -> None:
+        """Why a command is still at work: on stderr, so stdout stays its result."""
+        print(text, file=sys.stderr, flush=True)
+
     def table(self, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         if self.as_json:
             print(json.dumps([dict(zip(columns, row)) for row in rows], default=str))

@@ -222,7 +222,8 @@ def _fleet_start(req: Request) -> None:
     from qvdctl.fleet import client  # here: only a fleet's start and stop need it
 
     pin = req.args(optional=["host"]).get("host")
-    outcomes = client.start(req.node, _selected(req, ("host",)), pin=pin, wait=not req.no_wait)
+    outcomes = client.start(req.node, _selected(req, ("host",)), pin=pin, wait=not req.no_wait,
+                            say=req.out.progress)
     how = " (root mounted only)" if req.node.settings()["vm.start.mount_only"] == "1" else ""
     for o in outcomes:
         if o.error is None:

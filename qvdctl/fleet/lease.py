@@ -35,6 +35,8 @@ TIMEOUT_KEY = "internal.hkd.cluster.node.timeout"
 # clocks tick at rates that differ by far less than 1 % (NTP slews at most 0.05 %).
 MARGIN_S = 1.0
 DRIFT = 0.01
+# Renewals per timeout (stock).
+HEARTBEATS = 5
 
 
 class HostState(enum.StrEnum):
@@ -57,7 +59,7 @@ def timeout(settings: Mapping[str, str]) -> float:
 
 def heartbeat(settings: Mapping[str, str]) -> float:
     """How often an HKD renews its lease: a fifth of the timeout (stock: 120 s of 600)."""
-    return timeout(settings) / 5
+    return timeout(settings) / HEARTBEATS
 
 
 def margin(limit: float) -> float:
@@ -130,3 +132,10 @@ def shown_state(row: Mapping[str, Any], limit: float, now: float) -> str:
 def expires_in(row: Mapping[str, Any], limit: float, now: float) -> float:
     """Seconds (database time ``now``) until alive host ``row`` may be marked lost."""
     return float(row["ok_ts"]) + limit - now if row["ok_ts"] is not None else 0.0
+
+
+def silent(row: Mapping[str, Any], limit: float, now: float) -> bool:
+    """Whether alive host ``row`` has missed a renewal (its lease is older than two
+    heartbeats, database time ``now``): its VMs may soon be, or already be, fenced."""
+    return row["state"] in ALIVE and (
+        row["ok_ts"] is None or now - row["ok_ts"] > 2 * limit / HEARTBEATS)
