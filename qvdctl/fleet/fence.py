@@ -40,7 +40,8 @@ from pathlib import Path
 from qvdctl.container.query import monitors
 from qvdproc import processes
 
-log = logging.getLogger(__name__)
+# Named, not __name__: the process runs this module as __main__.
+log = logging.getLogger("qvdctl.fleet.fence")
 
 # Once fired, how often the fence looks again for a container to kill (one being started
 # as the HKD stopped may appear a moment later).
@@ -139,10 +140,15 @@ def _harden() -> None:
     if libc.mlockall(_MCL_CURRENT | _MCL_FUTURE) != 0:
         log.warning("fence: cannot lock its memory: %s", os.strerror(ctypes.get_errno()))
     try:
-        os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(RT_PRIORITY))
         Path("/proc/self/oom_score_adj").write_text("-1000")
     except OSError as exc:
-        log.warning("fence: cannot raise its priority: %s", exc)
+        log.warning("fence: cannot opt out of the OOM killer: %s", exc)
+    try:
+        os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(RT_PRIORITY))
+    except OSError as exc:
+        # A cgroup v1 cpu controller grants real-time time only to groups given
+        # cpu.rt_runtime_us; the fence then runs at ordinary priority.
+        log.info("fence: no real-time priority (%s); ordinary scheduling", exc.strerror)
 
 
 def run(lxcpath: Path, feeds: int) -> int:

@@ -177,19 +177,25 @@ class Hkd:
                 if renewed:
                     lease.mark_expired_lost(conn, self.host_id, lease.timeout(self.settings))
             if renewed and not self.fenced:
-                self._renewed(sent)
-                self._reload_settings("heartbeat")  # the safety net under the NOTIFY
-                return
+                silent = sent - self.last_renewal
+                if silent < lease.valid_for(lease.timeout(self.settings)):
+                    self._renewed(sent)
+                    self._reload_settings("heartbeat")  # the safety net under the NOTIFY
+                    return
+                why = f"the lease lapsed ({silent:.1f} s unrenewed; this loop was stuck)"
+            else:
+                why = "this host was marked lost"
         except QvdError as exc:
             silent = time.monotonic() - self.last_renewal
             log.warning("cannot renew the lease (%.1f s without): %s", silent, exc)
             if not self.fenced and silent >= lease.valid_for(lease.timeout(self.settings)):
                 self._fence(f"no lease renewal for {silent:.1f} s")
             return
-        # Marked lost behind our back (what we ran may run elsewhere by now), or fenced
-        # and the database answers again: either way, clean up and join afresh.
+        # Marked lost behind our back (what we ran may run elsewhere by now), a lease
+        # that lapsed (the fence process has killed what ran here), or fenced and the
+        # database answers again: in each case, clean up and join afresh.
         if not self.fenced:
-            self._fence("this host was marked lost")
+            self._fence(why)
         log.info("the database answers again: rejoining")
         try:
             self._join()

@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import secrets
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from qvdctl.container.query import monitors
+from qvdproc import processes
 from qvdproc.mountinfo import mounts_under
 from tests.support.mounts import force_unmount
 from tests.support.qvdctl import QVDCTL, Cli
@@ -99,12 +103,20 @@ class HkdNode:
         return subprocess.run(netns_argv(self.netns, list(argv)), capture_output=True,
                               text=True, timeout=60)
 
+    def fences(self) -> list[int]:
+        """The pids of this node's fence processes (one, or a dead HKD's still waiting)."""
+        return [p.pid for p in processes.with_argument(str(self.lxcpath))
+                if b"qvdctl.fleet.fence" in p.argv]
+
     def close(self) -> None:
         if self.proc is not None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
             self.proc.wait(timeout=30)
             self.proc = None
+        for pid in self.fences():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         for entry in self.lxcpath.iterdir() if self.lxcpath.is_dir() else ():
             self.in_ns("lxc-stop", "-P", str(self.lxcpath), "-n", entry.name, "-k")
 
@@ -180,3 +192,78 @@ def stop_hkd(node: HkdNode, signum: int = signal.SIGTERM) -> int:
 
 def parse(stdout: str) -> list[dict]:
     return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+class Observer:
+    """Which node runs each VM, sampled on a thread of its own at least ten times a second.
+
+    Independent of the HKDs and their fences: a VM's container runs on a node while
+    liblxc's monitor of it (in that node's lxcpath) has a child, the container's init,
+    read from the kernel's ``children`` list. Samples are (``time.monotonic()``,
+    container name -> the nodes it runs on).
+    """
+
+    PERIOD_S = 0.05
+
+    def __init__(self, nodes: dict[str, HkdNode]) -> None:
+        self.by_lxcpath = {node.lxcpath: name for name, node in nodes.items()}
+        self.samples: list[tuple[float, dict[str, frozenset[str]]]] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="observer", daemon=True)
+
+    def __enter__(self) -> Observer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._done.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._done.is_set():
+            at = time.monotonic()
+            running: dict[str, set[str]] = {}
+            for monitor in monitors():
+                node = self.by_lxcpath.get(monitor.lxcpath)
+                if node is not None and _has_child(monitor.pid):
+                    running.setdefault(monitor.name, set()).add(node)
+            self.samples.append((at, {vm: frozenset(n) for vm, n in running.items()}))
+            self._done.wait(max(self.PERIOD_S - (time.monotonic() - at), 0))
+
+    def where(self, vm: str) -> frozenset[str]:
+        """The nodes ``vm`` ran on at the latest sample."""
+        return self.samples[-1][1].get(vm, frozenset()) if self.samples else frozenset()
+
+    def on_two_nodes(self) -> list[tuple[float, str, frozenset[str]]]:
+        """Every sample at which a VM ran on more than one node."""
+        return [(at, vm, nodes) for at, seen in self.samples for vm, nodes in seen.items()
+                if len(nodes) > 1]
+
+    def first(self, vm: str, node: str, after: float) -> float | None:
+        """When ``vm`` was first seen on ``node`` after ``after``."""
+        return next((at for at, seen in self.samples
+                     if at > after and node in seen.get(vm, ())), None)
+
+    def last(self, vm: str, node: str, before: float) -> float | None:
+        """When ``vm`` was last seen on ``node`` before ``before``."""
+        return next((at for at, seen in reversed(self.samples)
+                     if at < before and node in seen.get(vm, ())), None)
+
+    def rate(self) -> float:
+        """Samples a second, over the whole watch."""
+        if len(self.samples) < 2:
+            return 0.0
+        return (len(self.samples) - 1) / (self.samples[-1][0] - self.samples[0][0])
+
+    def longest_gap(self) -> float:
+        """The longest time between two samples (the observer itself may be starved)."""
+        times = [at for at, _ in self.samples]
+        return max((b - a for a, b in zip(times, times[1:])), default=0.0)
+
+
+def _has_child(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return bool(f.read().split())
+    except (FileNotFoundError, ProcessLookupError):
+        return False

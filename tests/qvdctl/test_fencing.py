@@ -1,0 +1,125 @@
+"""Fencing under injected faults: a VM never runs on two nodes, whatever happens to an HKD.
+
+Two HKDs on one PostgreSQL run real containers; an ``Observer`` samples, independently
+of the HKDs and their fences, which node runs each VM, at least ten times a second. An
+HKD is paused (SIGSTOP) for longer than the lease, another is killed (SIGKILL), and the
+admin starts the VM elsewhere each time; the checker then requires: no sample with the VM
+on two nodes, the VM running elsewhere within the bound the design promises, and the
+database and the nodes agreeing at the end.
+
+The bound, from the fault: the lease's age at the fault (at most a heartbeat, T/5) plus
+T until it expires on the database's clock, plus the start itself, which on a busy
+machine takes a few seconds; hence T/5 + T + START_S.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from qvdctl.fleet import lease
+from tests.support.fleet import Fleet, HkdNode, Observer, until
+from tests.support.postgres import PgServer, postgres  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.timeout(300)
+
+TIMEOUT = 5  # internal.hkd.cluster.node.timeout
+START_S = 15  # a container's start on a loaded machine, with room
+BOUND = TIMEOUT / 5 + TIMEOUT + START_S
+
+
+def _moved(f: Fleet, seen: Observer, to: str, fault_at: float) -> float:
+    """``vm start`` of v1 waits for the silent host, then starts it on ``to``; how long
+    from ``fault_at`` until the observer saw it run there."""
+    gone = "node-b" if to == "node-a" else "node-a"
+    # Until a renewal is missed, a host cannot be told from a healthy one, and the start
+    # is refused; then it waits for the lease.
+    until(lambda: f.admin.hosts()[gone]["LeaseAge"] > 2 * TIMEOUT / lease.HEARTBEATS,
+          f"{gone} to miss a renewal", 2 * TIMEOUT)
+    result = f.admin.run("vm", "start", "-f", "name=v1", timeout=BOUND + 30)
+    assert result.stdout.strip() == "VM v1 started", result.stdout
+    assert f"for host {gone}'s lease to expire (v1 ran there)" in result.stderr, result.stderr
+    assert f.admin.vms()["v1"]["Host"] == to
+    until(lambda: seen.where("qvd-1") == {to}, f"v1 seen on {to}", 10)
+    back = seen.first("qvd-1", to, fault_at)
+    assert back is not None and back - fault_at < BOUND
+    return back - fault_at
+
+
+def _fenced(node: HkdNode) -> bool:
+    return "fence: the lease ran out" in node.log_text()
+
+
+def test_a_paused_then_a_killed_hkd_never_leave_a_vm_on_two_nodes(
+    postgres: PgServer, tmp_path: Path,  # noqa: F811
+) -> None:
+    f = Fleet(tmp_path, postgres.url(), ("node-a", "node-b"), vms=1, timeout=TIMEOUT,
+              mount_only=False)
+    try:
+        f.start()
+        a, b = f.nodes["node-a"], f.nodes["node-b"]
+        with Observer(f.nodes) as seen:
+            f.admin.run("vm", "start", "-f", "name=v1", "host=node-a")
+            until(lambda: seen.where("qvd-1") == {"node-a"}, "v1 seen on node-a", 10)
+
+            # node-a's HKD paused for longer than the lease: its fence kills v1 there
+            # before node-b may start it, and the HKD rejoins when it resumes.
+            a.signal(signal.SIGSTOP)
+            paused = time.monotonic()
+            try:
+                _moved(f, seen, "node-b", paused)
+                assert _fenced(a)
+                killed = seen.last("qvd-1", "node-a", time.monotonic())
+                assert killed is not None
+                assert killed - paused < lease.valid_for(TIMEOUT) + 1
+            finally:
+                a.signal(signal.SIGCONT)
+            until(lambda: f.admin.hosts()["node-a"]["State"] == "running", "node-a back", 30)
+
+            # node-b's HKD killed: its fence waits out the lease, kills v1, and exits.
+            b.signal(signal.SIGKILL)
+            b.wait()
+            _moved(f, seen, "node-a", time.monotonic())
+            assert _fenced(b)
+            until(lambda: b.fences() == [], "node-b's fence to exit", 10)
+
+        assert seen.rate() >= 10 and seen.longest_gap() < 1.0
+        assert seen.on_two_nodes() == []
+        vms = f.admin.vms()
+        assert (vms["v1"]["State"], vms["v1"]["Host"]) == ("running", "node-a")
+        assert seen.where("qvd-1") == {"node-a"}
+    finally:
+        f.close()
+
+
+def test_a_killed_fence_is_started_again_with_the_lease_it_held(
+    postgres: PgServer, tmp_path: Path,  # noqa: F811
+) -> None:
+    f = Fleet(tmp_path, postgres.url(), ("node-a",), vms=1, timeout=TIMEOUT, mount_only=False)
+    try:
+        f.start()
+        a = f.nodes["node-a"]
+        f.admin.run("vm", "start", "-f", "name=v1")
+        (first,) = a.fences()
+        os.kill(first, signal.SIGKILL)
+        until(lambda: len(a.fences()) == 1 and a.fences() != [first], "a new fence", 10)
+        assert f"the fence process {first} ended" in a.log_text()
+        # Paused with the new fence only: it kills v1 as the first would have.
+        a.signal(signal.SIGSTOP)
+        try:
+            until(lambda: _fenced(a), "the new fence to fire", 2 * TIMEOUT)
+            assert a.in_ns("lxc-ls", "-P", str(a.lxcpath), "--running").stdout.strip() == ""
+        finally:
+            a.signal(signal.SIGCONT)
+        # Resumed, the HKD finds its lease lapsed, cleans up and rejoins: v1 is stopped.
+        until(lambda: "the lease lapsed" in a.log_text(), "the HKD to see the lapse", 2 * TIMEOUT)
+        until(lambda: f.admin.vms()["v1"]["State"] == "stopped", "v1 stopped", 30)
+        until(lambda: "the lease holds again" in a.log_text(), "the fence re-armed", 10)
+        f.admin.run("vm", "start", "-f", "name=v1")
+        assert a.in_ns("lxc-ls", "-P", str(a.lxcpath), "--running").stdout.split() == ["qvd-1"]
+    finally:
+        f.close()
