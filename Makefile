@@ -1,5 +1,5 @@
 # Every target installs what it needs first (scripts/setup.sh is idempotent).
-.PHONY: setup demo test bench bench-image bench-fleet bench-cli bench-vm clean
+.PHONY: setup demo test chaos bench bench-image bench-fleet bench-cli bench-vm clean
 
 setup:
 	bash scripts/setup.sh
@@ -14,6 +14,11 @@ test: setup
 	.venv/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 	QVDFS_TEST_BACKEND=pyfuse3 .venv/bin/python -m pytest -q -p no:cacheprovider \
 		tests/qvdfs/test_union.py tests/qvdfs/test_differential.py tests/union
+
+# Faults injected into three HKDs on one PostgreSQL (tools/chaos.py): seeded, it prints the
+# seed; CHAOS_ARGS="--seed N" replays a run, "--faults N" sets its length (30: ~15 minutes).
+chaos: setup
+	.venv/bin/python -m tools.chaos $(CHAOS_ARGS)
 
 bench: setup
 	.venv/bin/python -m benchmarks.run $(BENCH_ARGS)

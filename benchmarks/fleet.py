@@ -3,7 +3,7 @@
     python -m benchmarks.fleet [--nodes 20] [--vms 200]
 
 Each node is a real ``qvdctl hkd`` in its own network namespace with its own storage
-root (``tests/support/fleet.py``), with ``vm.start.mount_only=1`` so that a VM is its
+root (``tools/fleet.py``), with ``vm.start.mount_only=1`` so that a VM is its
 mounted root (kernel overlayfs) and the figures are the fleet's, not LXC's. Measured:
 
 - bulk: wall time of one ``vm start -f name=*`` until every VM runs (the command
@@ -29,7 +29,7 @@ from pathlib import Path
 from qvdctl.db import store
 from qvdctl.network import addresses
 from qvdctl.node import Node
-from tests.support.fleet import Fleet, until
+from tools.fleet import Fleet, until
 from tests.support.postgres import PgServer, _bindir
 
 CLAIM = re.compile(r"VM (\d+): claimed (start|stop) \(queued (\d+) ms ago\)")

@@ -97,6 +97,9 @@ class Fence:
         # Its own session: a Ctrl+C for the HKD's terminal must not end the fence too.
         proc = subprocess.Popen([sys.executable, "-m", "qvdctl.fleet.fence", str(self.lxcpath)],
                                 stdin=subprocess.PIPE, start_new_session=True)
+        assert proc.stdin is not None
+        # A fence that stops reading (stopped itself) must not block the HKD in a write.
+        os.set_blocking(proc.stdin.fileno(), False)
         log.info("fence process %d watches the containers of %s", proc.pid, self.lxcpath)
         return proc
 
@@ -128,8 +131,9 @@ class Fence:
     def _send(self, line: str) -> None:
         assert self.proc.stdin is not None
         try:
-            self.proc.stdin.write(line.encode())
-            self.proc.stdin.flush()
+            os.write(self.proc.stdin.fileno(), line.encode())
+        except BlockingIOError:
+            log.error("the fence process %d reads nothing: is it stopped?", self.proc.pid)
         except BrokenPipeError:
             pass  # it died: check() starts another and sends it the deadline
 

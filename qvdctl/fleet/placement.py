@@ -1,4 +1,4 @@
-"""Which host a VM starts on: the least loaded running, unblocked host with a live lease.
+"""Which host a VM starts on: the least loaded running, unblocked host with a fresh lease.
 
 Load is the number of VMs a host runs (``store.list_hosts``) plus those placed on it by
 the same command, so ``vm start -f name=*`` spreads a batch evenly; ties go to a random
@@ -16,7 +16,7 @@ from sqlalchemy import Connection
 
 from qvdctl.db import clock, store
 from qvdctl.errors import QvdError
-from qvdctl.fleet.lease import HostState, shown_state
+from qvdctl.fleet.lease import HostState, shown_state, silent
 
 
 class Placer:
@@ -26,9 +26,11 @@ class Placer:
         self.limit, self.now = limit, clock.read(conn)
         self.hosts = {row["name"]: row for row in store.list_hosts(conn)}
         self.hosts_by_id = {row["id"]: name for name, row in self.hosts.items()}
+        # A host that has missed a renewal may be paused or cut off: nothing new goes there.
         self.live = {
             name: row for name, row in self.hosts.items()
             if self.shown(row) == HostState.RUNNING and not row["blocked"]
+            and not silent(row, limit, self.now)
         }
         self.load = {name: row["vms"] for name, row in self.live.items()}
 
@@ -46,7 +48,12 @@ class Placer:
                 raise QvdError(f"no host named '{pin}'")
             if pin not in self.live:
                 row = self.hosts[pin]
-                why = "blocked" if row["blocked"] else f"not running (it is {self.shown(row)})"
+                if row["blocked"]:
+                    why = "blocked"
+                elif self.shown(row) != HostState.RUNNING:
+                    why = f"not running (it is {self.shown(row)})"
+                else:
+                    why = f"silent: its lease was last renewed {self.now - row['ok_ts']:.1f} s ago"
                 raise QvdError(f"host {pin} is {why}")
             name = pin
         else:

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from qvdctl.fleet import lease
-from tests.support.fleet import Fleet, HkdNode, Observer, until
+from tools.fleet import LIBFAKETIME, Fleet, HkdNode, Observer, until
 from tests.support.postgres import PgServer, postgres  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.timeout(300)
@@ -121,5 +121,39 @@ def test_a_killed_fence_is_started_again_with_the_lease_it_held(
         until(lambda: "the lease holds again" in a.log_text(), "the fence re-armed", 10)
         f.admin.run("vm", "start", "-f", "name=v1")
         assert a.in_ns("lxc-ls", "-P", str(a.lxcpath), "--running").stdout.split() == ["qvd-1"]
+    finally:
+        f.close()
+
+
+def test_node_clocks_minutes_apart_agree_on_leases(
+    postgres: PgServer, tmp_path: Path,  # noqa: F811
+) -> None:
+    """node-a's clock 5 minutes slow, node-b's 5 minutes fast: leases are on the database's
+    clock, so neither calls the other lost while both renew, and a killed node is lost
+    when its lease runs out, not at once (nor 10 minutes late)."""
+    f = Fleet(tmp_path, postgres.url(), ("node-a", "node-b"), vms=1, timeout=TIMEOUT)
+    try:
+        a, b = f.nodes["node-a"], f.nodes["node-b"]
+        a.clock_offset_s, b.clock_offset_s = -300, 300
+        f.start()
+        assert abs(float(a.in_ns("env", f"LD_PRELOAD={LIBFAKETIME}", "FAKETIME=-300s", "date",
+                                 "+%s").stdout) - time.time() + 300) < 60  # the offset works
+        watched = time.monotonic()
+        while time.monotonic() - watched < 2 * TIMEOUT:  # two whole leases, both renewing
+            hosts = f.admin.hosts()
+            assert {hosts[n]["State"] for n in f.nodes} == {"running"}, hosts
+            assert all(0 <= hosts[n]["LeaseAge"] < TIMEOUT for n in f.nodes), hosts
+        f.admin.run("vm", "start", "-f", "name=v1", "host=node-a")
+        a.signal(signal.SIGKILL)
+        a.wait()
+        killed = time.monotonic()
+        until(lambda: f.admin.vms()["v1"]["Host"] is None, "node-b to release v1", 4 * TIMEOUT)
+        lost_after = time.monotonic() - killed
+        # The last renewal was at most a heartbeat before the kill: not lost before its
+        # lease ran out; and then lost at node-b's next heartbeat (with room for a busy
+        # machine), where node-b's own clock would have said at once.
+        heartbeat = TIMEOUT / lease.HEARTBEATS
+        assert TIMEOUT - heartbeat <= lost_after < 2 * TIMEOUT, lost_after
+        assert "host node-a: no heartbeat" in b.log_text()
     finally:
         f.close()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.fleet import AdminCli, Fleet, parse, stop_hkd, until
+from tools.fleet import AdminCli, Fleet, parse, stop_hkd, until
 from tests.support.postgres import PgServer, pg_server, postgres  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.timeout(240)

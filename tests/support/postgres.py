@@ -71,8 +71,9 @@ class PgServer:
         _as_postgres([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l",
                       str(self.dir / "log"), "-o", options, "-w", "-t", "60", "start"])
 
-    def stop(self) -> None:
-        _as_postgres([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast",
+    def stop(self, mode: str = "fast") -> None:
+        """``mode`` "immediate": a crash (no checkpoint; the next start recovers)."""
+        _as_postgres([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", mode,
                       "-w", "-t", "60", "stop"])
 
     def running(self) -> bool:

@@ -1,5 +1,7 @@
-"""A fleet for the tests: HKDs, each with its own nodename, storage root, lxcpath and
-network namespace, on one PostgreSQL, and an admin CLI as a third process.
+"""A fleet on this machine, for the tests, ``make bench-fleet`` and ``make chaos``: HKDs,
+each with its own nodename, storage root, lxcpath and network namespace, on one
+PostgreSQL, and an admin CLI as a third process; and an ``Observer`` of which node runs
+each VM.
 
 Images live on "shared storage" (one ``path.storage.images`` set globally for every
 node, as SPEC §6 has it); everything else is per node, from each node's node.conf.
@@ -19,15 +21,17 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from qvdctl.container.query import monitors
 from qvdproc import processes
 from qvdproc.mountinfo import mounts_under
-from tests.support.mounts import force_unmount
-from tests.support.qvdctl import QVDCTL, Cli
+from tools.cli import Cli
 from tools.imagebuild import build_busybox_rootfs, build_image_tarball
-from tools.sandbox import create_netns, netns_argv, remove_netns
+from tools.sandbox import QVDCTL, create_netns, force_unmount, netns_argv, remove_netns
 
+# libfaketime (Debian's faketime), for a node whose clock is off.
+LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1"
 NET = "10.219.77"  # only ever configured inside each node's own namespace
 BRIDGE = "qvdfleet0"
 
@@ -45,10 +49,10 @@ class AdminCli(Cli):
     def argv(self, *args: str) -> list[str]:
         return [QVDCTL, "--root", str(self.root), "--config", str(self.conf), *args]
 
-    def hosts(self) -> dict[str, dict]:
+    def hosts(self) -> dict[str, dict[str, Any]]:
         return {row["Name"]: row for row in self.json("host", "list")}
 
-    def vms(self) -> dict[str, dict]:
+    def vms(self) -> dict[str, dict[str, Any]]:
         return {row["Name"]: row for row in self.json("vm", "list")}
 
 
@@ -71,10 +75,17 @@ class HkdNode:
             f"vm.lxc.lxcpath = {self.lxcpath}\n"
         )
         self.log = self.dir / "hkd.log"
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        # Seconds this node's wall clock is off (its monotonic clock stays right, as on a
+        # real node whose NTP is broken).
+        self.clock_offset_s = 0
 
     def start(self) -> None:
-        argv = netns_argv(self.netns, [QVDCTL, "--config", str(self.conf), "hkd"])
+        hkd = [QVDCTL, "--config", str(self.conf), "hkd"]
+        if self.clock_offset_s:
+            hkd = ["env", f"LD_PRELOAD={LIBFAKETIME}", f"FAKETIME={self.clock_offset_s:+d}s",
+                   "FAKETIME_DONT_FAKE_MONOTONIC=1", *hkd]
+        argv = netns_argv(self.netns, hkd)
         with open(self.log, "a") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL)
@@ -99,7 +110,7 @@ class HkdNode:
     def mounts(self) -> list[str]:
         return mounts_under(self.root / "rootfs")
 
-    def in_ns(self, *argv: str) -> subprocess.CompletedProcess:
+    def in_ns(self, *argv: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(netns_argv(self.netns, list(argv)), capture_output=True,
                               text=True, timeout=60)
 
@@ -163,8 +174,12 @@ class Fleet:
         for name in names or tuple(self.nodes):
             self.nodes[name].start()
         for name in names or tuple(self.nodes):
-            until(lambda n=name: self.admin.hosts().get(n, {}).get("State") == "running",
-                  f"host {name} running", 60)
+            self.until_running(name)
+
+    def until_running(self, name: str, timeout: float = 60) -> None:
+        """Until host ``name`` is registered and ``running`` (reconciled, taking commands)."""
+        until(lambda: self.admin.hosts().get(name, {}).get("State") == "running",
+              f"host {name} running", timeout)
 
     def close(self) -> None:
         for node in self.nodes.values():
@@ -190,7 +205,7 @@ def stop_hkd(node: HkdNode, signum: int = signal.SIGTERM) -> int:
     return node.wait()
 
 
-def parse(stdout: str) -> list[dict]:
+def parse(stdout: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
 
 
@@ -243,6 +258,11 @@ class Observer:
         """When ``vm`` was first seen on ``node`` after ``after``."""
         return next((at for at, seen in self.samples
                      if at > after and node in seen.get(vm, ())), None)
+
+    def first_elsewhere(self, vm: str, node: str, after: float) -> float | None:
+        """When ``vm`` was first seen on a node other than ``node`` after ``after``."""
+        return next((at for at, seen in self.samples
+                     if at > after and seen.get(vm, frozenset()) - {node}), None)
 
     def last(self, vm: str, node: str, before: float) -> float | None:
         """When ``vm`` was last seen on ``node`` before ``before``."""

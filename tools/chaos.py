@@ -1,0 +1,246 @@
+"""``make chaos``: faults injected into a fleet of HKDs, checked in the style of Jepsen.
+
+    python -m tools.chaos [--seed N] [--faults 30] [--nodes 3] [--vms 4] [--timeout 5]
+
+HKDs on one PostgreSQL (``tools/fleet.py``) run real busybox containers. The harness
+plays the admin: it wants every VM running, and starts any it finds stopped. One at a
+time, it injects a fault, the kinds in equal numbers, shuffled by a seeded generator
+that also draws every duration (the seed is printed first, so a run can be replayed):
+
+    sigkill   an HKD killed; the node's HKD started again a while later
+    sigstop   an HKD paused for 1.2 to 2.5 lease timeouts, then resumed
+    db        PostgreSQL killed (an immediate shutdown: no checkpoint, crash recovery
+              on restart) for 0.3 to 1.5 lease timeouts, then started again
+
+After an HKD fault the admin at once starts that node's VMs again (``vm start`` waits
+for the node's lease to expire, then starts them elsewhere). An ``Observer`` samples
+which node runs each VM twenty times a second from the process table, independently of
+the HKDs, and the checker fails the run when
+
+- any VM is seen on two nodes at one sample;
+- after a fault heals, a VM is not running again within ``bound`` (a lost lease's T,
+  a heartbeat, and a start: T + T/5 + START_S);
+- at the end, the database and what runs on the nodes disagree.
+
+It reports the faults survived per kind and how long a VM of a lost node took to run
+again elsewhere, counted from the fault (median and worst).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import random
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.support.postgres import PgServer, pg_server
+from tools.fleet import Fleet, HkdNode, Observer, until
+
+KINDS = ("sigkill", "sigstop", "db")
+START_S = 20.0  # a container's start on a loaded machine, with room
+
+
+@dataclasses.dataclass
+class Report:
+    seed: int
+    timeout: int
+    survived: Counter[str] = dataclasses.field(default_factory=Counter)
+    moved_s: list[float] = dataclasses.field(default_factory=list)
+    failures: list[str] = dataclasses.field(default_factory=list)
+    samples: int = 0
+    rate: float = 0.0
+
+    def lines(self) -> list[str]:
+        out = [f"seed {self.seed}, lease timeout {self.timeout} s, {self.samples} samples"
+               f" at {self.rate:.0f} a second",
+               "faults survived: " + ", ".join(f"{k} {self.survived[k]}" for k in KINDS)
+               + f" (total {sum(self.survived.values())})"]
+        if self.moved_s:
+            out.append(f"a lost node's VM running elsewhere after the fault: median"
+                       f" {statistics.median(self.moved_s):.1f} s, worst {max(self.moved_s):.1f} s"
+                       f" ({len(self.moved_s)} moves)")
+        out += [f"FAILED: {failure}" for failure in self.failures] or ["no violation"]
+        return out
+
+
+class Chaos:
+    """One run: the fleet, the observer, the generator and what the checker found."""
+
+    def __init__(self, fleet: Fleet, seen: Observer, server: PgServer, rng: random.Random,
+                 report: Report) -> None:
+        self.fleet, self.seen, self.server, self.rng = fleet, seen, server, rng
+        self.report = report
+        self.timeout = report.timeout
+        self.bound = self.timeout * 1.2 + START_S
+        self.containers = {row["Name"]: f"qvd-{row['Id']}" for row in fleet.admin.vms().values()}
+
+    def run(self, plan: list[str], say: Callable[[str], None]) -> None:
+        self._all_running()
+        for number, kind in enumerate(plan, 1):
+            started = time.monotonic()
+            getattr(self, f"_{kind}")()
+            self._all_running()
+            self.report.survived[kind] += 1
+            say(f"fault {number}/{len(plan)}: {kind} survived"
+                f" ({time.monotonic() - started:.0f} s)")
+
+    # --- the faults --------------------------------------------------------------
+
+    def _victim(self) -> HkdNode:
+        """A node running at least one VM (every node runs some when there are enough)."""
+        hosts = {row["Host"] for row in self.fleet.admin.vms().values() if row["Host"]}
+        return self.fleet.nodes[self.rng.choice(sorted(hosts or self.fleet.nodes))]
+
+    def _sigkill(self) -> None:
+        node = self._victim()
+        node.signal(signal.SIGKILL)
+        node.wait()
+        at = time.monotonic()
+        self._move_away(node.name, at)
+        time.sleep(max(at + self.rng.uniform(0.0, 1.0) * self.timeout - time.monotonic(), 0))
+        node.start()
+        self.fleet.until_running(node.name)
+
+    def _sigstop(self) -> None:
+        node = self._victim()
+        node.signal(signal.SIGSTOP)
+        at = time.monotonic()
+        try:
+            self._move_away(node.name, at)
+            time.sleep(max(at + self.rng.uniform(1.2, 2.5) * self.timeout - time.monotonic(), 0))
+        finally:
+            node.signal(signal.SIGCONT)
+        self.fleet.until_running(node.name)
+
+    def _db(self) -> None:
+        self.server.stop(mode="immediate")  # a crash: no checkpoint, recovery on start
+        time.sleep(self.rng.uniform(0.3, 1.5) * self.timeout)
+        self.server.start()
+        for name in self.fleet.nodes:
+            self.fleet.until_running(name)
+
+    # --- the admin and the checker ----------------------------------------------
+
+    def _move_away(self, lost: str, fault_at: float) -> None:
+        """Start the VMs of node ``lost`` again elsewhere; record how long each took."""
+        mine = [name for name, row in self.fleet.admin.vms().items() if row["Host"] == lost]
+        for name in mine:
+            self._start(name)
+        for name in mine:
+            container = self.containers[name]
+            until(lambda: self.seen.where(container) - {lost}, f"{name} seen elsewhere",
+                  self.bound)
+            back = self.seen.first_elsewhere(container, lost, fault_at)
+            assert back is not None
+            self.report.moved_s.append(back - fault_at)
+            if back - fault_at > self.bound:
+                self.report.failures.append(f"{name} ran again {back - fault_at:.1f} s after"
+                                            f" {lost} failed; the bound is {self.bound:.1f} s")
+
+    def _start(self, name: str) -> None:
+        """``vm start`` of ``name`` until it is accepted: a host that has not yet missed a
+        renewal cannot be told from a healthy one, and the start is refused meanwhile."""
+        deadline = time.monotonic() + self.bound
+        while True:
+            result = self.fleet.admin.run("vm", "start", "-f", f"name={name}", check=False,
+                                          timeout=self.bound + 60)
+            if result.returncode == 0 or "is already queued to" in result.stderr:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"vm start of {name} kept failing: {result.stderr}")
+            time.sleep(0.2)
+
+    def _all_running(self) -> None:
+        """Start whatever is stopped; every VM must then run where the database says,
+        within the bound."""
+        healed = time.monotonic()
+        for name, row in self.fleet.admin.vms().items():
+            if row["State"] != "running":
+                self._start(name)
+        try:
+            until(self._agree, "the database and the nodes to agree", self.bound)
+        except AssertionError:
+            raise AssertionError(
+                f"{time.monotonic() - healed:.1f} s after healing, the database says"
+                f" {self._db_view()} and the nodes run {self._nodes_view()}") from None
+
+    def _db_view(self) -> dict[str, str | None]:
+        return {self.containers[name]: row["Host"] if row["State"] == "running" else None
+                for name, row in self.fleet.admin.vms().items()}
+
+    def _nodes_view(self) -> dict[str, str | None]:
+        view: dict[str, str | None] = {}
+        for container in self.containers.values():
+            nodes = self.seen.where(container)
+            view[container] = next(iter(nodes)) if len(nodes) == 1 else (
+                None if not nodes else ",".join(sorted(nodes)))
+        return view
+
+    def _agree(self) -> bool:
+        db = self._db_view()
+        return None not in db.values() and db == self._nodes_view()
+
+
+def plan(rng: random.Random, faults: int) -> list[str]:
+    """``faults`` faults, each kind as often as the others (give or take one), shuffled."""
+    kinds = [KINDS[i % len(KINDS)] for i in range(faults)]
+    rng.shuffle(kinds)
+    return kinds
+
+
+def run(base: Path, *, seed: int, faults: int | list[str], nodes: int, vms: int,
+        timeout: int, say: Callable[[str], None] = print) -> Report:
+    """A chaos run in folder ``base``: ``faults`` drawn, or that list of kinds in order.
+    Its report (``failures`` empty if it held)."""
+    say(f"chaos: seed {seed}")
+    report = Report(seed, timeout)
+    rng = random.Random(seed)
+    with pg_server() as pg:
+        names = tuple(f"node{i}" for i in range(1, nodes + 1))
+        fleet = Fleet(base, pg.url(), names, vms=vms, timeout=timeout, mount_only=False)
+        try:
+            fleet.start()
+            with Observer(fleet.nodes) as seen:
+                chaos = Chaos(fleet, seen, pg, rng, report)
+                try:
+                    chaos.run(plan(rng, faults) if isinstance(faults, int) else faults, say)
+                except AssertionError as exc:
+                    report.failures.append(str(exc))
+            report.samples, report.rate = len(seen.samples), seen.rate()
+            for at, vm, where in seen.on_two_nodes():
+                report.failures.append(f"{vm} ran on {', '.join(sorted(where))} at once"
+                                       f" ({at - seen.samples[0][0]:.2f} s into the run)")
+            if seen.rate() < 10:
+                report.failures.append(f"the observer sampled {seen.rate():.1f} times a second")
+        finally:
+            fleet.close()
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.chaos", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=None, help="replay a run (default: random)")
+    parser.add_argument("--faults", type=int, default=30)
+    parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument("--vms", type=int, default=4)
+    parser.add_argument("--timeout", type=int, default=5, help="the lease timeout T, seconds")
+    ns = parser.parse_args(argv)
+    seed = ns.seed if ns.seed is not None else random.SystemRandom().randrange(2**32)
+    with tempfile.TemporaryDirectory(prefix="qvd-chaos-") as base:
+        report = run(Path(base), seed=seed, faults=ns.faults, nodes=ns.nodes, vms=ns.vms,
+                     timeout=ns.timeout, say=lambda line: print(line, flush=True))
+    for line in report.lines():
+        print(line)
+    return 1 if report.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
