@@ -155,7 +155,7 @@ class Chaos:
                 return
             if time.monotonic() > deadline:
                 raise AssertionError(f"vm start of {name} kept failing: {result.stderr}")
-            time.sleep(0.2)
+            time.sleep(min(self.timeout / 25, 2.0))
 
     def _all_running(self) -> None:
         """Start whatever is stopped; every VM must then run where the database says,
@@ -188,17 +188,18 @@ class Chaos:
         return None not in db.values() and db == self._nodes_view()
 
 
-def plan(rng: random.Random, faults: int) -> list[str]:
+def plan(rng: random.Random, faults: int, kinds: tuple[str, ...] = KINDS) -> list[str]:
     """``faults`` faults, each kind as often as the others (give or take one), shuffled."""
-    kinds = [KINDS[i % len(KINDS)] for i in range(faults)]
-    rng.shuffle(kinds)
-    return kinds
+    drawn = [kinds[i % len(kinds)] for i in range(faults)]
+    rng.shuffle(drawn)
+    return drawn
 
 
 def run(base: Path, *, seed: int, faults: int | list[str], nodes: int, vms: int,
-        timeout: int, say: Callable[[str], None] = print) -> Report:
-    """A chaos run in folder ``base``: ``faults`` drawn, or that list of kinds in order.
-    Its report (``failures`` empty if it held)."""
+        timeout: int, kinds: tuple[str, ...] = KINDS,
+        say: Callable[[str], None] = print) -> Report:
+    """A chaos run in folder ``base``: ``faults`` drawn from ``kinds``, or that list of
+    kinds in order. Its report (``failures`` empty if it held)."""
     say(f"chaos: seed {seed}")
     report = Report(seed, timeout)
     rng = random.Random(seed)
@@ -210,7 +211,8 @@ def run(base: Path, *, seed: int, faults: int | list[str], nodes: int, vms: int,
             with Observer(fleet.nodes) as seen:
                 chaos = Chaos(fleet, seen, pg, rng, report)
                 try:
-                    chaos.run(plan(rng, faults) if isinstance(faults, int) else faults, say)
+                    chaos.run(plan(rng, faults, kinds) if isinstance(faults, int) else faults,
+                              say)
                 except AssertionError as exc:
                     report.failures.append(str(exc))
             report.samples, report.rate = len(seen.samples), seen.rate()
@@ -232,11 +234,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--vms", type=int, default=4)
     parser.add_argument("--timeout", type=int, default=5, help="the lease timeout T, seconds")
+    parser.add_argument("--kinds", default=",".join(KINDS),
+                        help="the faults to draw from, by comma (default: all)")
     ns = parser.parse_args(argv)
+    kinds = tuple(ns.kinds.split(","))
+    if not set(kinds) <= set(KINDS):
+        parser.error(f"--kinds: choose from {', '.join(KINDS)}")
     seed = ns.seed if ns.seed is not None else random.SystemRandom().randrange(2**32)
     with tempfile.TemporaryDirectory(prefix="qvd-chaos-") as base:
         report = run(Path(base), seed=seed, faults=ns.faults, nodes=ns.nodes, vms=ns.vms,
-                     timeout=ns.timeout, say=lambda line: print(line, flush=True))
+                     timeout=ns.timeout, kinds=kinds, say=lambda line: print(line, flush=True))
     for line in report.lines():
         print(line)
     return 1 if report.failures else 0
