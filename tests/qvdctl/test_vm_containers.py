@@ -446,6 +446,7 @@ def test_a_union_that_cannot_be_idmapped_is_refused_for_an_unprivileged_vm(
     node: Node, kind: str
 ) -> None:
     node.cli.run("config", "set", f"vm.lxc.unionfs.type={kind}")
+    cgroups = _lxc_cgroups()
     error = node.cli.fails("vm", "start", "-f", "name=v")
     assert error == (
         f"Error: vm.lxc.unionfs.type={kind} cannot give an unprivileged container its root; "
@@ -453,7 +454,7 @@ def test_a_union_that_cannot_be_idmapped_is_refused_for_an_unprivileged_vm(
     )
     assert node.state("v") == "stopped"
     assert sorted(p.name for p in (node.root / "overlayfs").iterdir()) == []
-    node.assert_nothing_left(set())
+    node.assert_nothing_left(cgroups)
 
 
 @pytest.mark.timeout(120)
