@@ -7,6 +7,7 @@ on SQLite: the same commands, the same one-line errors.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +15,8 @@ import pytest
 from sqlalchemy import inspect
 
 from qvdctl import nodeconf
-from qvdctl.db import migrations, store
+from qvdctl.db import clock, migrations, store
+from qvdctl.db.engine import Database
 from qvdctl.errors import QvdError
 from qvdctl.node import Node
 from tests.support.postgres import PgServer, postgres  # noqa: F401 (a fixture)
@@ -155,3 +157,19 @@ def test_a_disk_image_of_more_than_2_gib_is_recorded(db_url: str, tmp_path: Path
             assert store.get_di(conn, di)["size"] == 5 << 30
     finally:
         node.close()
+
+
+def test_the_database_clock_is_the_server_s_time_in_epoch_seconds(db_url: str) -> None:
+    """Leases are stamped with it (qvdctl/db/clock.py): epoch seconds, sub-second, ticking."""
+    db = Database(db_url)
+    try:
+        with db.reader() as conn:
+            first = clock.read(conn)
+        with db.reader() as conn:
+            second = clock.read(conn)
+        # The server runs on this machine: its clock is this one's.
+        assert abs(first - time.time()) < 5
+        assert first != int(first) or second != int(second)  # not whole seconds
+        assert second >= first
+    finally:
+        db.close()
