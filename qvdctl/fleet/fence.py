@@ -35,6 +35,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from qvdctl.container.query import monitors
@@ -43,6 +44,7 @@ from qvdproc import processes
 # Named, not __name__: the process runs this module as __main__.
 log = logging.getLogger("qvdctl.fleet.fence")
 
+MODULE = "qvdctl.fleet.fence"
 # Once fired, how often the fence looks again for a container to kill (one being started
 # as the HKD stopped may appear a moment later).
 RECHECK_S = 0.1
@@ -51,8 +53,9 @@ RT_PRIORITY = 1
 _MCL_CURRENT, _MCL_FUTURE = 1, 2
 
 
-def container_inits(lxcpath: Path) -> dict[int, str]:
-    """Pid -> container name of the init of every running ``qvd-*`` container in ``lxcpath``."""
+def container_inits(lxcpath: Path) -> dict[int, tuple[int, str]]:
+    """Pid -> (its monitor's pid, container name) of the init of every running ``qvd-*``
+    container in ``lxcpath``."""
     names = {m.pid: m.name for m in monitors()
              if m.lxcpath == lxcpath and m.name.startswith("qvd-")}
     if not names:
@@ -61,28 +64,35 @@ def container_inits(lxcpath: Path) -> dict[int, str]:
     for pid in (int(entry) for entry in os.listdir(processes.PROC) if entry.isdigit()):
         ppid = processes.parent(pid)
         if ppid in names and processes.alive(pid):
-            inits[pid] = names[ppid]
+            inits[pid] = (ppid, names[ppid])
     return inits
 
 
 def kill_containers(lxcpath: Path) -> list[str]:
     """SIGKILL the init of every container of ``lxcpath``; the names of those killed."""
     killed = []
-    for pid, name in container_inits(lxcpath).items():
-        try:
-            # A pidfd, checked again after opening, cannot hit a pid reused meanwhile.
-            fd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            continue
-        try:
-            if processes.alive(pid):
-                signal.pidfd_send_signal(fd, signal.SIGKILL)
-                killed.append(name)
-        except ProcessLookupError:
-            pass
-        finally:
-            os.close(fd)
+    for pid, (monitor, name) in container_inits(lxcpath).items():
+        if _sigkill(pid, lambda: processes.parent(pid) == monitor):
+            killed.append(name)
     return killed
+
+
+def _sigkill(pid: int, still: Callable[[], bool]) -> bool:
+    """SIGKILL ``pid`` if ``still()`` holds once a pidfd pins it (so a pid reused since it
+    was found is never hit); whether it was sent."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    try:
+        if still():
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+            return True
+    except ProcessLookupError:
+        pass
+    finally:
+        os.close(fd)
+    return False
 
 
 class Fence:
@@ -95,7 +105,7 @@ class Fence:
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         # Its own session: a Ctrl+C for the HKD's terminal must not end the fence too.
-        proc = subprocess.Popen([sys.executable, "-m", "qvdctl.fleet.fence", str(self.lxcpath)],
+        proc = subprocess.Popen([sys.executable, "-m", MODULE, str(self.lxcpath)],
                                 stdin=subprocess.PIPE, start_new_session=True)
         assert proc.stdin is not None
         # A fence that stops reading (stopped itself) must not block the HKD in a write.
@@ -107,6 +117,21 @@ class Fence:
         """The lease holds until ``deadline`` (``time.monotonic()``)."""
         self.deadline = deadline
         self._send(f"feed {deadline!r}\n")
+
+    def retire_others(self) -> None:
+        """End the fences a previous HKD of this node left waiting out its lease.
+
+        Called once this HKD's own lease holds (its fence is fed): from then on the old
+        one would only kill VMs this HKD has taken over.
+        """
+        for pid in self._fences():
+            if pid != self.proc.pid and _sigkill(pid, lambda: pid in self._fences()):
+                log.info("ended fence process %d of a previous HKD", pid)
+
+    def _fences(self) -> list[int]:
+        """The fence processes watching this node's lxcpath."""
+        return [p.pid for p in processes.with_argument(str(self.lxcpath))
+                if MODULE.encode() in p.argv]
 
     def check(self) -> None:
         """Start the fence again if it died, with the deadline it knew."""

@@ -163,6 +163,7 @@ class Hkd:
             log.info("dropped %d claims a previous HKD of this host left", forgotten)
         self.settings = self.node.settings()
         self._renewed(sent)
+        self.fence.retire_others()
         self._reconcile()
         with self.node.db.writer() as conn:
             lease.set_state(conn, self.host_id, HostState.RUNNING)

@@ -157,3 +157,31 @@ def test_node_clocks_minutes_apart_agree_on_leases(
         assert "host node-a: no heartbeat" in b.log_text()
     finally:
         f.close()
+
+
+def test_an_hkd_restarted_at_once_keeps_its_vm_and_ends_the_old_fence(
+    postgres: PgServer, tmp_path: Path,  # noqa: F811
+) -> None:
+    """The killed HKD's fence waits out the old lease; the new HKD, once its own lease
+    holds, ends it, so the VM it took over is not killed at the old deadline."""
+    f = Fleet(tmp_path, postgres.url(), ("node-a",), vms=1, timeout=TIMEOUT, mount_only=False)
+    try:
+        f.start()
+        a = f.nodes["node-a"]
+        f.admin.run("vm", "start", "-f", "name=v1")
+        (old,) = a.fences()
+        a.signal(signal.SIGKILL)
+        a.wait()
+        killed = time.monotonic()
+        a.start()
+        f.until_running("node-a")
+        until(lambda: old not in a.fences(), "the old fence to end", 10)
+        assert f"ended fence process {old} of a previous HKD" in a.log_text()
+        # Until well past the old lease's deadline: v1 keeps running.
+        until(lambda: time.monotonic() - killed > lease.valid_for(TIMEOUT) + 2,
+              "the old deadline to pass", 2 * TIMEOUT)
+        assert "fence: the lease ran out" not in a.log_text()
+        assert a.in_ns("lxc-ls", "-P", str(a.lxcpath), "--running").stdout.split() == ["qvd-1"]
+        assert f.admin.vms()["v1"]["State"] == "running"
+    finally:
+        f.close()
