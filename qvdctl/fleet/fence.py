@@ -48,6 +48,9 @@ MODULE = "qvdctl.fleet.fence"
 # Once fired, how often the fence looks again for a container to kill (one being started
 # as the HKD stopped may appear a moment later).
 RECHECK_S = 0.1
+# With its HKD gone, the fence exits once it has found nothing to kill for this long
+# after the deadline (a start the HKD began may still bring a container up).
+SETTLE_S = 2.0
 # The real-time priority of the fence: the lowest, above every ordinary process.
 RT_PRIORITY = 1
 _MCL_CURRENT, _MCL_FUTURE = 1, 2
@@ -194,7 +197,7 @@ def run(lxcpath: Path, feeds: int) -> int:
                 log.warning("fence: the lease ran out %.2f s ago; killed %s", now - deadline,
                             ", ".join(killed) or "nothing (no container ran)")
             fired = True
-            if hkd_gone and not killed:
+            if hkd_gone and not killed and now - deadline >= SETTLE_S:
                 return 0
             wait: float | None = RECHECK_S
         elif hkd_gone:
