@@ -242,7 +242,7 @@ class Pyfuse3Operations(pyfuse3.Operations):
 
     @_errors
     async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
-        return self.fs.write(self._file_inodes[fh], fh, off, memoryview(buf), False)
+        return self.fs.write(self._file_inodes[fh], fh, off, memoryview(buf), None)
 
     @_errors
     async def flush(self, fh: FileHandleT) -> None:

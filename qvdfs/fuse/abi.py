@@ -242,10 +242,8 @@ WRITE_OUT = struct.Struct("<II")                 # size, padding
 # blocks, bfree, bavail, files, ffree, bsize, namelen, frsize, padding, spare[6]
 STATFS_OUT = struct.Struct("<QQQQQIIII24x")
 FSYNC_IN = struct.Struct("<QII")                 # fh, fsync_flags, padding
-# size, flags (the compat layout: we never ask for SETXATTR_EXT, whose struct adds
-# setxattr_flags and padding)
-SETXATTR_IN = struct.Struct("<II")
-SETXATTR_EXT_IN = struct.Struct("<IIII")
+SETXATTR_IN = struct.Struct("<II")               # size, flags (without SETXATTR_EXT)
+SETXATTR_EXT_IN = struct.Struct("<IIII")         # size, flags, setxattr_flags, padding
 GETXATTR_IN = struct.Struct("<II")               # size, padding
 GETXATTR_OUT = struct.Struct("<II")              # size, padding
 ACCESS_IN = struct.Struct("<II")                 # mask, padding
