@@ -249,7 +249,7 @@ GETXATTR_OUT = struct.Struct("<II")              # size, padding
 ACCESS_IN = struct.Struct("<II")                 # mask, padding
 INTERRUPT_IN = struct.Struct("<Q")               # unique
 FALLOCATE_IN = struct.Struct("<QQQII")           # fh, offset, length, mode, padding
-LSEEK_IN = struct.Struct("<QQII")                # fh, offset, whence, padding
+LSEEK_IN = struct.Struct("<QqII")                # fh, offset (signed), whence, padding
 LSEEK_OUT = struct.Struct("<Q")                  # offset
 # fh_in, off_in, nodeid_out, fh_out, off_out, len, flags
 COPY_FILE_RANGE_IN = struct.Struct("<QQQQQQQ")

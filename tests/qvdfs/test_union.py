@@ -463,3 +463,18 @@ def test_root_keeps_setid_bits_when_it_writes(union: Union) -> None:
     with open(union.mnt / "usr/bin/setid", "r+b") as f:
         f.write(b"#")
     assert stat.S_IMODE(os.stat(union.mnt / "usr/bin/setid").st_mode) == 0o4755
+
+
+@pytest.mark.parametrize("whence", [os.SEEK_DATA, os.SEEK_HOLE])
+def test_seek_data_or_hole_before_the_start_is_enxio(union: Union, whence: int) -> None:
+    """generic/448: a negative offset is ENXIO, as on the branch (it used to be EIO: the
+    offset was read unsigned)."""
+    path = union.mnt / "etc/passwd"
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(OSError) as raised:
+            os.lseek(fd, -1, whence)
+        assert raised.value.errno == errno.ENXIO
+        assert os.lseek(fd, 0, whence) == (0 if whence == os.SEEK_DATA else path.stat().st_size)
+    finally:
+        os.close(fd)
