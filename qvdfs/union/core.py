@@ -91,7 +91,10 @@ class Union:
         return self.index.stat(node)
 
     def nlink(self, node: Node, st: os.stat_result) -> int:
-        """Link count as the union shows it: a merged directory counts its merged subdirs."""
+        """Link count as the union shows it: a merged directory counts its merged subdirs,
+        and a removed one (still open, or replaced by a rename) none."""
+        if node.is_dir and node.unlinked:
+            return 0
         if node.is_dir and len(node.layers) > 1:
             return 2 + sum(1 for child in self.index.listing(node).values() if child.is_dir)
         return st.st_nlink
