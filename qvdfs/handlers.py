@@ -64,10 +64,12 @@ class UnionFilesystem:
         self.lock = self.index.lock
         self.attr_timeout = config.attr_timeout
         self.features: frozenset[str] = frozenset()
-        # Set by the backend: drop the kernel's cached entry parent/name, and a node's
-        # cached attributes and data. Both may be called with the index lock held.
+        # Set by the backend: drop the kernel's cached entry parent/name, a node's cached
+        # attributes and data (both queued), and its attributes alone (at once). All may be
+        # called with the index lock held.
         self.invalidate_entry: Callable[[int, bytes], None] = lambda parent, name: None
         self.invalidate_inode: Callable[[int], None] = lambda node_id: None
+        self.invalidate_attributes: Callable[[int], None] = lambda node_id: None
         self.index.invalidate = self._entry_changed
         # node id -> (generation, entries) of the listing a readdir stream is reading
         self._listings: collections.OrderedDict[int, tuple[int, list[tuple[bytes, Node]]]] = \
@@ -161,7 +163,7 @@ class UnionFilesystem:
                                size=changes.size, atime_ns=changes.atime_ns,
                                mtime_ns=changes.mtime_ns, fh=fh)
             if changes.kill_suidgid and changes.mode is None:
-                self.union.kill_privileges(node, _caller_in_group(ctx))
+                self.union.kill_privileges(node, _caller_in_group(ctx))  # the reply has the mode
             return self._attrs(node), self.attr_timeout
 
     def readlink(self, node_id: int, ctx: Context) -> bytes:
@@ -255,7 +257,7 @@ class UnionFilesystem:
             fh = self.union.files.open(node, flags)
             if kill_suidgid:
                 try:
-                    self.union.kill_privileges(node, _caller_in_group(ctx))
+                    self._kill_privileges(node, ctx)
                 except BaseException:
                     self.union.files.release(fh)  # the kernel gets an error, not a handle
                     raise
@@ -292,7 +294,13 @@ class UnionFilesystem:
             return
         caller = processes.credentials(ctx.pid)
         if caller is None or not caller.capable(CAP_FSETID):
-            self.union.kill_privileges(node, _caller_in_group(ctx))
+            self._kill_privileges(node, ctx)
+
+    def _kill_privileges(self, node: Node, ctx: Context) -> None:
+        if self.union.kill_privileges(node, _caller_in_group(ctx)):
+            # The kernel keeps the mode it cached: after a write or an fallocate it asks
+            # again for sizes and times only.
+            self.invalidate_attributes(node.id)
 
     def _fd(self, fh: int) -> int:
         with self.lock:
@@ -307,7 +315,7 @@ class UnionFilesystem:
             handle = self.union.files.get(fh)
             stale(handle.node)
             if unprivileged is not None:
-                self.union.kill_privileges(handle.node, _caller_in_group(unprivileged))
+                self._kill_privileges(handle.node, unprivileged)
             fd = handle.fd
         return os.pwrite(fd, data, offset)
 

@@ -381,6 +381,14 @@ class Session:
         self._notify_q.put((abi.NotifyCode.INVAL_INODE,
                             abi.NOTIFY_INVAL_INODE_OUT.pack(node_id, offset, length)))
 
+    def invalidate_attributes(self, node_id: int) -> None:
+        """Drop the kernel's cached attributes of ``node_id`` now, before the reply to the
+        request in hand: with no page to drop the kernel takes no lock for it, so unlike the
+        queued notifications it cannot wait on that request, and the caller's next stat
+        sees the change."""
+        self._send_notification(abi.NotifyCode.INVAL_INODE,
+                                abi.NOTIFY_INVAL_INODE_OUT.pack(node_id, -1, 0))
+
     def notify_delete(self, parent: int, child: int, name: bytes) -> None:
         """Tell the kernel ``name`` (node ``child``) left ``parent``."""
         self._notify_q.put((abi.NotifyCode.DELETE,
@@ -502,13 +510,15 @@ class Session:
             if isinstance(item, threading.Event):
                 item.set()
                 continue
-            code, payload = item
-            try:
-                os.writev(self.fd, (_OUT.pack(16 + len(payload), code, 0), payload))
-            except OSError as exc:
-                # ENOENT: the kernel had nothing cached; ENODEV: unmounted meanwhile.
-                if exc.errno not in (errno.ENOENT, errno.ENODEV):
-                    log.warning("FUSE notification %s failed: %s", abi.NotifyCode(code), exc)
+            self._send_notification(*item)
+
+    def _send_notification(self, code: int, payload: bytes) -> None:
+        try:
+            os.writev(self.fd, (_OUT.pack(16 + len(payload), code, 0), payload))
+        except OSError as exc:
+            # ENOENT: the kernel had nothing cached; ENODEV: unmounted meanwhile.
+            if exc.errno not in (errno.ENOENT, errno.ENODEV):
+                log.warning("FUSE notification %s failed: %s", abi.NotifyCode(code), exc)
 
     def _destroy(self) -> None:
         with self._destroy_lock:

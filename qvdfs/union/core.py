@@ -330,16 +330,17 @@ class Union:
             return False
         return True
 
-    def kill_privileges(self, node: Node, caller_in_group: Callable[[int], bool]) -> None:
+    def kill_privileges(self, node: Node, caller_in_group: Callable[[int], bool]) -> bool:
         """Drop set-id bits (see ``dropped_by_change``) and file capabilities, as the kernel
-        does when an unprivileged caller writes, truncates, allocates or chowns."""
+        does when an unprivileged caller writes, truncates, allocates or chowns; whether
+        anything was dropped."""
         with self.index.changing(node):
             dirfd, name = self.index.entry_ref(node, node.branch)
             st = syscalls.lstat_at(dirfd, name)
             kill = dropped_by_change(st.st_mode, st.st_gid, caller_in_group)
             has_cap = self._has_capability(node)
             if not (kill or has_cap):
-                return
+                return False
             copyup.copy_up(self.index, node, data=False)
             dirfd, name = self.index.entry_ref(node, node.branch)
             if kill:
@@ -347,6 +348,7 @@ class Union:
             if has_cap:
                 with contextlib.suppress(OSError):
                     syscalls.removexattr_at(dirfd, name, CAPABILITY_XATTR)
+            return True
 
     def drop_setgid(self, node: Node) -> None:
         """Drop the set-group-id bit, as the kernel does when a caller outside the file's

@@ -104,7 +104,12 @@ def _as_user(script: str, path: Path, *ids: str) -> subprocess.CompletedProcess[
 
 
 def _mode(path: Path) -> int:
-    return stat.S_IMODE(os.stat(path).st_mode)
+    """The mode as ``stat -c %a`` shows it: statx asks for the mode alone, so the kernel
+    answers from its cache unless the mode was invalidated (``os.stat`` asks for times and
+    sizes too, which a write invalidates, and so would hide a stale mode)."""
+    shown = subprocess.run(["stat", "-c", "%a", str(path)], capture_output=True, text=True,
+                           check=True, timeout=30)
+    return int(shown.stdout, 8)
 
 
 def test_every_unprivileged_change_of_data_drops_setid_bits() -> None:
@@ -117,6 +122,8 @@ def test_every_unprivileged_change_of_data_drops_setid_bits() -> None:
         for change, place, mode in _cases():
             name = _name(change, place, mode)
             for kind, target in targets.items():
+                # The kernel caches the mode it sees now: the change must reach that cache.
+                assert _mode(target.mnt / name) == mode
                 done = _as_user(CHANGES[change], target.mnt / name)
                 assert done.returncode == 0, (kind, change, done.stderr)
                 got = _mode(target.mnt / name)
