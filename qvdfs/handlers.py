@@ -115,10 +115,16 @@ class UnionFilesystem:
         node.attr = attr
         return attr
 
+    def _attr_timeout(self, node: Node) -> float:
+        """How long the kernel may keep ``node``'s attributes: not at all while the file is
+        open for writing, since a shared mapping of a passed-through file changes its times
+        with no request to anybody; the first stat after the last close asks again."""
+        return 0.0 if node.has_writer() else self.attr_timeout
+
     def _entry(self, node: Node, st: os.stat_result | None = None) -> Entry:
         """An entry handed to the kernel, which now holds one more lookup of ``node``."""
         entry = Entry(node.id, self._attrs(node, st), self.config.entry_timeout,
-                      self.attr_timeout)
+                      self._attr_timeout(node))
         node.lookups += 1
         return entry
 
@@ -153,7 +159,8 @@ class UnionFilesystem:
 
     def getattr(self, node_id: int, fh: int | None, ctx: Context) -> tuple[Attr, float]:
         with self.lock:
-            return self._attrs(self._node(node_id)), self.attr_timeout
+            node = self._node(node_id)
+            return self._attrs(node), self._attr_timeout(node)
 
     def setattr(self, node_id: int, fh: int | None, changes: SetattrChanges,
                 ctx: Context) -> tuple[Attr, float]:
@@ -164,7 +171,7 @@ class UnionFilesystem:
                                mtime_ns=changes.mtime_ns, fh=fh)
             if changes.kill_suidgid and changes.mode is None:
                 self.union.kill_privileges(node, _caller_in_group(ctx))  # the reply has the mode
-            return self._attrs(node), self.attr_timeout
+            return self._attrs(node), self._attr_timeout(node)
 
     def readlink(self, node_id: int, ctx: Context) -> bytes:
         with self.lock:
@@ -261,7 +268,12 @@ class UnionFilesystem:
                 except BaseException:
                     self.union.files.release(fh)  # the kernel gets an error, not a handle
                     raise
-            return self._opened(fh)
+            opened = self._opened(fh)
+            if opened.backing_fd is not None and node.has_writer():
+                # What the kernel cached before this open would outlive writes through a
+                # mapping of it (see _attr_timeout).
+                self.invalidate_attributes(node.id)
+            return opened
 
     def create(self, parent: int, name: bytes, mode: int, flags: int,
                ctx: Context) -> tuple[Entry, Opened]:
@@ -423,7 +435,8 @@ class UnionFilesystem:
                     attr = self._attrs(child)
                 except OSError:
                     continue
-                entry = Entry(child.id, attr, self.config.entry_timeout, self.attr_timeout)
+                entry = Entry(child.id, attr, self.config.entry_timeout,
+                              self._attr_timeout(child))
                 if not add(name, entry, (generation << 32) | (i + 1)):
                     return
                 # The kernel takes a lookup reference for every entry but "." and "..".
