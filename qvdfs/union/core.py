@@ -75,9 +75,8 @@ class Union:
     # -- attributes ---------------------------------------------------------------------
 
     def getattr(self, node: Node) -> os.stat_result:
-        if node.unlinked and node.handles:
-            return os.fstat(node.handles[0].fd)
-        return self.index.stat(node)
+        fd = self.files.fd_of(node) if node.unlinked else None
+        return self.index.stat(node) if fd is None else os.fstat(fd)
 
     def nlink(self, node: Node, st: os.stat_result) -> int:
         """Link count as the union shows it: a merged directory counts its merged subdirs."""
