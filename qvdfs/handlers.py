@@ -30,7 +30,7 @@ from qvdfs.fuse.filesystem import (
     Opened,
     SetattrChanges,
 )
-from qvdfs.union import syscalls
+from qvdformat import syscalls
 from qvdfs.union.core import Union, dropped_by_write
 from qvdfs.union.handles import backing_flags
 from qvdfs.union.tree import Node, stale

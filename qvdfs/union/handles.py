@@ -17,7 +17,8 @@ import contextlib
 import errno
 import os
 
-from qvdfs.union import copyup, markers, syscalls
+from qvdformat import syscalls
+from qvdfs.union import copyup
 from qvdfs.union.tree import Index, Node, stale
 
 # O_DIRECT too: the kernel hands the daemon buffers of any alignment, and a passthrough
@@ -145,7 +146,7 @@ class OpenFiles:
                 os.close(fd)
         if self.index.is_metacopy(node):
             pfd = self.index.parent_fd(node, node.branch)
-            for attr in (markers.METACOPY_XATTR, markers.REDIRECT_XATTR):
+            for attr in (node.stack.xattrs.metacopy, node.stack.xattrs.redirect):
                 with contextlib.suppress(OSError):
                     syscalls.removexattr_at(pfd, node.name, attr)
             self.index.drop_data_location(node)

@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from qvdfs.config import WhiteoutFormat
-from qvdfs.union import markers, syscalls
+from qvdformat import markers, syscalls
 from qvdfs.union.branch import Stack
 
 log = logging.getLogger(__name__)
@@ -346,7 +346,7 @@ class Index:
                         closed.add(name)  # recreated after a delete: opaque
                     if b == stack.upper:
                         dir_.whiteouts.setdefault(name, WhiteoutFormat.UNIONFS)
-            if fd is not None and markers.is_opaque(fd):
+            if fd is not None and markers.is_opaque(fd, b".", stack.xattrs):
                 break
         dir_.layers = layers
         grafts = self._grafts.get(tuple(self.parts(dir_)), {}) if stack is self.root.stack else {}
@@ -393,22 +393,30 @@ class Index:
     def _follow_redirect(self, dir_: Node, node: Node, fd: int, upper: int) -> bool:
         """Merge an upper directory (in branch ``upper``) with the lower path its redirect
         names, if it has one."""
-        target = markers.redirect(fd, node.name)
-        if target is None:
+        node.redirect = self._redirect(dir_, fd, node.name)
+        if node.redirect is None:
             return False
-        if target.startswith(b"/"):
-            node.redirect = [p for p in target.split(b"/") if p]
-        else:
-            base = dir_.redirect if dir_.redirect is not None else self.parts(dir_)
-            node.redirect = [*base, target]
         for b in range(upper + 1, len(node.stack.branches)):
             fd_b = self.dir_fd(node, b)
             if fd_b is not None:
                 node.layers.append(b)
-                if markers.is_opaque(fd_b):
+                if markers.is_opaque(fd_b, b".", node.stack.xattrs):
                     break
         node.in_lower = True
         return True
+
+    def _redirect(self, parent: Node, pfd: int, name: bytes) -> list[bytes] | None:
+        """The lower path (from the stack root) that the redirect xattr of the upper entry
+        ``parent/name`` names, if it has one."""
+        target = markers.redirect(pfd, name, parent.stack.xattrs)
+        if target is None:
+            return None
+        absolute, parts = target
+        return parts if absolute else [*self._lower_parts(parent), *parts]
+
+    def _lower_parts(self, dir_: Node) -> list[bytes]:
+        """Where the lower part of directory ``dir_`` is: its own path unless redirected."""
+        return dir_.redirect if dir_.redirect is not None else self.parts(dir_)
 
     def is_metacopy(self, node: Node) -> bool:
         """True for a file whose upper entry holds metadata only."""
@@ -436,15 +444,12 @@ class Index:
         if upper is None or node.branch != upper:  # (a file: never a stack root)
             return
         pfd = self.parent_fd(node, node.branch)
-        if not markers.has_metacopy(pfd, node.name):
+        if not markers.has_metacopy(pfd, node.name, node.stack.xattrs):
             return
         assert node.parent is not None
-        target = markers.redirect(pfd, node.name)
-        if target is not None and target.startswith(b"/"):
-            parts = [p for p in target.split(b"/") if p]
-        else:
-            base = node.parent.redirect if node.parent.redirect is not None else self.parts(node.parent)
-            parts = [*base, target if target is not None else node.name]
+        parts = self._redirect(node.parent, pfd, node.name)
+        if parts is None:
+            parts = [*self._lower_parts(node.parent), node.name]
         for b in range(upper + 1, len(node.stack.branches)):
             fd = markers.walk(node.stack.branches[b].root_fd, parts[:-1])
             if fd is None:

@@ -19,7 +19,7 @@ import pytest
 from qvdfs import cmdline
 from qvdfs.fuse.filesystem import ROOT_ID, Context, Entry, SetattrChanges
 from qvdfs.handlers import UnionFilesystem
-from qvdfs.union import markers
+from qvdformat import markers
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -142,7 +142,7 @@ def test_rmdir_then_mkdir_makes_an_opaque_directory(fs: UnionFilesystem,
     fs.mkdir(ROOT_ID, b"empty", 0o755, ROOT)
     upper_dir = branches["upper"] / "empty"
     assert upper_dir.is_dir()
-    assert os.getxattr(upper_dir, markers.OPAQUE_XATTR) == b"y"
+    assert os.getxattr(upper_dir, markers.TRUSTED.opaque) == b"y"
     assert errno_of(lambda: fs.rmdir(ROOT_ID, b"dir", ROOT)) == errno.ENOTEMPTY
 
 
@@ -168,7 +168,7 @@ def test_chmod_copies_metadata_only(fs: UnionFilesystem, branches: dict[str, Pat
     attr, _ = fs.setattr(node, None, SetattrChanges(mode=0o600), ROOT)
     assert stat.S_IMODE(attr.mode) == 0o600
     upper = branches["upper"] / "file"
-    assert os.getxattr(upper, markers.METACOPY_XATTR) == b""
+    assert os.getxattr(upper, markers.TRUSTED.metacopy) == b""
     assert os.stat(upper).st_blocks == 0  # sparse: the data stays in the base
     opened = fs.open(node, os.O_RDONLY, ROOT)
     assert fs.read(node, opened.fh, 0, 100) == b"base data"
@@ -238,7 +238,7 @@ def test_readdir_offsets_resume_the_listing_they_started(fs: UnionFilesystem) ->
 def test_whiteouts_cannot_be_forged(fs: UnionFilesystem) -> None:
     assert errno_of(lambda: fs.mknod(ROOT_ID, b"w", stat.S_IFCHR | 0o600, 0, ROOT)) == errno.EPERM
     node = lookup(fs, "file").node_id
-    assert errno_of(lambda: fs.setxattr(node, markers.OPAQUE_XATTR, b"y", 0, ROOT)) == errno.EPERM
+    assert errno_of(lambda: fs.setxattr(node, markers.TRUSTED.opaque, b"y", 0, ROOT)) == errno.EPERM
     assert fs.lookup(ROOT_ID, markers.WORK_DIR, ROOT).node_id == 0  # never shown
 
 
@@ -290,7 +290,7 @@ def test_remove_rename_and_create_in_either_whiteout_format(branches: dict[str, 
         fs.mkdir(ROOT_ID, b"dir", 0o755, ROOT)
         assert names(fs, "dir") == []
         if fmt == "overlay":
-            assert os.getxattr(branches["upper"] / "dir", markers.OPAQUE_XATTR) == b"y"
+            assert os.getxattr(branches["upper"] / "dir", markers.TRUSTED.opaque) == b"y"
         else:
             assert hidden_on_disk(branches, fmt, "dir")  # the marker keeps it opaque
         fs.rmdir(ROOT_ID, b"empty", ROOT)
