@@ -142,12 +142,15 @@ class Merge:
     """The merged tree of ``lower`` (the base) under ``upper`` (the overlay), walked once.
 
     ``entries()`` yields every entry of the merged tree, parents first;
-    ``removed`` then holds the base paths the overlay hides.
+    ``removed`` then holds the base paths the overlay hides. ``xattrs``: the namespace of
+    the overlay's xattrs (a node's unions write ``TRUSTED``).
     """
 
-    def __init__(self, upper: Path, lower: Path) -> None:
+    def __init__(self, upper: Path, lower: Path, xattrs: markers.OverlayXattrs = XATTRS
+                 ) -> None:
         self.upper = upper
         self.lower = lower
+        self.xattrs = xattrs
         self.removed: list[bytes] = []
 
     def entries(self) -> Iterator[Entry]:
@@ -207,7 +210,7 @@ class Merge:
                 continue
             change = "added" if b is None else (None if _same(u, b) else "changed")
             if stat.S_ISDIR(u.st.st_mode):
-                child_opaque = name in hidden or markers.is_opaque(u.dir_fd, u.name, XATTRS)
+                child_opaque = name in hidden or markers.is_opaque(u.dir_fd, u.name, self.xattrs)
                 below = None if child_opaque else self._redirected(u, lower_fd, lo)
                 child_markers = _child_markers(marker_dirs, name)
                 try:
@@ -218,7 +221,7 @@ class Merge:
                     close(*child_markers)
                 continue
             data = u
-            if stat.S_ISREG(u.st.st_mode) and markers.has_metacopy(u.dir_fd, u.name, XATTRS):
+            if stat.S_ISREG(u.st.st_mode) and markers.has_metacopy(u.dir_fd, u.name, self.xattrs):
                 data = self._metacopy_data(child, u, lower_fd, lo)
             yield from self._emit(child, u, data, b, upper=None, lower=None,
                                   marker_dirs=[], opaque=False, change=change)
@@ -293,10 +296,9 @@ class Merge:
             )
         return same
 
-    @staticmethod
-    def _redirect(upper: Source) -> tuple[bool, list[bytes]] | None:
+    def _redirect(self, upper: Source) -> tuple[bool, list[bytes]] | None:
         try:
-            return markers.redirect(upper.dir_fd, upper.name, XATTRS)
+            return markers.redirect(upper.dir_fd, upper.name, self.xattrs)
         except markers.FormatError as exc:
             raise CommitError(exc.strerror or str(exc)) from None
 
