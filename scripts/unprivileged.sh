@@ -10,6 +10,10 @@ cd "$(dirname "$0")/.."
 # nobody can write neither the tree (so no bytecode) nor a home of its own (it has none).
 as_nobody=(setpriv --reuid=nobody --regid=nogroup --clear-groups --reset-env
            /usr/bin/env HOME=/tmp PYTHONDONTWRITEBYTECODE=1)
+if ! "${as_nobody[@]}" test -r "$PWD/Makefile"; then
+    echo "unprivileged.sh: nobody cannot read $PWD; put the checkout where others may read it" >&2
+    exit 1
+fi
 python=(.venv/bin/python)
 if ! "${as_nobody[@]}" "${python[@]}" -c 'import ctypes' 2>/dev/null; then
     version=$(sed -n 's/^version = \([0-9]*\.[0-9]*\).*/\1/p' .venv/pyvenv.cfg)
