@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import os
 import stat
 from collections.abc import Callable, Iterator
@@ -202,7 +201,3 @@ def check(fs: UnionFilesystem, d: dict[str, Path], *options: str) -> dict[bytes,
         for folder in os.listdir(work):
             assert os.listdir(work / folder) == [], "a change left its temporary files"
     return live
-
-
-def no_such(call: Callable[[], object]) -> bool:
-    return errno_of(call) == errno.ENOENT
