@@ -463,3 +463,32 @@ def test_root_keeps_setid_bits_when_it_writes(union: Union) -> None:
     with open(union.mnt / "usr/bin/setid", "r+b") as f:
         f.write(b"#")
     assert stat.S_IMODE(os.stat(union.mnt / "usr/bin/setid").st_mode) == 0o4755
+
+
+@pytest.mark.parametrize("whence", [os.SEEK_DATA, os.SEEK_HOLE])
+def test_seek_data_or_hole_before_the_start_is_enxio(union: Union, whence: int) -> None:
+    """generic/448: a negative offset is ENXIO, as on the branch (it used to be EIO: the
+    offset was read unsigned)."""
+    path = union.mnt / "etc/passwd"
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(OSError) as raised:
+            os.lseek(fd, -1, whence)
+        assert raised.value.errno == errno.ENXIO
+        assert os.lseek(fd, 0, whence) == (0 if whence == os.SEEK_DATA else path.stat().st_size)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_an_open_entry_replaced_by_a_rename_has_no_links(union: Union, kind: str) -> None:
+    """generic/035: fstat of what a rename replaced says nlink 0 (a folder said 2)."""
+    old, new = union.mnt / "old", union.mnt / "new"
+    for path in (old, new):
+        path.mkdir() if kind == "folder" else path.write_text(path.name)
+    fd = os.open(new, os.O_RDONLY)
+    try:
+        os.rename(old, new)
+        assert os.fstat(fd).st_nlink == 0
+    finally:
+        os.close(fd)

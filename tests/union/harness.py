@@ -97,7 +97,7 @@ def write(fs: UnionFilesystem, path: str, data: bytes, *, offset: int = 0,
     node = node_of(fs, path)
     opened = fs.open(node, flags, CALLER)
     try:
-        assert fs.write(node, opened.fh, offset, memoryview(data), False) == len(data)
+        assert fs.write(node, opened.fh, offset, memoryview(data), None) == len(data)
     finally:
         fs.release(node, opened.fh)
 
@@ -106,7 +106,7 @@ def create(fs: UnionFilesystem, path: str, data: bytes, mode: int = 0o644) -> En
     parent, _, name = path.strip("/").rpartition("/")
     entry, opened = fs.create(node_of(fs, parent), name.encode(), mode, os.O_WRONLY, CALLER)
     try:
-        fs.write(entry.node_id, opened.fh, 0, memoryview(data), False)
+        fs.write(entry.node_id, opened.fh, 0, memoryview(data), None)
     finally:
         fs.release(entry.node_id, opened.fh)
     return entry

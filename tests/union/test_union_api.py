@@ -67,7 +67,7 @@ def test_unlink_of_a_base_file_leaves_a_whiteout(fs: UnionFilesystem,
     assert b"file" not in names(fs)
     # A new file of that name replaces the whiteout.
     entry, opened = fs.create(ROOT_ID, b"file", 0o644, os.O_WRONLY, CALLER)
-    fs.write(entry.node_id, opened.fh, 0, memoryview(b"new"), False)
+    fs.write(entry.node_id, opened.fh, 0, memoryview(b"new"), None)
     fs.release(entry.node_id, opened.fh)
     assert (branches["upper"] / "file").read_text() == "new"
 
@@ -91,7 +91,7 @@ def test_write_open_copies_up_and_read_only_open_does_not(fs: UnionFilesystem,
     assert not (branches["upper"] / "file").exists()
     writer = fs.open(node, os.O_WRONLY, CALLER)
     assert (branches["upper"] / "file").read_text() == "base data"
-    fs.write(node, writer.fh, 0, memoryview(b"BASE"), False)
+    fs.write(node, writer.fh, 0, memoryview(b"BASE"), None)
     # The read-only open follows the file's data to the upper branch.
     assert fs.read(node, opened.fh, 0, 100) == b"BASE data"
     assert (branches["base"] / "file").read_text() == "base data"
@@ -117,7 +117,7 @@ def test_kill_suidgid_clears_setuid(fs: UnionFilesystem, branches: dict[str, Pat
     os.chmod(branches["base"] / "file", 0o6755)
     node = lookup(fs, "file").node_id
     writer = fs.open(node, os.O_WRONLY, CALLER)
-    fs.write(node, writer.fh, 0, memoryview(b"x"), True)
+    fs.write(node, writer.fh, 0, memoryview(b"x"), CALLER)
     fs.release(node, writer.fh)
     upper = branches["upper"] / "file"
     assert stat.S_IMODE(os.stat(upper).st_mode) == 0o755
@@ -216,7 +216,7 @@ def test_remove_rename_and_create_in_either_whiteout_format(branches: dict[str, 
         fs.unlink(ROOT_ID, b"file", CALLER)
         assert hidden_on_disk(branches, fmt, "file")
         entry, opened = fs.create(ROOT_ID, b"file", 0o644, os.O_WRONLY, CALLER)
-        fs.write(entry.node_id, opened.fh, 0, memoryview(b"new"), False)
+        fs.write(entry.node_id, opened.fh, 0, memoryview(b"new"), None)
         fs.release(entry.node_id, opened.fh)
         assert not hidden_on_disk(branches, fmt, "file")  # a file needs no whiteout
         fs.rename(ROOT_ID, b"dir", ROOT_ID, b"moved", 0, CALLER)
