@@ -31,7 +31,7 @@ from qvdfs.fuse.filesystem import (
     Opened,
     SetattrChanges,
 )
-from qvdfs.union import syscalls
+from qvdformat import syscalls
 from qvdfs.union.core import Union, may_drop_privileges
 from qvdfs.union.handles import backing_flags
 from qvdfs.union.tree import Node, stale
@@ -75,6 +75,8 @@ class UnionFilesystem:
         self._listings: collections.OrderedDict[int, tuple[int, list[tuple[bytes, Node]]]] = \
             collections.OrderedDict()
         self._listing_generation = 0
+        # node id -> (node.changes, the attributes last sent to the kernel); see _attrs
+        self._attr_cache: dict[int, tuple[int, Attr]] = {}
 
     def init(self, features: frozenset[str]) -> None:
         self.features = features
@@ -106,13 +108,18 @@ class UnionFilesystem:
         not: while a file is open for writing, passthrough writes and shared mappings change
         its size and times behind our back, so such a file is always asked.
         """
-        attr = node.attr
-        if isinstance(attr, Attr) and not node.unlinked and not node.has_writer():
-            return attr
+        cached = self._attr_cache.get(node.id)
+        if (cached is not None and cached[0] == node.changes and not node.unlinked
+                and not node.has_writer()):
+            return cached[1]
         if st is None:
             st = self.union.getattr(node)
         attr = Attr.from_stat(node.id, st, self.union.nlink(node, st))
-        node.attr = attr
+        if len(self._attr_cache) > 2 * len(self.index.nodes) + 1024:
+            # Node ids are never reused: drop the ones the index has let go, now and then.
+            self._attr_cache = {id_: c for id_, c in self._attr_cache.items()
+                                if id_ in self.index.nodes}
+        self._attr_cache[node.id] = (node.changes, attr)
         return attr
 
     def _attr_timeout(self, node: Node) -> float:

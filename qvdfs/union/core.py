@@ -24,7 +24,8 @@ import stat
 from collections.abc import Callable
 
 from qvdfs.config import MountConfig, MountError
-from qvdfs.union import copyup, markers, rename, syscalls, whiteout
+from qvdformat import markers, syscalls
+from qvdfs.union import copyup, rename, whiteout
 from qvdfs.union.branch import Branch, Stack
 from qvdfs.union.handles import OpenFiles
 from qvdfs.union.tree import Index, Node, stale
@@ -60,12 +61,13 @@ class Union:
             main = [b for b, bc in zip(branches, config.branches) if bc.graft is None]
             if not main:
                 raise MountError("no branch to serve the root of the union")
-            self.stack = Stack(main, config.whiteout_format, config.cow)
+            self.stack = Stack(main, config.whiteout_format, config.cow, config.overlay_xattrs)
             grafts = {}
             for branch, bc in zip(branches, config.branches):
                 if bc.graft is not None:
                     path = tuple(os.fsencode(p) for p in bc.graft.strip("/").split("/"))
-                    grafts[path] = Stack([branch], config.whiteout_format, cow=True)
+                    grafts[path] = Stack([branch], config.whiteout_format, True,
+                                         config.overlay_xattrs)
         except BaseException:
             for branch in branches:
                 branch.close()
@@ -86,9 +88,8 @@ class Union:
     # -- attributes ---------------------------------------------------------------------
 
     def getattr(self, node: Node) -> os.stat_result:
-        if node.unlinked and node.handles:
-            return os.fstat(node.handles[0].fd)
-        return self.index.stat(node)
+        fd = self.files.fd_of(node) if node.unlinked else None
+        return self.index.stat(node) if fd is None else os.fstat(fd)
 
     def nlink(self, node: Node, st: os.stat_result) -> int:
         """Link count as the union shows it: a merged directory counts its merged subdirs,
@@ -299,17 +300,17 @@ class Union:
                          dir_fd=dirfd, follow_symlinks=False)
 
     def getxattr(self, node: Node, attr: bytes) -> bytes:
-        if attr.startswith(markers.OVERLAY_XATTR_PREFIX):
+        if attr.startswith(self.stack.xattrs.prefix):
             raise OSError(errno.ENODATA, "no such attribute")
         return syscalls.getxattr_at(*self.index.entry_ref(node, node.branch), attr)
 
     def listxattr(self, node: Node) -> list[bytes]:
         names = (os.fsencode(n) for n in syscalls.listxattr_at(*self.index.entry_ref(node, node.branch)))
-        return [n for n in names if not n.startswith(markers.OVERLAY_XATTR_PREFIX)]
+        return [n for n in names if not n.startswith(self.stack.xattrs.prefix)]
 
     def setxattr(self, node: Node, attr: bytes, value: bytes, flags: int = 0) -> None:
         """Set ``attr``; ``flags`` are os.XATTR_CREATE / os.XATTR_REPLACE."""
-        if attr.startswith(markers.OVERLAY_XATTR_PREFIX):
+        if attr.startswith(self.stack.xattrs.prefix):
             raise OSError(errno.EPERM, "reserved attribute")
         with self.index.changing(node):
             if flags & os.XATTR_REPLACE:
@@ -360,7 +361,7 @@ class Union:
                 syscalls.chmod_at(dirfd, name, stat.S_IMODE(mode) & ~stat.S_ISGID)
 
     def removexattr(self, node: Node, attr: bytes) -> None:
-        if attr.startswith(markers.OVERLAY_XATTR_PREFIX):
+        if attr.startswith(self.stack.xattrs.prefix):
             raise OSError(errno.EPERM, "reserved attribute")
         with self.index.changing(node):
             self.getxattr(node, attr)  # ENODATA before any copy-up
