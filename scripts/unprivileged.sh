@@ -11,7 +11,18 @@ cd "$(dirname "$0")/.."
 as_nobody=(setpriv --reuid=nobody --regid=nogroup --clear-groups --reset-env
            /usr/bin/env HOME=/tmp PYTHONDONTWRITEBYTECODE=1)
 if ! "${as_nobody[@]}" test -r "$PWD/Makefile"; then
-    echo "unprivileged.sh: nobody cannot read $PWD; put the checkout where others may read it" >&2
+    # A folder above the checkout is closed to others (a clone under /root): show the
+    # checkout to nobody at an open path, in a mount namespace of this run alone.
+    if [ -z "${QVD_UNPRIVILEGED_BOUND:-}" ]; then
+        open_path=$(mktemp -d /tmp/qvd-unprivileged.XXXXXX)
+        chmod 755 "$open_path"
+        trap 'rmdir "$open_path"' EXIT
+        unshare --mount --propagation private env QVD_UNPRIVILEGED_BOUND=1 bash -c \
+            'mount --bind "$1" "$2" && cd "$2" && exec scripts/unprivileged.sh "${@:3}"' \
+            bound "$PWD" "$open_path" "$@"
+        exit $?
+    fi
+    echo "unprivileged.sh: nobody cannot read $PWD, even bound at an open path" >&2
     exit 1
 fi
 python=(.venv/bin/python)
