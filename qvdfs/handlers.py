@@ -177,7 +177,7 @@ class UnionFilesystem:
                                size=changes.size, atime_ns=changes.atime_ns,
                                mtime_ns=changes.mtime_ns, fh=fh)
             if changes.kill_suidgid and changes.mode is None:
-                self.union.kill_privileges(node, _caller_in_group(ctx))  # the reply has the mode
+                self.union.kill_privileges(node, _in_group_or_capable(ctx))  # the reply has the mode
             return self._attrs(node), self._attr_timeout(node)
 
     def readlink(self, node_id: int, ctx: Context) -> bytes:
@@ -316,7 +316,7 @@ class UnionFilesystem:
             self._kill_privileges(node, ctx)
 
     def _kill_privileges(self, node: Node, ctx: Context) -> None:
-        if self.union.kill_privileges(node, _caller_in_group(ctx)):
+        if self.union.kill_privileges(node, _in_group_or_capable(ctx)):
             # The kernel keeps the mode it cached: after a write or an fallocate it asks
             # again for sizes and times only.
             self.invalidate_attributes(node.id)
@@ -473,13 +473,15 @@ class UnionFilesystem:
             self.union.removexattr(self._node(node_id), name)
 
 
-def _caller_in_group(ctx: Context) -> Callable[[int], bool]:
-    """Whether the caller of ``ctx`` is in a group: its filesystem gid, or one of its
-    supplementary groups, which FUSE does not send; ``/proc`` is asked only then (for a
-    set-group-id file that is not group-executable, which is rare)."""
+def _in_group_or_capable(ctx: Context) -> Callable[[int], bool]:
+    """Whether the caller of ``ctx`` is in a group (its filesystem gid, or one of its
+    supplementary groups, which FUSE does not send) or holds CAP_FSETID, which keeps a
+    set-group-id bit the same way (the kernel's ``in_group_or_capable``): root's chown
+    comes with KILL_SUIDGID too. ``/proc`` is asked only past the first test, for a
+    set-group-id file that is not group-executable, which is rare."""
     def in_group(gid: int) -> bool:
         if gid == ctx.gid:
             return True
         caller = processes.credentials(ctx.pid)
-        return caller is not None and caller.in_group(gid)
+        return caller is not None and (caller.in_group(gid) or caller.capable(CAP_FSETID))
     return in_group

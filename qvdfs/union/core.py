@@ -35,13 +35,14 @@ log = logging.getLogger(__name__)
 CAPABILITY_XATTR = b"security.capability"
 
 
-def dropped_by_change(mode: int, gid: int, caller_in_group: Callable[[int], bool]) -> int:
-    """The set-id bits an unprivileged change of a file's data drops from a file of ``mode``
-    and group ``gid``, as the kernel decides it (``setattr_should_drop_suidgid``):
-    set-user-id always; set-group-id when group-executable, and else (it then marks
-    mandatory locking) only when the caller is outside the file's group."""
+def dropped_by_change(mode: int, gid: int, in_group_or_capable: Callable[[int], bool]) -> int:
+    """The set-id bits an unprivileged change of a file's data (or any chown) drops from a
+    file of ``mode`` and group ``gid``, as the kernel decides it
+    (``setattr_should_drop_suidgid``): set-user-id always; set-group-id when
+    group-executable, and else (it then marks mandatory locking) only when the caller is
+    outside the file's group and lacks CAP_FSETID."""
     kill = mode & stat.S_ISUID
-    if mode & stat.S_ISGID and (mode & stat.S_IXGRP or not caller_in_group(gid)):
+    if mode & stat.S_ISGID and (mode & stat.S_IXGRP or not in_group_or_capable(gid)):
         kill |= stat.S_ISGID
     return kill
 
@@ -331,14 +332,14 @@ class Union:
             return False
         return True
 
-    def kill_privileges(self, node: Node, caller_in_group: Callable[[int], bool]) -> bool:
+    def kill_privileges(self, node: Node, in_group_or_capable: Callable[[int], bool]) -> bool:
         """Drop set-id bits (see ``dropped_by_change``) and file capabilities, as the kernel
         does when an unprivileged caller writes, truncates, allocates or chowns; whether
         anything was dropped."""
         with self.index.changing(node):
             dirfd, name = self.index.entry_ref(node, node.branch)
             st = syscalls.lstat_at(dirfd, name)
-            kill = dropped_by_change(st.st_mode, st.st_gid, caller_in_group)
+            kill = dropped_by_change(st.st_mode, st.st_gid, in_group_or_capable)
             has_cap = self._has_capability(node)
             if not (kill or has_cap):
                 return False

@@ -225,3 +225,24 @@ def test_new_entries_in_a_setgid_folder_with_a_default_acl() -> None:
             modes = {n: os.stat(target.mnt / "masked" / n).st_mode for n in ("file", "dir", "node")}
             assert {n: m & (stat.S_ISGID | stat.S_IXGRP) for n, m in modes.items()} == \
                 {"file": 0, "dir": stat.S_ISGID, "node": 0}, kind
+
+
+def test_chown_by_root_drops_setuid_and_an_executable_setgid() -> None:
+    """generic/193: a chown drops set-user-id even for root, and set-group-id only where it
+    means execution (group-executable); root keeps a mandatory-locking set-group-id."""
+    expected = {0o6644: 0o644 | 0o2000, 0o6744: 0o744 | 0o2000, 0o6654: 0o654, 0o6754: 0o754}
+
+    def prepare(root: Path, place: str) -> None:
+        for mode in expected:
+            _make(root / f"chown-{place}-{mode:o}", mode)
+
+    with _targets(prepare) as targets:
+        for kind, target in targets.items():
+            for place in PLACES:
+                for mode, after in expected.items():
+                    path = target.mnt / f"chown-{place}-{mode:o}"
+                    assert _mode(path) == mode
+                    os.chown(path, 1000, 1000)
+                    got = _mode(path)
+                    assert got == after, f"{kind}: chown of a {mode:o} file in the {place} " \
+                        f"left {got:o}, not {after:o}"
