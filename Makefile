@@ -1,5 +1,5 @@
 # Every target installs what it needs first (scripts/setup.sh is idempotent).
-.PHONY: setup demo test chaos bench bench-image bench-fleet bench-cli bench-vm clean
+.PHONY: setup demo test test-fast chaos bench bench-image bench-fleet bench-cli bench-vm clean
 
 setup:
 	bash scripts/setup.sh
@@ -7,13 +7,21 @@ setup:
 demo: setup
 	.venv/bin/python -m tools.demo $(DEMO_ARGS)
 
-# The type checker, the whole suite on the native FUSE session, then the union's tests again
-# on the portable pyfuse3 backend.
+# The fast tier: the union on plain folders, the FUSE ABI and the import graph, run as the
+# unprivileged user nobody (scripts/unprivileged.sh), in seconds.
+FAST_TESTS = tests/union tests/fuse/test_abi.py tests/test_imports.py
+
+# The type checker, the fast tier as nobody, the whole suite (as root) on the native FUSE
+# session, then the union's tests again on the portable pyfuse3 backend.
 test: setup
 	.venv/bin/python -m mypy
+	scripts/unprivileged.sh -m pytest -q -p no:cacheprovider $(FAST_TESTS)
 	.venv/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 	QVDFS_TEST_BACKEND=pyfuse3 .venv/bin/python -m pytest -q -p no:cacheprovider \
 		tests/qvdfs/test_union.py tests/qvdfs/test_differential.py tests/union
+
+test-fast: setup
+	scripts/unprivileged.sh -m pytest -q -p no:cacheprovider $(FAST_TESTS)
 
 # Faults injected into three HKDs on one PostgreSQL (tools/chaos.py): seeded, it prints the
 # seed; CHAOS_ARGS="--seed N" replays a run, "--faults N" sets its length (30: ~15 minutes).

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 from pathlib import Path
 
 from qvdctl.settings import STORAGE_FOLDERS, Settings
@@ -27,6 +28,8 @@ from qvdctl.settings import STORAGE_FOLDERS, Settings
 log = logging.getLogger(__name__)
 
 DELETEME = "deleteme-"
+# rootfs_entry's name, read back
+_ROOTFS_ENTRY = re.compile(r"[0-9]+-([0-9]+)-fs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +82,13 @@ class Storage:
 
     def rootfs_entry(self, user_id: int, vm_id: int) -> Path:
         return self.rootfs / f"{user_id}-{vm_id}-fs"
+
+    def rootfs_vm(self, path: Path) -> int | None:
+        """The VM id of ``path`` if it is a ``rootfs_entry`` of this storage, else None."""
+        if path.parent != self.rootfs.resolve():
+            return None
+        m = _ROOTFS_ENTRY.fullmatch(path.name)
+        return int(m.group(1)) if m else None
 
     def vm_lock(self, vm_id: int) -> Path:
         """The lock file that serialises starts and stops of one VM (see vm/state.py)."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 
+from qvdformat.markers import TRUSTED, OverlayXattrs
+
 
 class WhiteoutFormat(enum.Enum):
     """How deletions are recorded in a writable branch."""
@@ -35,6 +37,9 @@ class MountConfig:
     mountpoint: str
     cow: bool = False
     whiteout_format: WhiteoutFormat = WhiteoutFormat.OVERLAY
+    # Where overlayfs' xattrs live: trusted.overlay.* as the kernel's (the daemon is root);
+    # user.overlay.* lets the fast tests run the union unprivileged (kernel -o userxattr).
+    overlay_xattrs: OverlayXattrs = TRUSTED
     max_files: int | None = None
     relaxed_permissions: bool = False
     chroot: str | None = None

@@ -96,6 +96,7 @@ def run(argv: Sequence[str], *, make_filesystem: FilesystemFactory | None = None
         if hasattr(fs, "invalidate_entry"):
             fs.invalidate_entry = backend.invalidate_entry
             fs.invalidate_inode = backend.invalidate_inode
+            fs.invalidate_attributes = backend.invalidate_attributes
         backend.mount()
         log.info("mounted %s on %s (%s backend)", ":".join(b.path for b in config.branches),
                  config.mountpoint, backend.name)

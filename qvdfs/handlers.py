@@ -20,6 +20,7 @@ import stat
 from collections.abc import Callable
 
 from qvdfs.config import MountConfig
+from qvdproc import processes
 from qvdfs.fuse.abi import FOPEN_CACHE_DIR, FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE
 from qvdfs.fuse.filesystem import (
     AddDirEntry,
@@ -30,12 +31,14 @@ from qvdfs.fuse.filesystem import (
     Opened,
     SetattrChanges,
 )
-from qvdfs.union import syscalls
-from qvdfs.union.core import Union, dropped_by_write
+from qvdformat import syscalls
+from qvdfs.union.core import Union, may_drop_privileges
 from qvdfs.union.handles import backing_flags
 from qvdfs.union.tree import Node, stale
 
 NAME_MAX = 255
+# linux/capability.h: what lets a caller change a file and keep its set-id bits.
+CAP_FSETID = 4
 # Directory listings kept for readdir streams in progress (see _snapshot).
 MAX_LISTING_SNAPSHOTS = 256
 
@@ -61,15 +64,19 @@ class UnionFilesystem:
         self.lock = self.index.lock
         self.attr_timeout = config.attr_timeout
         self.features: frozenset[str] = frozenset()
-        # Set by the backend: drop the kernel's cached entry parent/name, and a node's
-        # cached attributes and data. Both may be called with the index lock held.
+        # Set by the backend: drop the kernel's cached entry parent/name, a node's cached
+        # attributes and data (both queued), and its attributes alone (at once). All may be
+        # called with the index lock held.
         self.invalidate_entry: Callable[[int, bytes], None] = lambda parent, name: None
         self.invalidate_inode: Callable[[int], None] = lambda node_id: None
+        self.invalidate_attributes: Callable[[int], None] = lambda node_id: None
         self.index.invalidate = self._entry_changed
         # node id -> (generation, entries) of the listing a readdir stream is reading
         self._listings: collections.OrderedDict[int, tuple[int, list[tuple[bytes, Node]]]] = \
             collections.OrderedDict()
         self._listing_generation = 0
+        # node id -> (node.changes, the attributes last sent to the kernel); see _attrs
+        self._attr_cache: dict[int, tuple[int, Attr]] = {}
 
     def init(self, features: frozenset[str]) -> None:
         self.features = features
@@ -101,19 +108,30 @@ class UnionFilesystem:
         not: while a file is open for writing, passthrough writes and shared mappings change
         its size and times behind our back, so such a file is always asked.
         """
-        attr = node.attr
-        if isinstance(attr, Attr) and not node.unlinked and not node.has_writer():
-            return attr
+        cached = self._attr_cache.get(node.id)
+        if (cached is not None and cached[0] == node.changes and not node.unlinked
+                and not node.has_writer()):
+            return cached[1]
         if st is None:
             st = self.union.getattr(node)
         attr = Attr.from_stat(node.id, st, self.union.nlink(node, st))
-        node.attr = attr
+        if len(self._attr_cache) > 2 * len(self.index.nodes) + 1024:
+            # Node ids are never reused: drop the ones the index has let go, now and then.
+            self._attr_cache = {id_: c for id_, c in self._attr_cache.items()
+                                if id_ in self.index.nodes}
+        self._attr_cache[node.id] = (node.changes, attr)
         return attr
+
+    def _attr_timeout(self, node: Node) -> float:
+        """How long the kernel may keep ``node``'s attributes: not at all while the file is
+        open for writing, since a shared mapping of a passed-through file changes its times
+        with no request to anybody; the first stat after the last close asks again."""
+        return 0.0 if node.has_writer() else self.attr_timeout
 
     def _entry(self, node: Node, st: os.stat_result | None = None) -> Entry:
         """An entry handed to the kernel, which now holds one more lookup of ``node``."""
         entry = Entry(node.id, self._attrs(node, st), self.config.entry_timeout,
-                      self.attr_timeout)
+                      self._attr_timeout(node))
         node.lookups += 1
         return entry
 
@@ -148,7 +166,8 @@ class UnionFilesystem:
 
     def getattr(self, node_id: int, fh: int | None, ctx: Context) -> tuple[Attr, float]:
         with self.lock:
-            return self._attrs(self._node(node_id)), self.attr_timeout
+            node = self._node(node_id)
+            return self._attrs(node), self._attr_timeout(node)
 
     def setattr(self, node_id: int, fh: int | None, changes: SetattrChanges,
                 ctx: Context) -> tuple[Attr, float]:
@@ -158,8 +177,8 @@ class UnionFilesystem:
                                size=changes.size, atime_ns=changes.atime_ns,
                                mtime_ns=changes.mtime_ns, fh=fh)
             if changes.kill_suidgid and changes.mode is None:
-                self.union.kill_privileges(node)
-            return self._attrs(node), self.attr_timeout
+                self.union.kill_privileges(node, _in_group_or_capable(ctx))  # the reply has the mode
+            return self._attrs(node), self._attr_timeout(node)
 
     def readlink(self, node_id: int, ctx: Context) -> bytes:
         with self.lock:
@@ -252,11 +271,16 @@ class UnionFilesystem:
             fh = self.union.files.open(node, flags)
             if kill_suidgid:
                 try:
-                    self.union.kill_privileges(node)
+                    self._kill_privileges(node, ctx)
                 except BaseException:
                     self.union.files.release(fh)  # the kernel gets an error, not a handle
                     raise
-            return self._opened(fh)
+            opened = self._opened(fh)
+            if opened.backing_fd is not None and node.has_writer():
+                # What the kernel cached before this open would outlive writes through a
+                # mapping of it (see _attr_timeout).
+                self.invalidate_attributes(node.id)
+            return opened
 
     def create(self, parent: int, name: bytes, mode: int, flags: int,
                ctx: Context) -> tuple[Entry, Opened]:
@@ -274,7 +298,28 @@ class UnionFilesystem:
             entry = self._entry(node)
             assert entry.attr is not None
             # A new file has no capability; its set-id bits are the ones asked for.
-            return entry, self._opened(fh, privileged=bool(dropped_by_write(entry.attr.mode)))
+            return entry, self._opened(fh, privileged=may_drop_privileges(entry.attr.mode))
+
+    def _drop_privileges_unasked(self, node: Node, ctx: Context) -> None:
+        """Drop set-id bits and capabilities before a change the kernel sends no
+        KILL_SUIDGID flag with (fallocate, copy_file_range): with HANDLE_KILLPRIV_V2 it
+        leaves that to us, so we ask ``/proc`` whether the caller holds CAP_FSETID.
+
+        A caller in another user namespace (a container's root) counts as lacking it, even
+        where the kernel would let it keep the bits of a file its namespace owns: we cannot
+        see which files that is, and dropping a bit is the safe side.
+        """
+        if not self.union.has_privileges(node):
+            return
+        caller = processes.credentials(ctx.pid)
+        if caller is None or not caller.capable(CAP_FSETID):
+            self._kill_privileges(node, ctx)
+
+    def _kill_privileges(self, node: Node, ctx: Context) -> None:
+        if self.union.kill_privileges(node, _in_group_or_capable(ctx)):
+            # The kernel keeps the mode it cached: after a write or an fallocate it asks
+            # again for sizes and times only.
+            self.invalidate_attributes(node.id)
 
     def _fd(self, fh: int) -> int:
         with self.lock:
@@ -284,12 +329,12 @@ class UnionFilesystem:
         return os.pread(self._fd(fh), size, offset)
 
     def write(self, node_id: int, fh: int, offset: int, data: memoryview,
-              kill_suidgid: bool) -> int:
+              unprivileged: Context | None) -> int:
         with self.lock:
             handle = self.union.files.get(fh)
             stale(handle.node)
-            if kill_suidgid:
-                self.union.kill_privileges(handle.node)
+            if unprivileged is not None:
+                self._kill_privileges(handle.node, unprivileged)
             fd = handle.fd
         return os.pwrite(fd, data, offset)
 
@@ -300,12 +345,14 @@ class UnionFilesystem:
     def fsync(self, node_id: int, fh: int, datasync: bool) -> None:
         (os.fdatasync if datasync else os.fsync)(self._fd(fh))
 
-    def fallocate(self, node_id: int, fh: int, offset: int, length: int, mode: int) -> None:
+    def fallocate(self, node_id: int, fh: int, offset: int, length: int, mode: int,
+                  ctx: Context) -> None:
         with self.lock:
             handle = self.union.files.get(fh)
             if not handle.writable:
                 raise OSError(errno.EBADF, "file not open for writing")
             stale(handle.node)
+            self._drop_privileges_unasked(handle.node, ctx)
             fd = handle.fd
         syscalls.fallocate(fd, mode, offset, length)
 
@@ -313,7 +360,8 @@ class UnionFilesystem:
         return os.lseek(self._fd(fh), offset, whence)
 
     def copy_file_range(self, node_in: int, fh_in: int, offset_in: int, node_out: int,
-                        fh_out: int, offset_out: int, length: int, flags: int) -> int:
+                        fh_out: int, offset_out: int, length: int, flags: int,
+                        ctx: Context) -> int:
         if flags:
             raise OSError(errno.EINVAL, "copy_file_range takes no flags")
         with self.lock:
@@ -322,6 +370,7 @@ class UnionFilesystem:
             if not out.writable:
                 raise OSError(errno.EBADF, "file not open for writing")
             stale(out.node)
+            self._drop_privileges_unasked(out.node, ctx)
             dst = out.fd
         return os.copy_file_range(src, dst, length, offset_in, offset_out)
 
@@ -393,7 +442,8 @@ class UnionFilesystem:
                     attr = self._attrs(child)
                 except OSError:
                     continue
-                entry = Entry(child.id, attr, self.config.entry_timeout, self.attr_timeout)
+                entry = Entry(child.id, attr, self.config.entry_timeout,
+                              self._attr_timeout(child))
                 if not add(name, entry, (generation << 32) | (i + 1)):
                     return
                 # The kernel takes a lookup reference for every entry but "." and "..".
@@ -410,10 +460,28 @@ class UnionFilesystem:
         with self.lock:
             return self.union.listxattr(self._node(node_id))
 
-    def setxattr(self, node_id: int, name: bytes, value: bytes, flags: int, ctx: Context) -> None:
+    def setxattr(self, node_id: int, name: bytes, value: bytes, flags: int, ctx: Context,
+                 kill_sgid: bool = False) -> None:
         with self.lock:
-            self.union.setxattr(self._node(node_id), name, value, flags)
+            node = self._node(node_id)
+            self.union.setxattr(node, name, value, flags)
+            if kill_sgid:
+                self.union.drop_setgid(node)
 
     def removexattr(self, node_id: int, name: bytes, ctx: Context) -> None:
         with self.lock:
             self.union.removexattr(self._node(node_id), name)
+
+
+def _in_group_or_capable(ctx: Context) -> Callable[[int], bool]:
+    """Whether the caller of ``ctx`` is in a group (its filesystem gid, or one of its
+    supplementary groups, which FUSE does not send) or holds CAP_FSETID, which keeps a
+    set-group-id bit the same way (the kernel's ``in_group_or_capable``): root's chown
+    comes with KILL_SUIDGID too. ``/proc`` is asked only past the first test, for a
+    set-group-id file that is not group-executable, which is rare."""
+    def in_group(gid: int) -> bool:
+        if gid == ctx.gid:
+            return True
+        caller = processes.credentials(ctx.pid)
+        return caller is not None and (caller.in_group(gid) or caller.capable(CAP_FSETID))
+    return in_group

@@ -115,6 +115,42 @@ def status(pid: int, proc: str = PROC) -> dict[str, str]:
     return {key: value.strip() for key, value in pairs}
 
 
+@dataclasses.dataclass(frozen=True)
+class Credentials:
+    """What the kernel decides a process may do by, as ``/proc/PID/status`` shows it to us."""
+
+    fsgid: int
+    groups: frozenset[int]  # the supplementary groups
+    effective: int  # the effective capability set, one bit per ``CAP_*`` number
+    # Whether the process is in our own user namespace: its capabilities count over files
+    # only there (in a container's namespace they act on what that namespace owns).
+    in_our_user_namespace: bool
+
+    def in_group(self, gid: int) -> bool:
+        return gid == self.fsgid or gid in self.groups
+
+    def capable(self, capability: int) -> bool:
+        """Whether the process holds ``capability`` over every file, as host root does."""
+        return self.in_our_user_namespace and bool(self.effective >> capability & 1)
+
+
+def credentials(pid: int, proc: str = PROC) -> Credentials | None:
+    """The credentials of ``pid`` (a thread id works too: credentials are per thread), or
+    None if it is gone."""
+    fields = status(pid, proc)
+    try:
+        ns = os.stat(f"{proc}/{pid}/ns/user").st_ino
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    if not fields:
+        return None
+    return Credentials(
+        fsgid=int(fields["Gid"].split()[3]),
+        groups=frozenset(int(g) for g in fields.get("Groups", "").split()),
+        effective=int(fields["CapEff"], 16),
+        in_our_user_namespace=ns == os.stat(f"{proc}/self/ns/user").st_ino)
+
+
 def open_files(pid: int, proc: str = PROC) -> list[str]:
     """What the open descriptors of ``pid`` point to (``/dev/fuse``, paths, ``pipe:[N]``)."""
     try:

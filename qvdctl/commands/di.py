@@ -207,6 +207,7 @@ def commit(req: Request) -> None:
     writes nothing.
     """
     from qvdctl.images import commit as committing  # libarchive's writer: only here
+    from qvdctl.images import merge
     from qvdctl.images.extract import ensure_extracted, find_root
     from qvdctl.images.importer import check_image_name
     from qvdctl.db.states import VmState
@@ -237,7 +238,7 @@ def commit(req: Request) -> None:
         root = find_root(tree)
         outer = None if root == tree else tree
         if req.dry_run:
-            changes = committing.changes(overlay, root)
+            changes = merge.changes(overlay, root)
             rows = [["added", p] for p in changes.added] + [
                 ["changed", p] for p in changes.changed] + [
                 ["removed", p] for p in changes.removed]

@@ -31,7 +31,6 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
-import re
 import select
 import signal
 import time
@@ -63,8 +62,6 @@ log = logging.getLogger(__name__)
 # The safety-net poll when NOTIFY is there (stock: about a minute); SQLite has only the poll.
 POLL_S = 60.0
 SQLITE_POLL_S = 0.5
-
-_ROOTFS_ENTRY = re.compile(r"[0-9]+-([0-9]+)-fs")
 
 
 class Hkd:
@@ -227,11 +224,10 @@ class Hkd:
                 found.update(dict.fromkeys(seam.vm_container_states(settings=self.settings)))
             except Exception as exc:  # a node without liblxc's folder has no containers
                 log.debug("listing containers: %s", exc)
-        rootfs = Storage.from_settings(self.settings).rootfs
-        for point in mounts_under(rootfs):
-            path = Path(point)
-            if path.parent == rootfs.resolve() and (m := _ROOTFS_ENTRY.fullmatch(path.name)):
-                found[int(m.group(1))] = path
+        storage = Storage.from_settings(self.settings)
+        for point in mounts_under(storage.rootfs):
+            if (vm_id := storage.rootfs_vm(Path(point))) is not None:
+                found[vm_id] = Path(point)
         return found
 
     def _remove_local(self, vm_id: int, rootfs: Path | None) -> None:

@@ -41,6 +41,10 @@ class Backend(Protocol):
 
     def invalidate_inode(self, node_id: int) -> None: ...
 
+    def invalidate_attributes(self, node_id: int) -> None:
+        """Drop the kernel's cached attributes of ``node_id`` before the request in hand is
+        answered."""
+
     def counters(self) -> dict[str, object]:
         """Per-opcode request counts and times, and whatever else the session counts."""
 

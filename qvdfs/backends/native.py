@@ -72,5 +72,9 @@ class NativeBackend:
         if self.session is not None:
             self.session.invalidate_inode(node_id)
 
+    def invalidate_attributes(self, node_id: int) -> None:
+        if self.session is not None:
+            self.session.invalidate_attributes(node_id)
+
     def counters(self) -> dict[str, object]:
         return dict(self.session.counters()) if self.session is not None else {}

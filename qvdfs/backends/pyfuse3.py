@@ -9,6 +9,7 @@ copy_file_range (the kernel answers EOPNOTSUPP or falls back to read and write).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -242,7 +243,7 @@ class Pyfuse3Operations(pyfuse3.Operations):
 
     @_errors
     async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
-        return self.fs.write(self._file_inodes[fh], fh, off, memoryview(buf), False)
+        return self.fs.write(self._file_inodes[fh], fh, off, memoryview(buf), None)
 
     @_errors
     async def flush(self, fh: FileHandleT) -> None:
@@ -294,6 +295,12 @@ class Pyfuse3Backend:
     @staticmethod
     def invalidate_inode(node_id: int) -> None:
         """Nothing to do: without FOPEN_CACHE_DIR the kernel keeps no listings here."""
+
+    @staticmethod
+    def invalidate_attributes(node_id: int) -> None:
+        # Safe inline: without a writeback cache, dropping attributes blocks on nothing.
+        with contextlib.suppress(FileNotFoundError):
+            pyfuse3.invalidate_inode(InodeT(node_id), attr_only=True)
 
     def counters(self) -> dict[str, object]:
         return {}

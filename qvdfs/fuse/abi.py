@@ -242,16 +242,14 @@ WRITE_OUT = struct.Struct("<II")                 # size, padding
 # blocks, bfree, bavail, files, ffree, bsize, namelen, frsize, padding, spare[6]
 STATFS_OUT = struct.Struct("<QQQQQIIII24x")
 FSYNC_IN = struct.Struct("<QII")                 # fh, fsync_flags, padding
-# size, flags (the compat layout: we never ask for SETXATTR_EXT, whose struct adds
-# setxattr_flags and padding)
-SETXATTR_IN = struct.Struct("<II")
-SETXATTR_EXT_IN = struct.Struct("<IIII")
+SETXATTR_IN = struct.Struct("<II")               # size, flags (without SETXATTR_EXT)
+SETXATTR_EXT_IN = struct.Struct("<IIII")         # size, flags, setxattr_flags, padding
 GETXATTR_IN = struct.Struct("<II")               # size, padding
 GETXATTR_OUT = struct.Struct("<II")              # size, padding
 ACCESS_IN = struct.Struct("<II")                 # mask, padding
 INTERRUPT_IN = struct.Struct("<Q")               # unique
 FALLOCATE_IN = struct.Struct("<QQQII")           # fh, offset, length, mode, padding
-LSEEK_IN = struct.Struct("<QQII")                # fh, offset, whence, padding
+LSEEK_IN = struct.Struct("<QqII")                # fh, offset (signed), whence, padding
 LSEEK_OUT = struct.Struct("<Q")                  # offset
 # fh_in, off_in, nodeid_out, fh_out, off_out, len, flags
 COPY_FILE_RANGE_IN = struct.Struct("<QQQQQQQ")

@@ -167,18 +167,25 @@ class Filesystem(Protocol):
     def read(self, node_id: int, fh: int, offset: int, size: int) -> bytes | memoryview: ...
 
     def write(self, node_id: int, fh: int, offset: int, data: memoryview,
-              kill_suidgid: bool) -> int: ...
+              unprivileged: Context | None) -> int:
+        """``unprivileged``: the caller, when the kernel says it lacks CAP_FSETID
+        (HANDLE_KILLPRIV_V2's WRITE_KILL_SUIDGID); the write then drops set-id bits and
+        file capabilities."""
 
     def release(self, node_id: int, fh: int) -> None: ...
 
     def fsync(self, node_id: int, fh: int, datasync: bool) -> None: ...
 
-    def fallocate(self, node_id: int, fh: int, offset: int, length: int, mode: int) -> None: ...
+    def fallocate(self, node_id: int, fh: int, offset: int, length: int, mode: int,
+                  ctx: Context) -> None:
+        """Like ``copy_file_range``, drops set-id bits and capabilities when the caller
+        lacks CAP_FSETID: the kernel leaves that to us and does not say (HANDLE_KILLPRIV_V2)."""
 
     def lseek(self, node_id: int, fh: int, offset: int, whence: int) -> int: ...
 
     def copy_file_range(self, node_in: int, fh_in: int, offset_in: int, node_out: int,
-                        fh_out: int, offset_out: int, length: int, flags: int) -> int: ...
+                        fh_out: int, offset_out: int, length: int, flags: int,
+                        ctx: Context) -> int: ...
 
     def opendir(self, node_id: int, flags: int, ctx: Context) -> Opened: ...
 
@@ -199,7 +206,9 @@ class Filesystem(Protocol):
 
     def listxattr(self, node_id: int, ctx: Context) -> list[bytes]: ...
 
-    def setxattr(self, node_id: int, name: bytes, value: bytes, flags: int, ctx: Context) -> None:
-        """``flags``: XATTR_CREATE / XATTR_REPLACE."""
+    def setxattr(self, node_id: int, name: bytes, value: bytes, flags: int, ctx: Context,
+                 kill_sgid: bool = False) -> None:
+        """``flags``: XATTR_CREATE / XATTR_REPLACE. ``kill_sgid``: the caller, outside the
+        file's group, sets its access ACL; the set-group-id bit goes (SETXATTR_ACL_KILL_SGID)."""
 
     def removexattr(self, node_id: int, name: bytes, ctx: Context) -> None: ...

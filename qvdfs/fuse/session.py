@@ -326,6 +326,7 @@ class Session:
         self.max_write = MAX_WRITE
         self.passthrough: _Passthrough | None = None
         self.posix_acl = False
+        self.setxattr_ext = False
         self._table = self._build_table()
         self._counts: list[list[int]] = []
         self._nanos: list[list[int]] = []
@@ -379,6 +380,14 @@ class Session:
         end); ``offset`` -1 drops the attributes only."""
         self._notify_q.put((abi.NotifyCode.INVAL_INODE,
                             abi.NOTIFY_INVAL_INODE_OUT.pack(node_id, offset, length)))
+
+    def invalidate_attributes(self, node_id: int) -> None:
+        """Drop the kernel's cached attributes of ``node_id`` now, before the reply to the
+        request in hand: with no page to drop the kernel takes no lock for it, so unlike the
+        queued notifications it cannot wait on that request, and the caller's next stat
+        sees the change."""
+        self._send_notification(abi.NotifyCode.INVAL_INODE,
+                                abi.NOTIFY_INVAL_INODE_OUT.pack(node_id, -1, 0))
 
     def notify_delete(self, parent: int, child: int, name: bytes) -> None:
         """Tell the kernel ``name`` (node ``child``) left ``parent``."""
@@ -501,13 +510,15 @@ class Session:
             if isinstance(item, threading.Event):
                 item.set()
                 continue
-            code, payload = item
-            try:
-                os.writev(self.fd, (_OUT.pack(16 + len(payload), code, 0), payload))
-            except OSError as exc:
-                # ENOENT: the kernel had nothing cached; ENODEV: unmounted meanwhile.
-                if exc.errno not in (errno.ENOENT, errno.ENODEV):
-                    log.warning("FUSE notification %s failed: %s", abi.NotifyCode(code), exc)
+            self._send_notification(*item)
+
+    def _send_notification(self, code: int, payload: bytes) -> None:
+        try:
+            os.writev(self.fd, (_OUT.pack(16 + len(payload), code, 0), payload))
+        except OSError as exc:
+            # ENOENT: the kernel had nothing cached; ENODEV: unmounted meanwhile.
+            if exc.errno not in (errno.ENOENT, errno.ENODEV):
+                log.warning("FUSE notification %s failed: %s", abi.NotifyCode(code), exc)
 
     def _destroy(self) -> None:
         with self._destroy_lock:
@@ -549,7 +560,11 @@ class Session:
         for name, bit in FEATURES.items():
             if name not in self.disabled:
                 want |= bit
-        if not self.default_permissions:
+        if want & abi.POSIX_ACL and self.default_permissions:
+            # With ACLs the kernel leaves the umask to us (a default ACL overrides it), and
+            # says in SETXATTR_EXT's flags when an ACL change drops the set-group-id bit.
+            want |= abi.DONT_MASK | abi.SETXATTR_EXT
+        else:
             want &= ~abi.POSIX_ACL
         # The kernel refuses the whole INIT when ALLOW_IDMAP comes without
         # default_permissions (it cannot check permissions of mapped ids itself).
@@ -591,6 +606,7 @@ class Session:
             log.info("FUSE %s: passthrough off (%s); the daemon serves file I/O",
                      self.mountpoint, why)
         self.posix_acl = bool(granted & abi.POSIX_ACL)
+        self.setxattr_ext = bool(granted & abi.SETXATTR_EXT)
         names = {name for name, bit in (FEATURES | _BASE_FEATURES).items() if granted & bit}
         log.debug("FUSE INIT: kernel 7.%d offered %s; in force: %s", minor,
                   ",".join(abi.flag_names(offered)), ",".join(sorted(names)))
@@ -816,7 +832,8 @@ class Session:
         fh, offset, size, wflags, _, _, _ = abi.WRITE_IN.unpack_from(mv, _HDR)
         start = _HDR + abi.WRITE_IN.size
         written = self.fs.write(nodeid, fh, offset, mv[start:start + size],
-                                bool(wflags & abi.WRITE_KILL_SUIDGID))
+                                Context(uid, gid, pid) if wflags & abi.WRITE_KILL_SUIDGID
+                                else None)
         self._reply(unique, abi.WRITE_OUT.pack(written, 0))
 
     def _do_statfs(self, mv: memoryview, n: int, unique: int, nodeid: int, uid: int,
@@ -842,13 +859,18 @@ class Session:
 
     def _do_setxattr(self, mv: memoryview, n: int, unique: int, nodeid: int, uid: int,
                      gid: int, pid: int) -> None:
-        # We never ask for SETXATTR_EXT, so the kernel sends the short struct.
-        size, flags = abi.SETXATTR_IN.unpack_from(mv, _HDR)
-        start = _HDR + abi.SETXATTR_IN.size
+        setxattr_flags = 0
+        if self.setxattr_ext:
+            size, flags, setxattr_flags, _ = abi.SETXATTR_EXT_IN.unpack_from(mv, _HDR)
+            start = _HDR + abi.SETXATTR_EXT_IN.size
+        else:
+            size, flags = abi.SETXATTR_IN.unpack_from(mv, _HDR)
+            start = _HDR + abi.SETXATTR_IN.size
         end = bytes(mv[start:n]).index(b"\0") + start
         name = bytes(mv[start:end])
         value = bytes(mv[end + 1:end + 1 + size])
-        self.fs.setxattr(nodeid, name, value, flags, Context(uid, gid, pid))
+        self.fs.setxattr(nodeid, name, value, flags, Context(uid, gid, pid),
+                         bool(setxattr_flags & abi.SETXATTR_ACL_KILL_SGID))
         self._reply(unique)
 
     def _reply_sized(self, unique: int, want: int, value: bytes) -> None:
@@ -949,7 +971,7 @@ class Session:
     def _do_fallocate(self, mv: memoryview, n: int, unique: int, nodeid: int, uid: int,
                       gid: int, pid: int) -> None:
         fh, offset, length, mode, _ = abi.FALLOCATE_IN.unpack_from(mv, _HDR)
-        self.fs.fallocate(nodeid, fh, offset, length, mode)
+        self.fs.fallocate(nodeid, fh, offset, length, mode, Context(uid, gid, pid))
         self._reply(unique)
 
     def _do_lseek(self, mv: memoryview, n: int, unique: int, nodeid: int, uid: int,
@@ -957,20 +979,22 @@ class Session:
         fh, offset, whence, _ = abi.LSEEK_IN.unpack_from(mv, _HDR)
         self._reply(unique, abi.LSEEK_OUT.pack(self.fs.lseek(nodeid, fh, offset, whence)))
 
-    def _copy_file_range(self, mv: memoryview, nodeid: int) -> int:
+    def _copy_file_range(self, mv: memoryview, nodeid: int, ctx: Context) -> int:
         fh_in, off_in, node_out, fh_out, off_out, length, flags = \
             abi.COPY_FILE_RANGE_IN.unpack_from(mv, _HDR)
         return self.fs.copy_file_range(nodeid, fh_in, off_in, node_out, fh_out, off_out,
-                                        length, flags)
+                                        length, flags, ctx)
 
     def _do_copy_file_range(self, mv: memoryview, n: int, unique: int, nodeid: int, uid: int,
                             gid: int, pid: int) -> None:
         # The 32-bit reply: the kernel asks for at most 4 GiB - 1 here.
-        self._reply(unique, abi.WRITE_OUT.pack(self._copy_file_range(mv, nodeid), 0))
+        copied = self._copy_file_range(mv, nodeid, Context(uid, gid, pid))
+        self._reply(unique, abi.WRITE_OUT.pack(copied, 0))
 
     def _do_copy_file_range_64(self, mv: memoryview, n: int, unique: int, nodeid: int,
                                uid: int, gid: int, pid: int) -> None:
-        self._reply(unique, abi.COPY_FILE_RANGE_OUT.pack(self._copy_file_range(mv, nodeid)))
+        copied = self._copy_file_range(mv, nodeid, Context(uid, gid, pid))
+        self._reply(unique, abi.COPY_FILE_RANGE_OUT.pack(copied))
 
 
 _ZERO_ATTR_OUT_HEAD = abi.ATTR_OUT_HEAD.pack(0, 0, 0)

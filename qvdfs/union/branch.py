@@ -11,7 +11,7 @@ import secrets
 import stat
 
 from qvdfs.config import BranchConfig, MountError, WhiteoutFormat
-from qvdfs.union import markers, syscalls
+from qvdformat import markers, syscalls
 
 log = logging.getLogger(__name__)
 
@@ -37,19 +37,13 @@ class Branch:
             if exc.errno == errno.ELOOP:
                 raise MountError(f"branch {config.path} is a symlink; give its target") from None
             raise MountError(f"branch {config.path}: {exc.strerror}") from None
-        self.meta_fds: list[int] = []
-        for meta in markers.UNIONFS_META_DIRS:
-            with contextlib.suppress(OSError):
-                self.meta_fds.append(syscalls.open_dir(self.root_fd, meta))
+        self.meta_fds = markers.unionfs_meta_fds(self.root_fd)
 
     def refresh_meta(self) -> None:
         """Pick up a unionfs-fuse metadata folder created after the mount."""
         for fd in self.meta_fds:
             os.close(fd)
-        self.meta_fds = []
-        for meta in markers.UNIONFS_META_DIRS:
-            with contextlib.suppress(OSError):
-                self.meta_fds.append(syscalls.open_dir(self.root_fd, meta))
+        self.meta_fds = markers.unionfs_meta_fds(self.root_fd)
 
     def close(self) -> None:
         for fd in (self.root_fd, *self.meta_fds):
@@ -137,9 +131,12 @@ class Stack:
     ``upper_branch`` is that branch with its work folder (None alike).
     """
 
-    def __init__(self, branches: list[Branch], whiteout_format: WhiteoutFormat, cow: bool) -> None:
+    def __init__(self, branches: list[Branch], whiteout_format: WhiteoutFormat, cow: bool,
+                 xattrs: markers.OverlayXattrs) -> None:
         self.branches = branches
         self.whiteout_format = whiteout_format
+        # the namespace of the overlay xattrs read and written in these branches
+        self.xattrs = xattrs
         self.cow = cow
         upper = next((i for i, b in enumerate(branches) if b.writable), None)
         self.upper_branch = UpperBranch(upper, branches[upper]) if upper is not None else None

@@ -25,7 +25,9 @@ import logging
 import os
 import stat
 
-from qvdfs.union import markers, syscalls, whiteout
+from qvdformat import syscalls
+from qvdformat.markers import OverlayXattrs
+from qvdfs.union import whiteout
 from qvdfs.union.tree import Index, Node
 
 log = logging.getLogger(__name__)
@@ -48,7 +50,7 @@ def ensure_dir_on_upper(index: Index, node: Node) -> int:
         st = os.fstat(lower_fd)
         work, tmp = upper.work_fd, upper.temp_name()
         os.mkdir(tmp, 0o700, dir_fd=work)
-        _copy_metadata(lower_fd, None, work, tmp, st)
+        _copy_metadata(lower_fd, None, work, tmp, st, node.stack.xattrs)
         try:
             syscalls.renameat2(work, tmp, upper_parent, node.name, syscalls.RENAME_NOREPLACE)
         except FileExistsError:
@@ -89,7 +91,7 @@ def copy_up(index: Index, node: Node, *, data: bool) -> None:
             os.symlink(os.readlink(node.name, dir_fd=meta_fd), tmp, dir_fd=work)
         else:
             os.mknod(tmp, st.st_mode, st.st_rdev, dir_fd=work)
-        _copy_metadata(meta_fd, node.name, work, tmp, st)
+        _copy_metadata(meta_fd, node.name, work, tmp, st, node.stack.xattrs)
         if node.on_upper:
             # Completing a metadata-only copy: replace the sparse placeholder.
             os.rename(tmp, node.name, src_dir_fd=work, dst_dir_fd=upper_parent)
@@ -126,7 +128,8 @@ def copy_up_tree(index: Index, node: Node) -> None:
     if len(node.layers) > 1:
         whiteout.seal(index, node, ensure_dir_on_upper(index, node))
         if node.redirect is not None:
-            syscalls.removexattr_at(*index.entry_ref(node, node.branch), markers.REDIRECT_XATTR)
+            syscalls.removexattr_at(*index.entry_ref(node, node.branch),
+                                    node.stack.xattrs.redirect)
             node.redirect = None
         for b in node.layers[1:]:
             fd = node.fds.pop(b, None)
@@ -144,7 +147,7 @@ def _copy_regular(index: Index, node: Node, work: int, st: os.stat_result, tmp: 
     try:
         if not data:
             os.ftruncate(dst, st.st_size)
-            os.setxattr(syscalls.proc_fd(dst), markers.METACOPY_XATTR, b"")
+            os.setxattr(syscalls.proc_fd(dst), node.stack.xattrs.metacopy, b"")
             return
         _, src_dirfd, src_name = index.data_location(node)
         src = os.open(src_name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dirfd)
@@ -175,7 +178,7 @@ def copy_data(src: int, dst: int) -> None:
 
 
 def _copy_metadata(src_dirfd: int, src_name: bytes | None, dst_dirfd: int, dst_name: bytes,
-                   st: os.stat_result) -> None:
+                   st: os.stat_result, xattrs: OverlayXattrs) -> None:
     """Copy xattrs, owner, mode and times of a source entry onto ``dst_dirfd/dst_name``.
 
     ``src_name`` None means ``src_dirfd`` is the source itself (a directory).
@@ -184,7 +187,7 @@ def _copy_metadata(src_dirfd: int, src_name: bytes | None, dst_dirfd: int, dst_n
         src_parent, src_name = src_dirfd, b"."
     else:
         src_parent = src_dirfd
-    syscalls.copy_xattrs(src_parent, src_name, dst_dirfd, dst_name, skip=markers.OVERLAY_XATTR_PREFIX)
+    syscalls.copy_xattrs(src_parent, src_name, dst_dirfd, dst_name, skip=xattrs.prefix)
     os.chown(dst_name, st.st_uid, st.st_gid, dir_fd=dst_dirfd, follow_symlinks=False)
     if not stat.S_ISLNK(st.st_mode):
         syscalls.chmod_at(dst_dirfd, dst_name, stat.S_IMODE(st.st_mode))

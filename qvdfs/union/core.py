@@ -24,7 +24,8 @@ import stat
 from collections.abc import Callable
 
 from qvdfs.config import MountConfig, MountError
-from qvdfs.union import copyup, markers, rename, syscalls, whiteout
+from qvdformat import markers, syscalls
+from qvdfs.union import copyup, rename, whiteout
 from qvdfs.union.branch import Branch, Stack
 from qvdfs.union.handles import OpenFiles
 from qvdfs.union.tree import Index, Node, stale
@@ -34,10 +35,22 @@ log = logging.getLogger(__name__)
 CAPABILITY_XATTR = b"security.capability"
 
 
-def dropped_by_write(mode: int) -> int:
-    """The set-id bits an unprivileged write drops from a file of ``mode``: set-user-id,
-    and set-group-id if group-executable (without that bit it marks mandatory locking)."""
-    return mode & (stat.S_ISUID | (stat.S_ISGID if mode & stat.S_IXGRP else 0))
+def dropped_by_change(mode: int, gid: int, in_group_or_capable: Callable[[int], bool]) -> int:
+    """The set-id bits an unprivileged change of a file's data (or any chown) drops from a
+    file of ``mode`` and group ``gid``, as the kernel decides it
+    (``setattr_should_drop_suidgid``): set-user-id always; set-group-id when
+    group-executable, and else (it then marks mandatory locking) only when the caller is
+    outside the file's group and lacks CAP_FSETID."""
+    kill = mode & stat.S_ISUID
+    if mode & stat.S_ISGID and (mode & stat.S_IXGRP or not in_group_or_capable(gid)):
+        kill |= stat.S_ISGID
+    return kill
+
+
+def may_drop_privileges(mode: int) -> bool:
+    """Whether an unprivileged change of a file of ``mode`` may drop a set-id bit (which one
+    depends on the caller), not counting a file capability."""
+    return bool(mode & (stat.S_ISUID | stat.S_ISGID))
 
 
 class Union:
@@ -49,12 +62,13 @@ class Union:
             main = [b for b, bc in zip(branches, config.branches) if bc.graft is None]
             if not main:
                 raise MountError("no branch to serve the root of the union")
-            self.stack = Stack(main, config.whiteout_format, config.cow)
+            self.stack = Stack(main, config.whiteout_format, config.cow, config.overlay_xattrs)
             grafts = {}
             for branch, bc in zip(branches, config.branches):
                 if bc.graft is not None:
                     path = tuple(os.fsencode(p) for p in bc.graft.strip("/").split("/"))
-                    grafts[path] = Stack([branch], config.whiteout_format, cow=True)
+                    grafts[path] = Stack([branch], config.whiteout_format, True,
+                                         config.overlay_xattrs)
         except BaseException:
             for branch in branches:
                 branch.close()
@@ -75,12 +89,14 @@ class Union:
     # -- attributes ---------------------------------------------------------------------
 
     def getattr(self, node: Node) -> os.stat_result:
-        if node.unlinked and node.handles:
-            return os.fstat(node.handles[0].fd)
-        return self.index.stat(node)
+        fd = self.files.fd_of(node) if node.unlinked else None
+        return self.index.stat(node) if fd is None else os.fstat(fd)
 
     def nlink(self, node: Node, st: os.stat_result) -> int:
-        """Link count as the union shows it: a merged directory counts its merged subdirs."""
+        """Link count as the union shows it: a merged directory counts its merged subdirs,
+        and a removed one (still open, or replaced by a rename) none."""
+        if node.is_dir and node.unlinked:
+            return 0
         if node.is_dir and len(node.layers) > 1:
             return 2 + sum(1 for child in self.index.listing(node).values() if child.is_dir)
         return st.st_nlink
@@ -285,17 +301,17 @@ class Union:
                          dir_fd=dirfd, follow_symlinks=False)
 
     def getxattr(self, node: Node, attr: bytes) -> bytes:
-        if attr.startswith(markers.OVERLAY_XATTR_PREFIX):
+        if attr.startswith(self.stack.xattrs.prefix):
             raise OSError(errno.ENODATA, "no such attribute")
         return syscalls.getxattr_at(*self.index.entry_ref(node, node.branch), attr)
 
     def listxattr(self, node: Node) -> list[bytes]:
         names = (os.fsencode(n) for n in syscalls.listxattr_at(*self.index.entry_ref(node, node.branch)))
-        return [n for n in names if not n.startswith(markers.OVERLAY_XATTR_PREFIX)]
+        return [n for n in names if not n.startswith(self.stack.xattrs.prefix)]
 
     def setxattr(self, node: Node, attr: bytes, value: bytes, flags: int = 0) -> None:
         """Set ``attr``; ``flags`` are os.XATTR_CREATE / os.XATTR_REPLACE."""
-        if attr.startswith(markers.OVERLAY_XATTR_PREFIX):
+        if attr.startswith(self.stack.xattrs.prefix):
             raise OSError(errno.EPERM, "reserved attribute")
         with self.index.changing(node):
             if flags & os.XATTR_REPLACE:
@@ -304,38 +320,49 @@ class Union:
             syscalls.setxattr_at(*self.index.entry_ref(node, node.branch), attr, value, flags)
 
     def has_privileges(self, node: Node) -> bool:
-        """Whether an unprivileged write to the file ``node`` must drop something."""
-        _mode, kill, has_cap = self._privileges(node)
-        return bool(kill) or has_cap
-
-    def _privileges(self, node: Node) -> tuple[int, int, bool]:
-        """(mode, the set-id bits a write drops from it, whether a file capability is set)."""
+        """Whether an unprivileged change of the file ``node`` may have to drop something."""
         dirfd, name = self.index.entry_ref(node, node.branch)
-        mode = syscalls.lstat_at(dirfd, name).st_mode
-        kill = dropped_by_write(mode)
+        return may_drop_privileges(syscalls.lstat_at(dirfd, name).st_mode) \
+            or self._has_capability(node)
+
+    def _has_capability(self, node: Node) -> bool:
         try:
             self.getxattr(node, CAPABILITY_XATTR)
         except OSError:
-            return mode, kill, False
-        return mode, kill, True
+            return False
+        return True
 
-    def kill_privileges(self, node: Node) -> None:
-        """Drop set-user-id, set-group-id (when group-executable) and file capabilities,
-        as the kernel does when an unprivileged caller writes, truncates or chowns."""
+    def kill_privileges(self, node: Node, in_group_or_capable: Callable[[int], bool]) -> bool:
+        """Drop set-id bits (see ``dropped_by_change``) and file capabilities, as the kernel
+        does when an unprivileged caller writes, truncates, allocates or chowns; whether
+        anything was dropped."""
         with self.index.changing(node):
-            mode, kill, has_cap = self._privileges(node)
+            dirfd, name = self.index.entry_ref(node, node.branch)
+            st = syscalls.lstat_at(dirfd, name)
+            kill = dropped_by_change(st.st_mode, st.st_gid, in_group_or_capable)
+            has_cap = self._has_capability(node)
             if not (kill or has_cap):
-                return
+                return False
             copyup.copy_up(self.index, node, data=False)
             dirfd, name = self.index.entry_ref(node, node.branch)
             if kill:
-                syscalls.chmod_at(dirfd, name, stat.S_IMODE(mode) & ~kill)
+                syscalls.chmod_at(dirfd, name, stat.S_IMODE(st.st_mode) & ~kill)
             if has_cap:
                 with contextlib.suppress(OSError):
                     syscalls.removexattr_at(dirfd, name, CAPABILITY_XATTR)
+            return True
+
+    def drop_setgid(self, node: Node) -> None:
+        """Drop the set-group-id bit, as the kernel does when a caller outside the file's
+        group sets its access ACL (the kernel tells us: ``SETXATTR_ACL_KILL_SGID``)."""
+        with self.index.changing(node):
+            dirfd, name = self.index.entry_ref(node, node.branch)
+            mode = syscalls.lstat_at(dirfd, name).st_mode
+            if mode & stat.S_ISGID:
+                syscalls.chmod_at(dirfd, name, stat.S_IMODE(mode) & ~stat.S_ISGID)
 
     def removexattr(self, node: Node, attr: bytes) -> None:
-        if attr.startswith(markers.OVERLAY_XATTR_PREFIX):
+        if attr.startswith(self.stack.xattrs.prefix):
             raise OSError(errno.EPERM, "reserved attribute")
         with self.index.changing(node):
             self.getxattr(node, attr)  # ENODATA before any copy-up

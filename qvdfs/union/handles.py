@@ -17,7 +17,8 @@ import contextlib
 import errno
 import os
 
-from qvdfs.union import copyup, markers, syscalls
+from qvdformat import syscalls
+from qvdfs.union import copyup
 from qvdfs.union.tree import Index, Node, stale
 
 # O_DIRECT too: the kernel hands the daemon buffers of any alignment, and a passthrough
@@ -95,8 +96,15 @@ class OpenFiles:
         fh = self._next_fh
         self._next_fh += 1
         self._handles[fh] = handle
-        handle.node.handles += (handle,)
+        handle.node.opens += 1
+        handle.node.writers += handle.writable
         return fh
+
+    def fd_of(self, node: Node) -> int | None:
+        """A descriptor of ``node``'s file held by one of its handles, if it has any."""
+        if not node.opens:
+            return None
+        return next(handle.fd for handle in self._handles.values() if handle.node is node)
 
     def get(self, fh: int) -> Handle:
         """The handle ``fh``, following its file's data to the upper branch if need be."""
@@ -116,7 +124,8 @@ class OpenFiles:
             stale(handle.node)  # shared mmap writes may have landed without a write call
         for fd in (handle.fd, *handle.retired):
             os.close(fd)
-        handle.node.handles = tuple(h for h in handle.node.handles if h is not handle)
+        handle.node.opens -= 1
+        handle.node.writers -= handle.writable
         self.index.maybe_free(handle.node)
 
     def truncate(self, node: Node, size: int, fh: int | None) -> None:
@@ -137,7 +146,7 @@ class OpenFiles:
                 os.close(fd)
         if self.index.is_metacopy(node):
             pfd = self.index.parent_fd(node, node.branch)
-            for attr in (markers.METACOPY_XATTR, markers.REDIRECT_XATTR):
+            for attr in (node.stack.xattrs.metacopy, node.stack.xattrs.redirect):
                 with contextlib.suppress(OSError):
                     syscalls.removexattr_at(pfd, node.name, attr)
             self.index.drop_data_location(node)

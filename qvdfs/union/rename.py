@@ -19,7 +19,8 @@ from __future__ import annotations
 import errno
 import os
 
-from qvdfs.union import copyup, syscalls, whiteout
+from qvdformat import syscalls
+from qvdfs.union import copyup, whiteout
 from qvdfs.union.tree import Index, Node, stale
 
 

@@ -39,14 +39,11 @@ import stat
 import threading
 import types
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from qvdfs.config import WhiteoutFormat
-from qvdfs.union import markers, syscalls
+from qvdformat import markers, syscalls
 from qvdfs.union.branch import Stack
-
-if TYPE_CHECKING:
-    from qvdfs.union.handles import Handle
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +61,8 @@ _NO_WHITEOUTS: Any = types.MappingProxyType({})
 class Node:
     __slots__ = (
         "id", "parent", "name", "stack", "is_dir", "branch", "data_branch", "in_lower",
-        "layers", "listing", "whiteouts", "fds", "lookups", "handles", "unlinked",
-        "is_stack_root", "aliases", "redirect", "attr",
+        "layers", "listing", "whiteouts", "fds", "lookups", "opens", "writers", "unlinked",
+        "is_stack_root", "aliases", "redirect", "changes",
     )
 
     def __init__(self, id_: int, parent: Node | None, name: bytes, stack: Stack,
@@ -88,9 +85,10 @@ class Node:
         self.whiteouts: dict[bytes, WhiteoutFormat] = {} if is_dir else _NO_WHITEOUTS
         self.fds: dict[int, int] = {}
         self.lookups = 0
-        # Open file handles (see handles.Handle); a tuple, replaced on change, since most
-        # nodes never have one.
-        self.handles: tuple[Handle, ...] = ()
+        # How many open files (handles.OpenFiles) hold the node, and how many of them may
+        # write: counts, so that the index needs nothing of the open files but whether any.
+        self.opens = 0
+        self.writers = 0
         self.unlinked = False
         self.is_stack_root = False
         # Other (parent, name) places of a hard-linked file, beside the primary one; a
@@ -99,16 +97,16 @@ class Node:
         # For an upper directory renamed by kernel overlayfs: where its lower part is,
         # as path components from the stack root.
         self.redirect: list[bytes] | None = None
-        # The attributes last sent to the kernel, kept by the FUSE layer; every change
-        # the daemon makes to the node sets it back to None.
-        self.attr: object | None = None
+        # Counts the daemon's changes to the node: whoever caches its attributes (the
+        # request layer) keeps them only while this stays the same.
+        self.changes = 0
 
     def __repr__(self) -> str:
         return f"<Node {self.id} {self.name!r} b{self.branch}{'/' if self.is_dir else ''}>"
 
     def has_writer(self) -> bool:
         """Whether a handle open for writing may be changing the file's data right now."""
-        return any(handle.writable for handle in self.handles)
+        return self.writers > 0
 
     @property
     def on_upper(self) -> bool:
@@ -118,10 +116,10 @@ class Node:
 
 
 def stale(*nodes: Node | None) -> None:
-    """Drop the cached attributes of ``nodes``: they changed."""
+    """Record that ``nodes`` changed: attributes cached before are stale."""
     for node in nodes:
         if node is not None:
-            node.attr = None
+            node.changes += 1
 
 
 class Index:
@@ -223,7 +221,7 @@ class Index:
 
     def maybe_free(self, node: Node) -> None:
         """Drop a removed node once neither the kernel nor an open file holds it."""
-        if node.unlinked and node.lookups <= 0 and not node.handles and node.id != ROOT_ID:
+        if node.unlinked and node.lookups <= 0 and not node.opens and node.id != ROOT_ID:
             self.nodes.pop(node.id, None)
             self.close_fds(node)
 
@@ -348,7 +346,7 @@ class Index:
                         closed.add(name)  # recreated after a delete: opaque
                     if b == stack.upper:
                         dir_.whiteouts.setdefault(name, WhiteoutFormat.UNIONFS)
-            if fd is not None and markers.is_opaque(fd):
+            if fd is not None and markers.is_opaque(fd, b".", stack.xattrs):
                 break
         dir_.layers = layers
         grafts = self._grafts.get(tuple(self.parts(dir_)), {}) if stack is self.root.stack else {}
@@ -395,22 +393,30 @@ class Index:
     def _follow_redirect(self, dir_: Node, node: Node, fd: int, upper: int) -> bool:
         """Merge an upper directory (in branch ``upper``) with the lower path its redirect
         names, if it has one."""
-        target = markers.redirect(fd, node.name)
-        if target is None:
+        node.redirect = self._redirect(dir_, fd, node.name)
+        if node.redirect is None:
             return False
-        if target.startswith(b"/"):
-            node.redirect = [p for p in target.split(b"/") if p]
-        else:
-            base = dir_.redirect if dir_.redirect is not None else self.parts(dir_)
-            node.redirect = [*base, target]
         for b in range(upper + 1, len(node.stack.branches)):
             fd_b = self.dir_fd(node, b)
             if fd_b is not None:
                 node.layers.append(b)
-                if markers.is_opaque(fd_b):
+                if markers.is_opaque(fd_b, b".", node.stack.xattrs):
                     break
         node.in_lower = True
         return True
+
+    def _redirect(self, parent: Node, pfd: int, name: bytes) -> list[bytes] | None:
+        """The lower path (from the stack root) that the redirect xattr of the upper entry
+        ``parent/name`` names, if it has one."""
+        target = markers.redirect(pfd, name, parent.stack.xattrs)
+        if target is None:
+            return None
+        absolute, parts = target
+        return parts if absolute else [*self._lower_parts(parent), *parts]
+
+    def _lower_parts(self, dir_: Node) -> list[bytes]:
+        """Where the lower part of directory ``dir_`` is: its own path unless redirected."""
+        return dir_.redirect if dir_.redirect is not None else self.parts(dir_)
 
     def is_metacopy(self, node: Node) -> bool:
         """True for a file whose upper entry holds metadata only."""
@@ -438,15 +444,12 @@ class Index:
         if upper is None or node.branch != upper:  # (a file: never a stack root)
             return
         pfd = self.parent_fd(node, node.branch)
-        if not markers.has_metacopy(pfd, node.name):
+        if not markers.has_metacopy(pfd, node.name, node.stack.xattrs):
             return
         assert node.parent is not None
-        target = markers.redirect(pfd, node.name)
-        if target is not None and target.startswith(b"/"):
-            parts = [p for p in target.split(b"/") if p]
-        else:
-            base = node.parent.redirect if node.parent.redirect is not None else self.parts(node.parent)
-            parts = [*base, target if target is not None else node.name]
+        parts = self._redirect(node.parent, pfd, node.name)
+        if parts is None:
+            parts = [*self._lower_parts(node.parent), node.name]
         for b in range(upper + 1, len(node.stack.branches)):
             fd = markers.walk(node.stack.branches[b].root_fd, parts[:-1])
             if fd is None:

@@ -30,7 +30,7 @@ import os
 from collections.abc import Callable
 
 from qvdfs.config import WhiteoutFormat
-from qvdfs.union import markers, syscalls
+from qvdformat import markers, syscalls
 from qvdfs.union.branch import Stack, UpperBranch
 from qvdfs.union.tree import Index, Node
 
@@ -110,7 +110,7 @@ class OverlayWhiteouts(Whiteouts):
 
     def make_opaque(self, index: Index, old_pfd: int, name_old: bytes, parent_new: Node,
                     name_new: bytes) -> None:
-        markers.set_opaque(old_pfd, name_old)
+        markers.set_opaque(old_pfd, name_old, parent_new.stack.xattrs)
 
     def build_over(self, upper: UpperBranch, parent: Node, pfd: int, name: bytes, make: Make,
                    *, is_dir: bool) -> None:
@@ -119,7 +119,7 @@ class OverlayWhiteouts(Whiteouts):
         try:
             if is_dir:
                 # rename(2) cannot put a directory over a device: swap them, drop the device.
-                markers.set_opaque(work, tmp)
+                markers.set_opaque(work, tmp, parent.stack.xattrs)
                 syscalls.renameat2(work, tmp, pfd, name, syscalls.RENAME_EXCHANGE)
                 os.unlink(tmp, dir_fd=work)
             else:
@@ -237,4 +237,4 @@ def seal(index: Index, dir_: Node, dfd: int) -> None:
         if kind is WhiteoutFormat.OVERLAY:
             os.unlink(name, dir_fd=dfd)
     dir_.whiteouts = {}
-    markers.set_opaque(*index.entry_ref(dir_, dir_.branch))
+    markers.set_opaque(*index.entry_ref(dir_, dir_.branch), dir_.stack.xattrs)

@@ -213,9 +213,9 @@ class MirrorFS:
         return os.pread(fh, size, offset)
 
     def write(self, node_id: int, fh: int, offset: int, data: memoryview,
-              kill_suidgid: bool) -> int:
+              unprivileged: Context | None) -> int:
         self._enter("write")
-        self.last_write_kill = kill_suidgid
+        self.last_write_unprivileged = unprivileged
         return os.pwrite(fh, data, offset)
 
     def release(self, node_id: int, fh: int) -> None:
@@ -229,7 +229,8 @@ class MirrorFS:
         self._enter("fsync")
         (os.fdatasync if datasync else os.fsync)(fh)
 
-    def fallocate(self, node_id: int, fh: int, offset: int, length: int, mode: int) -> None:
+    def fallocate(self, node_id: int, fh: int, offset: int, length: int, mode: int,
+                  ctx: Context) -> None:
         self._enter("fallocate")
         if mode:
             raise OSError(errno.EOPNOTSUPP, "only mode 0")
@@ -240,7 +241,8 @@ class MirrorFS:
         return os.lseek(fh, offset, whence)
 
     def copy_file_range(self, node_in: int, fh_in: int, offset_in: int, node_out: int,
-                        fh_out: int, offset_out: int, length: int, flags: int) -> int:
+                        fh_out: int, offset_out: int, length: int, flags: int,
+                        ctx: Context) -> int:
         self._enter("copy_file_range")
         return os.copy_file_range(fh_in, fh_out, length, offset_in, offset_out)
 
@@ -298,8 +300,9 @@ class MirrorFS:
                                                       follow_symlinks=False)]
 
     def setxattr(self, node_id: int, name: bytes, value: bytes, flags: int,
-                 ctx: Context) -> None:
+                 ctx: Context, kill_sgid: bool = False) -> None:
         self._enter("setxattr")
+        self.last_setxattr_kill_sgid = kill_sgid
         os.setxattr(self.path(node_id), name, value, flags, follow_symlinks=False)
 
     def removexattr(self, node_id: int, name: bytes, ctx: Context) -> None:

@@ -7,6 +7,7 @@ import errno
 import fcntl
 import logging
 import os
+import struct
 import subprocess
 import threading
 import time
@@ -534,4 +535,20 @@ def test_kill_suidgid_reaches_the_fs(mount: Mount) -> None:
             finally:
                 os.close(fd)
         assert _as_nobody(write) == 0
-        assert m.fs.last_write_kill is True
+        assert m.fs.last_write_unprivileged is not None
+        assert m.fs.last_write_unprivileged.uid == 65534
+
+
+def test_an_acl_set_outside_the_files_group_asks_to_drop_setgid(mount: Mount) -> None:
+    """With SETXATTR_EXT the kernel says when an access ACL change drops set-group-id."""
+    # posix_acl_xattr: version 2, then (tag, perm, id): user::rwx group::rwx other::rwx
+    acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, 7, 0xFFFFFFFF)
+                                          for tag in (0x01, 0x04, 0x20))
+    with mount(public_dir=True, options=("allow_other", "default_permissions")) as m:
+        f = m.src / "sgid"
+        f.write_bytes(b"")
+        os.chown(f, 65534, 0)  # nobody owns it; its group is root's, which nobody is not in
+        os.chmod(f, 0o2755)
+        os.stat(m.mnt / "sgid")
+        assert _as_nobody(lambda: os.setxattr(m.mnt / "sgid", "system.posix_acl_access", acl)) == 0
+        assert m.fs.last_setxattr_kill_sgid is True

@@ -3,11 +3,13 @@ while the table is read."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -114,3 +116,37 @@ def test_a_command_name_with_spaces_and_parentheses_keeps_the_state_right(tmp_pa
     (tmp_path / "3" / "stat").write_bytes(b"3 (a) b (c) S 1 3 3 0 -1 0 0 0 0 0 7 5 0 0\n")
     assert procs.state(3, str(tmp_path)) == "S"
     assert procs.cpu_ticks(3, str(tmp_path)) == 12
+
+
+@contextlib.contextmanager
+def _python_sleeper(*wrapper: str) -> Iterator[int]:
+    """The pid of a Python sleeper started through ``wrapper`` (setpriv, unshare), once the
+    wrapper has exec'd it; killed and reaped on the way out."""
+    child = subprocess.Popen([*wrapper, sys.executable, "-c", SLEEP])
+    try:
+        python = os.fsencode(sys.executable) + b"\0"
+        deadline = time.monotonic() + 10
+        while not Path(f"/proc/{child.pid}/cmdline").read_bytes().startswith(python):
+            assert time.monotonic() < deadline, f"{wrapper[0]} did not exec python"
+            time.sleep(0.01)
+        yield child.pid
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+
+
+@pytest.mark.timeout(30)
+def test_credentials_of_root_an_unprivileged_child_and_a_user_namespace() -> None:
+    me = procs.credentials(os.getpid())
+    assert me is not None and me.capable(4) and me.in_our_user_namespace  # CAP_FSETID
+    with _python_sleeper("setpriv", "--reuid=1000", "--regid=1000", "--groups=27,100") as pid:
+        creds = procs.credentials(pid)
+    assert creds is not None and creds.effective == 0 and not creds.capable(4)
+    assert creds.in_group(1000) and creds.in_group(27) and creds.in_group(100)
+    assert not creds.in_group(0)
+    # Root of a user namespace of its own holds every capability, but only over that
+    # namespace's files.
+    with _python_sleeper("unshare", "--user", "--map-root-user") as pid:
+        inner = procs.credentials(pid)
+    assert inner is not None and inner.effective >> 4 & 1 and not inner.capable(4)
+    assert procs.credentials(2 ** 22 + 1) is None  # no such pid

@@ -2,12 +2,12 @@
 directories, called as the kernel would call it (as s3ql's t3_fs_api drives its Operations).
 
 Fast and exact: each test checks what a request answers and what it leaves in the branches
-(whiteouts, opaque markers, copy-ups), with no mount to set up or tear down.
+(whiteouts, opaque markers, copy-ups), with no mount to set up or tear down, and without
+root (see ``harness``). ``test_operations`` takes every operation in turn.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import stat
@@ -16,48 +16,22 @@ from pathlib import Path
 
 import pytest
 
-from qvdfs import cmdline
-from qvdfs.fuse.filesystem import ROOT_ID, Context, Entry, SetattrChanges
+from qvdfs.fuse.filesystem import ROOT_ID, SetattrChanges
 from qvdfs.handlers import UnionFilesystem
-from qvdfs.union import markers
+from qvdformat import markers
+from tests.union.harness import (
+    CALLER,
+    XATTRS,
+    errno_of,
+    hidden_on_disk,
+    is_whiteout,
+    lookup,
+    make_fs,
+    mounted,
+    names,
+)
 
 pytestmark = pytest.mark.timeout(30)
-
-ROOT = Context(uid=0, gid=0, pid=1)
-WHITEOUT_DEV = 0
-
-
-@pytest.fixture
-def branches(tmp_path: Path) -> dict[str, Path]:
-    d = {name: tmp_path / name for name in ("upper", "base", "mnt")}
-    for path in d.values():
-        path.mkdir()
-    base = d["base"]
-    (base / "file").write_text("base data")
-    (base / "dir").mkdir()
-    (base / "dir" / "inner").write_text("inner")
-    (base / "dir" / "sub").mkdir()
-    (base / "empty").mkdir()
-    os.symlink("file", base / "link")
-    return d
-
-
-def make_fs(d: dict[str, Path], *options: str) -> UnionFilesystem:
-    config = cmdline.parse_args(["-o", "cow", *options, f"{d['upper']}=RW:{d['base']}=RO",
-                                 str(d["mnt"])])
-    fs = UnionFilesystem(config)
-    fs.init(frozenset({"no_opendir", "readdirplus"}))
-    return fs
-
-
-@contextlib.contextmanager
-def mounted(d: dict[str, Path], *options: str) -> Iterator[UnionFilesystem]:
-    """A union over ``d``'s branches for the length of a ``with``, as a mount would be."""
-    fs = make_fs(d, *options)
-    try:
-        yield fs
-    finally:
-        fs.destroy()
 
 
 @pytest.fixture
@@ -66,95 +40,58 @@ def fs(branches: dict[str, Path]) -> Iterator[UnionFilesystem]:
         yield fs
 
 
-def lookup(fs: UnionFilesystem, path: str) -> Entry:
-    node = ROOT_ID
-    entry = None
-    for part in path.strip("/").split("/"):
-        entry = fs.lookup(node, part.encode(), ROOT)
-        if entry.node_id == 0:
-            raise FileNotFoundError(path)
-        node = entry.node_id
-    assert entry is not None
-    return entry
-
-
-def names(fs: UnionFilesystem, path: str = "") -> list[bytes]:
-    node = lookup(fs, path).node_id if path else ROOT_ID
-    out: list[bytes] = []
-    fs.readdirplus(node, 0, 0, lambda name, entry, off: out.append(name) is None)
-    return sorted(n for n in out if n not in (b".", b".."))
-
-
-def errno_of(call) -> int:  # type: ignore[no-untyped-def]
-    with pytest.raises(OSError) as info:
-        call()
-    return info.value.errno
-
-
-def is_whiteout(path: Path) -> bool:
-    st = os.lstat(path)
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == WHITEOUT_DEV
-
-
-def hidden_on_disk(branches: dict[str, Path], fmt: str, path: str) -> bool:
-    """True if the upper branch holds a whiteout of ``path`` in the format ``fmt``."""
-    if fmt == "overlay":
-        return is_whiteout(branches["upper"] / path)
-    return (branches["upper"] / ".unionfs-fuse" / (path + "_HIDDEN~")).exists()
-
-
 def test_merged_listing_and_lookup(fs: UnionFilesystem, branches: dict[str, Path]) -> None:
     (branches["upper"] / "new").write_text("upper")
     assert names(fs) == [b"dir", b"empty", b"file", b"link", b"new"]
     assert lookup(fs, "dir/inner").attr is not None
-    assert fs.lookup(ROOT_ID, b"missing", ROOT).node_id == 0  # a cached miss, not an error
+    assert fs.lookup(ROOT_ID, b"missing", CALLER).node_id == 0  # a cached miss, not an error
 
 
 def test_a_name_longer_than_255_bytes_is_enametoolong_everywhere(fs: UnionFilesystem) -> None:
     long = b"x" * 256
-    assert errno_of(lambda: fs.lookup(ROOT_ID, long, ROOT)) == errno.ENAMETOOLONG
-    assert errno_of(lambda: fs.mknod(ROOT_ID, long, stat.S_IFIFO | 0o644, 0, ROOT)) == \
+    assert errno_of(lambda: fs.lookup(ROOT_ID, long, CALLER)) == errno.ENAMETOOLONG
+    assert errno_of(lambda: fs.mknod(ROOT_ID, long, stat.S_IFIFO | 0o644, 0, CALLER)) == \
         errno.ENAMETOOLONG
-    assert errno_of(lambda: fs.mkdir(ROOT_ID, long, 0o755, ROOT)) == errno.ENAMETOOLONG
-    assert errno_of(lambda: fs.create(ROOT_ID, long, 0o644, os.O_WRONLY, ROOT)) == \
+    assert errno_of(lambda: fs.mkdir(ROOT_ID, long, 0o755, CALLER)) == errno.ENAMETOOLONG
+    assert errno_of(lambda: fs.create(ROOT_ID, long, 0o644, os.O_WRONLY, CALLER)) == \
         errno.ENAMETOOLONG
-    assert errno_of(lambda: fs.rename(ROOT_ID, b"file", ROOT_ID, long, 0, ROOT)) == \
+    assert errno_of(lambda: fs.rename(ROOT_ID, b"file", ROOT_ID, long, 0, CALLER)) == \
         errno.ENAMETOOLONG
 
 
 def test_unlink_of_a_base_file_leaves_a_whiteout(fs: UnionFilesystem,
                                                   branches: dict[str, Path]) -> None:
-    fs.unlink(ROOT_ID, b"file", ROOT)
+    fs.unlink(ROOT_ID, b"file", CALLER)
     assert is_whiteout(branches["upper"] / "file")
     assert (branches["base"] / "file").read_text() == "base data"
     assert b"file" not in names(fs)
     # A new file of that name replaces the whiteout.
-    entry, opened = fs.create(ROOT_ID, b"file", 0o644, os.O_WRONLY, ROOT)
-    fs.write(entry.node_id, opened.fh, 0, memoryview(b"new"), False)
+    entry, opened = fs.create(ROOT_ID, b"file", 0o644, os.O_WRONLY, CALLER)
+    fs.write(entry.node_id, opened.fh, 0, memoryview(b"new"), None)
     fs.release(entry.node_id, opened.fh)
     assert (branches["upper"] / "file").read_text() == "new"
 
 
 def test_rmdir_then_mkdir_makes_an_opaque_directory(fs: UnionFilesystem,
                                                     branches: dict[str, Path]) -> None:
-    fs.rmdir(ROOT_ID, b"empty", ROOT)
+    fs.rmdir(ROOT_ID, b"empty", CALLER)
     assert is_whiteout(branches["upper"] / "empty")
-    fs.mkdir(ROOT_ID, b"empty", 0o755, ROOT)
+    fs.mkdir(ROOT_ID, b"empty", 0o755, CALLER)
     upper_dir = branches["upper"] / "empty"
     assert upper_dir.is_dir()
-    assert os.getxattr(upper_dir, markers.OPAQUE_XATTR) == b"y"
-    assert errno_of(lambda: fs.rmdir(ROOT_ID, b"dir", ROOT)) == errno.ENOTEMPTY
+    assert os.getxattr(upper_dir, XATTRS.opaque) == b"y"
+    assert errno_of(lambda: fs.rmdir(ROOT_ID, b"dir", CALLER)) == errno.ENOTEMPTY
 
 
 def test_write_open_copies_up_and_read_only_open_does_not(fs: UnionFilesystem,
                                                          branches: dict[str, Path]) -> None:
     node = lookup(fs, "file").node_id
-    opened = fs.open(node, os.O_RDONLY, ROOT)
+    opened = fs.open(node, os.O_RDONLY, CALLER)
     assert fs.read(node, opened.fh, 0, 100) == b"base data"
     assert not (branches["upper"] / "file").exists()
-    writer = fs.open(node, os.O_WRONLY, ROOT)
+    writer = fs.open(node, os.O_WRONLY, CALLER)
     assert (branches["upper"] / "file").read_text() == "base data"
-    fs.write(node, writer.fh, 0, memoryview(b"BASE"), False)
+    fs.write(node, writer.fh, 0, memoryview(b"BASE"), None)
     # The read-only open follows the file's data to the upper branch.
     assert fs.read(node, opened.fh, 0, 100) == b"BASE data"
     assert (branches["base"] / "file").read_text() == "base data"
@@ -165,34 +102,31 @@ def test_write_open_copies_up_and_read_only_open_does_not(fs: UnionFilesystem,
 
 def test_chmod_copies_metadata_only(fs: UnionFilesystem, branches: dict[str, Path]) -> None:
     node = lookup(fs, "file").node_id
-    attr, _ = fs.setattr(node, None, SetattrChanges(mode=0o600), ROOT)
+    attr, _ = fs.setattr(node, None, SetattrChanges(mode=0o600), CALLER)
     assert stat.S_IMODE(attr.mode) == 0o600
     upper = branches["upper"] / "file"
-    assert os.getxattr(upper, markers.METACOPY_XATTR) == b""
+    assert os.getxattr(upper, XATTRS.metacopy) == b""
     assert os.stat(upper).st_blocks == 0  # sparse: the data stays in the base
-    opened = fs.open(node, os.O_RDONLY, ROOT)
+    opened = fs.open(node, os.O_RDONLY, CALLER)
     assert fs.read(node, opened.fh, 0, 100) == b"base data"
     fs.release(node, opened.fh)
 
 
-def test_kill_suidgid_clears_setuid_and_capabilities(fs: UnionFilesystem,
-                                                     branches: dict[str, Path]) -> None:
+def test_kill_suidgid_clears_setuid(fs: UnionFilesystem, branches: dict[str, Path]) -> None:
+    # File capabilities need root to set: tests/qvdfs/test_union.py checks they go too.
     os.chmod(branches["base"] / "file", 0o6755)
-    os.setxattr(branches["base"] / "file", b"security.capability",
-                bytes.fromhex("0100000200200000000000000000000000000000"))
     node = lookup(fs, "file").node_id
-    writer = fs.open(node, os.O_WRONLY, ROOT)
-    fs.write(node, writer.fh, 0, memoryview(b"x"), True)
+    writer = fs.open(node, os.O_WRONLY, CALLER)
+    fs.write(node, writer.fh, 0, memoryview(b"x"), CALLER)
     fs.release(node, writer.fh)
     upper = branches["upper"] / "file"
     assert stat.S_IMODE(os.stat(upper).st_mode) == 0o755
-    assert "security.capability" not in os.listxattr(upper)
     assert stat.S_IMODE(os.stat(branches["base"] / "file").st_mode) == 0o6755
 
 
 def test_rename_of_a_base_directory_copies_it_up_whole(fs: UnionFilesystem,
                                                        branches: dict[str, Path]) -> None:
-    fs.rename(ROOT_ID, b"dir", ROOT_ID, b"moved", 0, ROOT)
+    fs.rename(ROOT_ID, b"dir", ROOT_ID, b"moved", 0, CALLER)
     assert names(fs, "moved") == [b"inner", b"sub"]
     assert is_whiteout(branches["upper"] / "dir")
     assert (branches["upper"] / "moved" / "inner").read_text() == "inner"
@@ -202,12 +136,12 @@ def test_rename_of_a_base_directory_copies_it_up_whole(fs: UnionFilesystem,
 
 def test_rename_flags(fs: UnionFilesystem, branches: dict[str, Path]) -> None:
     noreplace, exchange = 1, 2
-    assert errno_of(lambda: fs.rename(ROOT_ID, b"file", ROOT_ID, b"link", noreplace, ROOT)) \
+    assert errno_of(lambda: fs.rename(ROOT_ID, b"file", ROOT_ID, b"link", noreplace, CALLER)) \
         == errno.EEXIST
-    fs.rename(ROOT_ID, b"file", ROOT_ID, b"link", exchange, ROOT)
+    fs.rename(ROOT_ID, b"file", ROOT_ID, b"link", exchange, CALLER)
     assert stat.S_ISLNK(lookup(fs, "file").attr.mode)  # type: ignore[union-attr]
     assert stat.S_ISREG(lookup(fs, "link").attr.mode)  # type: ignore[union-attr]
-    assert errno_of(lambda: fs.rename(ROOT_ID, b"file", ROOT_ID, b"nothing", exchange, ROOT)) \
+    assert errno_of(lambda: fs.rename(ROOT_ID, b"file", ROOT_ID, b"nothing", exchange, CALLER)) \
         == errno.ENOENT
 
 
@@ -222,8 +156,8 @@ def test_readdir_offsets_resume_the_listing_they_started(fs: UnionFilesystem) ->
 
     fs.readdir(ROOT_ID, 0, 0, take_two)
     # Changes between two READDIR calls of one stream.
-    fs.mknod(ROOT_ID, b"zz", stat.S_IFIFO | 0o644, 0, ROOT)
-    fs.rename(ROOT_ID, b"empty", ROOT_ID, b"aa", 0, ROOT)
+    fs.mknod(ROOT_ID, b"zz", stat.S_IFIFO | 0o644, 0, CALLER)
+    fs.rename(ROOT_ID, b"empty", ROOT_ID, b"aa", 0, CALLER)
     rest: list[bytes] = []
     fs.readdir(ROOT_ID, 0, first[-1][1], lambda n, i, k, o: rest.append(n) is None)
     seen = [name for name, _ in first] + rest
@@ -236,15 +170,15 @@ def test_readdir_offsets_resume_the_listing_they_started(fs: UnionFilesystem) ->
 
 
 def test_whiteouts_cannot_be_forged(fs: UnionFilesystem) -> None:
-    assert errno_of(lambda: fs.mknod(ROOT_ID, b"w", stat.S_IFCHR | 0o600, 0, ROOT)) == errno.EPERM
+    assert errno_of(lambda: fs.mknod(ROOT_ID, b"w", stat.S_IFCHR | 0o600, 0, CALLER)) == errno.EPERM
     node = lookup(fs, "file").node_id
-    assert errno_of(lambda: fs.setxattr(node, markers.OPAQUE_XATTR, b"y", 0, ROOT)) == errno.EPERM
-    assert fs.lookup(ROOT_ID, markers.WORK_DIR, ROOT).node_id == 0  # never shown
+    assert errno_of(lambda: fs.setxattr(node, XATTRS.opaque, b"y", 0, CALLER)) == errno.EPERM
+    assert fs.lookup(ROOT_ID, markers.WORK_DIR, CALLER).node_id == 0  # never shown
 
 
 def test_unionfs_whiteout_format(branches: dict[str, Path]) -> None:
     with mounted(branches, "-o", "whiteout=unionfs") as fs:
-        fs.unlink(ROOT_ID, b"file", ROOT)
+        fs.unlink(ROOT_ID, b"file", CALLER)
         assert (branches["upper"] / ".unionfs-fuse" / "file_HIDDEN~").exists()
         assert b"file" not in names(fs)
     with mounted(branches) as fs:  # read back by a new mount
@@ -259,7 +193,7 @@ def test_a_mount_ending_leaves_the_next_mounts_work_folder(branches: dict[str, P
     assert work.is_dir() and len(os.listdir(work)) == 1
     # The second mount can still copy up through its work folder.
     node = lookup(second, "file").node_id
-    second.release(node, second.open(node, os.O_WRONLY, ROOT).fh)
+    second.release(node, second.open(node, os.O_WRONLY, CALLER).fh)
     assert (branches["upper"] / "file").read_text() == "base data"
     second.destroy()
     assert not work.exists()
@@ -279,28 +213,28 @@ def test_crash_leftovers_in_the_work_folder_are_removed(branches: dict[str, Path
 def test_remove_rename_and_create_in_either_whiteout_format(branches: dict[str, Path],
                                                             fmt: str) -> None:
     with mounted(branches, "-o", f"whiteout={fmt}") as fs:
-        fs.unlink(ROOT_ID, b"file", ROOT)
+        fs.unlink(ROOT_ID, b"file", CALLER)
         assert hidden_on_disk(branches, fmt, "file")
-        entry, opened = fs.create(ROOT_ID, b"file", 0o644, os.O_WRONLY, ROOT)
-        fs.write(entry.node_id, opened.fh, 0, memoryview(b"new"), False)
+        entry, opened = fs.create(ROOT_ID, b"file", 0o644, os.O_WRONLY, CALLER)
+        fs.write(entry.node_id, opened.fh, 0, memoryview(b"new"), None)
         fs.release(entry.node_id, opened.fh)
         assert not hidden_on_disk(branches, fmt, "file")  # a file needs no whiteout
-        fs.rename(ROOT_ID, b"dir", ROOT_ID, b"moved", 0, ROOT)
+        fs.rename(ROOT_ID, b"dir", ROOT_ID, b"moved", 0, CALLER)
         assert hidden_on_disk(branches, fmt, "dir")
-        fs.mkdir(ROOT_ID, b"dir", 0o755, ROOT)
+        fs.mkdir(ROOT_ID, b"dir", 0o755, CALLER)
         assert names(fs, "dir") == []
         if fmt == "overlay":
-            assert os.getxattr(branches["upper"] / "dir", markers.OPAQUE_XATTR) == b"y"
+            assert os.getxattr(branches["upper"] / "dir", XATTRS.opaque) == b"y"
         else:
             assert hidden_on_disk(branches, fmt, "dir")  # the marker keeps it opaque
-        fs.rmdir(ROOT_ID, b"empty", ROOT)
+        fs.rmdir(ROOT_ID, b"empty", CALLER)
         assert hidden_on_disk(branches, fmt, "empty")
     with mounted(branches) as fs:  # a new mount reads the same union back
         assert names(fs) == [b"dir", b"file", b"link", b"moved"]
         assert names(fs, "dir") == []
         assert names(fs, "moved") == [b"inner", b"sub"]
         node = lookup(fs, "file").node_id
-        opened = fs.open(node, os.O_RDONLY, ROOT)
+        opened = fs.open(node, os.O_RDONLY, CALLER)
         assert fs.read(node, opened.fh, 0, 100) == b"new"
         fs.release(node, opened.fh)
 
@@ -309,16 +243,16 @@ def test_remove_rename_and_create_in_either_whiteout_format(branches: dict[str, 
 def test_entries_renamed_and_linked_onto_a_whited_out_name(branches: dict[str, Path],
                                                            fmt: str) -> None:
     with mounted(branches, "-o", f"whiteout={fmt}") as fs:
-        fs.rmdir(ROOT_ID, b"empty", ROOT)
-        fs.mkdir(ROOT_ID, b"fresh", 0o755, ROOT)
-        fs.mknod(lookup(fs, "fresh").node_id, b"x", stat.S_IFIFO | 0o644, 0, ROOT)
-        fs.rename(ROOT_ID, b"fresh", ROOT_ID, b"empty", 0, ROOT)  # a directory onto it
+        fs.rmdir(ROOT_ID, b"empty", CALLER)
+        fs.mkdir(ROOT_ID, b"fresh", 0o755, CALLER)
+        fs.mknod(lookup(fs, "fresh").node_id, b"x", stat.S_IFIFO | 0o644, 0, CALLER)
+        fs.rename(ROOT_ID, b"fresh", ROOT_ID, b"empty", 0, CALLER)  # a directory onto it
         assert names(fs, "empty") == [b"x"]
         assert (branches["upper"] / "empty").is_dir()
-        fs.unlink(ROOT_ID, b"file", ROOT)
-        fs.link(lookup(fs, "link").node_id, ROOT_ID, b"file", ROOT)  # a link onto it
+        fs.unlink(ROOT_ID, b"file", CALLER)
+        fs.link(lookup(fs, "link").node_id, ROOT_ID, b"file", CALLER)  # a link onto it
         assert stat.S_ISLNK(os.lstat(branches["upper"] / "file").st_mode)
-        fs.unlink(ROOT_ID, b"file", ROOT)
+        fs.unlink(ROOT_ID, b"file", CALLER)
         assert b"file" not in names(fs)  # the base file stays hidden
     with mounted(branches) as fs:
         assert names(fs) == [b"dir", b"empty", b"link"]
@@ -326,16 +260,11 @@ def test_entries_renamed_and_linked_onto_a_whited_out_name(branches: dict[str, P
 
 
 def test_a_read_only_union_answers_erofs(branches: dict[str, Path]) -> None:
-    config = cmdline.parse_args([f"{branches['upper']}=RO:{branches['base']}=RO",
-                                 str(branches["mnt"])])
-    fs = UnionFilesystem(config)
-    try:
+    with mounted(branches, upper="RO") as fs:
         node = lookup(fs, "file").node_id
-        assert errno_of(lambda: fs.unlink(ROOT_ID, b"file", ROOT)) == errno.EROFS
-        assert errno_of(lambda: fs.mkdir(ROOT_ID, b"new", 0o755, ROOT)) == errno.EROFS
-        assert errno_of(lambda: fs.rename(ROOT_ID, b"file", ROOT_ID, b"f2", 0, ROOT)) == \
+        assert errno_of(lambda: fs.unlink(ROOT_ID, b"file", CALLER)) == errno.EROFS
+        assert errno_of(lambda: fs.mkdir(ROOT_ID, b"new", 0o755, CALLER)) == errno.EROFS
+        assert errno_of(lambda: fs.rename(ROOT_ID, b"file", ROOT_ID, b"f2", 0, CALLER)) == \
             errno.EROFS
-        assert errno_of(lambda: fs.open(node, os.O_WRONLY, ROOT)) == errno.EROFS
+        assert errno_of(lambda: fs.open(node, os.O_WRONLY, CALLER)) == errno.EROFS
         assert not (branches["upper"] / ".qvdfs.work").exists()
-    finally:
-        fs.destroy()

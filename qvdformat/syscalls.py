@@ -1,7 +1,7 @@
 """Directory-relative system calls that never follow a symlink inside a branch.
 
-The daemon runs as root on the host while the branches hold files an image or a
-container wrote. Every access therefore starts from a directory file descriptor
+The qvdfs daemon and ``di commit`` run as root on the host while the branches hold files
+an image or a container wrote. Every access therefore starts from a directory file descriptor
 the daemon opened itself and names one path component at a time, so neither a
 symlink nor a ``..`` inside a branch can lead it to a host path outside.
 
@@ -47,6 +47,16 @@ def check_name(name: bytes) -> bytes:
 def open_dir(dirfd: int, name: bytes) -> int:
     """Open the directory ``name`` inside ``dirfd`` for reading, refusing symlinks."""
     return os.open(name, DIR_FLAGS, dir_fd=dirfd)
+
+
+def open_dir_if_any(dirfd: int, name: bytes) -> int | None:
+    """``open_dir``, or None where ``name`` is absent or no directory (a symlink included)."""
+    try:
+        return open_dir(dirfd, name)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            return None
+        raise
 
 
 def renameat2(old_dirfd: int, old: bytes, new_dirfd: int, new: bytes, flags: int = 0) -> None:
@@ -102,25 +112,31 @@ def removexattr_at(dirfd: int, name: bytes, attr: bytes) -> None:
     os.removexattr(at_path(dirfd, name), attr, follow_symlinks=False)
 
 
-def copy_xattrs(src_dirfd: int, src: bytes, dst_dirfd: int, dst: bytes, *, skip: bytes = b"") -> None:
-    """Copy every extended attribute except those starting with ``skip``."""
+def xattrs_at(dirfd: int, name: bytes, *, skip: bytes = b"") -> dict[bytes, bytes]:
+    """Every extended attribute of ``name`` except those starting with ``skip``."""
     try:
-        names = listxattr_at(src_dirfd, src)
+        names = listxattr_at(dirfd, name)
     except OSError as exc:
         if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
-            return
+            return {}
         raise
+    values = {}
     for attr in names:
         battr = os.fsencode(attr)
         if skip and battr.startswith(skip):
             continue
         try:
-            value = getxattr_at(src_dirfd, src, battr)
+            values[battr] = getxattr_at(dirfd, name, battr)
         except OSError as exc:
-            if exc.errno == errno.ENODATA:
-                continue
-            raise
-        setxattr_at(dst_dirfd, dst, battr, value)
+            if exc.errno != errno.ENODATA:  # removed meanwhile
+                raise
+    return values
+
+
+def copy_xattrs(src_dirfd: int, src: bytes, dst_dirfd: int, dst: bytes, *, skip: bytes = b"") -> None:
+    """Copy every extended attribute except those starting with ``skip``."""
+    for attr, value in xattrs_at(src_dirfd, src, skip=skip).items():
+        setxattr_at(dst_dirfd, dst, attr, value)
 
 
 def remove_at(dirfd: int, name: bytes | str) -> None:
