@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from pyroute2 import IPRoute
 
+from qvdctl.fleet import fence
 from qvdctl.mounting import QVDFS
 from qvdproc import processes
 from qvdproc.mountinfo import mounts_under
@@ -549,6 +550,42 @@ def test_list_shows_a_container_stopped_from_outside_and_stop_cleans_it(node: No
     assert mounts_under(_paths(node)["rootfs"]) != []  # list itself cleans nothing up
     node.cli.run("vm", "stop", "-f", "name=v")
     assert node.state("v") == "stopped"
+    node.assert_nothing_left(cgroups)
+
+
+def _in_pid_namespace_of(pid: int) -> list[int]:
+    """Every process in the PID namespace whose init is ``pid``."""
+    wanted = os.readlink(f"/proc/{pid}/ns/pid")
+    members = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and os.readlink(f"/proc/{entry}/ns/pid") == wanted:
+                members.append(int(entry))
+        except OSError:
+            continue  # gone meanwhile, or not ours to look at (this machine's pid 1)
+    return members
+
+
+@pytest.mark.timeout(120)
+def test_a_fence_kills_an_unprivileged_vm_at_once_and_stop_cleans_it(node: Node) -> None:
+    """What a fleet node's fence does when its lease runs out (qvdctl/fleet/fence.py), on
+    this suite's default VM: unprivileged, on a qvdfs root, in its own user namespace."""
+    cgroups = _lxc_cgroups()
+    node.cli.run("vm", "start", "-f", "name=v")
+    (init,) = fence.container_inits(node.lxcpath)
+    inside = _in_pid_namespace_of(init)
+    assert init in inside and len(inside) > 1  # busybox's init has children
+    killed_at = time.monotonic()
+    assert fence.kill_containers(node.lxcpath) == ["qvd-1"]
+    assert processes.wait_gone(inside, timeout=10)  # the whole namespace goes with its init
+    assert time.monotonic() - killed_at < 2
+    until_gone = time.monotonic() + 10
+    while lxc_monitors(node.lxcpath) and time.monotonic() < until_gone:
+        time.sleep(0.05)
+    assert lxc_monitors(node.lxcpath) == []  # liblxc saw its container stop
+    assert fence.kill_containers(node.lxcpath) == []
+    assert node.state("v") == "zombie"
+    node.cli.run("vm", "stop", "-f", "name=v")
     node.assert_nothing_left(cgroups)
 
 
