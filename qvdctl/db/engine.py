@@ -43,6 +43,10 @@ BUSY_TIMEOUT_MS = 30_000
 WRITER_LOCK = 0x717664
 # A PostgreSQL server that does not answer within this is down, as far as we care.
 CONNECT_TIMEOUT_S = 5
+# The server ends a session idle this long inside a transaction: a process stopped there
+# (SIGSTOP, a swap storm) would otherwise hold the writer lock, and every other writer
+# (the fleet's lease renewals among them) would wait behind it for as long as it stays.
+IDLE_IN_TRANSACTION_S = 10
 
 
 class Database:
@@ -63,9 +67,10 @@ class Database:
             event.listen(self.engine, "connect", _sqlite_connect)
             event.listen(self.engine, "begin", _sqlite_begin)
         elif url.startswith("postgresql+psycopg://"):
-            self.engine = create_engine(
-                url, pool_pre_ping=True, connect_args={"connect_timeout": CONNECT_TIMEOUT_S}
-            )
+            self.engine = create_engine(url, pool_pre_ping=True, connect_args={
+                "connect_timeout": CONNECT_TIMEOUT_S,
+                "options": f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_S}s",
+            })
             event.listen(self.engine, "begin", _postgresql_begin)
         else:
             raise QvdError(

@@ -7,16 +7,18 @@ on SQLite: the same commands, the same one-line errors.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from qvdctl import nodeconf
 from qvdctl.db import clock, migrations, store
-from qvdctl.db.engine import Database
+from qvdctl.db.engine import IDLE_IN_TRANSACTION_S, Database
 from qvdctl.errors import QvdError
 from qvdctl.node import Node
 from tests.support.postgres import PgServer, postgres  # noqa: F401 (a fixture)
@@ -173,3 +175,37 @@ def test_the_database_clock_is_the_server_s_time_in_epoch_seconds(db_url: str) -
         assert second >= first
     finally:
         db.close()
+
+
+_HOLD_THE_WRITER_LOCK = """
+import os, signal, sys
+from sqlalchemy import text
+from qvdctl.db.engine import Database
+with Database(sys.argv[1]).writer() as conn:
+    conn.execute(text("SELECT 1"))
+    print("holding", flush=True)
+    os.kill(os.getpid(), signal.SIGSTOP)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_writer_stopped_inside_its_transaction_holds_the_others_up_only_briefly(
+    postgres: PgServer,  # noqa: F811
+) -> None:
+    """A fleet's renewals take the writer lock: one stuck client must not stop them all."""
+    url = postgres.url()
+    Database(url).close()  # the schema, before the holder takes the lock
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_THE_WRITER_LOCK, url],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "holding\n"
+        db = Database(url)
+        started = time.monotonic()
+        with db.writer() as conn:
+            conn.execute(text("SELECT 1"))
+        waited = time.monotonic() - started
+        db.close()
+        assert IDLE_IN_TRANSACTION_S - 1 < waited < IDLE_IN_TRANSACTION_S + 10, waited
+    finally:
+        holder.kill()
+        holder.wait()
