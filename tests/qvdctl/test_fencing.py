@@ -14,10 +14,12 @@ machine takes a few seconds; hence T/5 + T + START_S.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -103,14 +105,23 @@ def test_a_paused_then_a_killed_hkd_never_leave_a_vm_on_two_nodes(
         f.close()
 
 
+@contextlib.contextmanager
+def _one_node_running_v1(server: PgServer, base: Path, timeout: int
+                         ) -> Iterator[tuple[Fleet, HkdNode]]:
+    """One HKD with a real container, v1, running on it."""
+    f = Fleet(base, server.url(), ("node-a",), vms=1, timeout=timeout, mount_only=False)
+    try:
+        f.start()
+        f.admin.run("vm", "start", "-f", "name=v1")
+        yield f, f.nodes["node-a"]
+    finally:
+        f.close()
+
+
 def test_a_killed_fence_is_started_again_with_the_lease_it_held(
     postgres: PgServer, tmp_path: Path,  # noqa: F811
 ) -> None:
-    f = Fleet(tmp_path, postgres.url(), ("node-a",), vms=1, timeout=TIMEOUT, mount_only=False)
-    try:
-        f.start()
-        a = f.nodes["node-a"]
-        f.admin.run("vm", "start", "-f", "name=v1")
+    with _one_node_running_v1(postgres, tmp_path, TIMEOUT) as (f, a):
         (first,) = a.fences()
         os.kill(first, signal.SIGKILL)
         until(lambda: len(a.fences()) == 1 and a.fences() != [first], "a new fence", 10)
@@ -128,8 +139,6 @@ def test_a_killed_fence_is_started_again_with_the_lease_it_held(
         until(lambda: "the lease holds again" in a.log_text(), "the fence re-armed", 10)
         f.admin.run("vm", "start", "-f", "name=v1")
         assert a.in_ns("lxc-ls", "-P", str(a.lxcpath), "--running").stdout.split() == ["qvd-1"]
-    finally:
-        f.close()
 
 
 def test_node_clocks_minutes_apart_agree_on_leases(
@@ -176,11 +185,7 @@ def test_an_hkd_restarted_at_once_keeps_its_vm_and_ends_the_old_fence(
     long enough that the new HKD surely starts before the old one runs out, even on a
     busy machine: if it did not, that kill would be right.)"""
     timeout = 15
-    f = Fleet(tmp_path, postgres.url(), ("node-a",), vms=1, timeout=timeout, mount_only=False)
-    try:
-        f.start()
-        a = f.nodes["node-a"]
-        f.admin.run("vm", "start", "-f", "name=v1")
+    with _one_node_running_v1(postgres, tmp_path, timeout) as (f, a):
         (old,) = a.fences()
         a.signal(signal.SIGKILL)
         a.wait()
@@ -195,5 +200,3 @@ def test_an_hkd_restarted_at_once_keeps_its_vm_and_ends_the_old_fence(
         assert "fence: the lease ran out" not in a.log_text()
         assert a.in_ns("lxc-ls", "-P", str(a.lxcpath), "--running").stdout.split() == ["qvd-1"]
         assert f.admin.vms()["v1"]["State"] == "running"
-    finally:
-        f.close()
