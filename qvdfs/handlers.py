@@ -395,12 +395,14 @@ class UnionFilesystem:
         """(generation, position, entries) for a readdir stream at ``offset``.
 
         Without OPENDIR there is no handle to keep a stream's listing in, so the offsets
-        handed to the kernel carry it: the listing's generation in the high 32 bits and the
-        position in the low ones. A stream keeps reading the listing it started with, so a
+        handed to the kernel carry it: the position in the high 32 bits and the listing's
+        generation in the low ones. A stream keeps reading the listing it started with, so a
         change meanwhile neither skips nor repeats an entry. A stream whose listing was
         dropped (more than MAX_LISTING_SNAPSHOTS in progress) goes on in a fresh one.
+        The position leads so that offsets grow along the listing: seekdir to any value
+        below the last offset a stream saw lands on an entry, as on a local filesystem.
         """
-        generation, position = offset >> 32, offset & 0xFFFFFFFF
+        position, generation = offset >> 32, offset & 0xFFFFFFFF
         kept = self._listings.get(node.id)
         if offset == 0 or kept is None or kept[0] != generation:
             self._listing_generation = (self._listing_generation + 1) & 0x7FFFFFFF
@@ -425,7 +427,7 @@ class UnionFilesystem:
                 if child.unlinked:
                     continue
                 kind = stat.S_IFDIR if child.is_dir else stat.S_IFMT(self._attrs(child).mode)
-                if not add(name, child.id, kind, (generation << 32) | (i + 1)):
+                if not add(name, child.id, kind, _offset(i + 1, generation)):
                     return
 
     def readdirplus(self, node_id: int, fh: int, offset: int, add: AddDirEntryPlus) -> None:
@@ -444,7 +446,7 @@ class UnionFilesystem:
                     continue
                 entry = Entry(child.id, attr, self.config.entry_timeout,
                               self._attr_timeout(child))
-                if not add(name, entry, (generation << 32) | (i + 1)):
+                if not add(name, entry, _offset(i + 1, generation)):
                     return
                 # The kernel takes a lookup reference for every entry but "." and "..".
                 if name not in (b".", b".."):
@@ -471,6 +473,11 @@ class UnionFilesystem:
     def removexattr(self, node_id: int, name: bytes, ctx: Context) -> None:
         with self.lock:
             self.union.removexattr(self._node(node_id), name)
+
+
+def _offset(position: int, generation: int) -> int:
+    """A readdir offset: see ``UnionFilesystem._listing_from``."""
+    return position << 32 | generation
 
 
 def _in_group_or_capable(ctx: Context) -> Callable[[int], bool]:

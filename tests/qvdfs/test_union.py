@@ -12,6 +12,7 @@ import ctypes
 import errno
 import mmap
 import os
+import random
 import shutil
 import stat
 import subprocess
@@ -519,3 +520,49 @@ def test_a_write_through_a_shared_mapping_shows_new_times(union: Union, existing
     after = times()
     assert after[0] > before[0] and after[1] > before[1]
     assert path.read_bytes()[:1] == b"Z"
+
+
+class _Dirent(ctypes.Structure):
+    _fields_ = [("d_ino", ctypes.c_uint64), ("d_off", ctypes.c_int64),
+                ("d_reclen", ctypes.c_ushort), ("d_type", ctypes.c_ubyte),
+                ("d_name", ctypes.c_char * 256)]
+
+
+def test_seekdir_back_and_forth_in_a_large_folder(union: Union) -> None:
+    """generic/676: seekdir to a position telldir gave returns that entry again, and to any
+    position below the largest one returns some entry (the position used to be the low
+    half of the offset, so most values below the largest pointed past the end)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.opendir.restype = ctypes.c_void_p
+    libc.readdir.argtypes = libc.telldir.argtypes = libc.closedir.argtypes = [ctypes.c_void_p]
+    libc.readdir.restype = ctypes.POINTER(_Dirent)
+    libc.telldir.restype = ctypes.c_long
+    libc.seekdir.argtypes = [ctypes.c_void_p, ctypes.c_long]
+    folder = union.mnt / "big"
+    folder.mkdir()
+    for i in range(600):
+        (folder / f"file-{i:04}-{'x' * (i % 50)}").touch()
+    stream = libc.opendir(os.fsencode(folder))
+    assert stream
+    try:
+        positions, names = [], []
+        while True:
+            positions.append(libc.telldir(stream))
+            entry = libc.readdir(stream)
+            if not entry:
+                break
+            names.append(entry.contents.d_name)
+        positions.pop()  # the position of the end
+        assert len(names) == 602
+        rng = random.Random(676)
+        for _ in range(300):
+            i = rng.randrange(len(names))
+            libc.seekdir(stream, positions[i])
+            entry = libc.readdir(stream)
+            assert entry and entry.contents.d_name == names[i]
+        largest = max(positions)
+        for _ in range(300):
+            libc.seekdir(stream, rng.randrange(largest))
+            assert libc.readdir(stream), "an offset below the largest one read as the end"
+    finally:
+        libc.closedir(stream)
