@@ -105,12 +105,13 @@ class UnionFilesystem:
 
         Every change of metadata goes through this daemon, which drops a node's cached
         attributes when it changes it, so a warm ``ls -l`` costs no system call. Data need
-        not: while a file is open for writing, passthrough writes and shared mappings change
-        its size and times behind our back, so such a file is always asked.
+        not: while a file is open, passed-through reads change its access time, and writes
+        and shared mappings its size and times, behind our back, so such a file is always
+        asked (and its cache dropped at its last close).
         """
         cached = self._attr_cache.get(node.id)
         if (cached is not None and cached[0] == node.changes and not node.unlinked
-                and not node.has_writer()):
+                and not node.opens):
             return cached[1]
         if st is None:
             st = self.union.getattr(node)

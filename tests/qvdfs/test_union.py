@@ -566,3 +566,18 @@ def test_seekdir_back_and_forth_in_a_large_folder(union: Union) -> None:
             assert libc.readdir(stream), "an offset below the largest one read as the end"
     finally:
         libc.closedir(stream)
+
+
+def test_reading_a_file_moves_its_access_time(union: Union) -> None:
+    """generic/003 (relatime's first read after a change): a read passed through to the
+    branch changes the access time there, and stat shows it."""
+    path = union.mnt / "read-me"
+    path.write_text("data")
+    os.utime(path, ns=(10**18, path.stat().st_mtime_ns))  # atime before mtime: the next read moves it
+    shown = subprocess.run(["stat", "-c", "%X", str(path)], capture_output=True, text=True,
+                           check=True, timeout=30)
+    assert int(shown.stdout) == 10**9
+    assert path.read_text() == "data"
+    shown = subprocess.run(["stat", "-c", "%X", str(path)], capture_output=True, text=True,
+                           check=True, timeout=30)
+    assert int(shown.stdout) > 10**9
