@@ -95,7 +95,7 @@ class Pyfuse3Operations(pyfuse3.Operations):
         self.fs = fs
         # The kernel enforces and caches POSIX ACLs; they turn on its permission checks,
         # so not with relaxed_permissions.
-        self.enable_acl = "default_permissions" in config.fuse_options
+        self.enable_acl = config.fuse_options.default_permissions
         self.entry_timeout = config.entry_timeout
         # pyfuse3 gives only the handle to read/release requests; the Filesystem wants the
         # node id too, so remember it per handle.
@@ -300,7 +300,8 @@ class Pyfuse3Backend:
 
     def mount(self) -> None:
         try:
-            pyfuse3.init(self.ops, self.config.mountpoint, set(self.config.fuse_options))
+            pyfuse3.init(self.ops, self.config.mountpoint,
+                         self.config.fuse_options.libfuse_strings())
         except RuntimeError as exc:
             # libfuse has already printed its reason to stderr; ours names the mountpoint.
             raise MountError(f"cannot mount on {self.config.mountpoint}: {exc}") from None

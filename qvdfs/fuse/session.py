@@ -47,6 +47,7 @@ from typing import Any
 from . import abi
 from .abi import Opcode
 from .filesystem import Attr, Context, Entry, Filesystem, Opened, SetattrChanges
+from .mount import MountOptions
 
 log = logging.getLogger("qvdfs.fuse")
 
@@ -296,17 +297,18 @@ class Session:
         fd: the /dev/fuse descriptor the mount uses (``qvdfs.fuse.mount.mount``); the
             session does not close it.
         mountpoint: for log messages.
+        options: the mount's options (default: none); ``default_permissions``
+            lets it ask for POSIX ACLs (and idmapping), ``allow_root`` makes it answer
+            EACCES to callers other than root and the mounting user.
         disabled: names from ``FEATURES`` not to ask the kernel for.
         threads: readers of /dev/fuse (``DEFAULT_THREADS``).
-        default_permissions: the mount has it (POSIX ACLs need it).
-        allow_root: answer EACCES to callers other than root and the mounting user.
         idmap: ask for ALLOW_IDMAP (unless "allow_idmap" is disabled).
     """
 
     def __init__(self, fs: Filesystem, fd: int, *, mountpoint: str,
-                 disabled: frozenset[str] = frozenset(), threads: int = DEFAULT_THREADS,
-                 default_permissions: bool = False, allow_root: bool = False,
-                 idmap: bool = False) -> None:
+                 options: MountOptions | None = None, disabled: frozenset[str] = frozenset(),
+                 threads: int = DEFAULT_THREADS, idmap: bool = False) -> None:
+        options = options or MountOptions()
         unknown = set(disabled) - set(FEATURES)
         if unknown:
             raise ValueError(f"unknown FUSE features {sorted(unknown)}")
@@ -315,8 +317,8 @@ class Session:
         self.mountpoint = mountpoint
         self.disabled = frozenset(disabled)
         self.threads = max(1, threads)
-        self.default_permissions = default_permissions
-        self.allow_root = allow_root
+        self.default_permissions = options.default_permissions
+        self.allow_root = options.allow_root
         self.idmap = idmap
         self.owner_uid = os.getuid()
         self.features: frozenset[str] = frozenset()

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from qvdfs.fuse.filesystem import ROOT_ID
+from qvdfs.fuse.mount import MountOptions
 from qvdfs.fuse.session import FEATURES
 
 from .conftest import wait_for
@@ -390,7 +391,7 @@ def test_no_opendir(mount: Mount, no_opendir: bool) -> None:
 
 @pytest.mark.parametrize("feature", sorted(set(FEATURES) - {"allow_idmap"}))
 def test_each_disabled_feature_still_works(mount: Mount, feature: str) -> None:
-    with mount(disabled=frozenset({feature}), options=("default_permissions",)) as m:
+    with mount(disabled=frozenset({feature}), options=MountOptions(default_permissions=True)) as m:
         assert feature not in m.fs.features
         data = os.urandom(2 << 20)
         (m.mnt / "f").write_bytes(data)
@@ -417,10 +418,10 @@ def test_idmap_is_asked_for_only_when_wanted(mount: Mount) -> None:
     with mount(idmap=True) as m:           # not without default_permissions
         os.listdir(m.mnt)
         assert "allow_idmap" not in m.fs.features
-    with mount(idmap=True, options=("default_permissions",)) as m:
+    with mount(idmap=True, options=MountOptions(default_permissions=True)) as m:
         os.listdir(m.mnt)
         assert "allow_idmap" in m.fs.features
-    with mount(idmap=True, options=("default_permissions",),
+    with mount(idmap=True, options=MountOptions(default_permissions=True),
                disabled=frozenset({"allow_idmap"})) as m:
         os.listdir(m.mnt)
         assert "allow_idmap" not in m.fs.features
@@ -484,13 +485,13 @@ def test_missing_methods_and_unserved_opcodes_answer_enosys(mount: Mount,
 
 
 def test_allow_root_refuses_other_users(mount: Mount) -> None:
-    with mount(public_dir=True, options=("allow_root",)) as m:
+    with mount(public_dir=True, options=MountOptions(allow_root=True)) as m:
         (m.src / "x").write_bytes(b"x")
         os.chmod(m.src, 0o755)
         assert _as_nobody(lambda: os.stat(m.src / "x")) == 0          # the path is open
         assert _as_nobody(lambda: os.stat(m.mnt / "x")) == errno.EACCES
         assert (m.mnt / "x").read_bytes() == b"x"                   # root gets in
-    with mount(public_dir=True, options=("allow_other",)) as m:
+    with mount(public_dir=True, options=MountOptions(allow_other=True)) as m:
         (m.src / "x").write_bytes(b"x")
         assert _as_nobody(lambda: os.stat(m.mnt / "x")) == 0
 
@@ -514,7 +515,7 @@ def _as_nobody(action: Callable[[], Any]) -> int:
 
 
 def test_kill_suidgid_reaches_the_fs(mount: Mount) -> None:
-    with mount(public_dir=True, options=("allow_other",),
+    with mount(public_dir=True, options=MountOptions(allow_other=True),
                disabled=frozenset({"passthrough"})) as m:
         f = m.src / "suid"
         f.write_bytes(b"#!/bin/true\n")
