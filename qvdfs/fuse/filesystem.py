@@ -37,8 +37,8 @@ class Context:
 class Attr:
     """A node's attributes as the kernel is to see them.
 
-    ``packed`` is left to the session: it keeps the wire form of these attributes there, so
-    a filesystem that hands out the same Attr object again costs no packing.
+    ``packed`` is left to ``wire.pack_attr``: it keeps the wire form of these attributes
+    there, so a filesystem that hands out the same Attr object again costs no packing.
     """
 
     ino: int
@@ -82,7 +82,7 @@ class Opened:
     """The answer to open, create and opendir.
 
     ``fh`` comes back in every request on the open file. ``open_flags`` are FOPEN_* bits
-    (above), e.g. FOPEN_KEEP_CACHE, FOPEN_DIRECT_IO, FOPEN_CACHE_DIR.
+    (``abi``), e.g. FOPEN_KEEP_CACHE, FOPEN_DIRECT_IO, FOPEN_CACHE_DIR.
     ``backing_fd``, for a regular file, is an open descriptor of the file that holds its
     data; where the kernel offers passthrough and its rules allow, the session registers it
     with the kernel, which then reads, writes and maps that file itself, and no READ or
@@ -168,6 +168,9 @@ class Filesystem(Protocol):
 
     def write(self, node_id: int, fh: int, offset: int, data: memoryview,
               kill_suidgid: bool) -> int: ...
+
+    def flush(self, node_id: int, fh: int) -> None:
+        """At each close(2) of a descriptor of the open file ``fh``."""
 
     def release(self, node_id: int, fh: int) -> None: ...
 

@@ -10,16 +10,9 @@ import pytest
 from qvdfs.fuse import abi
 from qvdfs.fuse.filesystem import Attr, Entry
 from qvdfs.fuse.mount import MS_NODEV, MS_NOSUID, MountOptions
-from qvdfs.fuse.session import (
-    FEATURES,
-    DirBuffer,
-    Session,
-    decode_dev,
-    encode_dev,
-    pack_attr,
-    pack_entry,
-    split_timeout,
-)
+from qvdfs.fuse.negotiate import FEATURES
+from qvdfs.fuse.session import Session
+from qvdfs.fuse.wire import DirBuffer, decode_dev, encode_dev, pack_attr, pack_entry, split_timeout
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -18,7 +18,7 @@ import pytest
 
 from qvdfs.fuse.filesystem import ROOT_ID
 from qvdfs.fuse.mount import MountOptions
-from qvdfs.fuse.session import FEATURES
+from qvdfs.fuse.negotiate import FEATURES
 
 from .conftest import wait_for
 from .mirror import RENAME_EXCHANGE, RENAME_NOREPLACE, MirrorFS, renameat2
