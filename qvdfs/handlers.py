@@ -17,7 +17,6 @@ import collections
 import errno
 import os
 import stat
-from collections.abc import Callable
 
 from qvdfs.config import MountConfig
 from qvdfs.fuse.abi import FOPEN_CACHE_DIR, FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE
@@ -27,6 +26,8 @@ from qvdfs.fuse.filesystem import (
     Attr,
     Context,
     Entry,
+    Notifier,
+    NullNotifier,
     Opened,
     SetattrChanges,
 )
@@ -56,23 +57,21 @@ class UnionFilesystem:
 
     def __init__(self, config: MountConfig) -> None:
         self.config = config
-        self.union = Union(config)
+        # Until ``init``: no kernel has cached anything yet.
+        self.notifier: Notifier = NullNotifier()
+        self.union = Union(config, self._entry_changed)
         self.index = self.union.index
         self.lock = self.index.lock
         self.attr_timeout = config.attr_timeout
         self.features: frozenset[str] = frozenset()
-        # Set by the backend: drop the kernel's cached entry parent/name, and a node's
-        # cached attributes and data. Both may be called with the index lock held.
-        self.invalidate_entry: Callable[[int, bytes], None] = lambda parent, name: None
-        self.invalidate_inode: Callable[[int], None] = lambda node_id: None
-        self.index.invalidate = self._entry_changed
         # node id -> (generation, entries) of the listing a readdir stream is reading
         self._listings: collections.OrderedDict[int, tuple[int, list[tuple[bytes, Node]]]] = \
             collections.OrderedDict()
         self._listing_generation = 0
 
-    def init(self, features: frozenset[str]) -> None:
+    def init(self, features: frozenset[str], notifier: Notifier) -> None:
         self.features = features
+        self.notifier = notifier
 
     def destroy(self) -> None:
         with self.lock:
@@ -84,9 +83,10 @@ class UnionFilesystem:
                 "open_files": len(self.union.files)}
 
     def _entry_changed(self, parent: Node, name: bytes) -> None:
-        self.invalidate_entry(parent.id, name)
+        # Called by the union with the index lock held; the notifier only queues.
+        self.notifier.invalidate_entry(parent.id, name)
         # A cached listing holds the old node id of the name.
-        self.invalidate_inode(parent.id)
+        self.notifier.invalidate_inode(parent.id)
 
     # -- replies ------------------------------------------------------------------------
 

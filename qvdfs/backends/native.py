@@ -62,13 +62,5 @@ class NativeBackend:
     def abandon(self) -> None:
         self.close(unmount=True)
 
-    def invalidate_entry(self, parent: int, name: bytes) -> None:
-        if self.session is not None:
-            self.session.invalidate_entry(parent, name)
-
-    def invalidate_inode(self, node_id: int) -> None:
-        if self.session is not None:
-            self.session.invalidate_inode(node_id)
-
     def counters(self) -> dict[str, object]:
         return dict(self.session.counters()) if self.session is not None else {}

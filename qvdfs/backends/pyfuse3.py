@@ -273,6 +273,17 @@ class Pyfuse3Operations(pyfuse3.Operations):
         self.fs.removexattr(inode, name, _context(ctx))
 
 
+class Pyfuse3Notifier:
+    """The ``Notifier`` through libfuse: entries are invalidated, inodes need not be."""
+
+    @staticmethod
+    def invalidate_entry(parent: int, name: bytes) -> None:
+        pyfuse3.invalidate_entry_async(parent, name)
+
+    @staticmethod
+    def invalidate_inode(node_id: int) -> None:
+        """Nothing to do: without FOPEN_CACHE_DIR the kernel keeps no listings here."""
+
 
 class Pyfuse3Backend:
     """Mount with libfuse, serve with trio; ``stop`` may be called from a signal handler."""
@@ -285,15 +296,8 @@ class Pyfuse3Backend:
         self.ops = Pyfuse3Operations(fs, config)
         self._token: trio.lowlevel.TrioToken | None = None
         self._stop_requested = False
-        fs.init(frozenset({"readdirplus"} | ({"posix_acl"} if self.ops.enable_acl else set())))
-
-    @staticmethod
-    def invalidate_entry(parent: int, name: bytes) -> None:
-        pyfuse3.invalidate_entry_async(parent, name)
-
-    @staticmethod
-    def invalidate_inode(node_id: int) -> None:
-        """Nothing to do: without FOPEN_CACHE_DIR the kernel keeps no listings here."""
+        fs.init(frozenset({"readdirplus"} | ({"posix_acl"} if self.ops.enable_acl else set())),
+                Pyfuse3Notifier())
 
     def counters(self) -> dict[str, object]:
         return {}

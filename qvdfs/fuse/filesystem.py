@@ -119,12 +119,36 @@ AddDirEntry = Callable[[bytes, int, int, int], bool]
 AddDirEntryPlus = Callable[[bytes, Entry, int], bool]
 
 
+class Notifier(Protocol):
+    """How a filesystem tells the kernel to drop what it cached of a change the kernel did
+    not make itself. Either call may come from any thread, with the filesystem's locks
+    held: it only queues the notification and never waits for the kernel."""
+
+    def invalidate_entry(self, parent: int, name: bytes) -> None:
+        """Forget ``name`` in ``parent`` (its node id, or that it does not exist)."""
+
+    def invalidate_inode(self, node_id: int) -> None:
+        """Drop the node's cached attributes, data and (for a directory) listing."""
+
+
+class NullNotifier:
+    """The ``Notifier`` where no kernel listens (tests without a mount) or where the backend
+    cannot notify: every call is dropped."""
+
+    def invalidate_entry(self, parent: int, name: bytes) -> None:
+        pass
+
+    def invalidate_inode(self, node_id: int) -> None:
+        pass
+
+
 class Filesystem(Protocol):
     """The requests a filesystem answers. See the module docstring for the rules."""
 
-    def init(self, features: frozenset[str]) -> None:
+    def init(self, features: frozenset[str], notifier: Notifier) -> None:
         """Called once INIT is answered, with the names of the features in force
-        (e.g. "passthrough", "readdirplus", "posix_acl", "killpriv_v2")."""
+        (e.g. "passthrough", "readdirplus", "posix_acl", "killpriv_v2") and the notifier
+        to tell the kernel of changes with, from then until ``destroy``."""
 
     def destroy(self) -> None: ...
 

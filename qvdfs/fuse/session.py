@@ -5,7 +5,7 @@ How it works, and why:
 - INIT is answered in the thread that calls ``serve()``, before any worker starts, because
   the buffer size follows from the negotiated ``max_write`` and the kernel sends nothing
   else until INIT is answered. What is agreed is worked out by ``negotiate``; the
-  filesystem then gets the features in force.
+  filesystem then gets the features in force and this session as its ``Notifier``.
 - Then ``threads`` workers read /dev/fuse. The kernel hands each request to exactly one
   blocked reader, so a request that sleeps (a cold directory, a copy-up, an fsync) holds up
   only its own thread. Each worker owns one preallocated buffer and one ``Request`` over
@@ -65,6 +65,8 @@ class _Stop(Exception):
 
 class Session:
     """Serves one mounted FUSE connection (the /dev/fuse descriptor ``fd``) for ``fs``.
+
+    It is also the filesystem's ``Notifier`` (``invalidate_entry``, ``invalidate_inode``).
 
     Args:
         fs: the filesystem (``qvdfs.fuse.filesystem.Filesystem``).
@@ -333,6 +335,6 @@ class Session:
         self.features = agreed.features
         init = getattr(self.fs, "init", None)
         if init is not None:
-            init(self.features)
+            init(self.features, self)
         self.initialized.set()
         return True

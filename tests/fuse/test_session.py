@@ -52,6 +52,7 @@ def test_mount_and_umount_end_serve(mount: Mount) -> None:
         assert os.listdir(m.mnt) == []
         assert m.thread.is_alive()
         assert "passthrough" in m.fs.features      # kernel 6.18 offers it
+        assert m.fs.notifier is m.session          # handed over with the features
     assert not m.thread.is_alive()
     assert m.fs.calls["destroy"] == 1
 

@@ -27,7 +27,7 @@ import pytest
 
 from qvdfs import daemon
 from qvdfs.config import MountConfig, MountError
-from qvdfs.fuse.filesystem import ROOT_ID, Attr, Context, Entry, Opened
+from qvdfs.fuse.filesystem import ROOT_ID, Attr, Context, Entry, Notifier, Opened
 from qvdproc import processes
 from qvdproc.mountinfo import Mount, is_mounted, read_mounts
 from tests.support import REPO
@@ -57,7 +57,7 @@ class StandinFilesystem:
         if max_read:
             config.fuse_options.max_read = int(max_read)
 
-    def init(self, features: frozenset[str]) -> None:
+    def init(self, features: frozenset[str], notifier: Notifier) -> None:
         pass
 
     def getattr(self, node_id: int, fh: int | None, ctx: Context) -> tuple[Attr, float]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from qvdfs import cmdline
-from qvdfs.fuse.filesystem import ROOT_ID, Context, Entry, SetattrChanges
+from qvdfs.fuse.filesystem import ROOT_ID, Context, Entry, Notifier, NullNotifier, SetattrChanges
 from qvdfs.handlers import UnionFilesystem
 from qvdfs.union import markers
 
@@ -42,11 +42,12 @@ def branches(tmp_path: Path) -> dict[str, Path]:
     return d
 
 
-def make_fs(d: dict[str, Path], *options: str) -> UnionFilesystem:
+def make_fs(d: dict[str, Path], *options: str,
+            notifier: Notifier | None = None) -> UnionFilesystem:
     config = cmdline.parse_args(["-o", "cow", *options, f"{d['upper']}=RW:{d['base']}=RO",
                                  str(d["mnt"])])
     fs = UnionFilesystem(config)
-    fs.init(frozenset({"no_opendir", "readdirplus"}))
+    fs.init(frozenset({"no_opendir", "readdirplus"}), notifier or NullNotifier())
     return fs
 
 
@@ -337,5 +338,35 @@ def test_a_read_only_union_answers_erofs(branches: dict[str, Path]) -> None:
             errno.EROFS
         assert errno_of(lambda: fs.open(node, os.O_WRONLY, ROOT)) == errno.EROFS
         assert not (branches["upper"] / ".qvdfs.work").exists()
+    finally:
+        fs.destroy()
+
+
+class RecordingNotifier:
+    """A ``Notifier`` that keeps what the kernel would have been told."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, int, bytes | None]] = []
+
+    def invalidate_entry(self, parent: int, name: bytes) -> None:
+        self.sent.append(("entry", parent, name))
+
+    def invalidate_inode(self, node_id: int) -> None:
+        self.sent.append(("inode", node_id, None))
+
+
+def test_a_copy_up_that_splits_a_hard_link_tells_the_notifier(branches: dict[str, Path]) -> None:
+    os.link(branches["base"] / "file", branches["base"] / "alias")
+    notifier = RecordingNotifier()
+    fs = make_fs(branches, notifier=notifier)
+    try:
+        node = lookup(fs, "file").node_id
+        assert lookup(fs, "alias").node_id == node
+        writer = fs.open(node, os.O_WRONLY, ROOT)
+        fs.release(node, writer.fh)
+        # The copy-up breaks the link, as in overlayfs: the kernel must drop the node it
+        # holds for the other name, and the root's cached listing.
+        assert notifier.sent == [("entry", ROOT_ID, b"alias"), ("inode", ROOT_ID, None)]
+        assert lookup(fs, "alias").node_id != node
     finally:
         fs.destroy()
