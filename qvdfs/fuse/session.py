@@ -73,9 +73,9 @@ class Session:
         fd: the /dev/fuse descriptor the mount uses (``qvdfs.fuse.mount.mount``); the
             session does not close it.
         mountpoint: for log messages.
-        options: the mount's options (default: none); ``default_permissions`` lets it ask for POSIX ACLs
-            (and idmapping), ``allow_root`` makes it answer EACCES to callers other than
-            root and the mounting user.
+        options: the mount's options (default: none); ``default_permissions`` lets it
+            ask for POSIX ACLs (and idmapping), ``allow_root`` makes it answer EACCES to
+            callers other than root and the mounting user.
         disabled: names from ``negotiate.FEATURES`` not to ask the kernel for.
         threads: readers of /dev/fuse (``DEFAULT_THREADS``).
         idmap: ask for ALLOW_IDMAP (unless "allow_idmap" is disabled).
