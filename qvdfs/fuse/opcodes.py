@@ -31,6 +31,7 @@ log = logging.getLogger("qvdfs.fuse")
 # Where an opcode's input struct starts.
 HDR = abi.IN_HEADER.size
 _NS = 1_000_000_000
+_unpack_header = abi.IN_HEADER.unpack_from
 
 
 class Request:
@@ -57,7 +58,7 @@ class Request:
         """Take the header of the ``n`` bytes just read into ``mv``."""
         self.n = n
         (_, self.opcode, self.unique, self.nodeid, self.uid, self.gid, self.pid, _,
-         _) = abi.IN_HEADER.unpack_from(self.mv)
+         _) = _unpack_header(self.mv)
 
     def name(self, start: int = HDR) -> bytes:
         """The NUL-terminated name that ends the request, from ``start``."""
