@@ -20,7 +20,6 @@ import stat
 from collections.abc import Callable
 
 from qvdfs.config import MountConfig
-from qvdproc import processes
 from qvdfs.fuse.abi import FOPEN_CACHE_DIR, FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE
 from qvdfs.fuse.filesystem import (
     AddDirEntry,
@@ -28,6 +27,8 @@ from qvdfs.fuse.filesystem import (
     Attr,
     Context,
     Entry,
+    Notifier,
+    NullNotifier,
     Opened,
     SetattrChanges,
 )
@@ -35,6 +36,7 @@ from qvdformat import syscalls
 from qvdfs.union.core import Union, may_drop_privileges
 from qvdfs.union.handles import backing_flags
 from qvdfs.union.tree import Node, stale
+from qvdproc import processes
 
 NAME_MAX = 255
 # linux/capability.h: what lets a caller change a file and keep its set-id bits.
@@ -59,18 +61,13 @@ class UnionFilesystem:
 
     def __init__(self, config: MountConfig) -> None:
         self.config = config
-        self.union = Union(config)
+        # Until ``init``: no kernel has cached anything yet.
+        self.notifier: Notifier = NullNotifier()
+        self.union = Union(config, self._entry_changed)
         self.index = self.union.index
         self.lock = self.index.lock
         self.attr_timeout = config.attr_timeout
         self.features: frozenset[str] = frozenset()
-        # Set by the backend: drop the kernel's cached entry parent/name, a node's cached
-        # attributes and data (both queued), and its attributes alone (at once). All may be
-        # called with the index lock held.
-        self.invalidate_entry: Callable[[int, bytes], None] = lambda parent, name: None
-        self.invalidate_inode: Callable[[int], None] = lambda node_id: None
-        self.invalidate_attributes: Callable[[int], None] = lambda node_id: None
-        self.index.invalidate = self._entry_changed
         # node id -> (generation, entries) of the listing a readdir stream is reading
         self._listings: collections.OrderedDict[int, tuple[int, list[tuple[bytes, Node]]]] = \
             collections.OrderedDict()
@@ -78,8 +75,9 @@ class UnionFilesystem:
         # node id -> (node.changes, the attributes last sent to the kernel); see _attrs
         self._attr_cache: dict[int, tuple[int, Attr]] = {}
 
-    def init(self, features: frozenset[str]) -> None:
+    def init(self, features: frozenset[str], notifier: Notifier) -> None:
         self.features = features
+        self.notifier = notifier
 
     def destroy(self) -> None:
         with self.lock:
@@ -91,9 +89,10 @@ class UnionFilesystem:
                 "open_files": len(self.union.files)}
 
     def _entry_changed(self, parent: Node, name: bytes) -> None:
-        self.invalidate_entry(parent.id, name)
+        # Called by the union with the index lock held; the notifier only queues.
+        self.notifier.invalidate_entry(parent.id, name)
         # A cached listing holds the old node id of the name.
-        self.invalidate_inode(parent.id)
+        self.notifier.invalidate_inode(parent.id)
 
     # -- replies ------------------------------------------------------------------------
 
@@ -280,7 +279,7 @@ class UnionFilesystem:
             if opened.backing_fd is not None and node.has_writer():
                 # What the kernel cached before this open would outlive writes through a
                 # mapping of it (see _attr_timeout).
-                self.invalidate_attributes(node.id)
+                self.notifier.invalidate_attributes(node.id)
             return opened
 
     def create(self, parent: int, name: bytes, mode: int, flags: int,
@@ -320,7 +319,7 @@ class UnionFilesystem:
         if self.union.kill_privileges(node, _in_group_or_capable(ctx)):
             # The kernel keeps the mode it cached: after a write or an fallocate it asks
             # again for sizes and times only.
-            self.invalidate_attributes(node.id)
+            self.notifier.invalidate_attributes(node.id)
 
     def _fd(self, fh: int) -> int:
         with self.lock:
@@ -338,6 +337,11 @@ class UnionFilesystem:
                 self._kill_privileges(handle.node, unprivileged)
             fd = handle.fd
         return os.pwrite(fd, data, offset)
+
+    def flush(self, node_id: int, fh: int) -> None:
+        # Every write reaches the branch file at once, so a close(2) has nothing to flush;
+        # after this one ENOSYS the kernel sends no more FLUSH requests.
+        raise OSError(errno.ENOSYS, "nothing to flush")
 
     def release(self, node_id: int, fh: int) -> None:
         with self.lock:

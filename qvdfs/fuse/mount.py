@@ -11,7 +11,6 @@ import ctypes
 import dataclasses
 import os
 import stat
-from collections.abc import Iterable
 
 MS_NOSUID = 2
 MS_NODEV = 4
@@ -26,9 +25,11 @@ _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctype
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class MountOptions:
-    """What the parsed option strings mean for mount(2) and for the session."""
+    """The libfuse mount options a mount is given, typed (``qvdfs.cmdline`` reads them from
+    the command line); ``data``, ``flags`` and ``fstype`` are their mount(2) form,
+    ``libfuse_strings`` their form for libfuse (pyfuse3)."""
 
     fsname: str = "qvdfs"
     subtype: str | None = None
@@ -41,26 +42,17 @@ class MountOptions:
     dev: bool = False
     max_read: int | None = None
 
-    @classmethod
-    def parse(cls, options: Iterable[str]) -> MountOptions:
-        """Read ``allow_other``, ``allow_root``, ``default_permissions``, ``suid``/``nosuid``,
-        ``dev``/``nodev``, ``fsname=X``, ``subtype=X`` and ``max_read=N``; the last of a
-        pair wins. Unknown options raise ValueError."""
-        values: dict[str, object] = {}
-        for opt in options:
-            key, eq, value = opt.partition("=")
-            if key in ("allow_other", "allow_root", "default_permissions", "suid", "dev") \
-                    and not eq:
-                values[key] = True
-            elif key in ("nosuid", "nodev") and not eq:
-                values[key[2:]] = False
-            elif key in ("fsname", "subtype") and eq:
-                values[key] = value
-            elif key == "max_read" and eq:
-                values[key] = int(value)
-            else:
-                raise ValueError(f"unknown FUSE mount option {opt!r}")
-        return cls(**values)  # type: ignore[arg-type]
+    def libfuse_strings(self) -> set[str]:
+        """The options as libfuse's ``-o`` words; nosuid and nodev are libfuse's defaults,
+        as they are mount(2)'s here."""
+        words = {f"fsname={self.fsname}"}
+        words.update(name for name in ("allow_other", "allow_root", "default_permissions",
+                                       "suid", "dev") if getattr(self, name))
+        if self.subtype is not None:
+            words.add(f"subtype={self.subtype}")
+        if self.max_read is not None:
+            words.add(f"max_read={self.max_read}")
+        return words
 
     @property
     def kernel_allow_other(self) -> bool:
@@ -86,13 +78,12 @@ class MountOptions:
         return f"fuse.{self.subtype}" if self.subtype else "fuse"
 
 
-def mount(mountpoint: str, options: MountOptions | Iterable[str]) -> int:
+def mount(mountpoint: str, opts: MountOptions) -> int:
     """Open /dev/fuse and mount it on ``mountpoint``; return the /dev/fuse descriptor.
 
     Raises:
         OSError: /dev/fuse cannot be opened or mount(2) fails; the message names both.
     """
-    opts = options if isinstance(options, MountOptions) else MountOptions.parse(options)
     try:
         fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
     except OSError as exc:
