@@ -63,12 +63,20 @@ def _widen_di_size(conn: Connection) -> None:
         conn.exec_driver_sql("ALTER TABLE dis ALTER COLUMN size TYPE BIGINT")
 
 
+def _add_web_admin(conn: Connection) -> None:
+    # The web admin's accounts and sessions, and the audit log of the CLI and the web.
+    # As the columns above: a fresh database has them from _v1_initial already.
+    for table in (schema.admins, schema.web_sessions, schema.audit_log):
+        table.create(conn, checkfirst=True)
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _v1_initial,
     _add_di_halt_signal,
     _add_fleet_runtime,
     _add_osf_halt_signal,
     _widen_di_size,
+    _add_web_admin,
 ]
 
 LATEST = len(MIGRATIONS)
