@@ -1,0 +1,43 @@
+// The web admin's only script: select-all, confirmations, and the live VMs table.
+"use strict";
+
+document.addEventListener("DOMContentLoaded", () => {
+  const all = document.getElementById("select-all");
+  if (all) {
+    all.addEventListener("change", () => {
+      for (const box of document.querySelectorAll('input[name="id"][form="vm-form"]')) {
+        box.checked = all.checked;
+      }
+    });
+  }
+  for (const button of document.querySelectorAll("button[data-confirm]")) {
+    button.addEventListener("click", (event) => {
+      if (!window.confirm(button.dataset.confirm)) event.preventDefault();
+    });
+  }
+  const live = document.getElementById("live");
+  if (live) follow(live);
+});
+
+// Server-sent events carry every VM's state whenever one changed; the rows shown are
+// updated in place, so a change made anywhere (CLI, HKD, another browser) shows here.
+function follow(status) {
+  const feed = new EventSource(status.dataset.feed);
+  feed.onopen = () => { status.textContent = "live updates: on"; };
+  feed.onerror = () => { status.textContent = "live updates: reconnecting…"; };
+  feed.onmessage = (event) => {
+    for (const vm of JSON.parse(event.data)) {
+      const row = document.querySelector(`tr[data-vm="${vm.id}"]`);
+      if (!row) continue;  // filtered out, or added since the page was loaded
+      const state = row.querySelector(".state");
+      state.textContent = vm.state;
+      state.className = `state state-${vm.state}`;
+      row.querySelector(".host").textContent = vm.host || "-";
+      row.querySelector(".user_state").textContent = vm.user_state;
+      row.querySelector(".blocked").textContent = vm.blocked ? "yes" : "no";
+      const error = row.querySelector(".error");
+      if (error) error.textContent = vm.error || "";
+    }
+    status.textContent = `live updates: on (${new Date().toLocaleTimeString()})`;
+  };
+}
