@@ -24,7 +24,7 @@ import jinja2
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, RedirectResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
@@ -222,7 +222,11 @@ def create_app(node: Node) -> ASGIApp:
             audit.record, node.db, who=session["login"], origin=origin(request),
             action=f"{obj} {action}", obj=names, args=f"ids={','.join(chosen)}",
             result="; ".join(errors) or audit.OK)
-        flashes[session["token"]] = [(f"{obj} {action} {name}", error) for name, error in outcome]
+        lines = [(f"{obj} {action} {name}", error) for name, error in outcome]
+        if "application/json" in request.headers.get("accept", ""):
+            # The VMs page's script posts this way and stays open: no reload.
+            return JSONResponse([{"what": what, "error": error} for what, error in lines])
+        flashes[session["token"]] = lines
         filters = {k: v for k, v in form.items() if k.startswith("f_") and isinstance(v, str)}
         query = urlencode({k[2:]: v for k, v in filters.items() if v})
         return RedirectResponse(back + ("?" + query if query else ""), status_code=303)

@@ -15,9 +15,48 @@ document.addEventListener("DOMContentLoaded", () => {
       if (!window.confirm(button.dataset.confirm)) event.preventDefault();
     });
   }
+  for (const form of document.querySelectorAll("form[data-fetch]")) {
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      post(form, event.submitter);
+    });
+  }
   const live = document.getElementById("live");
   if (live) follow(live);
 });
+
+// Posts an action form and lists its results, keeping the page (and its live feed) open:
+// the rows show the changes as the feed reports them. Without script, the form posts
+// as usual and the server redirects back with the same lines.
+async function post(form, button) {
+  const results = document.getElementById("results");
+  const item = (text, kind) => {
+    const li = document.createElement("li");
+    li.textContent = text;  // text, never HTML: names are the admins' input
+    li.className = kind;
+    results.append(li);
+  };
+  results.replaceChildren();
+  results.hidden = false;
+  item(`${button.value}: working…`, "ok");
+  try {
+    // getAttribute: the buttons named "action" shadow form.action.
+    const response = await fetch(form.getAttribute("action"), {
+      method: "POST", body: new FormData(form, button), headers: {Accept: "application/json"},
+    });
+    results.replaceChildren();
+    if (!response.ok) {
+      item(await response.text(), "error");
+      return;
+    }
+    for (const line of await response.json()) {
+      item(`${line.what}: ${line.error || "done"}`, line.error ? "error" : "ok");
+    }
+  } catch (error) {
+    results.replaceChildren();
+    item(`${button.value}: ${error}`, "error");
+  }
+}
 
 // Server-sent events carry every VM's state whenever one changed; the rows shown are
 // updated in place, so a change made anywhere (CLI, HKD, another browser) shows here.

@@ -1,0 +1,190 @@
+"""The web admin's defences, each against the real server over HTTP on loopback."""
+
+from __future__ import annotations
+
+import re
+import ssl
+
+import pytest
+
+from tests.support.qvdctl import Cli, cleanup_root
+from tests.support.web import Client, self_signed, web_server
+from tests.web.conftest import ADMIN, EVIL_OSF, EVIL_USER, EVIL_VM, VIEWER, Site
+
+pytestmark = pytest.mark.timeout(180)
+
+PAGES = ["/", "/vms", "/vms/1", "/hosts", "/users", "/images", "/log"]
+
+
+def _objects(site: Site) -> list[str]:
+    """The database as SQL, less what every request writes (sessions seen, the audit log)."""
+    return [line for line in site.cli.db_dump()
+            if '"web_sessions"' not in line and 'audit_log' not in line]
+
+
+def _admin(site: Site) -> Client:
+    client = Client(site.url)
+    assert client.log_in(*ADMIN).status == 303
+    return client
+
+
+def test_no_page_feed_or_action_answers_without_a_session(site: Site) -> None:
+    anonymous = Client(site.url)
+    for path in PAGES:
+        reply = anonymous.request(path)
+        assert (reply.status, reply.location) == (303, "/login"), path
+    assert anonymous.request("/events/vms").status == 401
+    before = _objects(site)
+    for path in ["/act/vm", "/act/host", "/logout"]:
+        assert anonymous.request(path, {"action": "block", "id": "1"}).status == 401, path
+    forged = Client(site.url, cookie="not-a-session")
+    assert forged.request("/vms").location == "/login"
+    assert _objects(site) == before
+
+
+def test_every_page_answers_a_logged_in_admin(site: Site) -> None:
+    client = _admin(site)
+    for path in PAGES:
+        reply = client.request(path)
+        assert reply.status == 200, (path, reply.body[:300])
+        assert "default-src 'self'" in reply.headers["content-security-policy"]
+
+
+def test_a_post_without_the_csrf_token_is_refused_and_changes_nothing(site: Site) -> None:
+    client = _admin(site)
+    before = _objects(site)
+    for form in [{"action": "block", "id": "1"},
+                 {"action": "block", "id": "1", "csrf": "forged"},
+                 {"action": "block", "id": "1", "csrf": Client(site.url).cookie or ""}]:
+        reply = client.request("/act/vm", form)
+        assert reply.status == 403 and "CSRF" in reply.body, form
+    assert _objects(site) == before
+    # The same post with the page's token goes through: the refusal was the token's.
+    token = client.csrf()
+    assert client.request("/act/vm", {"action": "block", "id": "1", "csrf": token}).status == 303
+    assert site.cli.vm("v1")["Blocked"] == 1
+    client.request("/act/vm", {"action": "unblock", "id": "1", "csrf": token})
+    assert site.cli.vm("v1")["Blocked"] == 0
+
+
+def test_a_viewer_sees_every_page_but_changes_nothing(site: Site) -> None:
+    viewer = Client(site.url)
+    assert viewer.log_in(*VIEWER).status == 303
+    for path in PAGES:
+        assert viewer.request(path).status == 200, path
+    assert 'id="vm-form"' not in viewer.request("/vms").body  # no buttons to press
+    token = viewer.csrf("/")
+    before = _objects(site)
+    for obj, action in [("vm", "start"), ("vm", "block"), ("vm", "delete"), ("host", "block")]:
+        reply = viewer.request(f"/act/{obj}", {"action": action, "id": "1", "csrf": token})
+        assert reply.status == 403 and "viewers cannot change" in reply.body, (obj, action)
+    assert _objects(site) == before
+    assert viewer.request("/logout", {"csrf": token}).location == "/login"  # that they may
+    assert viewer.request("/vms").location == "/login"
+
+
+def test_names_with_markup_are_shown_escaped_everywhere(site: Site) -> None:
+    client = _admin(site)
+    evil_id = next(r["Id"] for r in site.cli.json("vm", "list") if r["Name"] == EVIL_VM)
+    shown = {path: client.request(path).body
+             for path in ["/", "/vms", f"/vms/{evil_id}", "/users", "/images", "/log",
+                          "/vms?user=*script*"]}
+    for path, body in shown.items():
+        assert "<script>alert" not in body, path
+    escaped = {name: name.replace("<", "&lt;").replace(">", "&gt;")
+               for name in (EVIL_USER, EVIL_OSF, EVIL_VM)}
+    assert escaped[EVIL_USER] in shown["/users"] and escaped[EVIL_USER] in shown["/vms"]
+    assert escaped[EVIL_OSF] in shown["/images"] and escaped[EVIL_OSF] in shown["/vms"]
+    assert escaped[EVIL_VM] in shown["/vms"] and escaped[EVIL_VM] in shown[f"/vms/{evil_id}"]
+    assert escaped[EVIL_USER] in shown["/vms?user=*script*"]
+
+
+def test_sql_in_filters_matches_nothing_and_breaks_nothing(site: Site) -> None:
+    client = _admin(site)
+    before = _objects(site)
+    for query in ["name=' OR '1'='1", "name=v1' --", "state=running' OR 1=1 --",
+                  "user=u'; DROP TABLE vms; --", "osf=%25", "host=' UNION SELECT * FROM admins --"]:
+        reply = client.request("/vms?" + query.replace(" ", "%20").replace(";", "%3B"))
+        assert reply.status == 200, query
+        assert 'id="no-vms"' in reply.body and "data-vm=" not in reply.body, query
+    reply = client.request("/log?who=%27%20OR%201%3D1%20--")
+    assert reply.status == 200 and "Nothing logged." in reply.body
+    assert _objects(site) == before
+    # The filters do filter: wildcards as the CLI's -f.
+    rows = re.findall(r'data-vm="(\d+)"', client.request("/vms?name=v*").body)
+    assert rows == ["1", "2"]
+
+
+def test_the_session_cookie_is_httponly_samesite_strict_and_secure_over_tls(
+    site: Site, tmp_path
+) -> None:
+    reply = Client(site.url).request("/login", {"login": ADMIN[0], "password": ADMIN[1]})
+    flags = [f.strip().lower() for f in reply.headers["set-cookie"].split(";")]
+    assert "httponly" in flags and "samesite=strict" in flags and "path=/" in flags
+    assert "secure" not in flags  # plain HTTP: a Secure cookie would never come back
+
+    cert, key = self_signed(tmp_path)
+    context = ssl.create_default_context(cafile=str(cert))
+    context.check_hostname = False  # the certificate names 127.0.0.1 as its CN only
+    with web_server(site.cli, "--cert", str(cert), "--key", str(key)) as url:
+        assert url.startswith("https://")
+        tls = Client(url, context=context)
+        reply = tls.request("/login", {"login": ADMIN[0], "password": ADMIN[1]})
+        assert reply.status == 303
+        flags = [f.strip().lower() for f in reply.headers["set-cookie"].split(";")]
+        assert {"httponly", "samesite=strict", "secure"} <= set(flags)
+        tls.log_in(*ADMIN)
+        assert tls.request("/vms").status == 200
+
+
+def test_five_wrong_passwords_lock_the_login(site: Site) -> None:
+    site.cli.run("admin", "add", "login=mallory", "password=right-one")
+    client = Client(site.url)
+    for _ in range(5):
+        reply = client.log_in("mallory", "wrong")
+        assert reply.status == 403 and "wrong login or password" in reply.body
+    reply = client.log_in("mallory", "right-one")
+    assert reply.status == 403 and "locked" in reply.body and client.cookie is None
+    (row,) = site.cli.json("admin", "list", "-f", "login=mallory")
+    assert row["LockedUntil"] is not None
+    # An unknown login gets the same answer as a wrong password.
+    assert "wrong login or password" in client.log_in("nobody", "x").body
+    # Each attempt is in the audit log, the password nowhere.
+    logged = site.cli.json("log", "list", "-f", "who=mallory")
+    assert len(logged) == 6 and all(r["Action"] == "web login" for r in logged)
+    assert "right-one" not in str(site.cli.db_dump())
+
+
+def test_bad_input_is_a_clear_line_and_changes_nothing(site: Site) -> None:
+    client = _admin(site)
+    token = client.csrf()
+    before = _objects(site)
+    for form, expected in [
+        ({"action": "explode", "id": "1"}, "unknown action"),
+        ({"action": "start", "id": "99"}, "no longer exists"),
+        ({"action": "start", "id": "1; DROP TABLE vms"}, "bad id"),
+        ({"action": "block"}, "no VM selected"),
+    ]:
+        reply = client.request("/act/vm", {**form, "csrf": token},
+                               headers={"Accept": "application/json"})
+        assert reply.status == 200 and expected in reply.body, (form, reply.body)
+    assert client.request("/vms/99").status == 404
+    # A start on a blocked VM: refused by the start itself, with its own line.
+    client.request("/act/vm", {"action": "block", "id": "1", "csrf": token})
+    reply = client.request("/act/vm", {"action": "start", "id": "1", "csrf": token},
+                           headers={"Accept": "application/json"})
+    assert "is blocked" in reply.body and site.cli.vm("v1")["State"] == "stopped"
+    client.request("/act/vm", {"action": "unblock", "id": "1", "csrf": token})
+    assert _objects(site) == before
+
+
+def test_web_refuses_bad_options_in_one_line(tmp_path) -> None:
+    cli = Cli(tmp_path / "root")
+    try:
+        assert "bad --listen" in cli.fails("web", "--listen", "localhost")
+        assert "go together" in cli.fails("web", "--cert", str(tmp_path / "c"))
+        assert "cannot use --cert" in cli.fails("web", "--cert", str(tmp_path / "c"),
+                                               "--key", str(tmp_path / "k"))
+        assert "takes no command" in cli.fails("web", "start")
+    finally:
+        cleanup_root(cli.root)
