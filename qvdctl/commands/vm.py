@@ -115,12 +115,17 @@ def edit(req: Request) -> None:
 def listing(conn: Connection) -> list[Row]:
     """Every VM as `vm list` shows it: with the DI version it runs, or would run."""
     rows = store.list_vms(conn)
+    # Looked up once per (OSF, tag): a thousand VMs share a handful of them.
+    versions: dict[tuple[int, str], str | None] = {}
     for row in rows:
         if row["state"] != VmState.STOPPED and row["current_di_version"]:
             row["di"] = row["current_di_version"]
-        else:
-            di = store.di_for_tag(conn, row["osf_id"], row["di_tag"])
-            row["di"] = di["version"] if di else None
+            continue
+        key = (row["osf_id"], row["di_tag"])
+        if key not in versions:
+            di = store.di_for_tag(conn, *key)
+            versions[key] = di["version"] if di else None
+        row["di"] = versions[key]
     return rows
 
 
