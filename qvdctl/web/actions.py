@@ -3,15 +3,19 @@
 On a single node the web server's process does the work, as ``qvdctl vm start``
 does (``vm/start.py``, ``vm/stop.py``, a few VMs at a time); in a fleet it queues
 the commands for the hosts' HKDs (``fleet/client.py``) and returns without waiting:
-an open VMs page shows their progress live. Each function takes the ids a form
-posted and returns one line per object: ``(name, None)`` done, ``(name, error)`` not.
+an open VMs page shows their progress live. Each function takes what a form posted
+and returns one line per object: ``(name, None)`` done, ``(name, error)`` not; a
+QvdError it raises changed nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
+from qvdctl.commands.osf import check_name
+from qvdctl.commands.user import hash_password, nonempty
 from qvdctl.commands.vm import remove_leftovers
 from qvdctl.db import store
 from qvdctl.errors import QvdError
@@ -24,6 +28,19 @@ log = logging.getLogger(__name__)
 Outcome = list[tuple[str, str | None]]
 
 
+@dataclasses.dataclass(frozen=True)
+class Posted:
+    """What an action's form posted: the ids ticked, and its other fields."""
+
+    ids: list[int]
+    fields: Mapping[str, str]
+
+    def field(self, key: str) -> str:
+        if not self.fields.get(key):
+            raise QvdError(f"{key} is missing")
+        return self.fields[key]
+
+
 def _vms(node: Node, ids: list[int]) -> list[Vm]:
     if not ids:
         raise QvdError("no VM selected")
@@ -33,8 +50,8 @@ def _vms(node: Node, ids: list[int]) -> list[Vm]:
         raise QvdError("a selected VM no longer exists; nothing changed") from None
 
 
-def start_vms(node: Node, ids: list[int]) -> Outcome:
-    vms = _vms(node, ids)
+def start_vms(node: Node, posted: Posted) -> Outcome:
+    vms = _vms(node, posted.ids)
     if node.fleet:
         from qvdctl.fleet import client  # here: only a fleet queues
 
@@ -47,8 +64,8 @@ def start_vms(node: Node, ids: list[int]) -> Outcome:
             for vm, _, error in run_each(lambda vm: start_vm(node, vm), vms, parallel)]
 
 
-def stop_vms(node: Node, ids: list[int]) -> Outcome:
-    vms = _vms(node, ids)
+def stop_vms(node: Node, posted: Posted) -> Outcome:
+    vms = _vms(node, posted.ids)
     if node.fleet:
         from qvdctl.fleet import client
 
@@ -71,17 +88,17 @@ def _each_vm(node: Node, ids: list[int], change: Callable[..., None]) -> Outcome
     return [(row["name"], None) for row in rows]
 
 
-def block_vms(node: Node, ids: list[int]) -> Outcome:
-    return _each_vm(node, ids, lambda conn, row: store.set_vm_blocked(conn, row["id"], 1))
+def block_vms(node: Node, posted: Posted) -> Outcome:
+    return _each_vm(node, posted.ids, lambda conn, row: store.set_vm_blocked(conn, row["id"], 1))
 
 
-def unblock_vms(node: Node, ids: list[int]) -> Outcome:
-    return _each_vm(node, ids, lambda conn, row: store.set_vm_blocked(conn, row["id"], 0))
+def unblock_vms(node: Node, posted: Posted) -> Outcome:
+    return _each_vm(node, posted.ids, lambda conn, row: store.set_vm_blocked(conn, row["id"], 0))
 
 
-def delete_vms(node: Node, ids: list[int]) -> Outcome:
-    vms = _vms(node, ids)
-    outcome = _each_vm(node, ids, store.del_vm)
+def delete_vms(node: Node, posted: Posted) -> Outcome:
+    vms = _vms(node, posted.ids)
+    outcome = _each_vm(node, posted.ids, store.del_vm)
     remove_leftovers(node, [{"id": vm.id, "user_id": vm.user_id} for vm in vms])
     return outcome
 
@@ -98,17 +115,49 @@ def _each_host(node: Node, ids: list[int], blocked: int) -> Outcome:
     return [(names[host_id], None) for host_id in ids]
 
 
-def block_hosts(node: Node, ids: list[int]) -> Outcome:
-    return _each_host(node, ids, 1)
+def block_hosts(node: Node, posted: Posted) -> Outcome:
+    return _each_host(node, posted.ids, 1)
 
 
-def unblock_hosts(node: Node, ids: list[int]) -> Outcome:
-    return _each_host(node, ids, 0)
+def unblock_hosts(node: Node, posted: Posted) -> Outcome:
+    return _each_host(node, posted.ids, 0)
+
+
+def add_user(node: Node, posted: Posted) -> Outcome:
+    login = check_name(posted.field("login"), "login")
+    hashed = hash_password(nonempty(posted.field("password")))
+    with node.db.writer() as conn:
+        store.add_user(conn, login, hashed)
+    return [(login, None)]
+
+
+def set_password(node: Node, posted: Posted) -> Outcome:
+    if len(posted.ids) != 1:
+        raise QvdError("choose one user to set the password of")
+    hashed = hash_password(nonempty(posted.field("password")))
+    with node.db.writer() as conn:
+        users = {row["id"]: row["login"] for row in store.list_users(conn)}
+        if posted.ids[0] not in users or not store.set_user_password(conn, posted.ids[0], hashed):
+            raise QvdError("the selected user no longer exists; nothing changed")
+    return [(users[posted.ids[0]], None)]
+
+
+def delete_users(node: Node, posted: Posted) -> Outcome:
+    if not posted.ids:
+        raise QvdError("no user selected")
+    with node.db.writer() as conn:
+        users = {row["id"]: row for row in store.list_users(conn)}
+        if any(user_id not in users for user_id in posted.ids):
+            raise QvdError("a selected user no longer exists; nothing changed")
+        for user_id in posted.ids:
+            store.del_user(conn, users[user_id])
+    return [(users[user_id]["login"], None) for user_id in posted.ids]
 
 
 # What each form's action=... does, by object.
-ACTIONS: dict[str, dict[str, Callable[[Node, list[int]], Outcome]]] = {
+ACTIONS: dict[str, dict[str, Callable[[Node, Posted], Outcome]]] = {
     "vm": {"start": start_vms, "stop": stop_vms, "block": block_vms, "unblock": unblock_vms,
            "delete": delete_vms},
     "host": {"block": block_hosts, "unblock": unblock_hosts},
+    "user": {"add": add_user, "passwd": set_password, "delete": delete_users},
 }

@@ -204,23 +204,28 @@ def create_app(node: Node) -> ASGIApp:
         obj = request.path_params["obj"]
         form = await request.form()
         action = str(form.get("action", ""))
-        back = {"vm": "/vms", "host": "/hosts"}.get(obj, "/")
+        back = {"vm": "/vms", "host": "/hosts", "user": "/users"}.get(obj, "/")
         chosen = [str(v) for v in form.getlist("id")]
+        fields = {k: v for k, v in form.items()
+                  if isinstance(v, str) and k not in ("csrf", "action", "id")
+                  and not k.startswith("f_")}
         if action not in actions.ACTIONS.get(obj, {}):
             outcome: actions.Outcome = [(f"{obj} {action}", "unknown action")]
         elif not all(v.isdigit() for v in chosen):
             outcome = [(f"{obj} {action}", "bad id")]
         else:
-            ids = [int(v) for v in chosen]
+            posted = actions.Posted([int(v) for v in chosen], fields)
             try:
-                outcome = await run_in_threadpool(actions.ACTIONS[obj][action], node, ids)
+                outcome = await run_in_threadpool(actions.ACTIONS[obj][action], node, posted)
             except QvdError as exc:
                 outcome = [(f"{obj} {action}", str(exc))]
         names = ",".join(name for name, _ in outcome)
         errors = [f"{name}: {error}" for name, error in outcome if error is not None]
+        words = ([f"ids={','.join(chosen)}"] if chosen else []) + [
+            f"{k}={v}" for k, v in fields.items()]
         await run_in_threadpool(
             audit.record, node.db, who=session["login"], origin=origin(request),
-            action=f"{obj} {action}", obj=names, args=f"ids={','.join(chosen)}",
+            action=f"{obj} {action}", obj=names, args=audit.shown_args(words),
             result="; ".join(errors) or audit.OK)
         lines = [(f"{obj} {action} {name}", error) for name, error in outcome]
         if "application/json" in request.headers.get("accept", ""):

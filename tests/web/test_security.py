@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
+import sqlite3
 import ssl
 
 import pytest
 
+from qvdctl.commands.user import check_password
 from tests.support.qvdctl import Cli, cleanup_root
 from tests.support.web import Client, self_signed, web_server
 from tests.web.conftest import ADMIN, EVIL_OSF, EVIL_USER, EVIL_VM, VIEWER, Site
@@ -72,9 +75,11 @@ def test_a_viewer_sees_every_page_but_changes_nothing(site: Site) -> None:
     for path in PAGES:
         assert viewer.request(path).status == 200, path
     assert 'id="vm-form"' not in viewer.request("/vms").body  # no buttons to press
+    assert 'id="user-form"' not in viewer.request("/users").body
     token = viewer.csrf("/")
     before = _objects(site)
-    for obj, action in [("vm", "start"), ("vm", "block"), ("vm", "delete"), ("host", "block")]:
+    for obj, action in [("vm", "start"), ("vm", "block"), ("vm", "delete"), ("host", "block"),
+                        ("user", "delete"), ("user", "add")]:
         reply = viewer.request(f"/act/{obj}", {"action": action, "id": "1", "csrf": token})
         assert reply.status == 403 and "viewers cannot change" in reply.body, (obj, action)
     assert _objects(site) == before
@@ -187,3 +192,41 @@ def test_web_refuses_bad_options_in_one_line(tmp_path) -> None:
         assert "takes no command" in cli.fails("web", "start")
     finally:
         cleanup_root(cli.root)
+
+
+def test_users_are_added_given_a_password_and_deleted_from_the_web(site: Site) -> None:
+    client = _admin(site)
+    token = client.csrf("/users")
+    json_reply = {"Accept": "application/json"}
+
+    def post(**form: str | list[str]) -> list[dict[str, str | None]]:
+        reply = client.request("/act/user", {**form, "csrf": token}, headers=json_reply)
+        assert reply.status == 200, reply.body
+        return json.loads(reply.body)
+
+    assert post(action="add", login="carol", password="c4rol") == [
+        {"what": "user add carol", "error": None}]
+    (carol,) = site.cli.json("user", "list", "-f", "login=carol")
+    before = _objects(site)
+    for form, expected in [
+        ({"action": "add", "login": "carol", "password": "x"}, "user 'carol' already exists"),
+        ({"action": "add", "login": "a b", "password": "x"}, "bad login name"),
+        ({"action": "add", "login": "dave"}, "password is missing"),
+        ({"action": "passwd", "id": [str(carol["Id"]), "1"], "password": "x"}, "choose one"),
+        ({"action": "passwd", "id": "999", "password": "x"}, "no longer exists"),
+        ({"action": "delete", "id": "1"}, "still has VMs"),
+    ]:
+        (line,) = post(**form)
+        assert line["error"] and expected in line["error"], (form, line)
+    assert _objects(site) == before
+
+    assert post(action="passwd", id=str(carol["Id"]), password="n3w")[0]["error"] is None
+    with sqlite3.connect(site.cli.root / "qvd.db") as db:
+        stored = db.execute("select password from users where login='carol'").fetchone()[0]
+    assert check_password("n3w", stored)
+    assert post(action="delete", id=str(carol["Id"]))[0]["error"] is None
+    assert "no user matches" in site.cli.fails("user", "list", "-f", "login=carol")
+    logged = [(r["Action"], r["Args"]) for r in site.cli.json("log", "list", "-f", "who=alice")]
+    assert ("user add", "login=carol password=***") in logged
+    assert ("user passwd", f"ids={carol['Id']} password=***") in logged
+    assert "c4rol" not in str(site.cli.db_dump()) and "n3w" not in str(site.cli.db_dump())
