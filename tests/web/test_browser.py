@@ -112,6 +112,16 @@ def test_an_admin_runs_a_vm_and_a_host_from_the_browser(site: Site, browser: Web
            and _cell(browser, 2, "blocked") == "no")
     assert _same_page(browser)
 
+    # A VM added elsewhere is announced; deleted from here, its row is struck through.
+    site.cli.run("vm", "add", "name=v4", "user=u", "osf=o")
+    _until(browser, "the added hint", lambda: browser.find_element(By.ID, "added").text
+           == "1 VM(s) added: reload to see them")
+    browser.refresh()
+    _press(browser, [4], "vm-delete")
+    browser.switch_to.alert.accept()  # "Delete the selected VMs?"
+    _until(browser, "v4 deleted", lambda: _cell(browser, 4, "state") == "deleted")
+    assert "no vm matches" in site.cli.fails("vm", "list", "-f", "name=v4")
+
     browser.find_element(By.LINK_TEXT, "v1").click()
     _until(browser, "v1's page", lambda: browser.find_elements(By.ID, "vm"))
     assert "running" in browser.find_element(By.ID, "vm").text

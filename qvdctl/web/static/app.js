@@ -64,9 +64,21 @@ function follow(status) {
   const feed = new EventSource(status.dataset.feed);
   feed.onopen = () => { status.textContent = "live updates: on"; };
   feed.onerror = () => { status.textContent = "live updates: reconnecting…"; };
+  const table = document.getElementById("vms");
   feed.onmessage = (event) => {
-    for (const vm of JSON.parse(event.data)) {
-      const row = document.querySelector(`tr[data-vm="${vm.id}"]`);
+    const vms = JSON.parse(event.data);
+    const known = new Set(vms.map((vm) => String(vm.id)));
+    for (const row of table.querySelectorAll("tr[data-vm]")) {
+      if (!known.has(row.dataset.vm)) {  // deleted meanwhile
+        row.querySelector(".state").textContent = "deleted";
+        row.classList.add("gone");
+      }
+    }
+    const shown = new Set([...table.querySelectorAll("tr[data-vm]")].map((r) => r.dataset.vm));
+    const added = table.dataset.filtered ? 0 : vms.filter((vm) => !shown.has(String(vm.id))).length;
+    document.getElementById("added").textContent = added ? `${added} VM(s) added: reload to see them` : "";
+    for (const vm of vms) {
+      const row = table.querySelector(`tr[data-vm="${vm.id}"]`);
       if (!row) continue;  // filtered out, or added since the page was loaded
       const state = row.querySelector(".state");
       state.textContent = vm.state;
