@@ -11,11 +11,10 @@ request's queries run in a worker thread, never on the event loop.
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import hmac
-import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -35,15 +34,12 @@ from qvdctl.db import store
 from qvdctl.db.states import VmState
 from qvdctl.errors import QvdError
 from qvdctl.node import Node
-from qvdctl.web import accounts, actions, pages
+from qvdctl.web import accounts, actions, live, pages
 
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 COOKIE = "qvd_session"
-# The live feed re-reads the VMs' states this often and sends them when they changed.
-POLL_S = 0.5
-KEEPALIVE_S = 15.0
 # Pages and scripts come from this server only; no inline script, no framing.
 SECURITY_HEADERS = [
     (b"content-security-policy",
@@ -76,6 +72,7 @@ def create_app(node: Node) -> ASGIApp:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"),
                              autoescape=True, undefined=jinja2.StrictUndefined)
     templates = Jinja2Templates(env=env)
+    feed = live.VmFeed(node)
     # Result lines of a session's last POST, shown once by the page it redirects to.
     flashes: dict[str, list[tuple[str, str | None]]] = {}
 
@@ -242,22 +239,21 @@ def create_app(node: Node) -> ASGIApp:
         if await current(request) is None:
             return PlainTextResponse("not logged in", status_code=401)
 
-        async def stream() -> Any:
-            last: list[dict[str, Any]] | None = None
-            quiet = 0.0
-            while not await request.is_disconnected():
-                states = await db(pages.vm_states)
-                if states != last:
-                    last, quiet = states, 0.0
-                    yield f"data: {json.dumps(states)}\n\n"
-                elif quiet >= KEEPALIVE_S:
-                    quiet = 0.0
-                    yield ": keep-alive\n\n"
-                await asyncio.sleep(POLL_S)
-                quiet += POLL_S
+        async def stream() -> AsyncIterator[str]:
+            # Starlette cancels this when the browser goes away.
+            async for states in feed.events():
+                yield f"data: {states}\n\n" if states else ": keep-alive\n\n"
 
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"cache-control": "no-store"})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        feed.start()
+        try:
+            yield
+        finally:
+            feed.stop()
 
     routes = [
         Route("/login", login_form, methods=["GET"]),
@@ -274,4 +270,4 @@ def create_app(node: Node) -> ASGIApp:
         Route("/events/vms", vm_events),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
-    return _SecurityHeaders(Starlette(routes=routes))
+    return _SecurityHeaders(Starlette(routes=routes, lifespan=lifespan))
