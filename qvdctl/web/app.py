@@ -34,6 +34,7 @@ from qvdctl.db import store
 from qvdctl.db.states import VmState
 from qvdctl.errors import QvdError
 from qvdctl.node import Node
+from qvdctl.vm.health import reconcile
 from qvdctl.web import accounts, actions, live, pages
 
 log = logging.getLogger(__name__)
@@ -164,6 +165,9 @@ def create_app(node: Node) -> ASGIApp:
         return render(request, session, "dashboard.html", **data)
 
     async def vm_list(request: Request, session: Session) -> Response:
+        # As `vm list`: a VM of this node recorded running whose root or container is
+        # gone shows as the zombie it is.
+        await run_in_threadpool(reconcile, node)
         filters = pages.filters_of(request.query_params, pages.VM_FILTERS)
         rows = await db(pages.vm_list, filters)
         return render(request, session, "vms.html", vms=rows,

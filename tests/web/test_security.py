@@ -6,6 +6,7 @@ import json
 import re
 import sqlite3
 import ssl
+import subprocess
 
 import pytest
 
@@ -230,3 +231,16 @@ def test_users_are_added_given_a_password_and_deleted_from_the_web(site: Site) -
     assert ("user add", "login=carol password=***") in logged
     assert ("user passwd", f"ids={carol['Id']} password=***") in logged
     assert "c4rol" not in str(site.cli.db_dump()) and "n3w" not in str(site.cli.db_dump())
+
+
+def test_the_vms_page_shows_a_vm_whose_root_vanished_as_a_zombie(site: Site) -> None:
+    client = _admin(site)
+    site.cli.run("vm", "start", "-f", "name=v1")
+    try:
+        rootfs = site.cli.root / "rootfs" / "1-1-fs"
+        subprocess.run(["umount", "-l", str(rootfs)], check=True, timeout=60)
+        row = re.search(r'<tr data-vm="1">.*?</tr>', client.request("/vms").body, re.S)
+        assert row and 'class="state state-zombie">zombie<' in row.group(0)
+    finally:
+        site.cli.run("vm", "stop", "-f", "name=v1")
+    assert site.cli.vm("v1")["State"] == "stopped"
