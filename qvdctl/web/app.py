@@ -193,6 +193,10 @@ def create_app(node: Node) -> ASGIApp:
     async def image_list(request: Request, session: Session) -> Response:
         return render(request, session, "images.html", **await db(pages.images))
 
+    async def config_page(request: Request, session: Session) -> Response:
+        rows = await db(lambda conn: pages.config_rows(conn, node.settings()))
+        return render(request, session, "config.html", settings=rows)
+
     async def log_page(request: Request, session: Session) -> Response:
         filters = pages.filters_of(request.query_params, pages.LOG_FILTERS)
         rows = await db(pages.log_rows, filters)
@@ -269,6 +273,7 @@ def create_app(node: Node) -> ASGIApp:
         Route("/hosts", page(host_list)),
         Route("/users", page(user_list)),
         Route("/images", page(image_list)),
+        Route("/config", page(config_page)),
         Route("/log", page(log_page)),
         Route("/act/{obj}", post(act), methods=["POST"]),
         Route("/events/vms", vm_events),

@@ -88,5 +88,11 @@ def images(conn: Connection) -> dict[str, list[Row]]:
     return {"osfs": store.list_osfs(conn), "dis": store.list_dis(conn)}
 
 
+def config_rows(conn: Connection, settings: Mapping[str, str]) -> list[Row]:
+    """Every setting in effect, as ``config get`` shows it, and whether it was set."""
+    stored = store.get_settings(conn)
+    return [{"key": key, "value": value, "set": key in stored} for key, value in settings.items()]
+
+
 def log_rows(conn: Connection, filters: list[tuple[str, str]]) -> list[Row]:
     return matching(audit.entries(conn, LOG_ROWS), filters)

@@ -154,7 +154,7 @@ def test_an_admin_runs_a_vm_and_a_host_from_the_browser(site: Site, browser: Web
         assert any(expected in row for row in rows), (expected, rows[:8])
     browser.save_screenshot(str(SCREENSHOTS / "log.png"))
 
-    for page in ["users", "images"]:
+    for page in ["users", "images", "config"]:
         browser.get(site.url + page)
         browser.save_screenshot(str(SCREENSHOTS / f"{page}.png"))
     site.cli.run("host", "unblock", "-f", f"name={host['Name']}")

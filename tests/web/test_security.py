@@ -17,7 +17,7 @@ from tests.web.conftest import ADMIN, EVIL_OSF, EVIL_USER, EVIL_VM, VIEWER, Site
 
 pytestmark = pytest.mark.timeout(180)
 
-PAGES = ["/", "/vms", "/vms/1", "/hosts", "/users", "/images", "/log"]
+PAGES = ["/", "/vms", "/vms/1", "/hosts", "/users", "/images", "/config", "/log"]
 
 
 def _objects(site: Site) -> list[str]:
@@ -51,6 +51,9 @@ def test_every_page_answers_a_logged_in_admin(site: Site) -> None:
         reply = client.request(path)
         assert reply.status == 200, (path, reply.body[:300])
         assert "default-src 'self'" in reply.headers["content-security-policy"]
+    config = client.request("/config").body
+    assert "<td>vm.start.mount_only</td><td>1</td><td>set</td>" in config
+    assert "<td>vm.lifecycle.parallel</td>" in config and "<td>default</td>" in config
 
 
 def test_a_post_without_the_csrf_token_is_refused_and_changes_nothing(site: Site) -> None:
