@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 MAX_FAILURES = 5
 LOCKOUT_S = 300.0
 SESSION_IDLE_S = 12 * 3600.0
+# A session's last_seen is written at most this often: most requests only read.
+TOUCH_EVERY_S = 60.0
 
 _hasher = argon2.PasswordHasher()  # argon2id with the library's current defaults
 
@@ -102,33 +104,33 @@ def _digest(token: str) -> str:
 
 
 def open_session(conn: Connection, admin_id: int) -> str:
-    """A new session of ``admin_id``; returns the cookie's token."""
+    """A new session of ``admin_id``; returns the cookie's token. Idle sessions go."""
     token = secrets.token_urlsafe(32)
+    now = time.time()
+    conn.execute(delete(web_sessions).where(web_sessions.c.last_seen < now - SESSION_IDLE_S))
     conn.execute(insert(web_sessions).values(
         token_hash=_digest(token), admin_id=admin_id, csrf=secrets.token_urlsafe(32),
-        last_seen=time.time()))
+        last_seen=now))
     return token
 
 
 def session(conn: Connection, token: str) -> Row | None:
-    """The session of ``token`` with its admin's login and role; None if unknown or idle too long.
-
-    Marks it seen: ``SESSION_IDLE_S`` counts from the last request.
-    """
-    now = time.time()
+    """The session of ``token`` with its admin's login and role; None if unknown or idle
+    longer than ``SESSION_IDLE_S``. Read-only: ``touch`` records that it was seen."""
     stmt = (select(web_sessions.c.csrf, web_sessions.c.last_seen, admins.c.id, admins.c.login,
                    admins.c.role)
             .join(admins, admins.c.id == web_sessions.c.admin_id)
             .where(web_sessions.c.token_hash == _digest(token)))
     row = conn.execute(stmt).first()
-    if row is None:
+    if row is None or time.time() - row.last_seen > SESSION_IDLE_S:
         return None
-    if now - row.last_seen > SESSION_IDLE_S:
-        close_session(conn, token)
-        return None
-    conn.execute(update(web_sessions).where(web_sessions.c.token_hash == _digest(token))
-                 .values(last_seen=now))
     return dict(row._mapping)
+
+
+def touch(conn: Connection, token: str) -> None:
+    """Mark the session of ``token`` seen now: its idle time counts from here."""
+    conn.execute(update(web_sessions).where(web_sessions.c.token_hash == _digest(token))
+                 .values(last_seen=time.time()))
 
 
 def close_session(conn: Connection, token: str) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -87,9 +88,12 @@ def create_app(node: Node) -> ASGIApp:
         token = request.cookies.get(COOKIE)
         if not token:
             return None
-        found: Session | None = await db(accounts.session, token, write=True)
-        if found is not None:
-            found["token"] = token
+        found: Session | None = await db(accounts.session, token)
+        if found is None:
+            return None
+        if time.time() - found["last_seen"] > accounts.TOUCH_EVERY_S:
+            await db(accounts.touch, token, write=True)
+        found["token"] = token
         return found
 
     def render(request: Request, session: Session, name: str, **context: Any) -> Response:

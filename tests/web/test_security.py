@@ -247,3 +247,14 @@ def test_the_vms_page_shows_a_vm_whose_root_vanished_as_a_zombie(site: Site) -> 
     finally:
         site.cli.run("vm", "stop", "-f", "name=v1")
     assert site.cli.vm("v1")["State"] == "stopped"
+
+
+def test_an_idle_session_ends_and_is_removed_at_the_next_login(site: Site) -> None:
+    client = _admin(site)
+    assert client.request("/vms").status == 200
+    with sqlite3.connect(site.cli.root / "qvd.db") as db:
+        db.execute("update web_sessions set last_seen = last_seen - 13 * 3600")
+    assert client.request("/vms").location == "/login"
+    _admin(site)
+    with sqlite3.connect(site.cli.root / "qvd.db") as db:
+        assert db.execute("select count(*) from web_sessions").fetchone()[0] == 1
