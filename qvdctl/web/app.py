@@ -36,7 +36,7 @@ from qvdctl.db.states import VmState
 from qvdctl.errors import QvdError
 from qvdctl.node import Node
 from qvdctl.vm.health import reconcile
-from qvdctl.web import accounts, actions, live, pages
+from qvdctl.web import accounts, actions, counters, live, pages
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,8 @@ def create_app(node: Node) -> ASGIApp:
         except QvdError as exc:
             return PlainTextResponse(str(exc), status_code=404)
         history = await db(pages.log_rows, [("object", f"*{vm['name']}*")])
-        return render(request, session, "vm.html", vm=vm, history=history)
+        root = await run_in_threadpool(counters.root_counters, node, vm)
+        return render(request, session, "vm.html", vm=vm, history=history, root=root)
 
     async def host_list(request: Request, session: Session) -> Response:
         rows = await db(lambda conn: pages.host_rows(conn, node.settings()))

@@ -258,3 +258,18 @@ def test_an_idle_session_ends_and_is_removed_at_the_next_login(site: Site) -> No
     _admin(site)
     with sqlite3.connect(site.cli.root / "qvd.db") as db:
         assert db.execute("select count(*) from web_sessions").fetchone()[0] == 1
+
+
+def test_a_running_vms_page_shows_its_qvdfs_counters(site: Site) -> None:
+    client = _admin(site)
+    assert "Nothing to show: the VM is stopped." in client.request("/vms/1").body
+    site.cli.run("vm", "start", "-f", "name=v1")
+    try:
+        assert (site.cli.root / "rootfs" / "1-1-fs" / "etc").is_dir()  # a LOOKUP at least
+        page = client.request("/vms/1").body
+        opcodes = re.search(r'<table id="root-opcodes">.*?</table>', page, re.S)
+        assert opcodes, page[-3000:]
+        assert re.search(r"<td>LOOKUP</td><td class=\"num\">[1-9]", opcodes.group(0)), opcodes
+        assert 'id="root-totals"' in page
+    finally:
+        site.cli.run("vm", "stop", "-f", "name=v1")
