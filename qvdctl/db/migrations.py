@@ -71,11 +71,9 @@ def _add_web_admin(conn: Connection) -> None:
     if conn.dialect.name == "postgresql":
         # Every change to a VM's row, whoever makes it, wakes the web admins' live
         # feeds (qvdctl/web/live.py): once per statement, however many rows it changed.
-        from qvdctl.db.notify import VMS_CHANGED  # here: notify imports the engine
-
         conn.exec_driver_sql(f"""
             CREATE OR REPLACE FUNCTION qvd_notify_vms_changed() RETURNS trigger AS $$
-            BEGIN PERFORM pg_notify('{VMS_CHANGED}', ''); RETURN NULL; END $$
+            BEGIN PERFORM pg_notify('{schema.VMS_CHANGED}', ''); RETURN NULL; END $$
             LANGUAGE plpgsql""")
         conn.exec_driver_sql("DROP TRIGGER IF EXISTS qvd_vms_changed ON vms")
         conn.exec_driver_sql(

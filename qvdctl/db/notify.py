@@ -24,8 +24,6 @@ from qvdctl.errors import QvdError
 log = logging.getLogger(__name__)
 
 CONFIG_CHANGED = "qvd_config_changed"
-# Sent by a trigger on the vms table (migrations._add_web_admin): the web admin's feed.
-VMS_CHANGED = "qvd_vms_changed"
 
 
 def vm_commands(host_id: int) -> str:

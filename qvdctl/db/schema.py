@@ -31,6 +31,10 @@ from qvdctl.db.states import VmState
 
 metadata = MetaData()
 
+# The channel a statement-level trigger on vms notifies on PostgreSQL at every change
+# of a VM's row (created by migrations._add_web_admin; the web admin's live feed).
+VMS_CHANGED = "qvd_vms_changed"
+
 schema_version = Table(
     "schema_version",
     metadata,

@@ -17,7 +17,8 @@ import os
 import threading
 from collections.abc import AsyncIterator
 
-from qvdctl.db.notify import VMS_CHANGED, Listener
+from qvdctl.db.notify import Listener
+from qvdctl.db.schema import VMS_CHANGED
 from qvdctl.errors import QvdError
 from qvdctl.node import Node
 from qvdctl.web import pages
