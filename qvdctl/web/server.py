@@ -33,7 +33,8 @@ def parse_listen(text: str) -> tuple[str, int]:
         if not sep or not port.isdigit() or int(port) > 65535:
             raise ValueError
     except ValueError:
-        raise QvdError(f"bad --listen '{text}': expected ADDR:PORT, e.g. {DEFAULT_LISTEN}") from None
+        raise QvdError(
+            f"bad --listen '{text}': expected ADDR:PORT, e.g. {DEFAULT_LISTEN}") from None
     return host, int(port)
 
 

@@ -13,7 +13,6 @@ import re
 import select
 import ssl
 import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -114,9 +113,3 @@ def self_signed(folder: Path) -> tuple[Path, Path]:
                    check=True, capture_output=True, timeout=60)
     return cert, key
 
-
-def wait_for(predicate, timeout: float = 30, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
