@@ -14,9 +14,12 @@ import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 
+from qvdctl.commands.di import check_tag
 from qvdctl.commands.osf import check_name
 from qvdctl.commands.user import hash_password, nonempty
 from qvdctl.commands.vm import remove_leftovers
+from sqlalchemy import Connection
+
 from qvdctl.db import store
 from qvdctl.errors import QvdError
 from qvdctl.node import Node
@@ -154,10 +157,38 @@ def delete_users(node: Node, posted: Posted) -> Outcome:
     return [(users[user_id]["login"], None) for user_id in posted.ids]
 
 
+def _one_di(conn: Connection, posted: Posted) -> store.Row:
+    if len(posted.ids) != 1:
+        raise QvdError("choose one disk image")
+    for row in store.list_dis(conn):
+        if row["id"] == posted.ids[0]:
+            return row
+    raise QvdError("the selected disk image no longer exists; nothing changed")
+
+
+def tag_di(node: Node, posted: Posted) -> Outcome:
+    """The tag moves to this DI from whichever DI of its OSF had it, as ``di tag``."""
+    tag = check_tag(posted.field("tag"))
+    with node.db.writer() as conn:
+        di = _one_di(conn, posted)
+        store.tag_di(conn, di, tag)
+    return [(f"{di['osf']} {di['version']} {tag}", None)]
+
+
+def untag_di(node: Node, posted: Posted) -> Outcome:
+    tag = posted.field("tag")
+    with node.db.writer() as conn:
+        di = _one_di(conn, posted)
+        if not store.untag_di(conn, di, tag):
+            raise QvdError(f"DI {di['id']} has no tag '{tag}'")
+    return [(f"{di['osf']} {di['version']} {tag}", None)]
+
+
 # What each form's action=... does, by object.
 ACTIONS: dict[str, dict[str, Callable[[Node, Posted], Outcome]]] = {
     "vm": {"start": start_vms, "stop": stop_vms, "block": block_vms, "unblock": unblock_vms,
            "delete": delete_vms},
     "host": {"block": block_hosts, "unblock": unblock_hosts},
     "user": {"add": add_user, "passwd": set_password, "delete": delete_users},
+    "di": {"tag": tag_di, "untag": untag_di},
 }

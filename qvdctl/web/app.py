@@ -216,7 +216,7 @@ def create_app(node: Node) -> ASGIApp:
         obj = request.path_params["obj"]
         form = await request.form()
         action = str(form.get("action", ""))
-        back = {"vm": "/vms", "host": "/hosts", "user": "/users"}.get(obj, "/")
+        back = {"vm": "/vms", "host": "/hosts", "user": "/users", "di": "/images"}.get(obj, "/")
         chosen = [str(v) for v in form.getlist("id")]
         fields = {k: v for k, v in form.items()
                   if isinstance(v, str) and k not in ("csrf", "action", "id")

@@ -282,3 +282,35 @@ def test_a_running_vms_page_shows_its_qvdfs_counters(site: Site) -> None:
         assert 'id="root-totals"' in page
     finally:
         site.cli.run("vm", "stop", "-f", "name=v1")
+
+
+def test_a_disk_image_is_tagged_and_untagged_from_the_web(site: Site) -> None:
+    client = _admin(site)
+    token = client.csrf("/images")
+
+    def post(**form: str | list[str]) -> list[dict[str, str | None]]:
+        reply = client.request("/act/di", {**form, "csrf": token},
+                               headers={"Accept": "application/json"})
+        assert reply.status == 200, reply.body
+        return json.loads(reply.body)
+
+    def tags() -> list[str]:
+        (di,) = site.cli.json("di", "list")
+        return str(di["Tags"]).replace(",", " ").split()
+
+    before = _objects(site)
+    for form, expected in [
+        ({"action": "tag", "id": "1", "tag": "no/such"}, "bad tag"),
+        ({"action": "tag", "id": "1"}, "tag is missing"),
+        ({"action": "tag", "id": ["1", "1"], "tag": "x"}, "choose one disk image"),
+        ({"action": "tag", "id": "7", "tag": "x"}, "no longer exists"),
+        ({"action": "untag", "id": "1", "tag": "never"}, "has no tag 'never'"),
+    ]:
+        (line,) = post(**form)
+        assert line["error"] and expected in line["error"], (form, line)
+    assert _objects(site) == before
+    assert post(action="tag", id="1", tag="head")[0]["error"] is None
+    assert "head" in tags()
+    assert 'class="tags">' in client.request("/images").body
+    assert post(action="untag", id="1", tag="head")[0]["error"] is None
+    assert "head" not in tags()
