@@ -1,5 +1,5 @@
 # Every target installs what it needs first (scripts/setup.sh is idempotent).
-.PHONY: setup demo test test-fast bench bench-image bench-fleet bench-cli bench-vm clean
+.PHONY: setup demo test test-fast bench bench-image bench-fleet bench-cli bench-vm bench-web clean
 
 setup:
 	bash scripts/setup.sh
@@ -42,6 +42,11 @@ bench-cli: setup
 # Debian, unprivileged and privileged.
 bench-vm: setup
 	.venv/bin/python -m benchmarks.vmlife $(BENCH_ARGS)
+
+# The web admin with 1,000 VMs over 20 hosts (benchmarks/web.py): pages' times and the
+# live feed's latency, on SQLite and PostgreSQL.
+bench-web: setup
+	.venv/bin/python -m benchmarks.web $(BENCH_ARGS)
 
 clean:
 	rm -rf .venv build *.egg-info

@@ -16,6 +16,7 @@ APT_PACKAGES=(
     mmdebstrap                             # builds the cached Debian image (tools/debian_image.py)
     attr acl fio iproute2 bridge-utils kmod
     postgresql                             # a fleet's shared database; tests start their own
+    chromium chromium-driver               # the web admin's tests drive a real headless browser
 )
 
 missing=()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pty
 import resource
 import sqlite3
 import subprocess
@@ -71,9 +72,37 @@ class Cli:
         return row
 
     def db_dump(self) -> list[str]:
-        """The whole SQLite database as SQL: equal before and after means nothing changed."""
+        """The SQLite database as SQL: equal before and after means nothing changed.
+
+        Less the audit log, which records every command, a refused one too.
+        """
         with contextlib.closing(sqlite3.connect(self.root / "qvd.db")) as db:
-            return list(db.iterdump())
+            return [line for line in db.iterdump() if "audit_log" not in line]
+
+
+def run_on_terminal(cli: Cli, args: list[str], *typed: str) -> subprocess.CompletedProcess:
+    """``qvdctl ARGS`` with a terminal as standard input, typing ``typed`` at each prompt."""
+    leader, follower = pty.openpty()
+    try:
+        # A session of its own: no controlling terminal, so getpass asks on stdin, the pty.
+        proc = subprocess.Popen(
+            cli.argv(*args), stdin=follower,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+        )
+        prompts = b""
+        for asked, answer in enumerate(typed):
+            # Type only once asked: getpass drops what was typed before it turned echo off.
+            while prompts.count(b": ") <= asked:
+                chunk = os.read(proc.stderr.fileno(), 1024)
+                assert chunk, prompts
+                prompts += chunk
+            os.write(leader, answer.encode() + b"\n")
+        out, err = proc.communicate(timeout=60)
+    finally:
+        os.close(leader)
+        os.close(follower)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out.decode(),
+                                       (prompts + err).decode())
 
 
 def lxc_monitors(lxcpath: Path) -> list[Monitor]:
