@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from qvdfs import __version__
 from qvdfs.config import BranchConfig, MountConfig, MountError, WhiteoutFormat
+from qvdfs.fuse.mount import Atime
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,14 @@ _OWN_FLAGS = frozenset({"cow", "relaxed_permissions", "direct_io", "idmap"})
 _FUSE_FLAGS = {"allow_other": ("allow_other", True), "allow_root": ("allow_root", True),
                "default_permissions": ("default_permissions", True),
                "suid": ("suid", True), "nosuid": ("suid", False),
-               "dev": ("dev", True), "nodev": ("dev", False)}
+               "dev": ("dev", True), "nodev": ("dev", False),
+               "ro": ("read_only", True), "rw": ("read_only", False),
+               "exec": ("exec", True), "noexec": ("exec", False),
+               "atime": ("atime", Atime.RELATIME), "relatime": ("atime", Atime.RELATIME),
+               "noatime": ("atime", Atime.NOATIME),
+               "strictatime": ("atime", Atime.STRICTATIME),
+               "diratime": ("diratime", True), "nodiratime": ("diratime", False),
+               "sync": ("sync", True), "async": ("sync", False), "dirsync": ("dirsync", True)}
 # Accepted so that unionfs-fuse command lines keep working, but they change nothing here.
 _IGNORED = frozenset({"nonempty", "use_ino", "kernel_cache", "big_writes", "noinitgroups",
                       "preserve_branch", "async_read", "auto_cache", "hide_meta_files",
@@ -90,6 +98,10 @@ Options (-o takes a comma-separated list, may be repeated, and may be attached: 
   libfuse options, passed to the kernel:
     allow_other, allow_root, default_permissions, suid, nosuid, dev, nodev,
     fsname=NAME (default qvdfs), subtype=NAME (default qvdfs)
+  generic mount flags, as mount(8) takes them (the later of a pair wins):
+    ro, rw, exec, noexec, sync, async, dirsync, nodiratime, diratime,
+    relatime (default), atime (the same), noatime (the branches' access times are
+    left alone too), strictatime
   kernel cache lifetimes in seconds (the daemon invalidates what it changes itself):
     entry_timeout=S, attr_timeout=S, negative_timeout=S   (default 3600 each)
   libfuse options accepted as no-ops:

@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 from qvdfs.config import MountConfig
 from qvdfs.fuse.abi import FOPEN_CACHE_DIR, FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE
+from qvdfs.fuse.mount import Atime
 from qvdfs.fuse.filesystem import (
     AddDirEntry,
     AddDirEntryPlus,
@@ -67,6 +68,9 @@ class UnionFilesystem:
         self.index = self.union.index
         self.lock = self.index.lock
         self.attr_timeout = config.attr_timeout
+        # With -o noatime the kernel leaves access times alone, and so must our reads and
+        # passed-through ones on the branch (root may open any file so).
+        self._noatime = os.O_NOATIME if config.fuse_options.atime is Atime.NOATIME else 0
         self.features: frozenset[str] = frozenset()
         # node id -> (generation, entries) of the listing a readdir stream is reading
         self._listings: collections.OrderedDict[int, tuple[int, list[tuple[bytes, Node]]]] = \
@@ -268,7 +272,7 @@ class UnionFilesystem:
     def open(self, node_id: int, flags: int, ctx: Context, kill_suidgid: bool = False) -> Opened:
         with self.lock:
             node = self._node(node_id)
-            fh = self.union.files.open(node, flags)
+            fh = self.union.files.open(node, flags | self._noatime)
             if kill_suidgid:
                 try:
                     self._kill_privileges(node, ctx)

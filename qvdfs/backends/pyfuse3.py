@@ -22,6 +22,7 @@ import trio
 from pyfuse3 import FileHandleT, FileNameT, InodeT, ModeT, RequestContext
 
 from qvdfs.config import MountConfig, MountError
+from qvdfs.fuse.mount import Atime
 from qvdfs.fuse.abi import FOPEN_CACHE_DIR, FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE
 from qvdfs.fuse.filesystem import (
     Attr,
@@ -310,6 +311,10 @@ class Pyfuse3Backend:
         return {}
 
     def mount(self) -> None:
+        options = self.config.fuse_options
+        if options.atime is Atime.STRICTATIME or not options.diratime:
+            raise MountError("libfuse takes neither strictatime nor nodiratime; "
+                             "use the native backend for them")
         try:
             pyfuse3.init(self.ops, self.config.mountpoint,
                          self.config.fuse_options.libfuse_strings())

@@ -9,11 +9,20 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import enum
 import os
 import stat
 
+MS_RDONLY = 1
 MS_NOSUID = 2
 MS_NODEV = 4
+MS_NOEXEC = 8
+MS_SYNCHRONOUS = 16
+MS_DIRSYNC = 128
+MS_NOATIME = 1024
+MS_NODIRATIME = 2048
+MS_RELATIME = 1 << 21
+MS_STRICTATIME = 1 << 24
 MNT_FORCE = 1
 MNT_DETACH = 2
 
@@ -23,6 +32,18 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
                         ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+class Atime(enum.Enum):
+    """When the kernel updates access times: mount(8)'s three policies."""
+
+    RELATIME = "relatime"  # the default: once past the mtime, or a day old
+    NOATIME = "noatime"
+    STRICTATIME = "strictatime"
+
+
+_ATIME_FLAGS = {Atime.RELATIME: MS_RELATIME, Atime.NOATIME: MS_NOATIME,
+                Atime.STRICTATIME: MS_STRICTATIME}
 
 
 @dataclasses.dataclass(slots=True)
@@ -41,6 +62,13 @@ class MountOptions:
     suid: bool = False
     dev: bool = False
     max_read: int | None = None
+    # The generic mount flags every file system takes (mount(8)'s ro, noexec, noatime ...).
+    read_only: bool = False
+    exec: bool = True
+    atime: Atime = Atime.RELATIME
+    diratime: bool = True
+    sync: bool = False
+    dirsync: bool = False
 
     def libfuse_strings(self) -> set[str]:
         """The options as libfuse's ``-o`` words; nosuid and nodev are libfuse's defaults,
@@ -52,6 +80,13 @@ class MountOptions:
             words.add(f"subtype={self.subtype}")
         if self.max_read is not None:
             words.add(f"max_read={self.max_read}")
+        for word, on in (("ro", self.read_only), ("noexec", not self.exec),
+                         ("nodiratime", not self.diratime), ("sync", self.sync),
+                         ("dirsync", self.dirsync)):
+            if on:
+                words.add(word)
+        if self.atime is not Atime.RELATIME:
+            words.add(self.atime.value)
         return words
 
     @property
@@ -71,7 +106,10 @@ class MountOptions:
 
     @property
     def flags(self) -> int:
-        return (0 if self.suid else MS_NOSUID) | (0 if self.dev else MS_NODEV)
+        return ((0 if self.suid else MS_NOSUID) | (0 if self.dev else MS_NODEV)
+                | (MS_RDONLY if self.read_only else 0) | (0 if self.exec else MS_NOEXEC)
+                | _ATIME_FLAGS[self.atime] | (0 if self.diratime else MS_NODIRATIME)
+                | (MS_SYNCHRONOUS if self.sync else 0) | (MS_DIRSYNC if self.dirsync else 0))
 
     @property
     def fstype(self) -> str:

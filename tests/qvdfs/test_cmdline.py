@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from qvdfs import __version__
 from qvdfs.cmdline import HELP_TEXT, InfoRequested, parse_args, parse_branches
 from qvdfs.config import BranchConfig, MountError, WhiteoutFormat
-from qvdfs.fuse.mount import MountOptions
+from qvdfs.fuse import mount as fmount
+from qvdfs.fuse.mount import Atime, MountOptions
 from tests.support.mounts import NODE_OPTIONS
 
 NODE_LINE = [*NODE_OPTIONS, "/var/lib/qvd/storage/overlayfs/1-2-overlayfs=RW:"
@@ -309,3 +310,16 @@ def test_branch_lists_read_back(items: list[tuple[str, str]]) -> None:
     text = ":".join(path + mode for path, mode in items)
     assert parse_branches(text) == [BranchConfig(path, mode.upper() == "=RW")
                                     for path, mode in items]
+
+
+def test_generic_mount_flags_become_mount_flags_and_the_later_of_a_pair_wins() -> None:
+    config = parse_args(["-o", "ro,noexec,noatime,nodiratime,sync,exec,rw,ro", "/b", "/m"])
+    options = config.fuse_options
+    assert (options.read_only, options.exec, options.atime, options.diratime, options.sync) \
+        == (True, True, Atime.NOATIME, False, True)
+    assert options.flags == (fmount.MS_NOSUID | fmount.MS_NODEV | fmount.MS_RDONLY
+                             | fmount.MS_NOATIME | fmount.MS_NODIRATIME | fmount.MS_SYNCHRONOUS)
+    assert {"ro", "noatime", "nodiratime", "sync"} <= options.libfuse_strings()
+    assert parse_args(["-o", "strictatime", "/b", "/m"]).fuse_options.flags \
+        & fmount.MS_STRICTATIME
+    assert parse_args(["/b", "/m"]).fuse_options.flags & fmount.MS_RELATIME  # the default

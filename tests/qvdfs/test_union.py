@@ -581,3 +581,30 @@ def test_reading_a_file_moves_its_access_time(union: Union) -> None:
     shown = subprocess.run(["stat", "-c", "%X", str(path)], capture_output=True, text=True,
                            check=True, timeout=30)
     assert int(shown.stdout) > 10**9
+
+
+def test_generic_mount_flags_ro_noexec_and_noatime(tmp_path: Path) -> None:
+    """generic/003, 294, 306, 452: mount(8)'s generic flags are taken (they were refused as
+    unknown options) and hold: ro refuses changes, noexec refuses running a program."""
+    with mounted(tmp_path, *NODE_OPTIONS, "-o", "ro,noexec,noatime") as union:
+        line = next(m for m in Path("/proc/self/mounts").read_text().splitlines()
+                    if m.split()[1] == str(union.mnt))
+        assert {"ro", "noexec", "noatime"} <= set(line.split()[3].split(",")), line
+        with pytest.raises(OSError) as refused:
+            (union.mnt / "new").write_text("x")
+        assert refused.value.errno == errno.EROFS
+        tool = union.mnt / "usr/bin/tool"
+        assert os.stat(tool).st_mode & stat.S_IXUSR
+        with pytest.raises(PermissionError):
+            subprocess.run([str(tool)], timeout=30)
+
+
+def test_noatime_leaves_the_branches_access_times_alone(tmp_path: Path) -> None:
+    """Reads the daemon serves open the branch's file with O_NOATIME. (A passed-through
+    read is the kernel's own backing file, opened with the caller's flags: the branch's
+    mount decides there, hence nopassthrough here.)"""
+    with mounted(tmp_path, *NODE_OPTIONS, "-o", "noatime,nopassthrough") as union:
+        passwd = union.base / "etc/passwd"
+        os.utime(passwd, ns=(10**18, passwd.stat().st_mtime_ns))  # a read would move it
+        assert (union.mnt / "etc/passwd").read_text()
+        assert passwd.stat().st_atime_ns == 10**18
