@@ -21,7 +21,6 @@ MS_SYNCHRONOUS = 16
 MS_DIRSYNC = 128
 MS_NOATIME = 1024
 MS_NODIRATIME = 2048
-MS_RELATIME = 1 << 21
 MS_STRICTATIME = 1 << 24
 MNT_FORCE = 1
 MNT_DETACH = 2
@@ -42,8 +41,8 @@ class Atime(enum.Enum):
     STRICTATIME = "strictatime"
 
 
-_ATIME_FLAGS = {Atime.RELATIME: MS_RELATIME, Atime.NOATIME: MS_NOATIME,
-                Atime.STRICTATIME: MS_STRICTATIME}
+# relatime is the kernel's default: mount(2) needs no flag for it.
+_ATIME_FLAGS = {Atime.RELATIME: 0, Atime.NOATIME: MS_NOATIME, Atime.STRICTATIME: MS_STRICTATIME}
 
 
 @dataclasses.dataclass(slots=True)

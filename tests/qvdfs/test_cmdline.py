@@ -322,4 +322,6 @@ def test_generic_mount_flags_become_mount_flags_and_the_later_of_a_pair_wins() -
     assert {"ro", "noatime", "nodiratime", "sync"} <= options.libfuse_strings()
     assert parse_args(["-o", "strictatime", "/b", "/m"]).fuse_options.flags \
         & fmount.MS_STRICTATIME
-    assert parse_args(["/b", "/m"]).fuse_options.flags & fmount.MS_RELATIME  # the default
+    # relatime, the kernel's default, needs no flag
+    assert parse_args(["-o", "strictatime,relatime", "/b", "/m"]).fuse_options.flags \
+        == fmount.MS_NOSUID | fmount.MS_NODEV
