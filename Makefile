@@ -1,5 +1,5 @@
 # Every target installs what it needs first (scripts/setup.sh is idempotent).
-.PHONY: setup demo test bench bench-image bench-fleet bench-cli bench-vm clean
+.PHONY: setup demo test bench bench-image bench-fleet bench-cli bench-vm deb clean
 
 setup:
 	bash scripts/setup.sh
@@ -35,5 +35,14 @@ bench-cli: setup
 bench-vm: setup
 	.venv/bin/python -m benchmarks.vmlife $(BENCH_ARGS)
 
+# The node's Debian package (scripts/build-deb.sh), rebuilt only when a packaged file changed.
+VERSION := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml)
+DEB := dist/qvd-node_$(VERSION)_amd64.deb
+
+deb: setup $(DEB)
+
+$(DEB): scripts/build-deb.sh $(shell git ls-files pyproject.toml README.md qvdfs qvdctl qvdproc packaging)
+	bash scripts/build-deb.sh
+
 clean:
-	rm -rf .venv build *.egg-info
+	rm -rf .venv build dist *.egg-info

@@ -16,6 +16,7 @@ APT_PACKAGES=(
     mmdebstrap                             # builds the cached Debian image (tools/debian_image.py)
     attr acl fio iproute2 bridge-utils kmod
     postgresql                             # a fleet's shared database; tests start their own
+    dh-virtualenv debhelper dpkg-dev lintian   # make deb: the node package, and its check
 )
 
 missing=()
