@@ -1,5 +1,5 @@
 # Every target installs what it needs first (scripts/setup.sh is idempotent).
-.PHONY: setup demo test bench bench-image bench-fleet bench-cli bench-vm deb clean
+.PHONY: setup demo test bench bench-image bench-fleet bench-cli bench-vm deb test-deb clean
 
 setup:
 	bash scripts/setup.sh
@@ -11,7 +11,7 @@ demo: setup
 # on the portable pyfuse3 backend.
 test: setup
 	.venv/bin/python -m mypy
-	.venv/bin/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	.venv/bin/python -m pytest -q -p no:cacheprovider -m "not deb" $(PYTEST_ARGS)
 	QVDFS_TEST_BACKEND=pyfuse3 .venv/bin/python -m pytest -q -p no:cacheprovider \
 		tests/qvdfs/test_union.py tests/qvdfs/test_differential.py tests/union
 
@@ -43,6 +43,11 @@ deb: setup $(DEB)
 
 $(DEB): scripts/build-deb.sh $(shell git ls-files pyproject.toml README.md qvdfs qvdctl qvdproc packaging)
 	bash scripts/build-deb.sh
+
+# The package installed, reinstalled, removed and purged in throwaway Debian 12 roots
+# (tests/packaging/test_deb.py); a few minutes when the .deb must be built first.
+test-deb: deb
+	.venv/bin/python -m pytest -q -p no:cacheprovider -m deb tests/packaging $(PYTEST_ARGS)
 
 clean:
 	rm -rf .venv build dist *.egg-info
