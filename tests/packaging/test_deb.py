@@ -6,7 +6,9 @@ installed on this host: each root here is the cached Debian image (``tools/debia
 under a writable overlay, entered with chroot; apt fetches the package's dependencies from
 the Debian archive into a cache beside the image, so later runs download nothing.
 
-What an admin relies on: the files land where the package promises, both programs run
+What an admin relies on: the packaged HKD, started with its unit's command line (by
+chroot, not systemd: no init runs in these roots), registers with a PostgreSQL, renews its
+lease and stops cleanly on SIGTERM; the files land where the package promises, both programs run
 there, lintian finds no errors, node.conf is a conffile that a reinstall keeps as edited,
 root's sub-id ranges are reserved once (an overlap with another user's is reported, not
 forced), a remove keeps node.conf and the storage, and a purge takes back node.conf and
@@ -17,9 +19,11 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +31,8 @@ import pytest
 
 from qvdctl import locks
 from tests.support import REPO
+from tests.support.fleet import AdminCli, until
+from tests.support.postgres import pg_server
 from tools import debian_image
 
 pytestmark = [pytest.mark.deb, pytest.mark.timeout(900)]
@@ -62,6 +68,12 @@ class DebianRoot:
     def _mount(self, target: Path, *args: str) -> None:
         subprocess.run(["mount", *args, str(target)], check=True, timeout=60)
         self._mounts.append(target)
+
+    def share(self, folder: Path) -> None:
+        """Make the host's ``folder`` appear at the same path inside (a socket folder)."""
+        inside = self.path / folder.relative_to("/")
+        inside.mkdir(parents=True, exist_ok=True)
+        self._mount(inside, "--bind", str(folder))
 
     def run(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """``argv`` run inside the root; its output (stderr folded in) is in ``stdout``."""
@@ -279,3 +291,49 @@ def test_ranges_already_there_or_overlapping_are_left_alone_even_by_purge(
     root.run("dpkg", "--purge", "qvd-node")
     assert reservations(root, "uid") == [f"root:{RANGE}"]
     assert reservations(root, "gid") == ["bob:1500000:65536"]
+
+
+def test_the_packaged_hkd_registers_renews_its_lease_and_stops_cleanly(
+    root: DebianRoot, deb: Path, tmp_path: Path
+) -> None:
+    node = "pkgnode"
+    with pg_server() as server:
+        url = server.url("qvdpkg")
+        root.share(server.dir)
+        admin = AdminCli(tmp_path / "admin", url)
+        started = time.monotonic()
+        root.install(deb)
+        # The sample, filled in as the admin would; a heartbeat every 2 s (a fifth of it).
+        conf = root.file("etc/qvd/node.conf")
+        conf.write_text(conf.read_text() + f"nodename = {node}\n"
+                        f"database.host = {server.dir}\ndatabase.name = qvdpkg\n"
+                        "database.user = qvd\ninternal.hkd.cluster.node.timeout = 10\n")
+        unit = root.file("lib/systemd/system/qvd-hkd.service").read_text()
+        command = re.search(r"^ExecStart=(.+)$", unit, re.M)[1]
+        hkd = subprocess.Popen(["chroot", str(root.path), *shlex.split(command)],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+        try:
+            until(lambda: admin.hosts().get(node, {}).get("State") == "running",
+                  "the packaged HKD to register", timeout=120, step=0.2)
+            registered = time.monotonic() - started
+            ages = [admin.hosts()[node]["LeaseAge"]]
+
+            def renewed() -> bool:  # the lease's age fell: the HKD renewed it
+                ages.append(admin.hosts()[node]["LeaseAge"])
+                return ages[-1] < ages[-2]
+
+            until(renewed, "a lease renewal", timeout=30, step=0.5)
+            hkd.send_signal(signal.SIGTERM)
+            assert hkd.wait(timeout=120) == 0
+        finally:
+            if hkd.poll() is None:
+                hkd.kill()
+                hkd.wait(timeout=30)
+        log = hkd.stdout.read() if hkd.stdout else ""
+        assert admin.hosts()[node]["State"] == "stopped", log
+        print(f"install to registered: {registered:.1f} s")
+    root.file(STORAGE_FILE).parent.mkdir(parents=True)
+    root.file(STORAGE_FILE).write_text("PRETTY_NAME=kept\n")
+    root.run("dpkg", "--remove", "qvd-node")
+    assert root.file(STORAGE_FILE).read_text() == "PRETTY_NAME=kept\n"
