@@ -17,6 +17,7 @@ APT_PACKAGES=(
     attr acl fio iproute2 bridge-utils kmod
     postgresql                             # a fleet's shared database; tests start their own
     chromium chromium-driver               # the web admin's tests drive a real headless browser
+    dh-virtualenv debhelper dpkg-dev lintian   # make deb: the node package, and its check
 )
 
 missing=()
