@@ -19,7 +19,7 @@ export PIP_CACHE_DIR=$PWD/build/pip-cache
 
 rm -rf "$build"
 mkdir -p "$source" dist
-git ls-files -z -- pyproject.toml README.md qvdfs qvdctl qvdproc \
+git ls-files -z -- pyproject.toml README.md qvdformat qvdfs qvdctl qvdproc \
     | tar --null -T - -cf - | tar -xf - -C "$source"
 cp -r packaging/debian "$source/debian"
 maintainer=$(sed -n 's/^Maintainer: //p' packaging/debian/control)
