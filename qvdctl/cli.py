@@ -32,8 +32,10 @@ log = logging.getLogger(__name__)
 
 USAGE = """qvdctl [options] <object> <command> [-f K=V[,K=V]]... [key=value ...]
        qvdctl [options] vm exec -f name=VM -- COMMAND [ARG ...]
-       qvdctl [options] hkd"""
+       qvdctl [options] hkd
+       qvdctl [options] web [--listen ADDR:PORT] [--cert FILE --key FILE]"""
 HKD = "a fleet node's daemon, in the foreground (no command)"
+WEB = "the web admin, in the foreground (no command)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -42,7 +44,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    lines = {name: line for name, (_, line) in OBJECTS.items()} | {"hkd": HKD}
+    lines = {name: line for name, (_, line) in OBJECTS.items()} | {"hkd": HKD, "web": WEB}
     width = max(map(len, lines)) + 2
     objects = "\n".join(f"  {name:<{width}}{line}" for name, line in lines.items())
     parser = _Parser(
@@ -71,6 +73,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-wait", action="store_true",
                         help="in a fleet, vm start/stop return once the commands are queued")
+    parser.add_argument("--listen", default=None, metavar="ADDR:PORT",
+                        help="web: where to serve (default 127.0.0.1:8080)")
+    parser.add_argument("--cert", type=Path, default=None, metavar="FILE",
+                        help="web: serve HTTPS with this certificate (and --key)")
+    parser.add_argument("--key", type=Path, default=None, metavar="FILE",
+                        help="web: the certificate's private key")
     parser.add_argument("-q", "--quiet", action="store_true", help="no table headers")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--dry-run", action="store_true",
@@ -108,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         if ns.object == "hkd":
             return _hkd(ns)
+        if ns.object == "web":
+            return _web(ns)
         commands = commands_of(ns.object)
         if ns.command is None:
             raise QvdError(
@@ -170,13 +180,23 @@ def _run(command: Command, ns: argparse.Namespace, rest: list[str]) -> None:
     from qvdctl.node import Node
     from qvdctl.output import Output
 
+    from qvdctl import audit
+
     filters = parse_filters(ns.filter)
     node = Node(ns.root, config=ns.config, db_url=ns.db)
+    result = "failed"
     try:
         out = Output(quiet=ns.quiet, as_json=ns.json)
         command(Request(ns.object, ns.command, node, out, filters, ns.words, rest,
                         no_wait=ns.no_wait, dry_run=ns.dry_run))
+        result = audit.OK
+    except QvdError as exc:
+        result = str(exc)
+        raise
     finally:
+        if ns.command not in audit.NOT_CHANGES and not ns.dry_run:
+            audit.record_cli(node.db, f"{ns.object} {ns.command}",
+                             ",".join(f"{k}={v}" for k, v in filters), ns.words, result)
         node.close()
 
 
@@ -203,6 +223,8 @@ def _help(parser: argparse.ArgumentParser, obj: str | None, name: str | None) ->
         return parser.format_help()
     if obj == "hkd":
         return f"usage: qvdctl [options] hkd\n\n{_doc(_hkd)}\n"
+    if obj == "web":
+        return f"usage: {USAGE.splitlines()[-1].strip()}\n\n{_doc(_web)}\n"
     commands = commands_of(obj)
     if name is not None:
         return _doc(_command(obj, name, commands)) + "\n\nqvdctl --help shows the options.\n"
@@ -245,6 +267,24 @@ def _hkd(ns: argparse.Namespace) -> int:
     node = Node(ns.root, config=ns.config, db_url=ns.db)
     try:
         return hkd.main(node)
+    finally:
+        node.close()
+
+
+def _web(ns: argparse.Namespace) -> int:
+    """``web``: the web admin on this node's database, in the foreground, until SIGTERM.
+
+    --listen ADDR:PORT says where (default 127.0.0.1:8080; port 0: any free one);
+    --cert FILE --key FILE serve HTTPS. Log in with an account of `qvdctl admin add`.
+    """
+    from qvdctl.node import Node
+    from qvdctl.web import server  # here: only the web admin loads Starlette and uvicorn
+
+    if ns.command is not None or ns.words or ns.filter:
+        raise QvdError("web takes no command, filter or arguments")
+    node = Node(ns.root, config=ns.config, db_url=ns.db)
+    try:
+        return server.serve(node, ns.listen or server.DEFAULT_LISTEN, ns.cert, ns.key)
     finally:
         node.close()
 

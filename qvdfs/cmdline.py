@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from qvdfs import __version__
 from qvdfs.config import BranchConfig, MountConfig, MountError, WhiteoutFormat
+from qvdfs.fuse.mount import Atime
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +27,19 @@ VERSION_TEXT = f"qvdfs {__version__} (unionfs-fuse compatible)"
 
 # Options that set a boolean field of MountConfig of the same name.
 _OWN_FLAGS = frozenset({"cow", "relaxed_permissions", "direct_io", "idmap"})
-# libfuse mount options handed to the kernel unchanged.
-_FUSE_FLAGS = frozenset({"allow_other", "allow_root", "default_permissions", "suid", "dev",
-                         "nosuid", "nodev"})
-# Pairs where the later option wins, as libfuse's mount flags do.
-_OPPOSITES = {"suid": "nosuid", "nosuid": "suid", "dev": "nodev", "nodev": "dev"}
+# libfuse mount options handed to the kernel: the MountOptions field each sets, and to what
+# (of a pair such as suid/nosuid the later option wins, as libfuse's mount flags do).
+_FUSE_FLAGS = {"allow_other": ("allow_other", True), "allow_root": ("allow_root", True),
+               "default_permissions": ("default_permissions", True),
+               "suid": ("suid", True), "nosuid": ("suid", False),
+               "dev": ("dev", True), "nodev": ("dev", False),
+               "ro": ("read_only", True), "rw": ("read_only", False),
+               "exec": ("exec", True), "noexec": ("exec", False),
+               "atime": ("atime", Atime.RELATIME), "relatime": ("atime", Atime.RELATIME),
+               "noatime": ("atime", Atime.NOATIME),
+               "strictatime": ("atime", Atime.STRICTATIME),
+               "diratime": ("diratime", True), "nodiratime": ("diratime", False),
+               "sync": ("sync", True), "async": ("sync", False), "dirsync": ("dirsync", True)}
 # Accepted so that unionfs-fuse command lines keep working, but they change nothing here.
 _IGNORED = frozenset({"nonempty", "use_ino", "kernel_cache", "big_writes", "noinitgroups",
                       "preserve_branch", "async_read", "auto_cache", "hide_meta_files",
@@ -89,6 +98,10 @@ Options (-o takes a comma-separated list, may be repeated, and may be attached: 
   libfuse options, passed to the kernel:
     allow_other, allow_root, default_permissions, suid, nosuid, dev, nodev,
     fsname=NAME (default qvdfs), subtype=NAME (default qvdfs)
+  generic mount flags, as mount(8) takes them (the later of a pair wins):
+    ro, rw, exec, noexec, sync, async, dirsync, nodiratime, diratime,
+    relatime (default), atime (the same), noatime (the branches' access times are
+    left alone too), strictatime
   kernel cache lifetimes in seconds (the daemon invalidates what it changes itself):
     entry_timeout=S, attr_timeout=S, negative_timeout=S   (default 3600 each)
   libfuse options accepted as no-ops:
@@ -124,8 +137,7 @@ class InfoRequested(Exception):
 def parse_args(argv: Sequence[str]) -> MountConfig:
     """Parse a unionfs-fuse command line (without the program name) into a MountConfig.
 
-    Paths in the result are absolute and normalised. ``fuse_options`` holds what is to be
-    given to ``pyfuse3.init``.
+    Paths in the result are absolute and normalised.
 
     Raises:
         MountError: the command line is wrong; the message is one line naming the bad part.
@@ -187,19 +199,18 @@ def parse_args(argv: Sequence[str]) -> MountConfig:
 
     config.mountpoint = _absolute(positionals[0])
     config.branches = parse_branches(branch_text, chroot=config.chroot)
-    if config.fuse_options >= {"allow_other", "allow_root"}:
+    fuse = config.fuse_options
+    if fuse.allow_other and fuse.allow_root:
         raise MountError("allow_other and allow_root cannot be used together")
     if config.idmap and (config.relaxed_permissions or config.backend != "native"):
         # The kernel idmaps a FUSE mount only if it checks permissions itself, and only
         # the native session can ask for it.
         raise MountError("idmap needs the native backend and cannot go with relaxed_permissions")
     if not config.relaxed_permissions:
-        config.fuse_options.add("default_permissions")
-    if not any(o.startswith("fsname=") for o in config.fuse_options):
-        config.fuse_options.add("fsname=qvdfs")
-    if not any(o.startswith("subtype=") for o in config.fuse_options):
+        fuse.default_permissions = True
+    if fuse.subtype is None:
         # Shows as type fuse.qvdfs in /proc/mounts, so admins can find qvdfs mounts.
-        config.fuse_options.add("subtype=qvdfs")
+        fuse.subtype = "qvdfs"
     if not any(b.writable for b in config.branches):
         log.warning("no writable branch in '%s': the union is read-only", branch_text)
     return config
@@ -208,8 +219,8 @@ def parse_args(argv: Sequence[str]) -> MountConfig:
 def _apply_option(config: MountConfig, option: str) -> str | None:
     """Record one -o item in ``config``; return the branch string if it is ``dirs=``."""
     name, has_value, value = option.partition("=")
-    if name not in _VALUED and name not in _OWN_FLAGS | _FUSE_FLAGS | _IGNORED | {"debug",
-                                                                              "nopassthrough"}:
+    if name not in _VALUED and name not in _OWN_FLAGS | _FUSE_FLAGS.keys() | _IGNORED | {
+            "debug", "nopassthrough"}:
         raise MountError(f"unknown option '{name}'")
     if name not in _VALUED:
         if has_value:
@@ -219,8 +230,7 @@ def _apply_option(config: MountConfig, option: str) -> str | None:
         elif name == "nopassthrough":
             config.passthrough = False
         elif name in _FUSE_FLAGS:
-            config.fuse_options.discard(_OPPOSITES.get(name, ""))
-            config.fuse_options.add(name)
+            setattr(config.fuse_options, *_FUSE_FLAGS[name])
         elif name == "debug":
             config.debug = config.foreground = True
         elif name not in config.ignored_options:
@@ -234,8 +244,7 @@ def _apply_option(config: MountConfig, option: str) -> str | None:
     if name == "max_files":
         config.max_files = _positive_int(name, value)
     elif name == "max_read":
-        config.fuse_options = {o for o in config.fuse_options if not o.startswith("max_read=")}
-        config.fuse_options.add(f"max_read={_positive_int(name, value)}")
+        config.fuse_options.max_read = _positive_int(name, value)
     elif name == "threads":
         config.threads = _positive_int(name, value)
     elif name == "backend":
@@ -254,8 +263,7 @@ def _apply_option(config: MountConfig, option: str) -> str | None:
         except ValueError:
             raise MountError(f"bad value '{value}' for whiteout: want overlay or unionfs") from None
     else:  # fsname, subtype: one of each, the last one wins
-        config.fuse_options = {o for o in config.fuse_options if not o.startswith(name + "=")}
-        config.fuse_options.add(f"{name}={value}")
+        setattr(config.fuse_options, name, value)
     return None
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import enum
 
 from qvdformat.markers import TRUSTED, OverlayXattrs
+from qvdfs.fuse.mount import MountOptions
 
 
 class WhiteoutFormat(enum.Enum):
@@ -57,8 +58,8 @@ class MountConfig:
     # then sends the caller's ids only with requests that create a node, already mapped
     # through the mount's idmap; qvdfs reads them nowhere else.
     idmap: bool = False
-    # Mount options for the kernel (allow_other, suid, dev, fsname=..., max_read=...).
-    fuse_options: set[str] = dataclasses.field(default_factory=set)
+    # Mount options for the kernel (allow_other, suid, dev, fsname, max_read, ...).
+    fuse_options: MountOptions = dataclasses.field(default_factory=MountOptions)
     # Kernel cache lifetimes in seconds. Every change is made by the daemon itself,
     # which invalidates what it changes, so they can be long.
     entry_timeout: float = 3600.0

@@ -93,10 +93,6 @@ def run(argv: Sequence[str], *, make_filesystem: FilesystemFactory | None = None
         log.debug("mounting with %r", config)
         fs = (make_filesystem or _union_filesystem)(config)
         backend = make_backend(fs, config)
-        if hasattr(fs, "invalidate_entry"):
-            fs.invalidate_entry = backend.invalidate_entry
-            fs.invalidate_inode = backend.invalidate_inode
-            fs.invalidate_attributes = backend.invalidate_attributes
         backend.mount()
         log.info("mounted %s on %s (%s backend)", ":".join(b.path for b in config.branches),
                  config.mountpoint, backend.name)

@@ -20,14 +20,16 @@ import stat
 from collections.abc import Callable
 
 from qvdfs.config import MountConfig
-from qvdproc import processes
 from qvdfs.fuse.abi import FOPEN_CACHE_DIR, FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE
+from qvdfs.fuse.mount import Atime
 from qvdfs.fuse.filesystem import (
     AddDirEntry,
     AddDirEntryPlus,
     Attr,
     Context,
     Entry,
+    Notifier,
+    NullNotifier,
     Opened,
     SetattrChanges,
 )
@@ -35,6 +37,7 @@ from qvdformat import syscalls
 from qvdfs.union.core import Union, may_drop_privileges
 from qvdfs.union.handles import backing_flags
 from qvdfs.union.tree import Node, stale
+from qvdproc import processes
 
 NAME_MAX = 255
 # linux/capability.h: what lets a caller change a file and keep its set-id bits.
@@ -59,18 +62,16 @@ class UnionFilesystem:
 
     def __init__(self, config: MountConfig) -> None:
         self.config = config
-        self.union = Union(config)
+        # Until ``init``: no kernel has cached anything yet.
+        self.notifier: Notifier = NullNotifier()
+        self.union = Union(config, self._entry_changed)
         self.index = self.union.index
         self.lock = self.index.lock
         self.attr_timeout = config.attr_timeout
+        # With -o noatime the kernel leaves access times alone, and so must our reads and
+        # passed-through ones on the branch (root may open any file so).
+        self._noatime = os.O_NOATIME if config.fuse_options.atime is Atime.NOATIME else 0
         self.features: frozenset[str] = frozenset()
-        # Set by the backend: drop the kernel's cached entry parent/name, a node's cached
-        # attributes and data (both queued), and its attributes alone (at once). All may be
-        # called with the index lock held.
-        self.invalidate_entry: Callable[[int, bytes], None] = lambda parent, name: None
-        self.invalidate_inode: Callable[[int], None] = lambda node_id: None
-        self.invalidate_attributes: Callable[[int], None] = lambda node_id: None
-        self.index.invalidate = self._entry_changed
         # node id -> (generation, entries) of the listing a readdir stream is reading
         self._listings: collections.OrderedDict[int, tuple[int, list[tuple[bytes, Node]]]] = \
             collections.OrderedDict()
@@ -78,8 +79,9 @@ class UnionFilesystem:
         # node id -> (node.changes, the attributes last sent to the kernel); see _attrs
         self._attr_cache: dict[int, tuple[int, Attr]] = {}
 
-    def init(self, features: frozenset[str]) -> None:
+    def init(self, features: frozenset[str], notifier: Notifier) -> None:
         self.features = features
+        self.notifier = notifier
 
     def destroy(self) -> None:
         with self.lock:
@@ -91,9 +93,10 @@ class UnionFilesystem:
                 "open_files": len(self.union.files)}
 
     def _entry_changed(self, parent: Node, name: bytes) -> None:
-        self.invalidate_entry(parent.id, name)
+        # Called by the union with the index lock held; the notifier only queues.
+        self.notifier.invalidate_entry(parent.id, name)
         # A cached listing holds the old node id of the name.
-        self.invalidate_inode(parent.id)
+        self.notifier.invalidate_inode(parent.id)
 
     # -- replies ------------------------------------------------------------------------
 
@@ -105,12 +108,13 @@ class UnionFilesystem:
 
         Every change of metadata goes through this daemon, which drops a node's cached
         attributes when it changes it, so a warm ``ls -l`` costs no system call. Data need
-        not: while a file is open for writing, passthrough writes and shared mappings change
-        its size and times behind our back, so such a file is always asked.
+        not: while a file is open, passed-through reads change its access time, and writes
+        and shared mappings its size and times, behind our back, so such a file is always
+        asked (and its cache dropped at its last close).
         """
         cached = self._attr_cache.get(node.id)
         if (cached is not None and cached[0] == node.changes and not node.unlinked
-                and not node.has_writer()):
+                and not node.opens):
             return cached[1]
         if st is None:
             st = self.union.getattr(node)
@@ -268,7 +272,7 @@ class UnionFilesystem:
     def open(self, node_id: int, flags: int, ctx: Context, kill_suidgid: bool = False) -> Opened:
         with self.lock:
             node = self._node(node_id)
-            fh = self.union.files.open(node, flags)
+            fh = self.union.files.open(node, flags | self._noatime)
             if kill_suidgid:
                 try:
                     self._kill_privileges(node, ctx)
@@ -279,7 +283,7 @@ class UnionFilesystem:
             if opened.backing_fd is not None and node.has_writer():
                 # What the kernel cached before this open would outlive writes through a
                 # mapping of it (see _attr_timeout).
-                self.invalidate_attributes(node.id)
+                self.notifier.invalidate_attributes(node.id)
             return opened
 
     def create(self, parent: int, name: bytes, mode: int, flags: int,
@@ -319,7 +323,7 @@ class UnionFilesystem:
         if self.union.kill_privileges(node, _in_group_or_capable(ctx)):
             # The kernel keeps the mode it cached: after a write or an fallocate it asks
             # again for sizes and times only.
-            self.invalidate_attributes(node.id)
+            self.notifier.invalidate_attributes(node.id)
 
     def _fd(self, fh: int) -> int:
         with self.lock:
@@ -337,6 +341,11 @@ class UnionFilesystem:
                 self._kill_privileges(handle.node, unprivileged)
             fd = handle.fd
         return os.pwrite(fd, data, offset)
+
+    def flush(self, node_id: int, fh: int) -> None:
+        # Every write reaches the branch file at once, so a close(2) has nothing to flush;
+        # after this one ENOSYS the kernel sends no more FLUSH requests.
+        raise OSError(errno.ENOSYS, "nothing to flush")
 
     def release(self, node_id: int, fh: int) -> None:
         with self.lock:
@@ -395,12 +404,14 @@ class UnionFilesystem:
         """(generation, position, entries) for a readdir stream at ``offset``.
 
         Without OPENDIR there is no handle to keep a stream's listing in, so the offsets
-        handed to the kernel carry it: the listing's generation in the high 32 bits and the
-        position in the low ones. A stream keeps reading the listing it started with, so a
+        handed to the kernel carry it: the position in the high 32 bits and the listing's
+        generation in the low ones. A stream keeps reading the listing it started with, so a
         change meanwhile neither skips nor repeats an entry. A stream whose listing was
         dropped (more than MAX_LISTING_SNAPSHOTS in progress) goes on in a fresh one.
+        The position leads so that offsets grow along the listing: seekdir to any value
+        below the last offset a stream saw lands on an entry, as on a local filesystem.
         """
-        generation, position = offset >> 32, offset & 0xFFFFFFFF
+        position, generation = offset >> 32, offset & 0xFFFFFFFF
         kept = self._listings.get(node.id)
         if offset == 0 or kept is None or kept[0] != generation:
             self._listing_generation = (self._listing_generation + 1) & 0x7FFFFFFF
@@ -425,7 +436,7 @@ class UnionFilesystem:
                 if child.unlinked:
                     continue
                 kind = stat.S_IFDIR if child.is_dir else stat.S_IFMT(self._attrs(child).mode)
-                if not add(name, child.id, kind, (generation << 32) | (i + 1)):
+                if not add(name, child.id, kind, _offset(i + 1, generation)):
                     return
 
     def readdirplus(self, node_id: int, fh: int, offset: int, add: AddDirEntryPlus) -> None:
@@ -444,7 +455,7 @@ class UnionFilesystem:
                     continue
                 entry = Entry(child.id, attr, self.config.entry_timeout,
                               self._attr_timeout(child))
-                if not add(name, entry, (generation << 32) | (i + 1)):
+                if not add(name, entry, _offset(i + 1, generation)):
                     return
                 # The kernel takes a lookup reference for every entry but "." and "..".
                 if name not in (b".", b".."):
@@ -471,6 +482,11 @@ class UnionFilesystem:
     def removexattr(self, node_id: int, name: bytes, ctx: Context) -> None:
         with self.lock:
             self.union.removexattr(self._node(node_id), name)
+
+
+def _offset(position: int, generation: int) -> int:
+    """A readdir offset: see ``UnionFilesystem._listing_from``."""
+    return position << 32 | generation
 
 
 def _in_group_or_capable(ctx: Context) -> Callable[[int], bool]:

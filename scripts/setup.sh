@@ -17,6 +17,8 @@ APT_PACKAGES=(
     attr acl fio iproute2 bridge-utils kmod
     postgresql                             # a fleet's shared database; tests start their own
     faketime                               # the fleet tests set a node's clock minutes off
+    chromium chromium-driver               # the web admin's tests drive a real headless browser
+    dh-virtualenv debhelper dpkg-dev lintian   # make deb: the node package, and its check
 )
 
 missing=()

@@ -34,6 +34,8 @@ OBJECTS: dict[str, tuple[str, str]] = {
     "user": ("user", "the users who own VMs"),
     "vm": ("vm", "virtual machines: add, start, stop, list, exec, console"),
     "host": ("host", "the nodes that run VMs"),
+    "admin": ("admin", "the accounts of the web admin (qvdctl web)"),
+    "log": ("log", "the audit log of every change, from the CLI and the web"),
 }
 
 # The commands that take --dry-run.

@@ -81,14 +81,21 @@ class Request:
         for key, _ in self.filters:
             if key not in keys:
                 raise QvdError(f"cannot filter {self.obj} by '{key}' (keys: {', '.join(keys)})")
-        chosen = [
-            row for row in rows
-            if all(fnmatch.fnmatchcase(_text(row.get(k)), pattern) for k, pattern in self.filters)
-        ]
+        chosen = matching(rows, self.filters)
         if self.filters and not chosen:
             shown = ",".join(f"{k}={v}" for k, v in self.filters)
             raise QvdError(f"no {self.obj} matches the filter {shown}")
         return chosen
+
+
+def matching(rows: Iterable[dict[str, Any]], filters: Sequence[tuple[str, str]]
+             ) -> list[dict[str, Any]]:
+    """The rows whose every filtered key matches its pattern (``*`` and ``?`` wildcards).
+
+    Patterns are matched in Python, never put into SQL: whatever a filter holds is text.
+    """
+    return [row for row in rows
+            if all(fnmatch.fnmatchcase(_text(row.get(k)), pattern) for k, pattern in filters)]
 
 
 def _text(value: Any) -> str:

@@ -51,7 +51,7 @@ def add(req: Request) -> None:
     req.no_filter()
     args = req.args(required=["login", "password"])
     login = check_name(args["login"], "login")
-    hashed = hash_password(_nonempty(args["password"]))
+    hashed = hash_password(nonempty(args["password"]))
     with req.node.db.writer() as conn:
         user_id = store.add_user(conn, login, hashed)
     req.out.message(f"User added with id {user_id}", id=user_id)
@@ -69,16 +69,19 @@ def passwd(req: Request) -> None:
     if len(rows) != 1:
         raise QvdError(f"the filter matches {len(rows)} users; user passwd needs exactly one")
     login = rows[0]["login"]
-    hashed = hash_password(_nonempty(given if given is not None else _ask(login)))
+    password = given if given is not None else ask_password(login, "user passwd")
+    hashed = hash_password(nonempty(password))
     with req.node.db.writer() as conn:
         if not store.set_user_password(conn, rows[0]["id"], hashed):
             raise QvdError(f"user '{login}' was deleted meanwhile")
     req.out.message(f"Password of user {login} changed", id=rows[0]["id"])
 
 
-def _ask(login: str) -> str:
+def ask_password(login: str, command: str) -> str:
+    """A new password for ``login``, asked twice on the terminal, unechoed; ``command`` is
+    the one that asks, named in the error when there is no terminal."""
     if not sys.stdin.isatty():
-        raise QvdError("user passwd needs password=... when not run on a terminal")
+        raise QvdError(f"{command} needs password=... when not run on a terminal")
     try:
         first = getpass.getpass(f"New password for {login}: ")
         again = getpass.getpass("Retype it: ")
@@ -89,7 +92,7 @@ def _ask(login: str) -> str:
     return first
 
 
-def _nonempty(password: str) -> str:
+def nonempty(password: str) -> str:
     if not password:
         raise QvdError("the password must not be empty")
     return password

@@ -29,6 +29,7 @@ from qvdctl.db.states import VmState
 from qvdctl.db.store import Row
 from qvdctl.errors import QvdError
 from qvdctl.network import addresses
+from qvdctl.node import Node
 from qvdctl.vm.health import reconcile
 from qvdctl.vm.parallel import run_each
 from qvdctl.vm.state import Vm, load_vm, locked
@@ -85,7 +86,7 @@ def edit(req: Request) -> None:
     if "di_tag" in args:
         values["di_tag"] = check_tag(args["di_tag"])
     with req.node.db.reader() as conn:
-        ids = [row["id"] for row in req.select(_rows(conn), KEYS, need=True)]
+        ids = [row["id"] for row in req.select(listing(conn), KEYS, need=True)]
     if len(ids) != 1 and ("name" in args or "ip" in args):
         which = " and ".join(k for k in ("name", "ip") if k in args)
         raise QvdError(f"the filter matches {len(ids)} VMs; changing the {which} needs one")
@@ -95,7 +96,7 @@ def edit(req: Request) -> None:
             # The VM's lock: no start can be reading the old address while it changes.
             stack.enter_context(locked(req.node, ids[0]))
         with req.node.db.writer() as conn:
-            rows = [row for row in _rows(conn) if row["id"] in ids]
+            rows = [row for row in listing(conn) if row["id"] in ids]
             if len(rows) != len(ids):
                 raise QvdError("a VM the filter matched was deleted meanwhile; nothing changed")
             for row in rows:
@@ -111,14 +112,20 @@ def edit(req: Request) -> None:
         req.out.message(f"VM {values.get('name', row['name'])} edited", id=row["id"])
 
 
-def _rows(conn: Connection) -> list[Row]:
+def listing(conn: Connection) -> list[Row]:
+    """Every VM as `vm list` shows it: with the DI version it runs, or would run."""
     rows = store.list_vms(conn)
+    # Looked up once per (OSF, tag): a thousand VMs share a handful of them.
+    versions: dict[tuple[int, str], str | None] = {}
     for row in rows:
         if row["state"] != VmState.STOPPED and row["current_di_version"]:
             row["di"] = row["current_di_version"]
-        else:
-            di = store.di_for_tag(conn, row["osf_id"], row["di_tag"])
-            row["di"] = di["version"] if di else None
+            continue
+        key = (row["osf_id"], row["di_tag"])
+        if key not in versions:
+            di = store.di_for_tag(conn, *key)
+            versions[key] = di["version"] if di else None
+        row["di"] = versions[key]
     return rows
 
 
@@ -127,7 +134,7 @@ def list_(req: Request) -> None:
     req.args()
     reconcile(req.node)
     with req.node.db.reader() as conn:
-        rows = req.select(_rows(conn), KEYS, need=False)
+        rows = req.select(listing(conn), KEYS, need=False)
     # In a fleet the work happens elsewhere: the last failure's line is shown here.
     extra = ["error"] if req.node.fleet else []
     req.out.table(COLUMNS + [k.title() for k in extra],
@@ -138,29 +145,34 @@ def del_(req: Request) -> None:
     """``vm del -f ...``: stopped VMs only. The home stays on disk for the admin."""
     req.args()
     with req.node.db.writer() as conn:
-        rows = req.select(_rows(conn), KEYS, need=True)
+        rows = req.select(listing(conn), KEYS, need=True)
         for row in rows:
             if row["state"] != VmState.STOPPED:
                 raise QvdError(f"VM '{row['name']}' is {row['state']}; stop it before deleting it")
         for row in rows:
             store.del_vm(conn, row)
-    storage = req.node.storage()
+    remove_leftovers(req.node, rows)
     for row in rows:
-        # Only the empty mountpoint and the link to the shared image go; homes and
-        # overlays are data and stay for the admin.
+        req.out.message(f"VM {row['name']} deleted", id=row["id"])
+
+
+def remove_leftovers(node: Node, rows: Sequence[Row]) -> None:
+    """What deleted VMs leave on this node that is not data: the empty mountpoint and the
+    link to the shared image. Homes and overlays are data and stay for the admin."""
+    storage = node.storage()
+    for row in rows:
         rootfs = storage.rootfs_entry(row["user_id"], row["id"])
         if rootfs.is_dir() and not any(rootfs.iterdir()):
             rootfs.rmdir()
         for entry in storage.basefs.glob(f"{row['id']}-*"):
             if entry.is_symlink():
                 entry.unlink()
-        req.out.message(f"VM {row['name']} deleted", id=row["id"])
 
 
 def _selected(req: Request, optional: tuple[str, ...] = ()) -> list[Vm]:
     req.args(optional=optional)
     with req.node.db.reader() as conn:
-        rows = req.select(_rows(conn), KEYS, need=True)
+        rows = req.select(listing(conn), KEYS, need=True)
     return [load_vm(req.node, row["id"]) for row in rows]
 
 
@@ -299,7 +311,7 @@ def exec_(req: Request) -> None:
 def _set_blocked(req: Request, blocked: int) -> None:
     req.args()
     with req.node.db.writer() as conn:
-        rows = req.select(_rows(conn), KEYS, need=True)
+        rows = req.select(listing(conn), KEYS, need=True)
         for row in rows:
             store.set_vm_blocked(conn, row["id"], blocked)
     word = "blocked" if blocked else "unblocked"

@@ -63,12 +63,31 @@ def _widen_di_size(conn: Connection) -> None:
         conn.exec_driver_sql("ALTER TABLE dis ALTER COLUMN size TYPE BIGINT")
 
 
+def _add_web_admin(conn: Connection) -> None:
+    # The web admin's accounts and sessions, and the audit log of the CLI and the web.
+    # As the columns above: a fresh database has them from _v1_initial already.
+    for table in (schema.admins, schema.web_sessions, schema.audit_log):
+        table.create(conn, checkfirst=True)
+    if conn.dialect.name == "postgresql":
+        # Every change to a VM's row, whoever makes it, wakes the web admins' live
+        # feeds (qvdctl/web/live.py): once per statement, however many rows it changed.
+        conn.exec_driver_sql(f"""
+            CREATE OR REPLACE FUNCTION qvd_notify_vms_changed() RETURNS trigger AS $$
+            BEGIN PERFORM pg_notify('{schema.VMS_CHANGED}', ''); RETURN NULL; END $$
+            LANGUAGE plpgsql""")
+        conn.exec_driver_sql("DROP TRIGGER IF EXISTS qvd_vms_changed ON vms")
+        conn.exec_driver_sql(
+            "CREATE TRIGGER qvd_vms_changed AFTER INSERT OR UPDATE OR DELETE ON vms"
+            " FOR EACH STATEMENT EXECUTE FUNCTION qvd_notify_vms_changed()")
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _v1_initial,
     _add_di_halt_signal,
     _add_fleet_runtime,
     _add_osf_halt_signal,
     _widen_di_size,
+    _add_web_admin,
 ]
 
 LATEST = len(MIGRATIONS)

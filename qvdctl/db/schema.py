@@ -31,6 +31,10 @@ from qvdctl.db.states import VmState
 
 metadata = MetaData()
 
+# The channel a statement-level trigger on vms notifies on PostgreSQL at every change
+# of a VM's row (created by migrations._add_web_admin; the web admin's live feed).
+VMS_CHANGED = "qvd_vms_changed"
+
 schema_version = Table(
     "schema_version",
     metadata,
@@ -136,5 +140,46 @@ vms = Table(
     Column("vm_cmd", String(10), nullable=True),
     Column("cmd_at", Float, nullable=True),
     Column("error", Text, nullable=True),
+    sqlite_autoincrement=True,
+)
+
+# --- the web admin (qvdctl/web/) and the audit log ------------------------------------
+# Added together by migrations._add_web_admin.
+
+admins = Table(
+    "admins",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("login", String(200), nullable=False, unique=True),
+    Column("password", String(300), nullable=False),  # argon2id, see qvdctl/web/accounts.py
+    Column("role", String(10), nullable=False),  # admin | viewer
+    # Lock-out: failed logins in a row, and until when (seconds since the epoch) the
+    # account refuses even the right password.
+    Column("failures", Integer, nullable=False, server_default="0"),
+    Column("locked_until", Float, nullable=True),
+    sqlite_autoincrement=True,
+)
+
+web_sessions = Table(
+    "web_sessions",
+    metadata,
+    # The SHA-256 of the cookie's random token: whoever reads the database cannot log in.
+    Column("token_hash", String(64), primary_key=True),
+    Column("admin_id", Integer, ForeignKey("admins.id", ondelete="CASCADE"), nullable=False),
+    Column("csrf", String(64), nullable=False),
+    Column("last_seen", Float, nullable=False),
+)
+
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("at", DateTime, nullable=False),
+    Column("who", String(200), nullable=False),  # a web admin's login, or the CLI's user
+    Column("origin", String(300), nullable=False),  # web: the client address; CLI: cli@host
+    Column("action", String(100), nullable=False),  # "vm start", "host block", ...
+    Column("object", Text, nullable=False),  # what it acted on: the filter, or the names
+    Column("args", Text, nullable=False),  # key=value words, secrets replaced by ***
+    Column("result", Text, nullable=False),  # "ok" or the error line
     sqlite_autoincrement=True,
 )

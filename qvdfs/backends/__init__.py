@@ -1,8 +1,9 @@
 """How a mount talks to the kernel: the native FUSE session (default) or pyfuse3.
 
 Both serve the same ``qvdfs.handlers.UnionFilesystem``. A backend mounts (before the daemon
-forks, so mount errors reach the caller), serves until the kernel ends the session, can be
-asked from a signal handler to stop, and closes the mount.
+forks, so mount errors reach the caller), hands the filesystem its features and ``Notifier``
+(``Filesystem.init``), serves until the kernel ends the session, can be asked from a signal
+handler to stop, and closes the mount.
 """
 
 from __future__ import annotations
@@ -36,14 +37,6 @@ class Backend(Protocol):
 
     def abandon(self) -> None:
         """In the parent, for a daemon that died without a word: take the mount down."""
-
-    def invalidate_entry(self, parent: int, name: bytes) -> None: ...
-
-    def invalidate_inode(self, node_id: int) -> None: ...
-
-    def invalidate_attributes(self, node_id: int) -> None:
-        """Drop the kernel's cached attributes of ``node_id`` before the request in hand is
-        answered."""
 
     def counters(self) -> dict[str, object]:
         """Per-opcode request counts and times, and whatever else the session counts."""

@@ -26,16 +26,14 @@ class NativeBackend:
 
     def mount(self) -> None:
         try:
-            self.fd = fuse_mount.mount(self.config.mountpoint, set(self.config.fuse_options))
+            self.fd = fuse_mount.mount(self.config.mountpoint, self.config.fuse_options)
         except OSError as exc:
             raise MountError(f"cannot mount on {self.config.mountpoint}: {exc}") from None
-        options = self.config.fuse_options
         self.session = Session(
             self.fs, self.fd, mountpoint=self.config.mountpoint,
+            options=self.config.fuse_options,
             disabled=frozenset() if self.config.passthrough else frozenset({"passthrough"}),
             threads=self.config.threads or DEFAULT_THREADS,
-            default_permissions="default_permissions" in options,
-            allow_root="allow_root" in options,
             idmap=self.config.idmap)
 
     def serve(self) -> None:
@@ -63,18 +61,6 @@ class NativeBackend:
 
     def abandon(self) -> None:
         self.close(unmount=True)
-
-    def invalidate_entry(self, parent: int, name: bytes) -> None:
-        if self.session is not None:
-            self.session.invalidate_entry(parent, name)
-
-    def invalidate_inode(self, node_id: int) -> None:
-        if self.session is not None:
-            self.session.invalidate_inode(node_id)
-
-    def invalidate_attributes(self, node_id: int) -> None:
-        if self.session is not None:
-            self.session.invalidate_attributes(node_id)
 
     def counters(self) -> dict[str, object]:
         return dict(self.session.counters()) if self.session is not None else {}

@@ -22,6 +22,7 @@ import trio
 from pyfuse3 import FileHandleT, FileNameT, InodeT, ModeT, RequestContext
 
 from qvdfs.config import MountConfig, MountError
+from qvdfs.fuse.mount import Atime
 from qvdfs.fuse.abi import FOPEN_CACHE_DIR, FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE
 from qvdfs.fuse.filesystem import (
     Attr,
@@ -96,7 +97,7 @@ class Pyfuse3Operations(pyfuse3.Operations):
         self.fs = fs
         # The kernel enforces and caches POSIX ACLs; they turn on its permission checks,
         # so not with relaxed_permissions.
-        self.enable_acl = "default_permissions" in config.fuse_options
+        self.enable_acl = config.fuse_options.default_permissions
         self.entry_timeout = config.entry_timeout
         # pyfuse3 gives only the handle to read/release requests; the Filesystem wants the
         # node id too, so remember it per handle.
@@ -274,19 +275,8 @@ class Pyfuse3Operations(pyfuse3.Operations):
         self.fs.removexattr(inode, name, _context(ctx))
 
 
-
-class Pyfuse3Backend:
-    """Mount with libfuse, serve with trio; ``stop`` may be called from a signal handler."""
-
-    name = "pyfuse3"
-
-    def __init__(self, fs: Filesystem, config: MountConfig) -> None:
-        self.fs = fs
-        self.config = config
-        self.ops = Pyfuse3Operations(fs, config)
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._stop_requested = False
-        fs.init(frozenset({"readdirplus"} | ({"posix_acl"} if self.ops.enable_acl else set())))
+class Pyfuse3Notifier:
+    """The ``Notifier`` through libfuse: entries are invalidated, inodes need not be."""
 
     @staticmethod
     def invalidate_entry(parent: int, name: bytes) -> None:
@@ -302,12 +292,32 @@ class Pyfuse3Backend:
         with contextlib.suppress(FileNotFoundError):
             pyfuse3.invalidate_inode(InodeT(node_id), attr_only=True)
 
+
+class Pyfuse3Backend:
+    """Mount with libfuse, serve with trio; ``stop`` may be called from a signal handler."""
+
+    name = "pyfuse3"
+
+    def __init__(self, fs: Filesystem, config: MountConfig) -> None:
+        self.fs = fs
+        self.config = config
+        self.ops = Pyfuse3Operations(fs, config)
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._stop_requested = False
+        fs.init(frozenset({"readdirplus"} | ({"posix_acl"} if self.ops.enable_acl else set())),
+                Pyfuse3Notifier())
+
     def counters(self) -> dict[str, object]:
         return {}
 
     def mount(self) -> None:
+        options = self.config.fuse_options
+        if options.atime is Atime.STRICTATIME or not options.diratime:
+            raise MountError("libfuse takes neither strictatime nor nodiratime; "
+                             "use the native backend for them")
         try:
-            pyfuse3.init(self.ops, self.config.mountpoint, set(self.config.fuse_options))
+            pyfuse3.init(self.ops, self.config.mountpoint,
+                         self.config.fuse_options.libfuse_strings())
         except RuntimeError as exc:
             # libfuse has already printed its reason to stderr; ours names the mountpoint.
             raise MountError(f"cannot mount on {self.config.mountpoint}: {exc}") from None

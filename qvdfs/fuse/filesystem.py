@@ -37,8 +37,8 @@ class Context:
 class Attr:
     """A node's attributes as the kernel is to see them.
 
-    ``packed`` is left to the session: it keeps the wire form of these attributes there, so
-    a filesystem that hands out the same Attr object again costs no packing.
+    ``packed`` is left to ``wire.pack_attr``: it keeps the wire form of these attributes
+    there, so a filesystem that hands out the same Attr object again costs no packing.
     """
 
     ino: int
@@ -82,7 +82,7 @@ class Opened:
     """The answer to open, create and opendir.
 
     ``fh`` comes back in every request on the open file. ``open_flags`` are FOPEN_* bits
-    (above), e.g. FOPEN_KEEP_CACHE, FOPEN_DIRECT_IO, FOPEN_CACHE_DIR.
+    (``abi``), e.g. FOPEN_KEEP_CACHE, FOPEN_DIRECT_IO, FOPEN_CACHE_DIR.
     ``backing_fd``, for a regular file, is an open descriptor of the file that holds its
     data; where the kernel offers passthrough and its rules allow, the session registers it
     with the kernel, which then reads, writes and maps that file itself, and no READ or
@@ -119,12 +119,45 @@ AddDirEntry = Callable[[bytes, int, int, int], bool]
 AddDirEntryPlus = Callable[[bytes, Entry, int], bool]
 
 
+class Notifier(Protocol):
+    """How a filesystem tells the kernel to drop what it cached of a change the kernel did
+    not make itself. Every call may come from any thread, with the filesystem's locks
+    held: the first two only queue the notification and never wait for the kernel."""
+
+    def invalidate_entry(self, parent: int, name: bytes) -> None:
+        """Forget ``name`` in ``parent`` (its node id, or that it does not exist)."""
+
+    def invalidate_inode(self, node_id: int) -> None:
+        """Drop the node's cached attributes, data and (for a directory) listing."""
+
+    def invalidate_attributes(self, node_id: int) -> None:
+        """Drop the node's cached attributes alone, at once: before the reply to the
+        request in hand, so that the caller's next stat sees what that request changed
+        behind the kernel's back (set-id bits dropped by a write). Safe inline: with no
+        page to drop, the kernel takes no lock for it."""
+
+
+class NullNotifier:
+    """The ``Notifier`` where no kernel listens (tests without a mount) or where the backend
+    cannot notify: every call is dropped."""
+
+    def invalidate_entry(self, parent: int, name: bytes) -> None:
+        pass
+
+    def invalidate_inode(self, node_id: int) -> None:
+        pass
+
+    def invalidate_attributes(self, node_id: int) -> None:
+        pass
+
+
 class Filesystem(Protocol):
     """The requests a filesystem answers. See the module docstring for the rules."""
 
-    def init(self, features: frozenset[str]) -> None:
+    def init(self, features: frozenset[str], notifier: Notifier) -> None:
         """Called once INIT is answered, with the names of the features in force
-        (e.g. "passthrough", "readdirplus", "posix_acl", "killpriv_v2")."""
+        (e.g. "passthrough", "readdirplus", "posix_acl", "killpriv_v2") and the notifier
+        to tell the kernel of changes with, from then until ``destroy``."""
 
     def destroy(self) -> None: ...
 
@@ -171,6 +204,9 @@ class Filesystem(Protocol):
         """``unprivileged``: the caller, when the kernel says it lacks CAP_FSETID
         (HANDLE_KILLPRIV_V2's WRITE_KILL_SUIDGID); the write then drops set-id bits and
         file capabilities."""
+
+    def flush(self, node_id: int, fh: int) -> None:
+        """At each close(2) of a descriptor of the open file ``fh``."""
 
     def release(self, node_id: int, fh: int) -> None: ...
 

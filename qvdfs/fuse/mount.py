@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import enum
 import os
 import stat
-from collections.abc import Iterable
 
+MS_RDONLY = 1
 MS_NOSUID = 2
 MS_NODEV = 4
+MS_NOEXEC = 8
+MS_SYNCHRONOUS = 16
+MS_DIRSYNC = 128
+MS_NOATIME = 1024
+MS_NODIRATIME = 2048
+MS_STRICTATIME = 1 << 24
 MNT_FORCE = 1
 MNT_DETACH = 2
 
@@ -26,9 +33,23 @@ _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctype
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+class Atime(enum.Enum):
+    """When the kernel updates access times: mount(8)'s three policies."""
+
+    RELATIME = "relatime"  # the default: once past the mtime, or a day old
+    NOATIME = "noatime"
+    STRICTATIME = "strictatime"
+
+
+# relatime is the kernel's default: mount(2) needs no flag for it.
+_ATIME_FLAGS = {Atime.RELATIME: 0, Atime.NOATIME: MS_NOATIME, Atime.STRICTATIME: MS_STRICTATIME}
+
+
+@dataclasses.dataclass(slots=True)
 class MountOptions:
-    """What the parsed option strings mean for mount(2) and for the session."""
+    """The libfuse mount options a mount is given, typed (``qvdfs.cmdline`` reads them from
+    the command line); ``data``, ``flags`` and ``fstype`` are their mount(2) form,
+    ``libfuse_strings`` their form for libfuse (pyfuse3)."""
 
     fsname: str = "qvdfs"
     subtype: str | None = None
@@ -40,27 +61,32 @@ class MountOptions:
     suid: bool = False
     dev: bool = False
     max_read: int | None = None
+    # The generic mount flags every file system takes (mount(8)'s ro, noexec, noatime ...).
+    read_only: bool = False
+    exec: bool = True
+    atime: Atime = Atime.RELATIME
+    diratime: bool = True
+    sync: bool = False
+    dirsync: bool = False
 
-    @classmethod
-    def parse(cls, options: Iterable[str]) -> MountOptions:
-        """Read ``allow_other``, ``allow_root``, ``default_permissions``, ``suid``/``nosuid``,
-        ``dev``/``nodev``, ``fsname=X``, ``subtype=X`` and ``max_read=N``; the last of a
-        pair wins. Unknown options raise ValueError."""
-        values: dict[str, object] = {}
-        for opt in options:
-            key, eq, value = opt.partition("=")
-            if key in ("allow_other", "allow_root", "default_permissions", "suid", "dev") \
-                    and not eq:
-                values[key] = True
-            elif key in ("nosuid", "nodev") and not eq:
-                values[key[2:]] = False
-            elif key in ("fsname", "subtype") and eq:
-                values[key] = value
-            elif key == "max_read" and eq:
-                values[key] = int(value)
-            else:
-                raise ValueError(f"unknown FUSE mount option {opt!r}")
-        return cls(**values)  # type: ignore[arg-type]
+    def libfuse_strings(self) -> set[str]:
+        """The options as libfuse's ``-o`` words; nosuid and nodev are libfuse's defaults,
+        as they are mount(2)'s here."""
+        words = {f"fsname={self.fsname}"}
+        words.update(name for name in ("allow_other", "allow_root", "default_permissions",
+                                       "suid", "dev") if getattr(self, name))
+        if self.subtype is not None:
+            words.add(f"subtype={self.subtype}")
+        if self.max_read is not None:
+            words.add(f"max_read={self.max_read}")
+        for word, on in (("ro", self.read_only), ("noexec", not self.exec),
+                         ("nodiratime", not self.diratime), ("sync", self.sync),
+                         ("dirsync", self.dirsync)):
+            if on:
+                words.add(word)
+        if self.atime is not Atime.RELATIME:
+            words.add(self.atime.value)
+        return words
 
     @property
     def kernel_allow_other(self) -> bool:
@@ -79,20 +105,22 @@ class MountOptions:
 
     @property
     def flags(self) -> int:
-        return (0 if self.suid else MS_NOSUID) | (0 if self.dev else MS_NODEV)
+        return ((0 if self.suid else MS_NOSUID) | (0 if self.dev else MS_NODEV)
+                | (MS_RDONLY if self.read_only else 0) | (0 if self.exec else MS_NOEXEC)
+                | _ATIME_FLAGS[self.atime] | (0 if self.diratime else MS_NODIRATIME)
+                | (MS_SYNCHRONOUS if self.sync else 0) | (MS_DIRSYNC if self.dirsync else 0))
 
     @property
     def fstype(self) -> str:
         return f"fuse.{self.subtype}" if self.subtype else "fuse"
 
 
-def mount(mountpoint: str, options: MountOptions | Iterable[str]) -> int:
+def mount(mountpoint: str, opts: MountOptions) -> int:
     """Open /dev/fuse and mount it on ``mountpoint``; return the /dev/fuse descriptor.
 
     Raises:
         OSError: /dev/fuse cannot be opened or mount(2) fails; the message names both.
     """
-    opts = options if isinstance(options, MountOptions) else MountOptions.parse(options)
     try:
         fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
     except OSError as exc:

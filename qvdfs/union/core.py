@@ -54,7 +54,7 @@ def may_drop_privileges(mode: int) -> bool:
 
 
 class Union:
-    def __init__(self, config: MountConfig) -> None:
+    def __init__(self, config: MountConfig, invalidate: Callable[[Node, bytes], None]) -> None:
         branches: list[Branch] = []
         try:
             for bc in config.branches:
@@ -74,7 +74,7 @@ class Union:
                 branch.close()
             raise
         self.grafts = list(grafts.values())
-        self.index = Index(self.stack, grafts)
+        self.index = Index(self.stack, grafts, invalidate)
         self.files = OpenFiles(self.index)
         # (branch path, st_dev, st_ino) -> node, for files with more than one name
         self._links: dict[tuple[str, int, int], Node] = {}

@@ -120,8 +120,9 @@ class OpenFiles:
 
     def release(self, fh: int) -> None:
         handle = self._handles.pop(fh)
-        if handle.writable:
-            stale(handle.node)  # shared mmap writes may have landed without a write call
+        # Passed-through reads move the access time, and shared mappings the data and its
+        # times, without a request.
+        stale(handle.node)
         for fd in (handle.fd, *handle.retired):
             os.close(fd)
         handle.node.opens -= 1

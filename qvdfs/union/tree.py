@@ -126,7 +126,8 @@ class Index:
     """Owns every Node: numbering, lookup, merged listings and directory descriptors,
     and the two locks (see the module docstring)."""
 
-    def __init__(self, stack: Stack, grafts: dict[tuple[bytes, ...], Stack]) -> None:
+    def __init__(self, stack: Stack, grafts: dict[tuple[bytes, ...], Stack],
+                 invalidate: Callable[[Node, bytes], None]) -> None:
         # Held by whoever reads or changes a Node, the index or the open handles.
         self.lock = threading.Lock()
         self._mutation = threading.Lock()
@@ -135,9 +136,9 @@ class Index:
         self._next_id = ROOT_ID
         self._fd_lru: collections.OrderedDict[tuple[int, int], Node] = collections.OrderedDict()
         self.root = self._stack_root(None, b"", stack)
-        # Called with (parent, name) when the kernel's cached entry must be dropped;
-        # the FUSE layer plugs in the kernel notification.
-        self.invalidate: Callable[[Node, bytes], None] = lambda parent, name: None
+        # Called with (parent, name) when the kernel's cached entry must be dropped
+        # (qvdfs.handlers passes it on to the FUSE layer's notifier).
+        self.invalidate = invalidate
         # graft parent path -> {name: graft root node}
         self._grafts: dict[tuple[bytes, ...], dict[bytes, Node]] = {}
         for path, gstack in grafts.items():

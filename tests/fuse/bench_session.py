@@ -58,7 +58,7 @@ def main() -> None:
     ap.add_argument("--slow", action="store_true")
     args = ap.parse_args()
     mnt = tempfile.mkdtemp(prefix="qvdfs-bench-")
-    fd = fmount.mount(mnt, ["fsname=qvdbench"])
+    fd = fmount.mount(mnt, fmount.MountOptions(fsname="qvdbench"))
     pid = os.fork()
     if pid == 0:
         try:

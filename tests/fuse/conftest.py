@@ -42,17 +42,18 @@ def _abort(conn: int) -> None:
 
 
 @contextlib.contextmanager
-def mounted(tmp_path: Path, *, fs: MirrorFS | None = None, options: tuple[str, ...] = (),
-            name: str = "m", **session_kw: Any) -> Iterator[Mounted]:
+def mounted(tmp_path: Path, *, fs: MirrorFS | None = None,
+            options: fmount.MountOptions | None = None, name: str = "m",
+            **session_kw: Any) -> Iterator[Mounted]:
     src = tmp_path / f"{name}-src"
     mnt = tmp_path / f"{name}-mnt"
     src.mkdir(exist_ok=True)
     mnt.mkdir(exist_ok=True)
     fs = fs if fs is not None else MirrorFS(str(src))
-    opts = fmount.MountOptions.parse(("fsname=qvdtest", "subtype=qvdtest") + options)
+    opts = dataclasses.replace(options or fmount.MountOptions(), fsname="qvdtest",
+                               subtype="qvdtest")
     fd = fmount.mount(str(mnt), opts)
-    session = Session(fs, fd, mountpoint=str(mnt), default_permissions=opts.default_permissions,
-                      allow_root=opts.allow_root, **session_kw)
+    session = Session(fs, fd, mountpoint=str(mnt), options=opts, **session_kw)
     errors: list[BaseException] = []
 
     def serve() -> None:

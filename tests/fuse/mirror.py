@@ -23,6 +23,7 @@ from qvdfs.fuse.filesystem import (
     Attr,
     Context,
     Entry,
+    Notifier,
     Opened,
     SetattrChanges,
 )
@@ -41,6 +42,7 @@ class MirrorFS:
         self.open_fds: set[int] = set()
         self.calls: collections.Counter[str] = collections.Counter()
         self.features: frozenset[str] | None = None
+        self.notifier: Notifier | None = None
         self.slow: dict[str, float] = {}
         # A method listed here waits until its event is set (at most 10 s).
         self.gates: dict[str, threading.Event] = {}
@@ -95,8 +97,9 @@ class MirrorFS:
 
     # ---- the protocol -----------------------------------------------------------------
 
-    def init(self, features: frozenset[str]) -> None:
+    def init(self, features: frozenset[str], notifier: Notifier) -> None:
         self.features = features
+        self.notifier = notifier
 
     def destroy(self) -> None:
         self.calls["destroy"] += 1

@@ -10,16 +10,9 @@ import pytest
 from qvdfs.fuse import abi
 from qvdfs.fuse.filesystem import Attr, Entry
 from qvdfs.fuse.mount import MS_NODEV, MS_NOSUID, MountOptions
-from qvdfs.fuse.session import (
-    FEATURES,
-    DirBuffer,
-    Session,
-    decode_dev,
-    encode_dev,
-    pack_attr,
-    pack_entry,
-    split_timeout,
-)
+from qvdfs.fuse.negotiate import FEATURES
+from qvdfs.fuse.session import Session
+from qvdfs.fuse.wire import DirBuffer, decode_dev, encode_dev, pack_attr, pack_entry, split_timeout
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -125,18 +118,19 @@ def test_dirbuffer_plus_counts_lookups_but_not_dot_entries() -> None:
     assert not small.add_plus(b"x", entry, 1) and small.sent == []
 
 
-def test_mount_options() -> None:
-    opts = MountOptions.parse(["allow_root", "default_permissions", "fsname=u1",
-                               "subtype=qvdfs", "max_read=131072", "suid"])
+def test_mount_options_for_mount2_and_for_libfuse() -> None:
+    opts = MountOptions(fsname="u1", subtype="qvdfs", allow_root=True, default_permissions=True,
+                        suid=True, max_read=131072)
     assert opts.data(5, uid=0, gid=0) == (
         "fd=5,rootmode=40000,user_id=0,group_id=0,allow_other,default_permissions,"
         "max_read=131072")
     assert opts.flags == MS_NODEV and opts.fstype == "fuse.qvdfs"
-    plain = MountOptions.parse([])
+    assert opts.libfuse_strings() == {"fsname=u1", "subtype=qvdfs", "allow_root",
+                                      "default_permissions", "suid", "max_read=131072"}
+    plain = MountOptions()
     assert plain.flags == MS_NOSUID | MS_NODEV and plain.fstype == "fuse"
-    assert MountOptions.parse(["suid", "nosuid", "dev"]).flags == MS_NOSUID
-    with pytest.raises(ValueError):
-        MountOptions.parse(["bogus"])
+    assert plain.libfuse_strings() == {"fsname=qvdfs"}
+    assert MountOptions(dev=True).flags == MS_NOSUID
 
 
 def test_session_refuses_unknown_feature_names() -> None:

@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 
 from qvdfs.fuse.filesystem import ROOT_ID
-from qvdfs.fuse.session import FEATURES
+from qvdfs.fuse.mount import MountOptions
+from qvdfs.fuse.negotiate import FEATURES
 
 from .conftest import wait_for
 from .mirror import RENAME_EXCHANGE, RENAME_NOREPLACE, MirrorFS, renameat2
@@ -52,6 +53,7 @@ def test_mount_and_umount_end_serve(mount: Mount) -> None:
         assert os.listdir(m.mnt) == []
         assert m.thread.is_alive()
         assert "passthrough" in m.fs.features      # kernel 6.18 offers it
+        assert m.fs.notifier is m.session          # handed over with the features
     assert not m.thread.is_alive()
     assert m.fs.calls["destroy"] == 1
 
@@ -391,7 +393,7 @@ def test_no_opendir(mount: Mount, no_opendir: bool) -> None:
 
 @pytest.mark.parametrize("feature", sorted(set(FEATURES) - {"allow_idmap"}))
 def test_each_disabled_feature_still_works(mount: Mount, feature: str) -> None:
-    with mount(disabled=frozenset({feature}), options=("default_permissions",)) as m:
+    with mount(disabled=frozenset({feature}), options=MountOptions(default_permissions=True)) as m:
         assert feature not in m.fs.features
         data = os.urandom(2 << 20)
         (m.mnt / "f").write_bytes(data)
@@ -418,10 +420,10 @@ def test_idmap_is_asked_for_only_when_wanted(mount: Mount) -> None:
     with mount(idmap=True) as m:           # not without default_permissions
         os.listdir(m.mnt)
         assert "allow_idmap" not in m.fs.features
-    with mount(idmap=True, options=("default_permissions",)) as m:
+    with mount(idmap=True, options=MountOptions(default_permissions=True)) as m:
         os.listdir(m.mnt)
         assert "allow_idmap" in m.fs.features
-    with mount(idmap=True, options=("default_permissions",),
+    with mount(idmap=True, options=MountOptions(default_permissions=True),
                disabled=frozenset({"allow_idmap"})) as m:
         os.listdir(m.mnt)
         assert "allow_idmap" not in m.fs.features
@@ -485,13 +487,13 @@ def test_missing_methods_and_unserved_opcodes_answer_enosys(mount: Mount,
 
 
 def test_allow_root_refuses_other_users(mount: Mount) -> None:
-    with mount(public_dir=True, options=("allow_root",)) as m:
+    with mount(public_dir=True, options=MountOptions(allow_root=True)) as m:
         (m.src / "x").write_bytes(b"x")
         os.chmod(m.src, 0o755)
         assert _as_nobody(lambda: os.stat(m.src / "x")) == 0          # the path is open
         assert _as_nobody(lambda: os.stat(m.mnt / "x")) == errno.EACCES
         assert (m.mnt / "x").read_bytes() == b"x"                   # root gets in
-    with mount(public_dir=True, options=("allow_other",)) as m:
+    with mount(public_dir=True, options=MountOptions(allow_other=True)) as m:
         (m.src / "x").write_bytes(b"x")
         assert _as_nobody(lambda: os.stat(m.mnt / "x")) == 0
 
@@ -515,7 +517,7 @@ def _as_nobody(action: Callable[[], Any]) -> int:
 
 
 def test_kill_suidgid_reaches_the_fs(mount: Mount) -> None:
-    with mount(public_dir=True, options=("allow_other",),
+    with mount(public_dir=True, options=MountOptions(allow_other=True),
                disabled=frozenset({"passthrough"})) as m:
         f = m.src / "suid"
         f.write_bytes(b"#!/bin/true\n")
@@ -544,7 +546,8 @@ def test_an_acl_set_outside_the_files_group_asks_to_drop_setgid(mount: Mount) ->
     # posix_acl_xattr: version 2, then (tag, perm, id): user::rwx group::rwx other::rwx
     acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, 7, 0xFFFFFFFF)
                                           for tag in (0x01, 0x04, 0x20))
-    with mount(public_dir=True, options=("allow_other", "default_permissions")) as m:
+    with mount(public_dir=True,
+               options=MountOptions(allow_other=True, default_permissions=True)) as m:
         f = m.src / "sgid"
         f.write_bytes(b"")
         os.chown(f, 65534, 0)  # nobody owns it; its group is root's, which nobody is not in

@@ -3,16 +3,13 @@ osf edit."""
 
 from __future__ import annotations
 
-import os
-import pty
 import shutil
 import sqlite3
-import subprocess
 
 import pytest
 
 from qvdctl.commands.user import check_password
-from tests.support.qvdctl import Cli, cleanup_root
+from tests.support.qvdctl import Cli, cleanup_root, run_on_terminal
 from tools.imagebuild import build_busybox_rootfs, build_image_tarball
 
 
@@ -98,31 +95,6 @@ def _stored(cli: Cli, login: str) -> str:
         return db.execute("select password from users where login = ?", (login,)).fetchone()[0]
 
 
-def _passwd_on_a_terminal(cli: Cli, login: str, *typed: str) -> subprocess.CompletedProcess:
-    """``user passwd`` with a terminal as standard input, typing ``typed`` at each prompt."""
-    leader, follower = pty.openpty()
-    try:
-        # A session of its own: no controlling terminal, so getpass asks on stdin, the pty.
-        proc = subprocess.Popen(
-            cli.argv("user", "passwd", "-f", f"login={login}"), stdin=follower,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-        )
-        prompts = b""
-        for asked, answer in enumerate(typed):
-            # Type only once asked: getpass drops what was typed before it turned echo off.
-            while prompts.count(b": ") <= asked:
-                chunk = os.read(proc.stderr.fileno(), 1024)
-                assert chunk, prompts
-                prompts += chunk
-            os.write(leader, answer.encode() + b"\n")
-        out, err = proc.communicate(timeout=60)
-    finally:
-        os.close(leader)
-        os.close(follower)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out.decode(),
-                                       (prompts + err).decode())
-
-
 @pytest.mark.timeout(120)
 def test_user_passwd_from_a_word_or_asked_twice_on_a_terminal(cli):
     cli.run("user", "add", "login=alice", "password=old")
@@ -138,11 +110,12 @@ def test_user_passwd_from_a_word_or_asked_twice_on_a_terminal(cli):
     assert "matches 2 users" in cli.fails("user", "passwd", "-f", "login=*", "password=x")
     assert "needs a filter" in cli.fails("user", "passwd", "password=x")
     assert "no user matches" in cli.fails("user", "passwd", "-f", "login=carol", "password=x")
-    mismatch = _passwd_on_a_terminal(cli, "alice", "one", "two")
+    mismatch = run_on_terminal(cli, ["user", "passwd", "-f", "login=alice"], "one", "two")
     assert mismatch.returncode == 1 and "do not match" in mismatch.stderr
     assert cli.db_dump() == before
 
-    typed = _passwd_on_a_terminal(cli, "alice", "typed secret", "typed secret")
+    typed = run_on_terminal(cli, ["user", "passwd", "-f", "login=alice"],
+                            "typed secret", "typed secret")
     assert typed.returncode == 0, typed.stderr
     assert typed.stdout == "Password of user alice changed\n"
     assert "typed secret" not in typed.stderr  # not echoed

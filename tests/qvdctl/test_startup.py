@@ -82,7 +82,7 @@ def test_help_loads_no_library_but_the_one_command_module(cli):
 
 def test_top_help_lists_every_object_in_one_line(cli):
     out = cli.run("--help").stdout
-    for obj in [*OBJECTS, "hkd"]:
+    for obj in [*OBJECTS, "hkd", "web"]:
         (line,) = [line for line in out.splitlines() if line.split()[:1] == [obj]]
         assert len(line.split()) > 1, line  # the object, then what it is
     assert "--root DIR" in out and "--filter" in out
@@ -114,6 +114,7 @@ def test_command_help_is_its_whole_docstring(cli):
     assert cli.run("help", "vm", "start").stdout == out
     assert cli.run("-f", "name=x", "vm", "start", "name=y", "-h").stdout == out
     assert "lease" in cli.run("hkd", "--help").stdout
+    assert "--listen ADDR:PORT" in cli.run("web", "--help").stdout
 
 
 def test_help_and_missing_words_name_what_is_wrong(cli):

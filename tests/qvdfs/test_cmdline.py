@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 from qvdfs import __version__
 from qvdfs.cmdline import HELP_TEXT, InfoRequested, parse_args, parse_branches
 from qvdfs.config import BranchConfig, MountError, WhiteoutFormat
+from qvdfs.fuse import mount as fmount
+from qvdfs.fuse.mount import Atime, MountOptions
 from tests.support.mounts import NODE_OPTIONS
 
 NODE_LINE = [*NODE_OPTIONS, "/var/lib/qvd/storage/overlayfs/1-2-overlayfs=RW:"
@@ -36,8 +38,11 @@ def test_node_line() -> None:
     ]
     assert config.mountpoint == "/var/lib/qvd/storage/rootfs/3-2-fs"
     assert config.cow and config.max_files == 32000
-    assert config.fuse_options == {"suid", "dev", "allow_other", "default_permissions",
-                                   "fsname=qvdfs", "subtype=qvdfs"}
+    assert config.fuse_options == MountOptions(fsname="qvdfs", subtype="qvdfs", allow_other=True,
+                                               default_permissions=True, suid=True, dev=True)
+    # What the pyfuse3 backend hands libfuse.
+    assert config.fuse_options.libfuse_strings() == {
+        "suid", "dev", "allow_other", "default_permissions", "fsname=qvdfs", "subtype=qvdfs"}
     assert not config.foreground and not config.debug
     assert config.whiteout_format is WhiteoutFormat.OVERLAY
     assert config.ignored_options == []
@@ -59,7 +64,7 @@ def test_comma_joined_repeated_and_attached_options_are_the_same() -> None:
     configs = [parse_args(argv) for argv in forms]
     assert all(c == configs[0] for c in configs)
     assert configs[0].cow and configs[0].max_files == 100
-    assert "allow_other" in configs[0].fuse_options
+    assert configs[0].fuse_options.allow_other
 
 
 def test_modes_are_case_insensitive_and_default_to_ro() -> None:
@@ -138,10 +143,14 @@ def test_own_flags_set_their_field(option: str) -> None:
     assert getattr(parse_args(["/a=RW", "/m"]), option) is False
 
 
-@pytest.mark.parametrize("option", ["allow_other", "allow_root", "default_permissions", "suid",
-                                    "dev", "nosuid", "nodev"])
-def test_fuse_flags_are_passed_on(option: str) -> None:
-    assert option in parse_args(["-o", option, "/a", "/m"]).fuse_options
+@pytest.mark.parametrize(("option", "field", "value"), [
+    ("allow_other", "allow_other", True), ("allow_root", "allow_root", True),
+    ("default_permissions", "default_permissions", True), ("suid", "suid", True),
+    ("dev", "dev", True), ("nosuid", "suid", False), ("nodev", "dev", False)])
+def test_fuse_flags_are_passed_on(option: str, field: str, value: bool) -> None:
+    options = parse_args(["-o", "relaxed_permissions", "-o", option, "/a", "/m"]).fuse_options
+    assert getattr(options, field) is value
+    assert (option in options.libfuse_strings()) is value
 
 
 @pytest.mark.parametrize("option", ["nonempty", "use_ino", "kernel_cache", "big_writes",
@@ -150,7 +159,7 @@ def test_fuse_flags_are_passed_on(option: str) -> None:
 def test_no_op_options_are_accepted_and_recorded(option: str) -> None:
     config = parse_args(["-o", option, "-o", option, "/a", "/m"])
     assert config.ignored_options == [option]
-    assert option not in config.fuse_options
+    assert config.fuse_options == parse_args(["/a", "/m"]).fuse_options
 
 
 def test_backend_threads_and_passthrough_options() -> None:
@@ -166,7 +175,7 @@ def test_backend_threads_and_passthrough_options() -> None:
 def test_idmap_option() -> None:
     assert parse_args(["/a", "/m"]).idmap is False
     config = parse_args(["-o", "cow,idmap", "/a=RW", "/m"])
-    assert config.idmap and "default_permissions" in config.fuse_options
+    assert config.idmap and config.fuse_options.default_permissions
     # The kernel idmaps a FUSE mount only when it checks permissions itself.
     assert "idmap" in refused(["-o", "idmap,relaxed_permissions", "/a", "/m"])
     assert "native backend" in refused(["-o", "idmap,backend=pyfuse3", "/a", "/m"])
@@ -175,10 +184,10 @@ def test_idmap_option() -> None:
 def test_valued_options() -> None:
     config = parse_args(["-o", "fsname=base7,subtype=union,max_read=131072,max_files=64",
                          "-o", "debug_file=/var/log/q.log,whiteout=UNIONFS", "/a", "/m"])
-    assert {"fsname=base7", "subtype=union"} <= config.fuse_options
-    assert "max_read=131072" in config.fuse_options  # the native session mounts with it
+    options = config.fuse_options
+    assert (options.fsname, options.subtype) == ("base7", "union")
+    assert options.max_read == 131072  # the native session mounts with it
     assert config.ignored_options == []
-    assert "fsname=qvdfs" not in config.fuse_options and "subtype=qvdfs" not in config.fuse_options
     assert config.max_files == 64
     assert config.debug_file == "/var/log/q.log"
     assert config.whiteout_format is WhiteoutFormat.UNIONFS
@@ -188,17 +197,17 @@ def test_valued_options() -> None:
 
 def test_later_option_wins() -> None:
     config = parse_args(["-o", "suid,nodev,fsname=a", "-o", "nosuid,dev,fsname=b", "/a", "/m"])
-    assert {"nosuid", "dev", "fsname=b"} <= config.fuse_options
-    assert not {"suid", "nodev", "fsname=a"} & config.fuse_options
+    options = config.fuse_options
+    assert (options.suid, options.dev, options.fsname) == (False, True, "b")
 
 
 def test_default_permissions_unless_relaxed() -> None:
-    assert "default_permissions" in parse_args(["/a", "/m"]).fuse_options
-    assert "default_permissions" not in parse_args(
-        ["-o", "relaxed_permissions", "/a", "/m"]).fuse_options
+    assert parse_args(["/a", "/m"]).fuse_options.default_permissions
+    assert not parse_args(["-o", "relaxed_permissions", "/a", "/m"]).fuse_options \
+        .default_permissions
     # Asked for explicitly, it stays: relaxed_permissions only stops qvdfs adding it.
-    assert "default_permissions" in parse_args(
-        ["-o", "relaxed_permissions,default_permissions", "/a", "/m"]).fuse_options
+    assert parse_args(["-o", "relaxed_permissions,default_permissions", "/a", "/m"]) \
+        .fuse_options.default_permissions
 
 
 def test_flags() -> None:
@@ -301,3 +310,18 @@ def test_branch_lists_read_back(items: list[tuple[str, str]]) -> None:
     text = ":".join(path + mode for path, mode in items)
     assert parse_branches(text) == [BranchConfig(path, mode.upper() == "=RW")
                                     for path, mode in items]
+
+
+def test_generic_mount_flags_become_mount_flags_and_the_later_of_a_pair_wins() -> None:
+    config = parse_args(["-o", "ro,noexec,noatime,nodiratime,sync,exec,rw,ro", "/b", "/m"])
+    options = config.fuse_options
+    assert (options.read_only, options.exec, options.atime, options.diratime, options.sync) \
+        == (True, True, Atime.NOATIME, False, True)
+    assert options.flags == (fmount.MS_NOSUID | fmount.MS_NODEV | fmount.MS_RDONLY
+                             | fmount.MS_NOATIME | fmount.MS_NODIRATIME | fmount.MS_SYNCHRONOUS)
+    assert {"ro", "noatime", "nodiratime", "sync"} <= options.libfuse_strings()
+    assert parse_args(["-o", "strictatime", "/b", "/m"]).fuse_options.flags \
+        & fmount.MS_STRICTATIME
+    # relatime, the kernel's default, needs no flag
+    assert parse_args(["-o", "strictatime,relatime", "/b", "/m"]).fuse_options.flags \
+        == fmount.MS_NOSUID | fmount.MS_NODEV

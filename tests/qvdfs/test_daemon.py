@@ -27,7 +27,7 @@ import pytest
 
 from qvdfs import daemon
 from qvdfs.config import MountConfig, MountError
-from qvdfs.fuse.filesystem import ROOT_ID, Attr, Context, Entry, Opened
+from qvdfs.fuse.filesystem import ROOT_ID, Attr, Context, Entry, Notifier, Opened
 from qvdproc import processes
 from qvdproc.mountinfo import Mount, is_mounted, read_mounts
 from tests.support import REPO
@@ -48,16 +48,16 @@ class StandinFilesystem:
     Environment knobs: QVDFS_STANDIN_FAIL_ROOT=1 makes every getattr raise (the mount never
     answers its first request); QVDFS_STANDIN_DESTROY_MARK=FILE makes ``destroy`` write FILE
     (after writing "destroying" and sleeping QVDFS_STANDIN_DESTROY_DELAY seconds, if set);
-    QVDFS_STANDIN_RAW_FUSE_OPTION=OPT hands OPT to the mount behind the parser's back.
+    QVDFS_STANDIN_MAX_READ=N mounts with max_read=N behind the parser's back.
     """
 
     def __init__(self, config: MountConfig) -> None:
         self.config = config
-        raw = os.environ.get("QVDFS_STANDIN_RAW_FUSE_OPTION")
-        if raw:
-            config.fuse_options.add(raw)
+        max_read = os.environ.get("QVDFS_STANDIN_MAX_READ")
+        if max_read:
+            config.fuse_options.max_read = int(max_read)
 
-    def init(self, features: frozenset[str]) -> None:
+    def init(self, features: frozenset[str], notifier: Notifier) -> None:
         pass
 
     def getattr(self, node_id: int, fh: int | None, ctx: Context) -> tuple[Attr, float]:
@@ -419,7 +419,7 @@ def test_session_refused_at_init_leaves_nothing_mounted(dirs: dict[str, Path]) -
     pyfuse3 cannot do.
     """
     mnt = dirs["mnt"]
-    env = {**STANDIN_ENV, "QVDFS_STANDIN_RAW_FUSE_OPTION": "max_read=65536"}
+    env = {**STANDIN_ENV, "QVDFS_STANDIN_MAX_READ": "65536"}
     with cleanup(mnt):
         result = run_entry(STANDIN, ["-o", "backend=pyfuse3",
                                      f"{dirs['upper']}=RW:{dirs['base']}", str(mnt)], env=env)

@@ -12,6 +12,7 @@ import ctypes
 import errno
 import mmap
 import os
+import random
 import shutil
 import stat
 import subprocess
@@ -519,3 +520,91 @@ def test_a_write_through_a_shared_mapping_shows_new_times(union: Union, existing
     after = times()
     assert after[0] > before[0] and after[1] > before[1]
     assert path.read_bytes()[:1] == b"Z"
+
+
+class _Dirent(ctypes.Structure):
+    _fields_ = [("d_ino", ctypes.c_uint64), ("d_off", ctypes.c_int64),
+                ("d_reclen", ctypes.c_ushort), ("d_type", ctypes.c_ubyte),
+                ("d_name", ctypes.c_char * 256)]
+
+
+def test_seekdir_back_and_forth_in_a_large_folder(union: Union) -> None:
+    """generic/676: seekdir to a position telldir gave returns that entry again, and to any
+    position below the largest one returns some entry (the position used to be the low
+    half of the offset, so most values below the largest pointed past the end)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.opendir.restype = ctypes.c_void_p
+    libc.readdir.argtypes = libc.telldir.argtypes = libc.closedir.argtypes = [ctypes.c_void_p]
+    libc.readdir.restype = ctypes.POINTER(_Dirent)
+    libc.telldir.restype = ctypes.c_long
+    libc.seekdir.argtypes = [ctypes.c_void_p, ctypes.c_long]
+    folder = union.mnt / "big"
+    folder.mkdir()
+    for i in range(600):
+        (folder / f"file-{i:04}-{'x' * (i % 50)}").touch()
+    stream = libc.opendir(os.fsencode(folder))
+    assert stream
+    try:
+        positions, names = [], []
+        while True:
+            positions.append(libc.telldir(stream))
+            entry = libc.readdir(stream)
+            if not entry:
+                break
+            names.append(entry.contents.d_name)
+        positions.pop()  # the position of the end
+        assert len(names) == 602
+        rng = random.Random(676)
+        for _ in range(300):
+            i = rng.randrange(len(names))
+            libc.seekdir(stream, positions[i])
+            entry = libc.readdir(stream)
+            assert entry and entry.contents.d_name == names[i]
+        largest = max(positions)
+        for _ in range(300):
+            libc.seekdir(stream, rng.randrange(largest))
+            assert libc.readdir(stream), "an offset below the largest one read as the end"
+    finally:
+        libc.closedir(stream)
+
+
+def test_reading_a_file_moves_its_access_time(union: Union) -> None:
+    """generic/003 (relatime's first read after a change): a read passed through to the
+    branch changes the access time there, and stat shows it."""
+    path = union.mnt / "read-me"
+    path.write_text("data")
+    os.utime(path, ns=(10**18, path.stat().st_mtime_ns))  # atime before mtime: the next read moves it
+    shown = subprocess.run(["stat", "-c", "%X", str(path)], capture_output=True, text=True,
+                           check=True, timeout=30)
+    assert int(shown.stdout) == 10**9
+    assert path.read_text() == "data"
+    shown = subprocess.run(["stat", "-c", "%X", str(path)], capture_output=True, text=True,
+                           check=True, timeout=30)
+    assert int(shown.stdout) > 10**9
+
+
+def test_generic_mount_flags_ro_noexec_and_noatime(tmp_path: Path) -> None:
+    """generic/003, 294, 306, 452: mount(8)'s generic flags are taken (they were refused as
+    unknown options) and hold: ro refuses changes, noexec refuses running a program."""
+    with mounted(tmp_path, *NODE_OPTIONS, "-o", "ro,noexec,noatime") as union:
+        line = next(m for m in Path("/proc/self/mounts").read_text().splitlines()
+                    if m.split()[1] == str(union.mnt))
+        assert {"ro", "noexec", "noatime"} <= set(line.split()[3].split(",")), line
+        with pytest.raises(OSError) as refused:
+            (union.mnt / "new").write_text("x")
+        assert refused.value.errno == errno.EROFS
+        tool = union.mnt / "usr/bin/tool"
+        assert os.stat(tool).st_mode & stat.S_IXUSR
+        with pytest.raises(PermissionError):
+            subprocess.run([str(tool)], timeout=30)
+
+
+def test_noatime_leaves_the_branches_access_times_alone(tmp_path: Path) -> None:
+    """Reads the daemon serves open the branch's file with O_NOATIME. (A passed-through
+    read is the kernel's own backing file, opened with the caller's flags: the branch's
+    mount decides there, hence nopassthrough here.)"""
+    with mounted(tmp_path, *NODE_OPTIONS, "-o", "noatime,nopassthrough") as union:
+        passwd = union.base / "etc/passwd"
+        os.utime(passwd, ns=(10**18, passwd.stat().st_mtime_ns))  # a read would move it
+        assert (union.mnt / "etc/passwd").read_text()
+        assert passwd.stat().st_atime_ns == 10**18

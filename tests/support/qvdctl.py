@@ -7,6 +7,8 @@ mounted under it is unmounted, deepest first.
 from __future__ import annotations
 
 import contextlib
+import os
+import pty
 import resource
 import subprocess
 from collections.abc import Iterator
@@ -15,12 +17,37 @@ from pathlib import Path
 from qvdctl.container.query import Monitor, monitors
 from qvdproc.mountinfo import mounts_under
 from tests.support.mounts import force_unmount
-from tools.cli import Cli  # noqa: F401 (the tests import it from here)
+from tools.cli import Cli as Cli  # re-exported: the tests and benchmarks import it here
 from tools.sandbox import QVDCTL  # noqa: F401 (the tests import it from here)
 
 STOCK_UNIONFS = "/usr/bin/unionfs"
 # The image name of SPEC §1's examples: extracted to basefs/<osf id>-image.0.22.tgz.
 IMAGE = "image.0.22.tgz"
+
+
+def run_on_terminal(cli: Cli, args: list[str], *typed: str) -> subprocess.CompletedProcess:
+    """``qvdctl ARGS`` with a terminal as standard input, typing ``typed`` at each prompt."""
+    leader, follower = pty.openpty()
+    try:
+        # A session of its own: no controlling terminal, so getpass asks on stdin, the pty.
+        proc = subprocess.Popen(
+            cli.argv(*args), stdin=follower,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+        )
+        prompts = b""
+        for asked, answer in enumerate(typed):
+            # Type only once asked: getpass drops what was typed before it turned echo off.
+            while prompts.count(b": ") <= asked:
+                chunk = os.read(proc.stderr.fileno(), 1024)
+                assert chunk, prompts
+                prompts += chunk
+            os.write(leader, answer.encode() + b"\n")
+        out, err = proc.communicate(timeout=60)
+    finally:
+        os.close(leader)
+        os.close(follower)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out.decode(),
+                                       (prompts + err).decode())
 
 
 def lxc_monitors(lxcpath: Path) -> list[Monitor]:

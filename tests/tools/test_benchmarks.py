@@ -13,6 +13,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -281,6 +282,18 @@ def test_cli_startup_bench_prints_a_row_per_command() -> None:
     assert done.returncode == 0, done.stderr
     rows = [line.split("|")[1].strip() for line in done.stdout.splitlines()[2:]]
     assert rows == ["`qvdctl --help`", "`qvdctl vm list`", "`qvdctl config get`"]
+
+
+@pytest.mark.timeout(300)
+def test_web_bench_prints_every_row_on_both_databases() -> None:
+    done = subprocess.run([sys.executable, "-m", "benchmarks.web", "--vms", "30", "--hosts", "3",
+                           "--runs", "2", "--changes", "3"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| SQLite")
+            or line.startswith("| PostgreSQL")]
+    assert len(rows) == 8, done.stdout
+    assert all(re.search(r"\| \d+ ms \| \d+ ms", row) for row in rows), rows
 
 
 @pytest.mark.timeout(240)

@@ -26,7 +26,7 @@ import pytest
 
 from qvdctl.images.merge import Merge
 from qvdfs import cmdline
-from qvdfs.fuse.filesystem import ROOT_ID, Context, Entry
+from qvdfs.fuse.filesystem import ROOT_ID, Context, Entry, Notifier, NullNotifier
 from qvdfs.handlers import UnionFilesystem
 from qvdformat import markers, syscalls
 
@@ -38,11 +38,12 @@ CALLER = Context(uid=os.getuid(), gid=os.getgid(), pid=1)
 Looks = tuple[object, ...]
 
 
-def make_fs(d: dict[str, Path], *options: str, upper: str = "RW") -> UnionFilesystem:
+def make_fs(d: dict[str, Path], *options: str, upper: str = "RW",
+            notifier: Notifier | None = None) -> UnionFilesystem:
     config = cmdline.parse_args(["-o", "cow", *options, f"{d['upper']}={upper}:{d['base']}=RO",
                                  str(d["mnt"])])
     fs = UnionFilesystem(dataclasses.replace(config, overlay_xattrs=XATTRS))
-    fs.init(frozenset({"no_opendir", "readdirplus"}))
+    fs.init(frozenset({"no_opendir", "readdirplus"}), notifier or NullNotifier())
     return fs
 
 

@@ -268,3 +268,38 @@ def test_a_read_only_union_answers_erofs(branches: dict[str, Path]) -> None:
             errno.EROFS
         assert errno_of(lambda: fs.open(node, os.O_WRONLY, CALLER)) == errno.EROFS
         assert not (branches["upper"] / ".qvdfs.work").exists()
+
+
+class RecordingNotifier:
+    """A ``Notifier`` that keeps what the kernel would have been told."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, int, bytes | None]] = []
+
+    def invalidate_entry(self, parent: int, name: bytes) -> None:
+        self.sent.append(("entry", parent, name))
+
+    def invalidate_inode(self, node_id: int) -> None:
+        self.sent.append(("inode", node_id, None))
+
+    def invalidate_attributes(self, node_id: int) -> None:
+        self.sent.append(("attributes", node_id, None))
+
+
+def test_a_copy_up_that_splits_a_hard_link_tells_the_notifier(branches: dict[str, Path]) -> None:
+    os.link(branches["base"] / "file", branches["base"] / "alias")
+    notifier = RecordingNotifier()
+    fs = make_fs(branches, notifier=notifier)
+    try:
+        node = lookup(fs, "file").node_id
+        assert lookup(fs, "alias").node_id == node
+        writer = fs.open(node, os.O_WRONLY, CALLER)
+        fs.release(node, writer.fh)
+        # The copy-up breaks the link, as in overlayfs: the kernel must drop the node it
+        # holds for the other name, and the root's cached listing. Then, as for every
+        # writable open passed through, the file's own cached attributes.
+        assert notifier.sent == [("entry", ROOT_ID, b"alias"), ("inode", ROOT_ID, None),
+                                 ("attributes", node, None)]
+        assert lookup(fs, "alias").node_id != node
+    finally:
+        fs.destroy()

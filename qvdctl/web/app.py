@@ -1,0 +1,289 @@
+"""The web admin's Starlette application: pages, forms, the live feed, and who may do what.
+
+Every page and feed needs a session (the ``qvd_session`` cookie); without one a page
+redirects to the login and anything else answers 401. Every POST but the login's
+carries the session's CSRF token in a form field, and only an ``admin`` may post a
+change: a ``viewer``'s POST answers 403. Each change is a row of the audit log.
+
+The database layer is synchronous (SQLAlchemy Core, as the CLI uses it), so each
+request's queries run in a worker thread, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import jinja2
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import (
+    JSONResponse, PlainTextResponse, RedirectResponse, Response, StreamingResponse,
+)
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from qvdctl import audit
+from qvdctl.db import store
+from qvdctl.db.states import VmState
+from qvdctl.errors import QvdError
+from qvdctl.node import Node
+from qvdctl.vm.health import reconcile
+from qvdctl.web import accounts, actions, counters, live, pages
+
+log = logging.getLogger(__name__)
+
+HERE = Path(__file__).parent
+COOKIE = "qvd_session"
+# Pages and scripts come from this server only; no inline script, no framing.
+SECURITY_HEADERS = [
+    (b"content-security-policy",
+     b"default-src 'self'; script-src 'self'; style-src 'self'; frame-ancestors 'none'"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"same-origin"),
+]
+
+Session = dict[str, Any]
+Handler = Callable[[Request, Session], Awaitable[Response]]
+
+
+class _SecurityHeaders:
+    """Adds ``SECURITY_HEADERS`` to every response (a pure ASGI wrapper: streams stay streams)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = list(message.get("headers", [])) + SECURITY_HEADERS
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def create_app(node: Node) -> ASGIApp:
+    """The web admin of ``node``'s database (the caller closes the node)."""
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"),
+                             autoescape=True, undefined=jinja2.StrictUndefined)
+    templates = Jinja2Templates(env=env)
+    feed = live.VmFeed(node)
+    # Result lines of a session's last POST, shown once by the page it redirects to.
+    flashes: dict[str, list[tuple[str, str | None]]] = {}
+
+    async def db(fn: Callable[..., Any], *args: Any, write: bool = False) -> Any:
+        def run() -> Any:
+            with (node.db.writer() if write else node.db.reader()) as conn:
+                return fn(conn, *args)
+        return await run_in_threadpool(run)
+
+    async def current(request: Request) -> Session | None:
+        token = request.cookies.get(COOKIE)
+        if not token:
+            return None
+        found: Session | None = await db(accounts.session, token)
+        if found is None:
+            return None
+        if time.time() - found["last_seen"] > accounts.TOUCH_EVERY_S:
+            await db(accounts.touch, token, write=True)
+        found["token"] = token
+        return found
+
+    def render(request: Request, session: Session, name: str, **context: Any) -> Response:
+        return templates.TemplateResponse(request, name, {
+            "me": session, "csrf": session["csrf"], "flash": flashes.pop(session["token"], []),
+            "path": request.url.path, **context})
+
+    def page(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            session = await current(request)
+            if session is None:
+                return RedirectResponse("/login", status_code=303)
+            return await handler(request, session)
+        return endpoint
+
+    def post(handler: Handler, *, admin: bool = True) -> Callable[[Request], Awaitable[Response]]:
+        """A POST: a session and its CSRF token first, and (``admin``) the admin role."""
+        async def endpoint(request: Request) -> Response:
+            session = await current(request)
+            if session is None:
+                return PlainTextResponse("not logged in", status_code=401)
+            form = await request.form()
+            token = form.get("csrf")
+            if not isinstance(token, str) or not hmac.compare_digest(token, session["csrf"]):
+                return PlainTextResponse("missing or stale CSRF token: reload the page",
+                                         status_code=403)
+            if admin and session["role"] != accounts.Role.ADMIN:
+                return PlainTextResponse("viewers cannot change anything", status_code=403)
+            return await handler(request, session)
+        return endpoint
+
+    def origin(request: Request) -> str:
+        return request.client.host if request.client else "?"
+
+    # --- logging in and out ---------------------------------------------------------
+
+    async def login_form(request: Request) -> Response:
+        return templates.TemplateResponse(request, "login.html", {"error": None})
+
+    async def login(request: Request) -> Response:
+        form = await request.form()
+        login_name, password = str(form.get("login", "")), str(form.get("password", ""))
+
+        def attempt(conn: Any) -> str | QvdError:
+            try:
+                admin = accounts.log_in(conn, login_name, password)
+            except accounts.LoginRefused as exc:
+                return exc  # returned, not raised: the failure count must commit
+            return accounts.open_session(conn, admin["id"])
+
+        outcome = await db(attempt, write=True)
+        await run_in_threadpool(
+            audit.record, node.db, who=login_name, origin=origin(request), action="web login",
+            obj="", args="", result=str(outcome) if isinstance(outcome, QvdError) else audit.OK)
+        if isinstance(outcome, QvdError):
+            return templates.TemplateResponse(request, "login.html", {"error": str(outcome)},
+                                              status_code=403)
+        response = RedirectResponse("/", status_code=303)
+        response.set_cookie(COOKIE, outcome, httponly=True, samesite="strict",
+                            secure=request.url.scheme == "https", path="/")
+        return response
+
+    async def logout(request: Request, session: Session) -> Response:
+        await db(accounts.close_session, session["token"], write=True)
+        response = RedirectResponse("/login", status_code=303)
+        response.delete_cookie(COOKIE, path="/")
+        return response
+
+    # --- pages ----------------------------------------------------------------------
+
+    async def dashboard(request: Request, session: Session) -> Response:
+        data = await db(lambda conn: pages.dashboard(conn, node.settings()))
+        return render(request, session, "dashboard.html", **data)
+
+    async def vm_list(request: Request, session: Session) -> Response:
+        # As `vm list`: a VM of this node recorded running whose root or container is
+        # gone shows as the zombie it is.
+        await run_in_threadpool(reconcile, node)
+        filters = pages.filters_of(request.query_params, pages.VM_FILTERS)
+        rows = await db(pages.vm_list, filters)
+        return render(request, session, "vms.html", vms=rows,
+                      filters=dict.fromkeys(pages.VM_FILTERS, "") | dict(filters),
+                      states=[s.value for s in VmState], fleet=node.fleet)
+
+    async def vm_page(request: Request, session: Session) -> Response:
+        vm_id = request.path_params["vm_id"]
+        try:
+            vm = await db(store.get_vm, vm_id)
+        except QvdError as exc:
+            return PlainTextResponse(str(exc), status_code=404)
+        history = await db(pages.log_rows, [("object", f"*{vm['name']}*")])
+        root = await run_in_threadpool(counters.root_counters, node, vm)
+        return render(request, session, "vm.html", vm=vm, history=history, root=root)
+
+    async def host_list(request: Request, session: Session) -> Response:
+        rows = await db(lambda conn: pages.host_rows(conn, node.settings()))
+        return render(request, session, "hosts.html", hosts=rows)
+
+    async def user_list(request: Request, session: Session) -> Response:
+        return render(request, session, "users.html", users=await db(pages.user_rows))
+
+    async def image_list(request: Request, session: Session) -> Response:
+        return render(request, session, "images.html", **await db(pages.images))
+
+    async def config_page(request: Request, session: Session) -> Response:
+        rows = await db(lambda conn: pages.config_rows(conn, node.settings()))
+        return render(request, session, "config.html", settings=rows)
+
+    async def log_page(request: Request, session: Session) -> Response:
+        filters = pages.filters_of(request.query_params, pages.LOG_FILTERS)
+        rows = await db(pages.log_rows, filters)
+        return render(request, session, "log.html", entries=rows,
+                      filters=dict.fromkeys(pages.LOG_FILTERS, "") | dict(filters))
+
+    # --- changes --------------------------------------------------------------------
+
+    async def act(request: Request, session: Session) -> Response:
+        obj = request.path_params["obj"]
+        form = await request.form()
+        action = str(form.get("action", ""))
+        back = {"vm": "/vms", "host": "/hosts", "user": "/users", "di": "/images"}.get(obj, "/")
+        chosen = [str(v) for v in form.getlist("id")]
+        fields = {k: v for k, v in form.items()
+                  if isinstance(v, str) and k not in ("csrf", "action", "id")
+                  and not k.startswith("f_")}
+        if action not in actions.ACTIONS.get(obj, {}):
+            outcome: actions.Outcome = [(f"{obj} {action}", "unknown action")]
+        elif not all(v.isdigit() for v in chosen):
+            outcome = [(f"{obj} {action}", "bad id")]
+        else:
+            posted = actions.Posted([int(v) for v in chosen], fields)
+            try:
+                outcome = await run_in_threadpool(actions.ACTIONS[obj][action], node, posted)
+            except QvdError as exc:
+                outcome = [(f"{obj} {action}", str(exc))]
+        names = ",".join(name for name, _ in outcome)
+        errors = [f"{name}: {error}" for name, error in outcome if error is not None]
+        words = ([f"ids={','.join(chosen)}"] if chosen else []) + [
+            f"{k}={v}" for k, v in fields.items()]
+        await run_in_threadpool(
+            audit.record, node.db, who=session["login"], origin=origin(request),
+            action=f"{obj} {action}", obj=names, args=audit.shown_args(words),
+            result="; ".join(errors) or audit.OK)
+        lines = [(f"{obj} {action} {name}", error) for name, error in outcome]
+        if "application/json" in request.headers.get("accept", ""):
+            # The VMs page's script posts this way and stays open: no reload.
+            return JSONResponse([{"what": what, "error": error} for what, error in lines])
+        flashes[session["token"]] = lines
+        filters = {k: v for k, v in form.items() if k.startswith("f_") and isinstance(v, str)}
+        query = urlencode({k[2:]: v for k, v in filters.items() if v})
+        return RedirectResponse(back + ("?" + query if query else ""), status_code=303)
+
+    # --- live -----------------------------------------------------------------------
+
+    async def vm_events(request: Request) -> Response:
+        if await current(request) is None:
+            return PlainTextResponse("not logged in", status_code=401)
+
+        async def stream() -> AsyncIterator[str]:
+            # Starlette cancels this when the browser goes away.
+            async for states in feed.events():
+                yield f"data: {states}\n\n" if states else ": keep-alive\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"cache-control": "no-store"})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        feed.start()
+        try:
+            yield
+        finally:
+            feed.stop()
+
+    routes = [
+        Route("/login", login_form, methods=["GET"]),
+        Route("/login", login, methods=["POST"]),
+        Route("/logout", post(logout, admin=False), methods=["POST"]),
+        Route("/", page(dashboard)),
+        Route("/vms", page(vm_list)),
+        Route("/vms/{vm_id:int}", page(vm_page)),
+        Route("/hosts", page(host_list)),
+        Route("/users", page(user_list)),
+        Route("/images", page(image_list)),
+        Route("/config", page(config_page)),
+        Route("/log", page(log_page)),
+        Route("/act/{obj}", post(act), methods=["POST"]),
+        Route("/events/vms", vm_events),
+        Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+    ]
+    return _SecurityHeaders(Starlette(routes=routes, lifespan=lifespan))

@@ -1,0 +1,82 @@
+"""The web admin of a fleet: on PostgreSQL, its buttons queue commands for an HKD.
+
+One node's HKD (``tools/fleet.py``, root-only VMs) and the web admin run as
+separate processes on one PostgreSQL of the test's own; the web server's process is on
+no node, as an admin's machine would be.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tools.fleet import Fleet, until
+from tests.support.postgres import PgServer, postgres  # noqa: F401 (a fixture)
+from tests.support.web import Client, web_server
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture
+def fleet(postgres: PgServer, tmp_path: Path) -> Iterator[Fleet]:  # noqa: F811
+    f = Fleet(tmp_path, postgres.url(), ("node-a",), vms=2)
+    try:
+        f.start()
+        yield f
+    finally:
+        f.close()
+
+
+def _feed_until(url: str, cookie: str, vm_id: int, state: str, timeout: float = 60) -> float:
+    """Read the live feed until VM ``vm_id`` is in ``state``; return how long it took."""
+    request = urllib.request.Request(url + "events/vms",
+                                     headers={"Cookie": f"qvd_session={cookie}"})
+    began = time.monotonic()
+    with urllib.request.urlopen(request, timeout=timeout) as feed:
+        for raw in feed:
+            line = raw.decode().strip()
+            if line.startswith("data: "):
+                states = {vm["id"]: vm for vm in json.loads(line[6:])}
+                if states[vm_id]["state"] == state:
+                    return time.monotonic() - began
+            assert time.monotonic() - began < timeout, f"VM {vm_id} never {state}"
+    raise AssertionError("the feed ended")
+
+
+def test_a_fleet_start_and_stop_from_the_web_are_queued_for_the_hkd(fleet: Fleet) -> None:
+    fleet.admin.run("admin", "add", "login=alice", "password=pw")
+    with web_server(fleet.admin) as url:
+        client = Client(url)
+        assert client.log_in("alice", "pw").status == 303
+        token = client.csrf()
+        json_reply = {"Accept": "application/json"}
+        reply = client.request("/act/vm", {"action": "start", "id": "1", "csrf": token},
+                               headers=json_reply)
+        assert json.loads(reply.body) == [{"what": "vm start v1", "error": None}]
+        assert client.cookie is not None
+        _feed_until(url, client.cookie, 1, "running")
+        assert fleet.admin.vms()["v1"]["Host"] == "node-a"
+        assert "node-a" in client.request("/").body  # the dashboard's hosts
+
+        # A blocked host takes no new VM: the HKD's placement says so in one line.
+        client.request("/act/host", {"action": "block", "id": "1", "csrf": token})
+        reply = client.request("/act/vm", {"action": "start", "id": "2", "csrf": token},
+                               headers=json_reply)
+        (line,) = json.loads(reply.body)
+        assert line["error"] and "host" in line["error"], line
+        assert fleet.admin.vms()["v2"]["State"] == "stopped"
+        client.request("/act/host", {"action": "unblock", "id": "1", "csrf": token})
+
+        reply = client.request("/act/vm", {"action": "stop", "id": "1", "csrf": token},
+                               headers=json_reply)
+        assert json.loads(reply.body) == [{"what": "vm stop v1", "error": None}]
+        _feed_until(url, client.cookie, 1, "stopped")
+        until(lambda: fleet.admin.vms()["v1"]["State"] == "stopped", "v1 stopped", 60)
+        actions = [(r["Who"], r["Action"], r["Object"]) for r in fleet.admin.json("log", "list")]
+        assert ("alice", "vm start", "v1") in actions and ("alice", "vm stop", "v1") in actions
+        assert ("alice", "host block", "node-a") in actions
