@@ -13,21 +13,27 @@
 The FUSE programs daemonize and exit 0 only once mounted; we still check the
 mount table, since "exit 0 and nothing mounted" must not pass for a start.
 Unmounting is a plain ``umount`` of every mount at or below the root, deepest
-first, as the stock HKD does.
+first, as the stock HKD does. A FUSE root then has its connection ended for good: a
+copy of the mount in another process's mount namespace (an admin's ``unshare -m``
+shell, a tool's sandbox made while the VM ran) would keep the daemon serving after
+our ``umount``, and the next start would put a second daemon on the same overlay.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from qvdctl.errors import QvdError
 from qvdctl.settings import Settings
-from qvdproc import mountinfo
+from qvdproc import mountinfo, processes
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +43,11 @@ NODE_OPTIONS = [
 
 MOUNT_TIMEOUT = 120
 UMOUNT_TIMEOUT = 60
+# How long a FUSE daemon may take to exit once its last mount is gone, and once its
+# connection is aborted.
+DAEMON_GRACE = 2
+DAEMON_EXIT_TIMEOUT = 10
+FUSE_CONNECTIONS = Path("/sys/fs/fuse/connections")
 
 QVDFS = Path(sys.executable).parent / "qvdfs"
 
@@ -111,6 +122,7 @@ def unmount_tree(path: Path, *, lazy_fallback: bool = False) -> None:
         if not points:
             return
         point = points[0]
+        fuse = _fuse_mount(point)
         result = subprocess.run(
             ["umount", point], capture_output=True, text=True, timeout=UMOUNT_TIMEOUT
         )
@@ -122,4 +134,58 @@ def unmount_tree(path: Path, *, lazy_fallback: bool = False) -> None:
         if result.returncode != 0:
             why = (result.stderr.strip().splitlines() or ["unknown error"])[-1]
             raise QvdError(f"cannot unmount {point}: {why}")
+        if fuse is not None:
+            _end_fuse_connection(point, *fuse)
     raise QvdError(f"{path} is still mounted after 64 unmounts")
+
+
+def _fuse_mount(point: str) -> tuple[int, list[int]] | None:
+    """For the FUSE mount on top at ``point``: its connection number and the pids of the
+    daemons that name ``point`` in their command line; None for any other mount."""
+    top = [m for m in mountinfo.read_mounts() if m.mount_point == point][-1:]
+    if not top or not (top[0].fs_type == "fuse" or top[0].fs_type.startswith("fuse.")):
+        return None
+    # The connection is named by the superblock's device number (major 0, so the minor).
+    connection = int(top[0].device.split(":")[1])
+    return connection, [p.pid for p in processes.with_argument(point)]
+
+
+def _end_fuse_connection(point: str, connection: int, daemons: list[int]) -> None:
+    """After ``umount point``: make sure the mount's daemons are gone, ending the FUSE
+    connection for good if a copy of the mount still holds it.
+
+    A daemon whose last mount went exits at once. One still serving a moment later serves
+    a copy in another mount namespace: the connection is aborted through fusectl (mounted
+    here if the node's init has not), so the daemon's next read fails and it exits, and
+    the copy answers ENOTCONN. Where that cannot be done, killing the daemon ends the
+    connection too (the kernel aborts it when its /dev/fuse closes).
+
+    Raises:
+        QvdError: a daemon of the mount still runs after all that.
+    """
+    if processes.wait_gone(daemons, timeout=DAEMON_GRACE):
+        return
+    log.warning("%s is still mounted in another mount namespace; ending its FUSE "
+                "connection %d", point, connection)
+    if not _abort_connection(connection) or not processes.wait_gone(
+            daemons, timeout=DAEMON_EXIT_TIMEOUT):
+        for pid in daemons:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if not processes.wait_gone(daemons, timeout=DAEMON_EXIT_TIMEOUT):
+            alive = [pid for pid in daemons if processes.alive(pid)]
+            raise QvdError(f"the FUSE daemon of {point} (pid {', '.join(map(str, alive))}) "
+                           f"still runs after its connection ended")
+
+
+def _abort_connection(connection: int) -> bool:
+    """Abort FUSE connection ``connection`` through fusectl; whether that could be done."""
+    if not mountinfo.is_mounted(FUSE_CONNECTIONS):
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", str(FUSE_CONNECTIONS)],
+                       capture_output=True, timeout=UMOUNT_TIMEOUT)
+    try:
+        (FUSE_CONNECTIONS / str(connection) / "abort").write_text("1")
+    except OSError as exc:
+        log.warning("cannot abort FUSE connection %d through fusectl: %s", connection, exc)
+        return False
+    return True
