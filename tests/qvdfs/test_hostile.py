@@ -14,7 +14,6 @@ import errno
 import io
 import os
 import pickle
-import sqlite3
 import stat
 import subprocess
 import tarfile
@@ -541,10 +540,6 @@ def cli(cli: Cli) -> Cli:
     return cli
 
 
-def _db(cli: Cli) -> list[str]:
-    return list(sqlite3.connect(cli.root / "qvd.db").iterdump())
-
-
 @pytest.mark.parametrize("args", [
     ["vm", "add", "name=$(touch {canary})", "user=u", "osf=o"],
     ["vm", "add", "name=`touch {canary}`", "user=u", "osf=o"],
@@ -566,10 +561,10 @@ def test_hostile_admin_input_is_one_line_and_changes_nothing(cli: Cli, tmp_path:
                                                             args: list[str]) -> None:
     canary = tmp_path / "pwned"
     args = [a.replace("{canary}", str(canary)) for a in args]
-    before = _db(cli)
+    before = cli.db_dump()
     error = cli.fails(*args)
     assert len(error) < 1000 or "v" * 300 in error
-    assert _db(cli) == before
+    assert cli.db_dump() == before
     assert not canary.exists()
 
 
