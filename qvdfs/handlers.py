@@ -181,7 +181,8 @@ class UnionFilesystem:
                                size=changes.size, atime_ns=changes.atime_ns,
                                mtime_ns=changes.mtime_ns, fh=fh)
             if changes.kill_suidgid and changes.mode is None:
-                self.union.kill_privileges(node, _in_group_or_capable(ctx))  # the reply has the mode
+                # The reply carries the new mode: no invalidation needed.
+                self.union.kill_privileges(node, _in_group_or_capable(ctx))
             return self._attrs(node), self._attr_timeout(node)
 
     def readlink(self, node_id: int, ctx: Context) -> bytes:

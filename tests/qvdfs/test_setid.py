@@ -33,16 +33,19 @@ USER = ("setpriv", "--reuid=1000", "--regid=1000", "--clear-groups")
 # Shell lines uid 1000 runs on the file at $0 (world-writable, owned by root:root).
 CHANGES = {
     "write": 'printf "#" 1<> "$0"',
-    "pwrite past the end": 'dd if=/dev/zero of="$0" bs=1 count=1 seek=200000 conv=notrunc status=none',
-    "direct write": 'dd if=/dev/zero of="$0" bs=4096 count=1 oflag=direct conv=notrunc status=none',
+    "pwrite past the end":
+        'dd if=/dev/zero of="$0" bs=1 count=1 seek=200000 conv=notrunc status=none',
+    "direct write":
+        'dd if=/dev/zero of="$0" bs=4096 count=1 oflag=direct conv=notrunc status=none',
     "truncate": 'truncate -s 3 "$0"',
     "truncating open": ': > "$0"',
     "fallocate": 'fallocate -o 0 -l 262144 "$0"',
     "fallocate keep size": 'fallocate -n -o 0 -l 262144 "$0"',
     "punch hole": 'fallocate -p -o 0 -l 4096 "$0"',
     "zero range": 'fallocate -z -o 0 -l 4096 "$0"',
-    "copy_file_range": 'python3 -c "import os, sys; s = os.open(sys.argv[1] + \'.src\', 0); '
-                       'd = os.open(sys.argv[1], os.O_WRONLY); os.copy_file_range(s, d, 3, 0, 0)" "$0"',
+    "copy_file_range":
+        'python3 -c "import os, sys; s = os.open(sys.argv[1] + \'.src\', 0); '
+        'd = os.open(sys.argv[1], os.O_WRONLY); os.copy_file_range(s, d, 3, 0, 0)" "$0"',
 }
 # 6777: set-group-id with group-execute, dropped whoever writes; 6666: without it (mandatory
 # locking), dropped because uid 1000 is outside the file's group (root).

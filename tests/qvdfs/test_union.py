@@ -573,7 +573,8 @@ def test_reading_a_file_moves_its_access_time(union: Union) -> None:
     branch changes the access time there, and stat shows it."""
     path = union.mnt / "read-me"
     path.write_text("data")
-    os.utime(path, ns=(10**18, path.stat().st_mtime_ns))  # atime before mtime: the next read moves it
+    # An access time before the mtime: relatime's next read moves it.
+    os.utime(path, ns=(10**18, path.stat().st_mtime_ns))
     shown = subprocess.run(["stat", "-c", "%X", str(path)], capture_output=True, text=True,
                            check=True, timeout=30)
     assert int(shown.stdout) == 10**9
