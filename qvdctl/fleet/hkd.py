@@ -47,6 +47,7 @@ from qvdctl.fleet import commands, lease
 from qvdctl.fleet.commands import Cmd
 from qvdctl.fleet.fence import Fence
 from qvdctl.fleet.lease import HostState
+from qvdctl.fleet.metrics import Metrics
 from qvdctl.node import Node
 from qvdctl.settings import Settings
 from qvdctl.storage import Storage
@@ -80,6 +81,8 @@ class Hkd:
         self.fenced = False
         self.last_renewal = time.monotonic()
         self.fence = Fence(seam.lxcpath_from(self.settings))
+        self.metrics = Metrics(node, lambda: self.host_id,
+                               lambda: time.monotonic() - self.last_renewal)
 
     # --- the loop -------------------------------------------------------------
 
@@ -88,6 +91,9 @@ class Hkd:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
         self._join()
+        # Read once: a new address takes an HKD restart, as a node.conf change does.
+        if listen := self.settings["hkd.metrics.listen"]:
+            self.metrics.serve(listen)
         listener = Listener(self.node.db, [vm_commands(self.host_id), CONFIG_CHANGED])
         poll = SQLITE_POLL_S if self.node.db.is_sqlite else POLL_S
         next_beat = 0.0
@@ -296,9 +302,11 @@ class Hkd:
         try:
             vm = load_vm(self.node, vm_id)
             if cmd is Cmd.START:
-                start_vm(self.node, vm)
+                with self.metrics.start_seconds.time():
+                    start_vm(self.node, vm)
             else:
-                stop_vm(self.node, vm)
+                with self.metrics.stop_seconds.time():
+                    stop_vm(self.node, vm)
             log.info("VM %s: %s done", vm.name, cmd)
         except QvdError as exc:
             error = str(exc)
@@ -350,6 +358,7 @@ class Hkd:
             for vm_id, rootfs in self._local_vms().items():
                 self._remove_local(vm_id, rootfs)
         self.pool.shutdown()
+        self.metrics.close()
         log.info("host %s stopped", self.name)
 
 
