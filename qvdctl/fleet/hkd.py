@@ -48,6 +48,7 @@ from qvdctl.fleet.commands import Cmd
 from qvdctl.fleet.fence import Fence
 from qvdctl.fleet.lease import HostState
 from qvdctl.fleet.metrics import Metrics
+from qvdctl.fleet.sdnotify import Notifier
 from qvdctl.node import Node
 from qvdctl.settings import Settings
 from qvdctl.storage import Storage
@@ -69,6 +70,8 @@ class Hkd:
     """One node's daemon; ``run`` returns the exit status."""
 
     def __init__(self, node: Node) -> None:
+        # First: the processes started below (the fence) must not inherit NOTIFY_SOCKET.
+        self.systemd = Notifier.from_environment()
         self.node = node
         self.name = node.name()
         self.host_id = 0
@@ -94,6 +97,7 @@ class Hkd:
         # Read once: a new address takes an HKD restart, as a node.conf change does.
         if listen := self.settings["hkd.metrics.listen"]:
             self.metrics.serve(listen)
+        self.systemd.send("READY=1")  # registered, reconciled, holding its first lease
         listener = Listener(self.node.db, [vm_commands(self.host_id), CONFIG_CHANGED])
         poll = SQLITE_POLL_S if self.node.db.is_sqlite else POLL_S
         next_beat = 0.0
@@ -102,6 +106,7 @@ class Hkd:
         try:
             while not self.stopping:
                 self.fence.check()
+                ping_in = self.systemd.ping_due()
                 now = time.monotonic()
                 if now >= next_beat:
                     self._beat()
@@ -109,7 +114,7 @@ class Hkd:
                 if not self.fenced:
                     self._take_commands()
                 self._reap()
-                wait = min(next_beat - time.monotonic(), poll)
+                wait = min(next_beat - time.monotonic(), poll, ping_in)
                 try:
                     received = listener.wait(wait, self.wake_r)
                 except QvdError as exc:
@@ -124,6 +129,7 @@ class Hkd:
                         log.debug("re-reading the settings: %s", exc)
         finally:
             listener.close()
+        self.systemd.send("STOPPING=1")
         self._shutdown()
         return 0
 
