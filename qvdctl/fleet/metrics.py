@@ -20,6 +20,8 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from qvdctl.container import seam
+from qvdctl.container.query import monitors
 from qvdctl.db import store
 from qvdctl.db.states import VmState
 from qvdctl.node import Node
@@ -62,10 +64,11 @@ class HkdCollector:
         yield GaugeMetricFamily("qvd_lease_age_seconds",
                                 "Seconds since the database last accepted this host's lease",
                                 value=self.lease_age())
-        yield from _per_vm(Storage.from_settings(self.node.settings()), names)
+        settings = self.node.settings()
+        yield from _per_vm(Storage.from_settings(settings), seam.lxcpath_from(settings), names)
 
 
-def _per_vm(storage: Storage, names: dict[int, str]) -> Iterator[Metric]:
+def _per_vm(storage: Storage, lxcpath: Path, names: dict[int, str]) -> Iterator[Metric]:
     requests = CounterMetricFamily("qvd_vm_fuse_requests", "FUSE requests the VM's root served",
                                    labels=["vm", "opcode"])
     busy = CounterMetricFamily("qvd_vm_fuse_daemon_seconds",
@@ -80,6 +83,7 @@ def _per_vm(storage: Storage, names: dict[int, str]) -> Iterator[Metric]:
                               labels=["vm"])
     memory = GaugeMetricFamily("qvd_vm_memory_bytes", "Memory the VM's container uses",
                                labels=["vm"])
+    inits = _container_inits(lxcpath)
     for point in mounts_under(storage.rootfs):
         vm_id = storage.rootfs_vm(Path(point))
         if vm_id is None or vm_id not in names:
@@ -96,34 +100,52 @@ def _per_vm(storage: Storage, names: dict[int, str]) -> Iterator[Metric]:
                 busy.add_metric([name, opcode], row["ns"] / 1e9)
             copy_ups.add_metric([name], float(str(counters.get("copy_ups", 0))))
             passthrough.add_metric([name], float(str(counters.get("passthrough_opens", 0))))
-        usage = _cgroup_usage(f"qvd-{vm_id}")
+        init = inits.get(f"qvd-{vm_id}")
+        usage = _cgroup_usage(init) if init is not None else None
         if usage is not None:
             cpu.add_metric([name], usage[0])
             memory.add_metric([name], usage[1])
     yield from (requests, busy, copy_ups, passthrough, cpu, memory)
 
 
-def _cgroup_usage(container: str, root: Path = CGROUP_ROOT) -> tuple[float, float] | None:
-    """(CPU seconds, memory bytes) of liblxc's payload cgroup of ``container``; None if
-    it has none (a mount-only VM, a stopped one) or it cannot be read."""
-    payload = f"lxc.payload.{container}"
+def _container_inits(lxcpath: Path) -> dict[str, int]:
+    """Container name -> its init's pid, for the containers running in ``lxcpath``: the
+    child of liblxc's monitor (names repeat across lxcpaths; the cgroup names of two
+    ``qvd-1`` differ only by a suffix, so the init's own cgroup is the sure way)."""
+    inits = {}
+    for monitor in monitors():
+        if monitor.lxcpath != lxcpath:
+            continue
+        try:
+            children = Path(f"/proc/{monitor.pid}/task/{monitor.pid}/children").read_text()
+        except OSError:
+            continue  # the container stopped meanwhile
+        if children.split():
+            inits[monitor.name] = int(children.split()[0])
+    return inits
+
+
+def _cgroup_usage(pid: int, root: Path = CGROUP_ROOT) -> tuple[float, float] | None:
+    """(CPU seconds, memory bytes) of the liblxc payload cgroup holding process ``pid``;
+    None if it cannot be read (the container stopped meanwhile)."""
     try:
-        if (root / "cgroup.controllers").exists():  # cgroup v2
-            for group in (root / payload, *root.glob(f"*/{payload}")):
-                if group.is_dir():
-                    stat = dict(line.split() for line in (group / "cpu.stat").read_text()
-                                .splitlines())
-                    return (int(stat["usage_usec"]) / 1e6,
-                            float((group / "memory.current").read_text()))
-            return None
-        cpuacct = next((g for g in root.glob(f"cpu*/{payload}") if g.is_dir()), None)
-        mem = root / "memory" / payload
-        if cpuacct is None or not mem.is_dir():
-            return None
-        return (int((cpuacct / "cpuacct.usage").read_text()) / 1e9,
-                float((mem / "memory.usage_in_bytes").read_text()))
-    except (OSError, ValueError, KeyError) as exc:
-        log.debug("metrics: cgroup of %s: %s", container, exc)
+        groups = {}
+        for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            # Up to the payload group itself: an init may sit in a child of it.
+            parts = path.strip("/").split("/")
+            top = next(i for i, part in enumerate(parts) if part.startswith("lxc.payload."))
+            for controller in controllers.split(","):
+                groups[controller] = "/".join(parts[:top + 1])
+        if (root / "cgroup.controllers").exists():  # cgroup v2 alone
+            group = root / groups[""]
+            stat = dict(line.split() for line in (group / "cpu.stat").read_text().splitlines())
+            return int(stat["usage_usec"]) / 1e6, float((group / "memory.current").read_text())
+        cpu = root / "cpuacct" / groups["cpuacct"] / "cpuacct.usage"
+        memory = root / "memory" / groups["memory"] / "memory.usage_in_bytes"
+        return int(cpu.read_text()) / 1e9, float(memory.read_text())
+    except (OSError, ValueError, KeyError, StopIteration) as exc:
+        log.debug("metrics: cgroup of process %d: %s", pid, exc)
         return None
 
 

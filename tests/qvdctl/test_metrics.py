@@ -103,3 +103,24 @@ def test_a_scrape_shows_the_vms_the_lease_and_a_running_roots_counters(fleet: Fl
     assert value(families["qvd_vm_stop_duration_seconds"],
                  "qvd_vm_stop_duration_seconds_count") == 1
     assert not families["qvd_vm_fuse_requests"]  # stopped: gone from the per-VM families
+
+
+def test_a_running_container_shows_its_cgroup_cpu_and_memory(
+    postgres: PgServer, tmp_path: Path  # noqa: F811
+) -> None:
+    # A real container on a kernel overlayfs root: cgroup numbers, and no qvdfs daemon to
+    # ask (the scrape leaves that VM out of the FUSE families and still answers).
+    f = Fleet(tmp_path, postgres.url(), ("node-a",), vms=1, timeout=5, mount_only=False)
+    try:
+        with open(f.nodes["node-a"].conf, "a") as conf:
+            conf.write(f"hkd.metrics.listen = {LISTEN}\n")
+        f.start()
+        f.admin.run("vm", "start", "-f", "name=v1")
+        families = scrape(f.nodes["node-a"])
+        assert value(families["qvd_vms"], "qvd_vms", state="running") == 1
+        assert value(families["qvd_vm_cpu_seconds"], "qvd_vm_cpu_seconds_total", vm="v1") > 0
+        assert value(families["qvd_vm_memory_bytes"], "qvd_vm_memory_bytes", vm="v1") > 0
+        assert not families["qvd_vm_fuse_requests"]
+        f.admin.run("vm", "stop", "-f", "name=v1")
+    finally:
+        f.close()
