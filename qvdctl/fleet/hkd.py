@@ -226,6 +226,7 @@ class Hkd:
         self._reap()
         for vm_id, rootfs in self._local_vms().items():
             self._remove_local(vm_id, rootfs)
+            self.systemd.ping_due()  # progress, VM by VM: this loop is not hung
         log.warning("fenced: nothing runs on this node any more")
 
     def _local_vms(self) -> dict[int, Path | None]:
@@ -260,6 +261,7 @@ class Hkd:
             if row is None or row["state"] == VmState.STOPPED:
                 log.warning("VM %d runs here but not in the database: stopping it", vm_id)
                 self._remove_local(vm_id, rootfs)
+                self.systemd.ping_due()
         for name, why in reconcile(self.node):
             log.warning("VM %s: %s; marked zombie", name, why)
         with self.node.db.reader() as conn:
@@ -267,6 +269,7 @@ class Hkd:
                     if row["host_id"] == self.host_id
                     and row["state"] in (VmState.STARTING, VmState.STOPPING, VmState.ZOMBIE)]
         for vm_id in left:
+            self.systemd.ping_due()
             try:
                 stop_vm(self.node, load_vm(self.node, vm_id))
                 log.info("VM %d: cleaned up what a previous HKD left", vm_id)
