@@ -84,7 +84,7 @@ class Hkd:
         self.fenced = False
         self.last_renewal = time.monotonic()
         self.fence = Fence(seam.lxcpath_from(self.settings))
-        self.metrics = Metrics(node, lambda: self.host_id,
+        self.metrics = Metrics(node, lambda: self.settings, lambda: self.host_id,
                                lambda: time.monotonic() - self.last_renewal)
 
     # --- the loop -------------------------------------------------------------

@@ -25,6 +25,7 @@ from qvdctl.container.query import monitors
 from qvdctl.db import store
 from qvdctl.db.states import VmState
 from qvdctl.node import Node
+from qvdctl.settings import Settings
 from qvdctl.storage import Storage
 from qvdfs import stats
 from qvdproc.mountinfo import mounts_under
@@ -39,9 +40,10 @@ DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 class HkdCollector:
     """Collects on scrape what one HKD knows: its VMs, its lease and what runs here."""
 
-    def __init__(self, node: Node, host_id: Callable[[], int],
+    def __init__(self, node: Node, settings: Callable[[], Settings], host_id: Callable[[], int],
                  lease_age: Callable[[], float]) -> None:
         self.node = node
+        self.settings = settings  # the HKD's own: no database read, so none to fail
         self.host_id = host_id
         self.lease_age = lease_age
 
@@ -64,7 +66,7 @@ class HkdCollector:
         yield GaugeMetricFamily("qvd_lease_age_seconds",
                                 "Seconds since the database last accepted this host's lease",
                                 value=self.lease_age())
-        settings = self.node.settings()
+        settings = self.settings()
         yield from _per_vm(Storage.from_settings(settings), seam.lxcpath_from(settings), names)
 
 
@@ -152,10 +154,10 @@ def _cgroup_usage(pid: int, root: Path = CGROUP_ROOT) -> tuple[float, float] | N
 class Metrics:
     """The HKD's registry: its collector, the duration histograms, and the server."""
 
-    def __init__(self, node: Node, host_id: Callable[[], int],
+    def __init__(self, node: Node, settings: Callable[[], Settings], host_id: Callable[[], int],
                  lease_age: Callable[[], float]) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(HkdCollector(node, host_id, lease_age))
+        self.registry.register(HkdCollector(node, settings, host_id, lease_age))
         self.start_seconds = Histogram("qvd_vm_start_duration_seconds",
                                        "Time this HKD took to start a VM",
                                        buckets=DURATION_BUCKETS, registry=self.registry)

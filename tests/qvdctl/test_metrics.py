@@ -124,3 +124,22 @@ def test_a_running_container_shows_its_cgroup_cpu_and_memory(
         f.admin.run("vm", "stop", "-f", "name=v1")
     finally:
         f.close()
+
+
+def test_a_scrape_answers_while_the_database_is_down(tmp_path: Path) -> None:
+    # A lease long enough that the node does not fence during the outage: the scrape
+    # shows the lease growing old and leaves out what only the database knows.
+    with pg_server() as server:
+        f = Fleet(tmp_path, server.url(), ("node-a",), vms=1, timeout=60)
+        try:
+            with open(f.nodes["node-a"].conf, "a") as conf:
+                conf.write(f"hkd.metrics.listen = {LISTEN}\n")
+            f.start()
+            f.admin.run("vm", "start", "-f", "name=v1")
+            assert "qvd_vms" in scrape(f.nodes["node-a"])
+            server.stop()
+            families = scrape(f.nodes["node-a"])
+            assert "qvd_vms" not in families
+            assert value(families["qvd_lease_age_seconds"], "qvd_lease_age_seconds") >= 0
+        finally:
+            f.close()
