@@ -1,5 +1,5 @@
 # Every target installs what it needs first (scripts/setup.sh is idempotent).
-.PHONY: setup demo test test-fast chaos bench bench-image bench-fleet bench-cli bench-vm bench-web deb \
+.PHONY: setup demo test test-fast chaos bench bench-image bench-fleet bench-metrics bench-cli bench-vm bench-web deb \
 	test-deb clean
 
 setup:
@@ -39,6 +39,10 @@ bench-image: setup
 # A fleet on this machine (benchmarks/fleet.py): 20 HKDs on one PostgreSQL, 200 VMs.
 bench-fleet: setup
 	.venv/bin/python -m benchmarks.fleet $(BENCH_ARGS)
+
+# One scrape of an HKD's /metrics with 100 running VMs (benchmarks/metrics.py).
+bench-metrics: setup
+	.venv/bin/python -m benchmarks.metrics $(BENCH_ARGS)
 
 # How long qvdctl takes to answer (benchmarks/cli.py): --help, vm list, config get.
 bench-cli: setup

@@ -130,6 +130,13 @@ def _hostname(value: str) -> str:
     return value
 
 
+def _optional_listen(value: str) -> str:
+    host, colon, port = value.rpartition(":")
+    if value and not (colon and host and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:9640")
+    return value
+
+
 # key -> (default, validator). An empty default means "unset".
 # path.storage.* defaults are empty here and computed from the storage root.
 KNOWN: dict[str, tuple[str, Callable[[str], str]]] = {
@@ -161,6 +168,8 @@ KNOWN: dict[str, tuple[str, Callable[[str], str]]] = {
     "nodename": ("", _hostname),
     # Stock: seconds without a heartbeat after which a node is lost (qvdctl/fleet/lease.py).
     "internal.hkd.cluster.node.timeout": ("600", _timeout),
+    # Ours: where the HKD serves Prometheus metrics (qvdctl/fleet/metrics.py); empty: off.
+    "hkd.metrics.listen": ("", _optional_listen),
     "path.storage.root": ("", _optional_path),
     **{f"path.storage.{name}": ("", _optional_path) for name in STORAGE_FOLDERS},
 }

@@ -79,6 +79,8 @@ class HkdNode:
         # Seconds this node's wall clock is off (its monotonic clock stays right, as on a
         # real node whose NTP is broken).
         self.clock_offset_s = 0
+        # Extra environment of the HKD (a test's NOTIFY_SOCKET, as systemd would give it).
+        self.env: dict[str, str] = {}
 
     def start(self) -> None:
         hkd = [QVDCTL, "--config", str(self.conf), "hkd"]
@@ -88,7 +90,7 @@ class HkdNode:
         argv = netns_argv(self.netns, hkd)
         with open(self.log, "a") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL)
+                                         stdin=subprocess.DEVNULL, env=os.environ | self.env)
 
     def signal(self, signum: int) -> None:
         assert self.proc is not None

@@ -47,6 +47,8 @@ from qvdctl.fleet import commands, lease
 from qvdctl.fleet.commands import Cmd
 from qvdctl.fleet.fence import Fence
 from qvdctl.fleet.lease import HostState
+from qvdctl.fleet.metrics import Metrics
+from qvdctl.fleet.sdnotify import Notifier
 from qvdctl.node import Node
 from qvdctl.settings import Settings
 from qvdctl.storage import Storage
@@ -68,6 +70,8 @@ class Hkd:
     """One node's daemon; ``run`` returns the exit status."""
 
     def __init__(self, node: Node) -> None:
+        # First: the processes started below (the fence) must not inherit NOTIFY_SOCKET.
+        self.systemd = Notifier.from_environment()
         self.node = node
         self.name = node.name()
         self.host_id = 0
@@ -80,6 +84,8 @@ class Hkd:
         self.fenced = False
         self.last_renewal = time.monotonic()
         self.fence = Fence(seam.lxcpath_from(self.settings))
+        self.metrics = Metrics(node, lambda: self.settings, lambda: self.host_id,
+                               lambda: time.monotonic() - self.last_renewal)
 
     # --- the loop -------------------------------------------------------------
 
@@ -88,6 +94,10 @@ class Hkd:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
         self._join()
+        # Read once: a new address takes an HKD restart, as a node.conf change does.
+        if listen := self.settings["hkd.metrics.listen"]:
+            self.metrics.serve(listen)
+        self.systemd.send("READY=1")  # registered, reconciled, holding its first lease
         listener = Listener(self.node.db, [vm_commands(self.host_id), CONFIG_CHANGED])
         poll = SQLITE_POLL_S if self.node.db.is_sqlite else POLL_S
         next_beat = 0.0
@@ -96,6 +106,7 @@ class Hkd:
         try:
             while not self.stopping:
                 self.fence.check()
+                ping_in = self.systemd.ping_due()
                 now = time.monotonic()
                 if now >= next_beat:
                     self._beat()
@@ -103,7 +114,7 @@ class Hkd:
                 if not self.fenced:
                     self._take_commands()
                 self._reap()
-                wait = min(next_beat - time.monotonic(), poll)
+                wait = min(next_beat - time.monotonic(), poll, ping_in)
                 try:
                     received = listener.wait(wait, self.wake_r)
                 except QvdError as exc:
@@ -118,6 +129,7 @@ class Hkd:
                         log.debug("re-reading the settings: %s", exc)
         finally:
             listener.close()
+        self.systemd.send("STOPPING=1")
         self._shutdown()
         return 0
 
@@ -214,6 +226,7 @@ class Hkd:
         self._reap()
         for vm_id, rootfs in self._local_vms().items():
             self._remove_local(vm_id, rootfs)
+            self.systemd.ping_due()  # progress, VM by VM: this loop is not hung
         log.warning("fenced: nothing runs on this node any more")
 
     def _local_vms(self) -> dict[int, Path | None]:
@@ -248,6 +261,7 @@ class Hkd:
             if row is None or row["state"] == VmState.STOPPED:
                 log.warning("VM %d runs here but not in the database: stopping it", vm_id)
                 self._remove_local(vm_id, rootfs)
+                self.systemd.ping_due()
         for name, why in reconcile(self.node):
             log.warning("VM %s: %s; marked zombie", name, why)
         with self.node.db.reader() as conn:
@@ -255,6 +269,7 @@ class Hkd:
                     if row["host_id"] == self.host_id
                     and row["state"] in (VmState.STARTING, VmState.STOPPING, VmState.ZOMBIE)]
         for vm_id in left:
+            self.systemd.ping_due()
             try:
                 stop_vm(self.node, load_vm(self.node, vm_id))
                 log.info("VM %d: cleaned up what a previous HKD left", vm_id)
@@ -296,9 +311,11 @@ class Hkd:
         try:
             vm = load_vm(self.node, vm_id)
             if cmd is Cmd.START:
-                start_vm(self.node, vm)
+                with self.metrics.start_seconds.time():
+                    start_vm(self.node, vm)
             else:
-                stop_vm(self.node, vm)
+                with self.metrics.stop_seconds.time():
+                    stop_vm(self.node, vm)
             log.info("VM %s: %s done", vm.name, cmd)
         except QvdError as exc:
             error = str(exc)
@@ -350,6 +367,7 @@ class Hkd:
             for vm_id, rootfs in self._local_vms().items():
                 self._remove_local(vm_id, rootfs)
         self.pool.shutdown()
+        self.metrics.close()
         log.info("host %s stopped", self.name)
 
 

@@ -214,9 +214,10 @@ def test_the_units_are_valid_and_not_enabled(installed: DebianRoot) -> None:
                   "/lib/systemd/system/qvd-web.service")
     hkd = installed.file("lib/systemd/system/qvd-hkd.service").read_text()
     for line in ("ExecStart=/usr/bin/qvdctl --config /etc/qvd/node.conf hkd",
-                 "KillMode=mixed", "Restart=on-failure"):
+                 "KillMode=mixed", "Restart=on-failure", "Type=notify", "NotifyAccess=main"):
         assert line in hkd.splitlines()
     assert re.search(r"^TimeoutStopSec=\d+$", hkd, re.M)
+    assert re.search(r"^WatchdogSec=\d+$", hkd, re.M)
     web = installed.file("lib/systemd/system/qvd-web.service").read_text()
     assert re.search(r"^ExecStart=/usr/bin/qvdctl --config /etc/qvd/node.conf web "
                      r"--listen 127\.0\.0\.1:\d+$", web, re.M)
