@@ -3,12 +3,12 @@
 The daemon listens on a Unix socket in the abstract namespace named after its mountpoint
 (nothing to clean up, gone with the process) and answers every connection from root with
 one JSON document: per opcode the number of requests and the daemon time they took, the
-copy-ups and passthrough opens, and the backend in use.
+copy-ups and passthrough opens, and the backend in use. The socket's name and the reading
+side are ``qvdproc.counters``, which qvdctl's metrics read too.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -18,16 +18,11 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 
+from qvdproc.counters import fetch, socket_name
+
 log = logging.getLogger(__name__)
 
 USAGE = "usage: qvdfs stats MOUNTPOINT [--json]"
-_TIMEOUT = 10.0
-
-
-def socket_name(mountpoint: str) -> bytes:
-    """The abstract socket of the daemon serving the resolved path ``mountpoint``."""
-    digest = hashlib.sha256(os.fsencode(mountpoint)).hexdigest()[:32]
-    return b"\0qvdfs-stats-" + digest.encode()
 
 
 def is_stats_command(argv: Sequence[str]) -> bool:
@@ -86,18 +81,6 @@ def serve(mountpoint: str, counters: Callable[[], dict[str, object]]) -> StatsSe
         sock.close()
         return None
     return StatsServer(sock, counters)
-
-
-def fetch(mountpoint: str) -> dict[str, object]:
-    """The counters of the daemon serving ``mountpoint``; OSError if none answers."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
-        sock.settimeout(_TIMEOUT)
-        sock.connect(socket_name(os.path.realpath(mountpoint)))
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    data: dict[str, object] = json.loads(b"".join(chunks))
-    return data
 
 
 def format_text(counters: dict[str, object]) -> str:

@@ -27,7 +27,7 @@ from qvdctl.db.states import VmState
 from qvdctl.node import Node
 from qvdctl.settings import Settings
 from qvdctl.storage import Storage
-from qvdfs import stats
+from qvdproc import counters as qvdfs_counters
 from qvdproc.mountinfo import mounts_under
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,8 @@ def _per_vm(storage: Storage, lxcpath: Path, names: dict[int, str]) -> Iterator[
             continue
         name = names[vm_id]
         try:
-            counters = stats.fetch(point)
+            # A hung daemon must not hold up the scrape, or the other VMs' numbers.
+            counters = qvdfs_counters.fetch(point, timeout=1.0)
         except (OSError, ValueError) as exc:  # overlayfs roots, or a daemon gone
             log.debug("metrics: no qvdfs counters for %s: %s", name, exc)
         else:
