@@ -303,6 +303,8 @@ class Hkd:
                 continue
             waited = time.time() - queued_at if queued_at else 0.0
             log.info("VM %d: claimed %s (queued %.0f ms ago)", vm_id, cmd, waited * 1000)
+            # The queueing time is the admin's clock: a skew must not make it negative.
+            self.metrics.pickup_seconds.observe(max(waited, 0.0))
             self.jobs[vm_id] = self.pool.submit(self._run_command, vm_id, cmd)
             free -= 1
 

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 # Start and stop take from a fraction of a second (mount only) to a guest's stop timeout.
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# From an admin's queueing of a command to this HKD's claim of it: its loop's latency.
+PICKUP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
 
 
 class HkdCollector:
@@ -165,6 +167,9 @@ class Metrics:
         self.stop_seconds = Histogram("qvd_vm_stop_duration_seconds",
                                       "Time this HKD took to stop a VM",
                                       buckets=DURATION_BUCKETS, registry=self.registry)
+        self.pickup_seconds = Histogram("qvd_command_pickup_seconds",
+                                        "Time from a command's queueing to this HKD's claim",
+                                        buckets=PICKUP_BUCKETS, registry=self.registry)
         self._server: WSGIServer | None = None
 
     def serve(self, listen: str) -> None:

@@ -79,6 +79,8 @@ def test_a_scrape_shows_the_vms_the_lease_and_a_running_roots_counters(fleet: Fl
     start = families["qvd_vm_start_duration_seconds"]
     assert value(start, "qvd_vm_start_duration_seconds_count") == 1
     assert value(start, "qvd_vm_start_duration_seconds_sum") > 0
+    pickup = families["qvd_command_pickup_seconds"]
+    assert value(pickup, "qvd_command_pickup_seconds_count") == 1
     requests = [s for s in families["qvd_vm_fuse_requests"]
                 if s.name == "qvd_vm_fuse_requests_total" and s.labels["vm"] == "v1"]
     assert {s.labels["opcode"] for s in requests} >= {"LOOKUP", "GETATTR"}, requests
@@ -102,6 +104,8 @@ def test_a_scrape_shows_the_vms_the_lease_and_a_running_roots_counters(fleet: Fl
     families = scrape(node)
     assert value(families["qvd_vm_stop_duration_seconds"],
                  "qvd_vm_stop_duration_seconds_count") == 1
+    assert value(families["qvd_command_pickup_seconds"],
+                 "qvd_command_pickup_seconds_count") == 2
     assert not families["qvd_vm_fuse_requests"]  # stopped: gone from the per-VM families
 
 
