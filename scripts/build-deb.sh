@@ -33,6 +33,13 @@ qvd-node ($version) bookworm; urgency=medium
  -- $maintainer  $(date -R)
 CHANGES
 
+# The man pages are the programs' own --help, so they say what the programs do.
+help2man --no-info --no-discard-stderr --version-string "$version" \
+    --name "a union filesystem for QVD desktops, a drop-in for unionfs-fuse" \
+    --output "$source/debian/qvdfs.1" .venv/bin/qvdfs
+help2man --no-info --no-discard-stderr --version-string "$version" \
+    --name "the QVD node controller and admin CLI" \
+    --output "$source/debian/qvdctl.1" .venv/bin/qvdctl
 (cd "$source" && dpkg-buildpackage -b -us -uc)
 mv "$build/qvd-node_${version}_amd64.deb" "$out"
 echo "built $out ($(du -h "$out" | cut -f1))"

@@ -18,7 +18,7 @@ APT_PACKAGES=(
     postgresql                             # a fleet's shared database; tests start their own
     faketime                               # the fleet tests set a node's clock minutes off
     chromium chromium-driver               # the web admin's tests drive a real headless browser
-    dh-virtualenv debhelper dpkg-dev lintian   # make deb: the node package, and its check
+    dh-virtualenv debhelper dpkg-dev lintian help2man   # make deb: the package, its check, man pages
 )
 
 missing=()

@@ -18,6 +18,7 @@ the id ranges the package added while the storage and everyone else's ranges sta
 from __future__ import annotations
 
 import contextlib
+import gzip
 import os
 import re
 import signal
@@ -189,6 +190,10 @@ def test_the_files_land_where_promised(installed: DebianRoot) -> None:
         assert installed.file(target).is_file()
     for unit in ("qvd-hkd", "qvd-web"):
         assert installed.file(f"lib/systemd/system/{unit}.service").is_file()
+    for program in ("qvdfs", "qvdctl"):  # the man pages, made from their --help
+        page = gzip.decompress(installed.file(f"usr/share/man/man1/{program}.1.gz").read_bytes())
+        assert page.startswith(b".\\\"") and f".TH {program.upper()} ".encode() in page
+        assert b"usage: " in page
     modules = installed.file("usr/lib/modules-load.d/qvd-node.conf").read_text()
     assert "fuse" in [line.strip() for line in modules.splitlines()]
     assert installed.file("etc/qvd/node.conf").read_text().startswith("# /etc/qvd/node.conf")
