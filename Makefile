@@ -13,13 +13,15 @@ demo: setup
 FAST_TESTS = tests/union tests/fuse/test_abi.py tests/test_imports.py
 
 # The type checker, the fast tier as nobody, the whole suite (as root) on the native FUSE
-# session, then the union's tests again on the portable pyfuse3 backend.
-test: setup
+# session, the union's tests again on the portable pyfuse3 backend, then the node's package
+# built and installed in throwaway Debian roots (test-deb's tests).
+test: setup deb
 	.venv/bin/python -m mypy
 	scripts/unprivileged.sh -m pytest -q -p no:cacheprovider $(FAST_TESTS)
 	.venv/bin/python -m pytest -q -p no:cacheprovider -m "not deb" $(PYTEST_ARGS)
 	QVDFS_TEST_BACKEND=pyfuse3 .venv/bin/python -m pytest -q -p no:cacheprovider \
 		tests/qvdfs/test_union.py tests/qvdfs/test_differential.py tests/union
+	.venv/bin/python -m pytest -q -p no:cacheprovider -m deb tests/packaging
 
 test-fast: setup
 	scripts/unprivileged.sh -m pytest -q -p no:cacheprovider $(FAST_TESTS)
