@@ -140,14 +140,17 @@ def unmount_tree(path: Path, *, lazy_fallback: bool = False) -> None:
 
 
 def _fuse_mount(point: str) -> tuple[int, list[int]] | None:
-    """For the FUSE mount on top at ``point``: its connection number and the pids of the
-    daemons that name ``point`` in their command line; None for any other mount."""
+    """For the FUSE mount on top at ``point``: its connection number and the pids of its
+    daemons, the processes that name ``point`` in their command line and hold /dev/fuse
+    open (so an admin's ``tail -f`` of that path is never taken for one); None for any
+    other mount."""
     top = [m for m in mountinfo.read_mounts() if m.mount_point == point][-1:]
     if not top or not (top[0].fs_type == "fuse" or top[0].fs_type.startswith("fuse.")):
         return None
     # The connection is named by the superblock's device number (major 0, so the minor).
     connection = int(top[0].device.split(":")[1])
-    return connection, [p.pid for p in processes.with_argument(point)]
+    return connection, [p.pid for p in processes.with_argument(point)
+                         if "/dev/fuse" in processes.open_files(p.pid)]
 
 
 def _end_fuse_connection(point: str, connection: int, daemons: list[int]) -> None:
