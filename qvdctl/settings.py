@@ -170,6 +170,10 @@ KNOWN: dict[str, tuple[str, Callable[[str], str]]] = {
     "internal.hkd.cluster.node.timeout": ("600", _timeout),
     # Ours: where the HKD serves Prometheus metrics (qvdctl/fleet/metrics.py); empty: off.
     "hkd.metrics.listen": ("", _optional_listen),
+    # Ours: a watchdog device the fence feeds while it can keep its promise, so that a
+    # node whose HKD and fence are both stuck is reset (qvdctl/fleet/watchdog.py); empty:
+    # none. Read when the HKD starts.
+    "hkd.fence.watchdog": ("", _optional_path),
     "path.storage.root": ("", _optional_path),
     **{f"path.storage.{name}": ("", _optional_path) for name in STORAGE_FOLDERS},
 }

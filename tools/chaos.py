@@ -7,13 +7,24 @@ plays the admin: it wants every VM running, and starts any it finds stopped. One
 time, it injects a fault, the kinds in equal numbers, shuffled by a seeded generator
 that also draws every duration (the seed is printed first, so a run can be replayed):
 
-    sigkill   an HKD killed; the node's HKD started again a while later
-    sigstop   an HKD paused for 1.2 to 2.5 lease timeouts, then resumed
-    db        PostgreSQL killed (an immediate shutdown: no checkpoint, crash recovery
-              on restart) for 0.3 to 1.5 lease timeouts, then started again
+    sigkill    an HKD killed; the node's HKD started again a while later
+    sigstop    an HKD paused for 1.2 to 2.5 lease timeouts, then resumed
+    db         PostgreSQL killed (an immediate shutdown: no checkpoint, crash recovery
+               on restart) for 0.3 to 1.5 lease timeouts, then started again
+    partition  a node cut off from the database for 1.2 to 2.5 lease timeouts, then
+               healed: every packet between them dropped, both ways, by nftables in the
+               two network namespaces (the nodes reach PostgreSQL over TCP; its own
+               namespace, ``tools/fleet.py``'s ``DbNetwork``)
+    clock      a node's wall clock steps by 1 to 60 minutes, forward or back (or back to
+               right), while its HKD runs (``tools/skewed_clock``); it must change nothing:
+               for two lease timeouts the node stays ``running`` and keeps its VMs
 
-After an HKD fault the admin at once starts that node's VMs again (``vm start`` waits
-for the node's lease to expire, then starts them elsewhere). An ``Observer`` samples
+Each node also runs with its monotonic and boot-time clocks days ahead of the others'
+(a time namespace of its own, the days drawn by the generator), and its wall clock stays
+wherever the last clock fault left it through the faults that follow.
+
+After an HKD fault or a partition the admin at once starts that node's VMs again
+(``vm start`` waits for the node's lease to expire, then starts them elsewhere). An ``Observer`` samples
 which node runs each VM twenty times a second from the process table, independently of
 the HKDs, and the checker fails the run when
 
@@ -41,11 +52,12 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.support.postgres import PgServer, pg_server
-from tools.fleet import Fleet, HkdNode, Observer, until
+from tests.support.postgres import PgServer
+from tools.fleet import Fleet, HkdNode, Observer, fleet_database, until
 
-KINDS = ("sigkill", "sigstop", "db")
+KINDS = ("sigkill", "sigstop", "db", "partition", "clock")
 START_S = 20.0  # a container's start on a loaded machine, with room
+DAY_S = 86400
 
 
 @dataclasses.dataclass
@@ -119,6 +131,40 @@ class Chaos:
         finally:
             node.signal(signal.SIGCONT)
         self.fleet.until_running(node.name)
+
+    def _partition(self) -> None:
+        node = self._victim()
+        self.fleet.cut(node.name)
+        at = time.monotonic()
+        try:
+            self._move_away(node.name, at)
+            time.sleep(max(at + self.rng.uniform(1.2, 2.5) * self.timeout - time.monotonic(), 0))
+        finally:
+            self.fleet.heal(node.name)
+        self.fleet.until_running(node.name)
+
+    def _clock(self) -> None:
+        node = self._victim()
+        step = self.rng.choice((-1, 1)) * self.rng.uniform(60, 3600)
+        offset = 0.0 if node.clock_offset() and self.rng.random() < 0.25 else (
+            node.clock_offset() + step)
+        mine = {self.containers[name] for name, row in self.fleet.admin.vms().items()
+                if row["Host"] == node.name}
+        at = time.monotonic()
+        node.set_clock_offset(offset)
+        until(lambda: time.monotonic() - at > 2 * self.timeout, "two lease timeouts",
+              3 * self.timeout)
+        host = self.fleet.admin.hosts()[node.name]
+        if host["State"] != "running":
+            self.report.failures.append(f"{node.name}'s wall clock stepped to {offset:+.0f} s:"
+                                        f" its host became {host['State']}")
+        for container in mine:
+            gone = [t for t, seen in self.seen.samples
+                    if t > at and seen.get(container) != frozenset({node.name})]
+            if gone:
+                self.report.failures.append(
+                    f"{node.name}'s wall clock stepped to {offset:+.0f} s: {container} was"
+                    f" not running there {gone[0] - at:.1f} s later")
 
     def _db(self) -> None:
         self.server.stop(mode="immediate")  # a crash: no checkpoint, recovery on start
@@ -205,10 +251,13 @@ def run(base: Path, *, seed: int, faults: int | list[str], nodes: int, vms: int,
     say(f"chaos: seed {seed}")
     report = Report(seed, timeout)
     rng = random.Random(seed)
-    with pg_server() as pg:
+    with fleet_database() as (pg, network):
         names = tuple(f"node{i}" for i in range(1, nodes + 1))
-        fleet = Fleet(base, pg.url(), names, vms=vms, timeout=timeout, mount_only=False)
+        fleet = Fleet(base, pg.url(), names, vms=vms, timeout=timeout, mount_only=False,
+                      network=(pg, network))
         try:
+            for node in fleet.nodes.values():
+                node.monotonic_offset_s = rng.randrange(DAY_S, 30 * DAY_S)
             fleet.start()
             with Observer(fleet.nodes) as seen:
                 chaos = Chaos(fleet, seen, pg, rng, report)

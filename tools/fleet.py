@@ -3,6 +3,10 @@ each with its own nodename, storage root, lxcpath and network namespace, on one
 PostgreSQL, and an admin CLI as a third process; and an ``Observer`` of which node runs
 each VM.
 
+With a ``DbNetwork`` (``fleet_database``), the PostgreSQL runs in a network namespace
+of its own and each node reaches it over TCP through a veth, so that one node can be cut
+off from it and healed; without, the nodes use the server's Unix socket.
+
 Images live on "shared storage" (one ``path.storage.images`` set globally for every
 node, as SPEC §6 has it); everything else is per node, from each node's node.conf.
 Everything a fleet made is undone by ``close``: HKDs killed, containers stopped in
@@ -19,21 +23,111 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from pyroute2 import IPRoute
 
 from qvdctl.container.query import monitors
 from qvdproc import processes
 from qvdproc.mountinfo import mounts_under
+from tests.support.postgres import PgServer, pg_server
 from tools.cli import Cli
 from tools.imagebuild import build_busybox_rootfs, build_image_tarball
 from tools.sandbox import QVDCTL, create_netns, force_unmount, netns_argv, remove_netns
 
-# libfaketime (Debian's faketime), for a node whose clock is off.
-LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1"
+# On PYTHONPATH, it sets the wall clock of an HKD (and its fence) off (see its docstring).
+SKEWED_CLOCK = Path(__file__).parent / "skewed_clock"
 NET = "10.219.77"  # only ever configured inside each node's own namespace
 BRIDGE = "qvdfleet0"
+# The database's network: its bridge in the database's namespace, one veth per node.
+DB_NET = "10.219.78"
+DB_ADDRESS = f"{DB_NET}.1"
+DB_BRIDGE = "qvddb0"
+DB_LINK = "qvddb"  # each node's end of its veth to the database
+PARTITION = "qvd_partition"  # the nftables table of a cut, in both namespaces
+
+
+class DbNetwork:
+    """A network namespace for the fleet's database, linked to each node's namespace.
+
+    ``cut`` partitions a node from the database: an nftables table in each of the two
+    namespaces drops every packet arriving from the other side. Nothing is closed or
+    refused: connections stay open and packets vanish, as when a switch or a cable
+    between them fails (a drop on the way *out* would fail the sender's calls at once
+    with EPERM, which a real partition does not do). ``heal`` removes both tables.
+    Only namespaces made here are touched; ``close`` removes the database's (and with
+    it the veths).
+    """
+
+    def __init__(self) -> None:
+        self.netns = f"qvdfleet-db-{secrets.token_hex(4)}"
+        self.addresses: dict[str, str] = {}  # node namespace -> its address
+        create_netns(self.netns)
+        try:
+            with IPRoute(netns=self.netns) as ipr:
+                ipr.link("add", ifname=DB_BRIDGE, kind="bridge")
+                (bridge,) = ipr.link_lookup(ifname=DB_BRIDGE)
+                ipr.addr("add", index=bridge, address=DB_ADDRESS, prefixlen=24)
+                ipr.link("set", index=bridge, state="up")
+        except BaseException:
+            remove_netns(self.netns)
+            raise
+
+    def attach(self, netns: str) -> str:
+        """Link namespace ``netns`` to the database's; the address it has there."""
+        number = len(self.addresses) + 2
+        address = f"{DB_NET}.{number}"
+        peer = f"{DB_LINK}{number}"
+        with IPRoute(netns=netns) as ipr:
+            ipr.link("add", ifname=DB_LINK, kind="veth", peer=peer)
+            (mine,) = ipr.link_lookup(ifname=DB_LINK)
+            ipr.link("set", index=ipr.link_lookup(ifname=peer)[0], net_ns_fd=self.netns)
+            ipr.addr("add", index=mine, address=address, prefixlen=24)
+            ipr.link("set", index=mine, state="up")
+        with IPRoute(netns=self.netns) as ipr:
+            (theirs,) = ipr.link_lookup(ifname=peer)
+            ipr.link("set", index=theirs, master=ipr.link_lookup(ifname=DB_BRIDGE)[0],
+                     state="up")
+        self.addresses[netns] = address
+        return address
+
+    def cut(self, netns: str) -> None:
+        """Drop every packet between namespace ``netns`` and the database, both ways."""
+        _nft(netns, _drop_from(f"{DB_NET}.0/24"))
+        _nft(self.netns, _drop_from(self.addresses[netns]))
+
+    def heal(self, netns: str) -> None:
+        """Undo ``cut``."""
+        for where in (netns, self.netns):
+            _nft(where, f"delete table inet {PARTITION}\n")
+
+    def close(self) -> None:
+        remove_netns(self.netns)
+
+
+def _drop_from(source: str) -> str:
+    return (f"table inet {PARTITION} {{\n  chain input {{\n"
+            "    type filter hook input priority 0; policy accept;\n"
+            f"    ip saddr {source} drop\n  }}\n}}\n")
+
+
+def _nft(netns: str, ruleset: str) -> None:
+    subprocess.run(["nsenter", f"--net=/run/netns/{netns}", "nft", "-f", "-"],
+                   input=ruleset, text=True, check=True, capture_output=True, timeout=30)
+
+
+@contextlib.contextmanager
+def fleet_database() -> Iterator[tuple[PgServer, DbNetwork]]:
+    """A PostgreSQL in a ``DbNetwork``'s namespace, listening there on ``DB_ADDRESS``
+    (and on its socket, for the admin); both removed on the way out."""
+    network = DbNetwork()
+    try:
+        with pg_server(network.netns, DB_ADDRESS) as server:
+            yield server, network
+    finally:
+        network.close()
 
 
 class AdminCli(Cli):
@@ -76,21 +170,37 @@ class HkdNode:
         )
         self.log = self.dir / "hkd.log"
         self.proc: subprocess.Popen[bytes] | None = None
-        # Seconds this node's wall clock is off (its monotonic clock stays right, as on a
-        # real node whose NTP is broken).
-        self.clock_offset_s = 0
+        # Seconds this node's monotonic and boot-time clocks are ahead of the host's, from
+        # its HKD's next start (a time namespace: the HKD, its fence and its containers).
+        self.monotonic_offset_s = 0
+        self.clock_file = self.dir / "clock-offset"
+        self.set_clock_offset(0)
         # Extra environment of the HKD (a test's NOTIFY_SOCKET, as systemd would give it).
         self.env: dict[str, str] = {}
 
+    def set_clock_offset(self, seconds: float) -> None:
+        """Set this node's wall clock ``seconds`` off the host's, at once, in the running
+        HKD too (a step, as ``date -s`` makes): Python's realtime reads, by
+        ``tools/skewed_clock``; the programs the HKD runs keep the host's."""
+        partial = self.clock_file.with_suffix(".new")
+        partial.write_text(f"{seconds!r}\n")
+        partial.rename(self.clock_file)  # never half-written when the HKD reads it
+
+    def clock_offset(self) -> float:
+        return float(self.clock_file.read_text())
+
     def start(self) -> None:
         hkd = [QVDCTL, "--config", str(self.conf), "hkd"]
-        if self.clock_offset_s:
-            hkd = ["env", f"LD_PRELOAD={LIBFAKETIME}", f"FAKETIME={self.clock_offset_s:+d}s",
-                   "FAKETIME_DONT_FAKE_MONOTONIC=1", *hkd]
+        if self.monotonic_offset_s:
+            # unshare execs it (no fork): the pid stays the HKD's, for signals.
+            hkd = ["unshare", "--time", f"--monotonic={self.monotonic_offset_s}",
+                   f"--boottime={self.monotonic_offset_s}", *hkd]
         argv = netns_argv(self.netns, hkd)
+        skewed = {"PYTHONPATH": str(SKEWED_CLOCK), "QVD_CLOCK_OFFSET_FILE": str(self.clock_file)}
         with open(self.log, "a") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=os.environ | self.env)
+                                         stdin=subprocess.DEVNULL,
+                                         env=os.environ | skewed | self.env)
 
     def signal(self, signum: int) -> None:
         assert self.proc is not None
@@ -135,20 +245,30 @@ class HkdNode:
 
 
 class Fleet:
-    """Nodes ``names`` on database ``url``, set up with one image, one user and ``vms`` VMs."""
+    """Nodes ``names`` on database ``url``, set up with one image, one user and ``vms`` VMs.
+
+    With ``network`` (and a ``server`` started by ``fleet_database``), each node is
+    linked to the database's namespace and reaches the server over TCP; the admin
+    keeps ``url``.
+    """
 
     def __init__(self, base: Path, url: str, names: tuple[str, ...], *, vms: int,
-                 timeout: int = 5, mount_only: bool = True) -> None:
+                 timeout: int = 5, mount_only: bool = True,
+                 network: tuple[PgServer, DbNetwork] | None = None) -> None:
         self.base = base
         self.url = url
         self.nodes: dict[str, HkdNode] = {}
+        self.network = network[1] if network is not None else None
+        node_url = network[0].tcp_url(url) if network is not None else url
         subprocess.run(["mount", "--bind", str(base), str(base)], check=True)
         subprocess.run(["mount", "--make-shared", str(base)], check=True)
         try:
             for name in names:
                 netns = f"qvdfleet-{name}-{secrets.token_hex(4)}"  # fleets may coexist
                 create_netns(netns)
-                self.nodes[name] = HkdNode(base, name, url, netns)
+                if self.network is not None:
+                    self.network.attach(netns)
+                self.nodes[name] = HkdNode(base, name, node_url, netns)
             self.admin = AdminCli(base / "admin", url)
             staging = base / "admin" / "staging"
             staging.mkdir()
@@ -177,6 +297,15 @@ class Fleet:
             self.nodes[name].start()
         for name in names or tuple(self.nodes):
             self.until_running(name)
+
+    def cut(self, name: str) -> None:
+        """Partition node ``name`` from the database (``DbNetwork.cut``)."""
+        assert self.network is not None, "this fleet's nodes use the database's socket"
+        self.network.cut(self.nodes[name].netns)
+
+    def heal(self, name: str) -> None:
+        assert self.network is not None
+        self.network.heal(self.nodes[name].netns)
 
     def until_running(self, name: str, timeout: float = 60) -> None:
         """Until host ``name`` is registered and ``running`` (reconciled, taking commands)."""

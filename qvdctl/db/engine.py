@@ -15,7 +15,10 @@ URL gets that driver) keeps the same promise with one transaction-level advisory
 lock taken by every writer at its start: writers run one at a time as on SQLite,
 so code that reads, then writes (the free IP of ``vm add``) stays correct, and
 readers never wait. Stale pooled connections (the server restarted under an HKD)
-are tested before use.
+are tested before use. Over TCP, a server that stops answering altogether (a partition:
+packets vanish, nothing is refused) fails a call within ``TCP_USER_TIMEOUT_S`` and an
+idle LISTEN within the keepalives', instead of the kernel's retransmissions (about 15
+minutes), so an HKD cut off from its database notices, and rejoins soon after it heals.
 
 Anything engine-specific stays in this module (and ``notify.py``, ``clock.py``); the
 rest of qvdctl speaks SQLAlchemy Core, so the schema and every query are the same on both.
@@ -43,6 +46,12 @@ BUSY_TIMEOUT_MS = 30_000
 WRITER_LOCK = 0x717664
 # A PostgreSQL server that does not answer within this is down, as far as we care.
 CONNECT_TIMEOUT_S = 5
+# Over TCP: unacknowledged data for this long ends the connection (libpq's tcp_user_timeout),
+# and an idle one is probed after KEEPALIVE_IDLE_S, every KEEPALIVE_INTERVAL_S, given up
+# after KEEPALIVE_COUNT probes unanswered. Only a dead network waits that long: a busy
+# server's kernel still acknowledges at once.
+TCP_USER_TIMEOUT_S = 10
+KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT = 5, 2, 3
 # The server ends a session idle this long inside a transaction: a process stopped there
 # (SIGSTOP, a swap storm) would otherwise hold the writer lock, and every other writer
 # (the fleet's lease renewals among them) would wait behind it for as long as it stays.
@@ -69,6 +78,9 @@ class Database:
         elif url.startswith("postgresql+psycopg://"):
             self.engine = create_engine(url, pool_pre_ping=True, connect_args={
                 "connect_timeout": CONNECT_TIMEOUT_S,
+                "tcp_user_timeout": TCP_USER_TIMEOUT_S * 1000,
+                "keepalives": 1, "keepalives_idle": KEEPALIVE_IDLE_S,
+                "keepalives_interval": KEEPALIVE_INTERVAL_S, "keepalives_count": KEEPALIVE_COUNT,
                 "options": f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_S}s",
             })
             event.listen(self.engine, "begin", _postgresql_begin)

@@ -18,10 +18,13 @@ cleans up as after any stop; the roots are unmounted when the HKD reconciles.
 
 To keep its promise on a node in trouble, it locks its memory (no page of it waits on a
 swap storm), runs at a real-time priority and is the last process the OOM killer picks.
-What it cannot survive is its own death while the HKD is stopped too: README.md ("What
-fencing guarantees") says what the admin adds for that (a hardware watchdog).
+What it cannot survive is its own death while the HKD is stopped too: for that, the
+admin names a hardware watchdog (``hkd.fence.watchdog``), which the fence feeds only
+while it can keep its promise (``watchdog.py``), and which otherwise resets the machine.
 
     HKD -> fence, one line each:   feed DEADLINE      (time.monotonic() seconds)
+                                   watchdog W GRACE   (its timeout, and how long after
+                                                       the deadline a reset may come)
                                    stop               (the HKD stopped every VM: exit)
 """
 
@@ -39,6 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from qvdctl.container.query import monitors
+from qvdctl.fleet.watchdog import Watchdog
 from qvdproc import processes
 
 # Named, not __name__: the process runs this module as __main__.
@@ -99,17 +103,22 @@ def _sigkill(pid: int, still: Callable[[], bool]) -> bool:
 
 
 class Fence:
-    """The HKD's handle on its fence process."""
+    """The HKD's handle on its fence process; ``watchdog``: a watchdog device's path, or
+    empty for none."""
 
-    def __init__(self, lxcpath: Path) -> None:
+    def __init__(self, lxcpath: Path, watchdog: str = "") -> None:
         self.lxcpath = lxcpath
+        self.watchdog_device = watchdog
         self.deadline: float | None = None
+        self.watchdog_line = ""
         self.proc = self._spawn()
 
     def _spawn(self) -> subprocess.Popen[bytes]:
+        argv = [sys.executable, "-m", MODULE, str(self.lxcpath)]
+        if self.watchdog_device:
+            argv.append(self.watchdog_device)
         # Its own session: a Ctrl+C for the HKD's terminal must not end the fence too.
-        proc = subprocess.Popen([sys.executable, "-m", MODULE, str(self.lxcpath)],
-                                stdin=subprocess.PIPE, start_new_session=True)
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, start_new_session=True)
         assert proc.stdin is not None
         # A fence that stops reading (stopped itself) must not block the HKD in a write.
         os.set_blocking(proc.stdin.fileno(), False)
@@ -120,6 +129,14 @@ class Fence:
         """The lease holds until ``deadline`` (``time.monotonic()``)."""
         self.deadline = deadline
         self._send(f"feed {deadline!r}\n")
+
+    def set_watchdog(self, timeout_s: int, grace_s: float) -> None:
+        """The watchdog's timeout, and how long after a deadline a reset may come (sent
+        only when they change; a no-op without a watchdog)."""
+        line = f"watchdog {timeout_s} {grace_s!r}\n"
+        if self.watchdog_device and line != self.watchdog_line:
+            self.watchdog_line = line
+            self._send(line)
 
     def retire_others(self) -> None:
         """End the fences a previous HKD of this node left waiting out its lease.
@@ -143,6 +160,8 @@ class Fence:
         log.error("the fence process %d ended (status %s); starting another",
                   self.proc.pid, self.proc.returncode)
         self.proc = self._spawn()
+        if self.watchdog_line:
+            self._send(self.watchdog_line)
         if self.deadline is not None:
             self.feed(self.deadline)
 
@@ -183,12 +202,14 @@ def _harden() -> None:
         log.info("fence: no real-time priority (%s); ordinary scheduling", exc.strerror)
 
 
-def run(lxcpath: Path, feeds: int) -> int:
-    """The fence's loop, reading the HKD's lines from descriptor ``feeds``."""
+def run(lxcpath: Path, feeds: int, watchdog: Watchdog | None = None) -> int:
+    """The fence's loop, reading the HKD's lines from descriptor ``feeds``; feeding
+    ``watchdog`` (if any) while it may (``watchdog.py``), and disarming it on a clean exit."""
     deadline: float | None = None
     fired = False
     hkd_gone = False
     pending = b""
+    dog_timeout, dog_grace = 0, 0.0
     while True:
         now = time.monotonic()
         if deadline is not None and now >= deadline:
@@ -198,14 +219,19 @@ def run(lxcpath: Path, feeds: int) -> int:
                             ", ".join(killed) or "nothing (no container ran)")
             fired = True
             if hkd_gone and not killed and now - deadline >= SETTLE_S:
-                return 0
+                break
             wait: float | None = RECHECK_S
         elif hkd_gone:
             if deadline is None:
-                return 0
+                break
             wait = deadline - now
         else:
             wait = None if deadline is None else deadline - now
+        if watchdog is not None and dog_timeout:
+            if ((deadline is not None and now + dog_timeout <= deadline + dog_grace)
+                    or (fired and not container_inits(lxcpath))):
+                watchdog.feed(dog_timeout)  # False: a previous fence holds it; next turn
+            wait = dog_timeout / 4 if wait is None else min(wait, dog_timeout / 4)
         if not select.select([] if hkd_gone else [feeds], [], [], wait)[0]:
             continue
         chunk = os.read(feeds, 4096)
@@ -220,20 +246,30 @@ def run(lxcpath: Path, feeds: int) -> int:
         for line in lines:
             word, _, value = line.decode().partition(" ")
             if word == "stop":
+                if watchdog is not None:
+                    watchdog.disarm()
                 return 0
+            if word == "watchdog":
+                timeout_s, grace_s = value.split()
+                dog_timeout, dog_grace = int(timeout_s), float(grace_s)
             if word == "feed":
                 deadline = max(deadline or 0.0, float(value))
                 if fired and deadline > time.monotonic():
                     log.warning("fence: the lease holds again; no longer killing")
                     fired = False
+    # The HKD is gone and nothing runs: the machine needs no reset.
+    if watchdog is not None:
+        watchdog.disarm()
+    return 0
 
 
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
-    (lxcpath,) = argv
+    lxcpath, *device = argv
     _harden()
-    return run(Path(lxcpath), sys.stdin.fileno())
+    watchdog = Watchdog(Path(device[0])) if device else None
+    return run(Path(lxcpath), sys.stdin.fileno(), watchdog)
 
 
 if __name__ == "__main__":

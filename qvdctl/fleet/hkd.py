@@ -43,7 +43,7 @@ from qvdctl.container import seam
 from qvdctl.db import store
 from qvdctl.db.notify import CONFIG_CHANGED, Listener, vm_commands
 from qvdctl.errors import QvdError
-from qvdctl.fleet import commands, lease
+from qvdctl.fleet import commands, lease, watchdog
 from qvdctl.fleet.commands import Cmd
 from qvdctl.fleet.fence import Fence
 from qvdctl.fleet.lease import HostState
@@ -83,7 +83,10 @@ class Hkd:
         self.stopping = False
         self.fenced = False
         self.last_renewal = time.monotonic()
-        self.fence = Fence(seam.lxcpath_from(self.settings))
+        # Read once, as the metrics' address: a new device takes an HKD restart.
+        if device := self.settings["hkd.fence.watchdog"]:
+            watchdog.check_device(device)
+        self.fence = Fence(seam.lxcpath_from(self.settings), device)
         self.metrics = Metrics(node, lambda: self.settings, lambda: self.host_id,
                                lambda: time.monotonic() - self.last_renewal)
 
@@ -215,7 +218,13 @@ class Hkd:
     def _renewed(self, sent: float) -> None:
         """The database accepted a renewal sent at ``sent``: the lease holds from then."""
         self.last_renewal = sent
-        self.fence.feed(sent + lease.valid_for(lease.timeout(self.settings)))
+        limit = lease.timeout(self.settings)
+        # The watchdog follows the lease (T may have been changed): first, so the fence
+        # never judges a new deadline by an old timeout.
+        self.fence.set_watchdog(
+            watchdog.timeout_for(lease.valid_for(limit), lease.heartbeat(self.settings)),
+            lease.margin(limit) / 2)
+        self.fence.feed(sent + lease.valid_for(limit))
 
     def _fence(self, why: str) -> None:
         """Stop everything this node runs, from local knowledge only."""

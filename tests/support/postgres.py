@@ -1,5 +1,10 @@
 """A throwaway PostgreSQL server for the tests: Debian's binaries, a temporary folder,
-a Unix socket in that folder and no TCP listener at all.
+a Unix socket in that folder and, by default, no TCP listener at all.
+
+A fleet that must be cut off from its database (``tools/fleet.py``'s ``DbNetwork``)
+starts the server inside a network namespace of its own, listening on one address there
+(``netns``, ``address``); the nodes reach it over TCP (``tcp_url``), the admin still over
+the socket, which no network fault touches.
 
 PostgreSQL refuses to run as root, so the cluster belongs to the ``postgres`` user
 the Debian package creates and the server runs as that user (``runuser``); clients
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import ipaddress
 import os
 import pwd
 import shutil
@@ -22,8 +28,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy.engine import make_url
 
 SUPERUSER = "qvd"
+# The length of the network prefix of a TCP listener's clients (see ``pg_server``).
+PREFIX = 24
 
 
 def _bindir() -> Path | None:
@@ -31,8 +40,11 @@ def _bindir() -> Path | None:
     return Path(found[-1]).parent if found else None
 
 
-def _as_postgres(argv: list[str], **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(["runuser", "-u", "postgres", "--", *argv], check=True,
+def _as_postgres(argv: list[str], netns: str | None = None,
+                 **kw) -> subprocess.CompletedProcess:
+    """``argv`` run as the postgres user (in network namespace ``netns``, if given)."""
+    enter = ["nsenter", f"--net=/run/netns/{netns}"] if netns is not None else []
+    return subprocess.run([*enter, "runuser", "-u", "postgres", "--", *argv], check=True,
                           capture_output=True, text=True, timeout=120, **kw)
 
 
@@ -55,8 +67,11 @@ def _template(bindir: Path) -> Path:
 class PgServer:
     """One running server; ``url(name)`` creates database ``name`` and returns its URL."""
 
-    def __init__(self, bindir: Path) -> None:
+    def __init__(self, bindir: Path, netns: str | None = None,
+                 address: str | None = None) -> None:
         self.bindir = bindir
+        self.netns = netns
+        self.address = address
         self.dir = Path(tempfile.mkdtemp(prefix="qvd-pg-"))
         self.data = self.dir / "data"
         shutil.copytree(_template(bindir) / "data", self.data, symlinks=True)
@@ -64,12 +79,19 @@ class PgServer:
         for path in [self.dir, *self.data.rglob("*"), self.data]:
             os.lchown(path, postgres.pw_uid, postgres.pw_gid)
         os.chmod(self.data, 0o700)
+        if address is not None:  # clients on the namespace's network, as on the socket
+            with open(self.data / "pg_hba.conf", "a") as hba:
+                clients = ipaddress.ip_network(f"{address}/{PREFIX}", strict=False)
+                hba.write(f"host all all {clients} trust\n")
         self._databases = 0
 
     def start(self) -> None:
-        options = f"-k {self.dir} -c listen_addresses='' -c max_connections=300 -c fsync=off"
+        options = (f"-k {self.dir} -c listen_addresses='{self.address or ''}'"
+                   " -c max_connections=300 -c fsync=off")
+        # In its namespace: the postmaster, and so every backend, lives there.
         _as_postgres([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l",
-                      str(self.dir / "log"), "-o", options, "-w", "-t", "60", "start"])
+                      str(self.dir / "log"), "-o", options, "-w", "-t", "60", "start"],
+                     self.netns)
 
     def stop(self, mode: str = "fast") -> None:
         """``mode`` "immediate": a crash (no checkpoint; the next start recovers)."""
@@ -94,6 +116,11 @@ class PgServer:
         self.psql(f"CREATE DATABASE {name}")
         return f"postgresql+psycopg://{SUPERUSER}@/{name}?host={self.dir}"
 
+    def tcp_url(self, url: str) -> str:
+        """The URL of ``url``'s database over TCP (the server was given an ``address``)."""
+        assert self.address is not None, "this server listens on its socket only"
+        return f"postgresql+psycopg://{SUPERUSER}@{self.address}:5432/{make_url(url).database}"
+
     def remove(self) -> None:
         with contextlib.suppress(subprocess.CalledProcessError):
             if self.running():
@@ -102,12 +129,16 @@ class PgServer:
 
 
 @contextlib.contextmanager
-def pg_server() -> Iterator[PgServer]:
-    """A started server, stopped and removed on the way out; skips if PostgreSQL is absent."""
+def pg_server(netns: str | None = None, address: str | None = None) -> Iterator[PgServer]:
+    """A started server, stopped and removed on the way out; skips if PostgreSQL is absent.
+
+    With ``netns`` and ``address``, it runs in that network namespace and also listens
+    on TCP at that address (clients from the address's /PREFIX network are trusted).
+    """
     bindir = _bindir()
     if bindir is None or shutil.which("runuser") is None:
         pytest.skip("PostgreSQL is not installed (scripts/setup.sh installs it)")
-    server = PgServer(bindir)
+    server = PgServer(bindir, netns, address)
     try:
         server.start()
         yield server
