@@ -34,7 +34,7 @@ from qvdctl.node import Node
 from tools.fleet import Fleet, until
 from tests.support.postgres import PgServer, _bindir
 
-CLAIM = re.compile(r"VM (\d+): claimed (start|stop) \(queued (\d+) ms ago\)")
+CLAIM = re.compile(r"VM \S+ \(id (\d+)\): claimed (start|stop) \(queued (\d+) ms ago\)")
 
 
 def _percentile(values: list[float], share: float) -> float:

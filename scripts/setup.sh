@@ -16,7 +16,7 @@ APT_PACKAGES=(
     mmdebstrap                             # builds the cached Debian image (tools/debian_image.py)
     attr acl fio iproute2 bridge-utils kmod
     postgresql                             # a fleet's shared database; tests start their own
-    faketime                               # the fleet tests set a node's clock minutes off
+    nftables                               # make chaos cuts a node off from its database
     chromium chromium-driver               # the web admin's tests drive a real headless browser
     dh-virtualenv debhelper dpkg-dev lintian help2man   # make deb: the package, its check, man pages
 )

@@ -8,17 +8,20 @@ Every step is one conditional UPDATE, so two admins starting one VM queue it onc
 and two threads (or HKDs) seeing one command claim it once: no command runs twice.
 The HKD then runs today's ``start_vm`` / ``stop_vm``, which move the VM's state
 through ``change_state`` as in a single node. ``cmd_at`` records when a command was
-queued, so the HKD can log how long it waited (the benchmark's pickup latency).
+queued, on the database's clock (``db/clock.py``), and ``claim`` returns how long it
+waited on that same clock: the HKD logs it (the benchmark's pickup latency), right
+whatever the admin's and the node's own clocks say.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-import time
+from typing import NamedTuple
 
 from sqlalchemy import ColumnElement, Connection, and_, or_, select, update
 
+from qvdctl.db.clock import db_now
 from qvdctl.db.schema import vms
 from qvdctl.db.states import VmState
 
@@ -48,7 +51,7 @@ def queue_start(conn: Connection, vm_id: int, host_id: int, *, zombie: bool = Fa
     if zombie:
         where = and_(where, vms.c.host_id == host_id)
     stmt = update(vms).where(where).values(
-        host_id=host_id, vm_cmd=Cmd.START.value, cmd_at=time.time(), error=None
+        host_id=host_id, vm_cmd=Cmd.START.value, cmd_at=db_now(), error=None
     )
     return conn.execute(stmt).rowcount == 1
 
@@ -60,7 +63,7 @@ def queue_stop(conn: Connection, vm_id: int) -> bool:
         vms.c.host_id.is_not(None),
         vms.c.state.in_([s.value for s in STOPPABLE]),
         or_(vms.c.vm_cmd.is_(None), vms.c.vm_cmd == Cmd.BUSY.value),
-    )).values(vm_cmd=Cmd.STOP.value, cmd_at=time.time(), error=None)
+    )).values(vm_cmd=Cmd.STOP.value, cmd_at=db_now(), error=None)
     return conn.execute(stmt).rowcount == 1
 
 
@@ -76,23 +79,35 @@ def _unqueue_starts(conn: Connection, which: ColumnElement[bool], why: str | Non
     return conn.execute(stmt).rowcount
 
 
-def pending(conn: Connection, host_id: int) -> list[tuple[int, Cmd, float | None]]:
-    """The commands queued for ``host_id``, oldest first: (VM id, command, queued at)."""
+class Pending(NamedTuple):
+    """A command queued for a host."""
+
+    vm_id: int
+    name: str
+    cmd: Cmd
+
+
+def pending(conn: Connection, host_id: int) -> list[Pending]:
+    """The commands queued for ``host_id``, oldest first."""
     stmt = (
-        select(vms.c.id, vms.c.vm_cmd, vms.c.cmd_at)
+        select(vms.c.id, vms.c.name, vms.c.vm_cmd)
         .where(and_(vms.c.host_id == host_id,
                     vms.c.vm_cmd.in_([Cmd.START.value, Cmd.STOP.value])))
         .order_by(vms.c.cmd_at, vms.c.id)
     )
-    return [(vm_id, Cmd(cmd), at) for vm_id, cmd, at in conn.execute(stmt)]
+    return [Pending(vm_id, name, Cmd(cmd)) for vm_id, name, cmd in conn.execute(stmt)]
 
 
-def claim(conn: Connection, host_id: int, vm_id: int, cmd: Cmd) -> bool:
-    """Claim command ``cmd`` of VM ``vm_id`` for ``host_id``; True for exactly one claimer."""
+def claim(conn: Connection, host_id: int, vm_id: int, cmd: Cmd) -> float | None:
+    """Claim command ``cmd`` of VM ``vm_id`` for ``host_id``: for exactly one claimer, the
+    seconds it waited since it was queued (the database's clock); None for the others."""
     stmt = update(vms).where(and_(
         vms.c.id == vm_id, vms.c.host_id == host_id, vms.c.vm_cmd == cmd.value
-    )).values(vm_cmd=Cmd.BUSY.value)
-    return conn.execute(stmt).rowcount == 1
+    )).values(vm_cmd=Cmd.BUSY.value).returning(db_now() - vms.c.cmd_at)
+    row = conn.execute(stmt).first()
+    if row is None:
+        return None
+    return float(row[0]) if row[0] is not None else 0.0
 
 
 def finish(conn: Connection, vm_id: int, error: str | None, *, drop_queued: bool = False) -> None:

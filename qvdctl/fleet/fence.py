@@ -22,6 +22,10 @@ What it cannot survive is its own death while the HKD is stopped too: for that, 
 admin names a hardware watchdog (``hkd.fence.watchdog``), which the fence feeds only
 while it can keep its promise (``watchdog.py``), and which otherwise resets the machine.
 
+    fence -> HKD:                  fired              (it killed: the HKD must clean up
+                                                       and rejoin, even if a renewal it
+                                                       sent in time has been accepted
+                                                       since, too late to feed the fence)
     HKD -> fence, one line each:   feed DEADLINE      (time.monotonic() seconds)
                                    watchdog W GRACE   (its timeout, and how long after
                                                        the deadline a reset may come)
@@ -118,10 +122,13 @@ class Fence:
         if self.watchdog_device:
             argv.append(self.watchdog_device)
         # Its own session: a Ctrl+C for the HKD's terminal must not end the fence too.
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, start_new_session=True)
-        assert proc.stdin is not None
-        # A fence that stops reading (stopped itself) must not block the HKD in a write.
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                start_new_session=True)
+        assert proc.stdin is not None and proc.stdout is not None
+        # A fence that stops reading (stopped itself) must not block the HKD in a write,
+        # nor one that says nothing block it in a read.
         os.set_blocking(proc.stdin.fileno(), False)
+        os.set_blocking(proc.stdout.fileno(), False)
         log.info("fence process %d watches the containers of %s", proc.pid, self.lxcpath)
         return proc
 
@@ -137,6 +144,17 @@ class Fence:
         if self.watchdog_device and line != self.watchdog_line:
             self.watchdog_line = line
             self._send(line)
+
+    def fired(self) -> bool:
+        """Whether the fence killed this node's containers since the last call."""
+        assert self.proc.stdout is not None
+        said = b""
+        try:
+            while chunk := os.read(self.proc.stdout.fileno(), 4096):
+                said += chunk
+        except BlockingIOError:
+            pass
+        return b"fired\n" in said
 
     def retire_others(self) -> None:
         """End the fences a previous HKD of this node left waiting out its lease.
@@ -202,6 +220,13 @@ def _harden() -> None:
         log.info("fence: no real-time priority (%s); ordinary scheduling", exc.strerror)
 
 
+def _tell_hkd(line: bytes) -> None:
+    try:
+        os.write(sys.stdout.fileno(), line)
+    except (BrokenPipeError, BlockingIOError):
+        pass  # the HKD is gone, or not reading: it rejoins when it renews late anyway
+
+
 def run(lxcpath: Path, feeds: int, watchdog: Watchdog | None = None) -> int:
     """The fence's loop, reading the HKD's lines from descriptor ``feeds``; feeding
     ``watchdog`` (if any) while it may (``watchdog.py``), and disarming it on a clean exit."""
@@ -217,6 +242,8 @@ def run(lxcpath: Path, feeds: int, watchdog: Watchdog | None = None) -> int:
             if not fired or killed:
                 log.warning("fence: the lease ran out %.2f s ago; killed %s", now - deadline,
                             ", ".join(killed) or "nothing (no container ran)")
+            if not fired and not hkd_gone:
+                _tell_hkd(b"fired\n")
             fired = True
             if hkd_gone and not killed and now - deadline >= SETTLE_S:
                 break

@@ -77,6 +77,7 @@ class Hkd:
         self.host_id = 0
         self.settings: Settings = node.settings()
         self.jobs: dict[int, concurrent.futures.Future[None]] = {}
+        self.vm_names: dict[int, str] = {}  # VM id -> name, as last read, for log lines
         # As many threads as vm.lifecycle.parallel may ever allow; the claims keep the bound.
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="hkd")
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -109,6 +110,12 @@ class Hkd:
         try:
             while not self.stopping:
                 self.fence.check()
+                if self.fence.fired() and not self.fenced:
+                    # Its deadline passed while this loop stood still; maybe with a
+                    # renewal in flight that the database accepted since, too late to
+                    # save the VMs, so the renewal's own check would not see the lapse.
+                    self._fence("the lease lapsed (the fence killed this node's VMs at"
+                                " its deadline)")
                 ping_in = self.systemd.ping_due()
                 now = time.monotonic()
                 if now >= next_beat:
@@ -257,18 +264,20 @@ class Hkd:
             seam.stop_vm_container(vm_id=vm_id, settings=self.settings)
             if rootfs is not None:
                 mounting.unmount_tree(rootfs, lazy_fallback=True)
-            log.info("VM %d: stopped and unmounted on this node", vm_id)
+            log.info("%s: stopped and unmounted on this node", self._vm(vm_id))
         except Exception as exc:
-            log.error("VM %d: could not stop what runs of it here: %s", vm_id, exc)
+            log.error("%s: could not stop what runs of it here: %s", self._vm(vm_id), exc)
 
     def _reconcile(self) -> None:
         with self.node.db.reader() as conn:
-            mine = {row["id"]: row for row in store.list_vms(conn)
-                    if row["host_id"] == self.host_id}
+            rows = store.list_vms(conn)
+        self.vm_names.update((row["id"], row["name"]) for row in rows)
+        mine = {row["id"]: row for row in rows if row["host_id"] == self.host_id}
         for vm_id, rootfs in self._local_vms().items():
             row = mine.get(vm_id)
             if row is None or row["state"] == VmState.STOPPED:
-                log.warning("VM %d runs here but not in the database: stopping it", vm_id)
+                log.warning("%s runs here but not in the database: stopping it",
+                            self._vm(vm_id))
                 self._remove_local(vm_id, rootfs)
                 self.systemd.ping_due()
         for name, why in reconcile(self.node):
@@ -281,7 +290,7 @@ class Hkd:
             self.systemd.ping_due()
             try:
                 stop_vm(self.node, load_vm(self.node, vm_id))
-                log.info("VM %d: cleaned up what a previous HKD left", vm_id)
+                log.info("%s: cleaned up what a previous HKD left", self._vm(vm_id))
             except QvdError as exc:
                 log.warning("%s", exc)
 
@@ -297,25 +306,30 @@ class Hkd:
         except QvdError as exc:
             log.debug("reading commands: %s", exc)
             return
-        for vm_id, cmd, queued_at in queued:
+        for vm_id, name, cmd in queued:
+            self.vm_names[vm_id] = name
             if free <= 0:
                 break
             if vm_id in self.jobs:
                 continue  # a stop queued during its start: taken once the start is done
             try:
                 with self.node.db.writer() as conn:
-                    claimed = commands.claim(conn, self.host_id, vm_id, cmd)
+                    waited = commands.claim(conn, self.host_id, vm_id, cmd)
             except QvdError as exc:
                 log.debug("claiming: %s", exc)
                 return
-            if not claimed:
+            if waited is None:
                 continue
-            waited = time.time() - queued_at if queued_at else 0.0
-            log.info("VM %d: claimed %s (queued %.0f ms ago)", vm_id, cmd, waited * 1000)
-            # The queueing time is the admin's clock: a skew must not make it negative.
+            log.info("%s: claimed %s (queued %.0f ms ago)", self._vm(vm_id), cmd, waited * 1000)
             self.metrics.pickup_seconds.observe(max(waited, 0.0))
             self.jobs[vm_id] = self.pool.submit(self._run_command, vm_id, cmd)
             free -= 1
+
+    def _vm(self, vm_id: int) -> str:
+        """How log lines name VM ``vm_id``: its name and id (the id alone if the name is
+        unknown: a container the database does not know)."""
+        name = self.vm_names.get(vm_id)
+        return f"VM {name} (id {vm_id})" if name is not None else f"VM with id {vm_id}"
 
     def _run_command(self, vm_id: int, cmd: Cmd) -> None:
         error = None
@@ -327,18 +341,18 @@ class Hkd:
             else:
                 with self.metrics.stop_seconds.time():
                     stop_vm(self.node, vm)
-            log.info("VM %s: %s done", vm.name, cmd)
+            log.info("%s: %s done", self._vm(vm_id), cmd)
         except QvdError as exc:
             error = str(exc)
-            log.warning("VM %d: %s failed: %s", vm_id, cmd, error)
+            log.warning("%s: %s failed: %s", self._vm(vm_id), cmd, error)
         except Exception as exc:  # a bug: the admin still gets one line, the log the rest
-            log.exception("VM %d: %s crashed", vm_id, cmd)
+            log.exception("%s: %s crashed", self._vm(vm_id), cmd)
             error = f"{cmd} of VM {vm_id} failed on host {self.name}: {exc}"
         try:
             with self.node.db.writer() as conn:
                 commands.finish(conn, vm_id, error)
         except QvdError as exc:
-            log.warning("VM %d: recording the end of %s: %s", vm_id, cmd, exc)
+            log.warning("%s: recording the end of %s: %s", self._vm(vm_id), cmd, exc)
         finally:
             self._wake()
 

@@ -217,8 +217,12 @@ def test_node_clocks_hours_apart_and_stepping_never_put_a_vm_on_two_nodes(
         with Observer(f.nodes) as seen:
             f.admin.run("vm", "start", "-f", "name=v1", "host=node-a")
             until(lambda: seen.where("qvd-1") == {"node-a"}, "v1 seen on node-a", 10)
-            (claimed,) = _stamps(a, "VM 1: claimed start")
+            (claimed,) = _stamps(a, "VM v1 \\(id 1\\): claimed start")
             assert abs(claimed - time.time() + 300) < 60  # node-a's HKD reads its slow clock
+            # How long the start waited is on the database's clock, not 5 minutes off.
+            queued = re.search(r"VM v1 \(id 1\): claimed start \(queued (-?\d+) ms ago\)",
+                               a.log_text())
+            assert queued is not None and 0 <= int(queued.group(1)) < 10_000, queued
 
             a.set_clock_offset(3300)
             b.set_clock_offset(-3300)

@@ -97,7 +97,8 @@ def test_pinning_blocking_and_no_live_host(fleet: Fleet) -> None:
 
 
 def test_two_clis_starting_one_vm_start_it_once(fleet: Fleet) -> None:
-    logs_before = "".join(n.log_text() for n in fleet.nodes.values()).count("VM 1: claimed start")
+    claimed = "VM v1 (id 1): claimed start"
+    logs_before = "".join(n.log_text() for n in fleet.nodes.values()).count(claimed)
     procs = [subprocess.Popen(fleet.admin.argv("vm", "start", "-f", "name=v1"),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
@@ -109,7 +110,7 @@ def test_two_clis_starting_one_vm_start_it_once(fleet: Fleet) -> None:
     host = _placement(fleet)["v1"]
     assert len(fleet.nodes[host].mounts()) == 1
     logs = "".join(node.log_text() for node in fleet.nodes.values())
-    assert logs.count("VM 1: claimed start") == 1 + logs_before
+    assert logs.count(claimed) == 1 + logs_before
 
 
 def test_no_wait_returns_once_queued(fleet: Fleet) -> None:
