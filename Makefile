@@ -27,7 +27,8 @@ test-fast: setup
 	scripts/unprivileged.sh -m pytest -q -p no:cacheprovider $(FAST_TESTS)
 
 # Faults injected into three HKDs on one PostgreSQL (tools/chaos.py): seeded, it prints the
-# seed; CHAOS_ARGS="--seed N" replays a run, "--faults N" sets its length (30: ~15 minutes).
+# seed; CHAOS_ARGS="--seed N" replays a run, "--faults N" sets its length (30: ~9 minutes,
+# 100: ~30 minutes on this shared machine).
 chaos: setup
 	.venv/bin/python -m tools.chaos $(CHAOS_ARGS)
 

@@ -65,7 +65,8 @@ class Report:
     seed: int
     timeout: int
     survived: Counter[str] = dataclasses.field(default_factory=Counter)
-    moved_s: list[float] = dataclasses.field(default_factory=list)
+    # Per fault kind: how long each VM of the failed node took to run elsewhere.
+    moved_s: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     failures: list[str] = dataclasses.field(default_factory=list)
     samples: int = 0
     rate: float = 0.0
@@ -75,10 +76,13 @@ class Report:
                f" at {self.rate:.0f} a second",
                "faults survived: " + ", ".join(f"{k} {self.survived[k]}" for k in KINDS)
                + f" (total {sum(self.survived.values())})"]
-        if self.moved_s:
-            out.append(f"a lost node's VM running elsewhere after the fault: median"
-                       f" {statistics.median(self.moved_s):.1f} s, worst {max(self.moved_s):.1f} s"
-                       f" ({len(self.moved_s)} moves)")
+        every = [t for times in self.moved_s.values() for t in times]
+        for what, times in [("", every), *((f" ({k})", self.moved_s[k]) for k in KINDS
+                                           if k in self.moved_s)]:
+            if times:
+                out.append(f"a lost node's VM running elsewhere after the fault{what}:"
+                           f" median {statistics.median(times):.1f} s,"
+                           f" worst {max(times):.1f} s ({len(times)} moves)")
         out += [f"FAILED: {failure}" for failure in self.failures] or ["no violation"]
         return out
 
@@ -116,7 +120,7 @@ class Chaos:
         node.signal(signal.SIGKILL)
         node.wait()
         at = time.monotonic()
-        self._move_away(node.name, at)
+        self._move_away(node.name, at, "sigkill")
         time.sleep(max(at + self.rng.uniform(0.0, 1.0) * self.timeout - time.monotonic(), 0))
         node.start()
         self.fleet.until_running(node.name)
@@ -126,7 +130,7 @@ class Chaos:
         node.signal(signal.SIGSTOP)
         at = time.monotonic()
         try:
-            self._move_away(node.name, at)
+            self._move_away(node.name, at, "sigstop")
             time.sleep(max(at + self.rng.uniform(1.2, 2.5) * self.timeout - time.monotonic(), 0))
         finally:
             node.signal(signal.SIGCONT)
@@ -137,7 +141,7 @@ class Chaos:
         self.fleet.cut(node.name)
         at = time.monotonic()
         try:
-            self._move_away(node.name, at)
+            self._move_away(node.name, at, "partition")
             time.sleep(max(at + self.rng.uniform(1.2, 2.5) * self.timeout - time.monotonic(), 0))
         finally:
             self.fleet.heal(node.name)
@@ -175,7 +179,7 @@ class Chaos:
 
     # --- the admin and the checker ----------------------------------------------
 
-    def _move_away(self, lost: str, fault_at: float) -> None:
+    def _move_away(self, lost: str, fault_at: float, kind: str) -> None:
         """Start the VMs of node ``lost`` again elsewhere; record how long each took."""
         mine = [name for name, row in self.fleet.admin.vms().items() if row["Host"] == lost]
         for name in mine:
@@ -186,7 +190,7 @@ class Chaos:
                   self.bound)
             back = self.seen.first_elsewhere(container, lost, fault_at)
             assert back is not None
-            self.report.moved_s.append(back - fault_at)
+            self.report.moved_s.setdefault(kind, []).append(back - fault_at)
             if back - fault_at > self.bound:
                 self.report.failures.append(f"{name} ran again {back - fault_at:.1f} s after"
                                             f" {lost} failed; the bound is {self.bound:.1f} s")

@@ -64,6 +64,8 @@ log = logging.getLogger(__name__)
 # The safety-net poll when NOTIFY is there (stock: about a minute); SQLite has only the poll.
 POLL_S = 60.0
 SQLITE_POLL_S = 0.5
+# A renewal that failed is tried again this soon (or at the next heartbeat, if sooner).
+RETRY_S = 5.0
 
 
 class Hkd:
@@ -119,8 +121,12 @@ class Hkd:
                 ping_in = self.systemd.ping_due()
                 now = time.monotonic()
                 if now >= next_beat:
-                    self._beat()
-                    next_beat = now + lease.heartbeat(self.settings)
+                    held = self._beat()
+                    # A renewal that failed is tried again soon: it may yet save the lease,
+                    # and a node fenced by a partition rejoins soon after it heals (at
+                    # the stock T, a heartbeat is two minutes).
+                    beat = lease.heartbeat(self.settings)
+                    next_beat = now + (beat if held else min(beat, RETRY_S))
                 if not self.fenced:
                     self._take_commands()
                 self._reap()
@@ -188,8 +194,9 @@ class Hkd:
             lease.set_state(conn, self.host_id, HostState.RUNNING)
         self.fenced = False
 
-    def _beat(self) -> None:
-        """Renew the lease and mark expired hosts lost; fence if renewing keeps failing."""
+    def _beat(self) -> bool:
+        """Renew the lease and mark expired hosts lost; fence if renewing keeps failing.
+        Whether this node holds its lease now (renewed, or rejoined)."""
         sent = time.monotonic()
         try:
             with self.node.db.writer() as conn:
@@ -201,7 +208,7 @@ class Hkd:
                 if silent < lease.valid_for(lease.timeout(self.settings)):
                     self._renewed(sent)
                     self._reload_settings("heartbeat")  # the safety net under the NOTIFY
-                    return
+                    return True
                 why = f"the lease lapsed ({silent:.1f} s unrenewed; this loop was stuck)"
             else:
                 why = "this host was marked lost"
@@ -210,7 +217,7 @@ class Hkd:
             log.warning("cannot renew the lease (%.1f s without): %s", silent, exc)
             if not self.fenced and silent >= lease.valid_for(lease.timeout(self.settings)):
                 self._fence(f"no lease renewal for {silent:.1f} s")
-            return
+            return False
         # Marked lost behind our back (what we ran may run elsewhere by now), a lease
         # that lapsed (the fence process has killed what ran here), or fenced and the
         # database answers again: in each case, clean up and join afresh.
@@ -220,7 +227,10 @@ class Hkd:
         try:
             self._join()
         except QvdError as exc:
-            log.warning("rejoining failed, retrying at the next heartbeat: %s", exc)
+            log.warning("rejoining failed, retrying in %.0f s: %s",
+                        min(lease.heartbeat(self.settings), RETRY_S), exc)
+            return False
+        return True
 
     def _renewed(self, sent: float) -> None:
         """The database accepted a renewal sent at ``sent``: the lease holds from then."""

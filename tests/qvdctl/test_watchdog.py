@@ -28,6 +28,7 @@ from tools.cli import Cli
 pytestmark = pytest.mark.timeout(60)
 
 TIMEOUT_S, GRACE_S = 1, 0.5
+LEASE_S = 1.5  # what the fixture's fence is fed
 
 
 class Recorder(Watchdog):
@@ -82,11 +83,11 @@ def dog() -> Recorder:
 
 @pytest.fixture
 def running(tmp_path: Path, dog: Recorder) -> Iterator[FenceThread]:
-    """A fence of an lxcpath with no containers, fed a 2.5 s lease."""
+    """A fence of an lxcpath with no containers, fed a lease of LEASE_S."""
     f = FenceThread(tmp_path, dog)
     try:
         f.send(f"watchdog {TIMEOUT_S} {GRACE_S}\n")
-        f.send(f"feed {time.monotonic() + 2.5!r}\n")
+        f.send(f"feed {time.monotonic() + LEASE_S!r}\n")
         yield f
     finally:
         f.close()
@@ -96,11 +97,11 @@ def running(tmp_path: Path, dog: Recorder) -> Iterator[FenceThread]:
 def test_fed_while_the_lease_holds_never_late_enough_to_outlive_the_deadline(
     running: FenceThread, dog: Recorder,
 ) -> None:
-    deadline = time.monotonic() + 2.5  # within the fixture's, a moment later
-    time.sleep(3.5)
+    deadline = time.monotonic() + LEASE_S  # within the fixture's, a moment later
+    time.sleep(LEASE_S + 1)
     before = [t for t in dog.fed if t < deadline - 0.1]
     # Fed often (a quarter of the timeout, with room for a busy machine) ...
-    assert before and before[0] - (deadline - 2.5) < 0.5
+    assert before and before[0] - (deadline - LEASE_S) < 0.5
     assert max(b - a for a, b in zip(before, before[1:])) < 0.5
     # ... and never so late that a fence stuck right after could outlive deadline + grace.
     assert all(t + TIMEOUT_S <= deadline + GRACE_S for t in before)
@@ -118,8 +119,8 @@ def test_not_fed_past_the_deadline_while_a_container_outlives_its_kill(
     reset, so the fence stops feeding, for as long as it lasts."""
     monkeypatch.setattr(fence, "container_inits", lambda _lxcpath: {4242: (4241, "qvd-1")})
     monkeypatch.setattr(fence, "kill_containers", lambda _lxcpath: [])
-    deadline = time.monotonic() + 2.5
-    time.sleep(4.0)
+    deadline = time.monotonic() + LEASE_S
+    time.sleep(LEASE_S + 1.5)
     assert dog.fed and all(t + TIMEOUT_S <= deadline + GRACE_S + 0.05 for t in dog.fed)
     assert dog.disarmed_at is None
 
@@ -128,7 +129,7 @@ def test_a_gone_hkd_disarms_it_once_the_lease_is_out_and_nothing_runs(
     running: FenceThread, dog: Recorder,
 ) -> None:
     running.close()
-    assert running.join(2.5 + fence.SETTLE_S + 5) == 0
+    assert running.join(LEASE_S + fence.SETTLE_S + 5) == 0
     assert dog.disarmed_at is not None and dog.fed[-1] <= dog.disarmed_at
 
 
