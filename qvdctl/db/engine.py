@@ -81,7 +81,15 @@ class Database:
                 "tcp_user_timeout": TCP_USER_TIMEOUT_S * 1000,
                 "keepalives": 1, "keepalives_idle": KEEPALIVE_IDLE_S,
                 "keepalives_interval": KEEPALIVE_INTERVAL_S, "keepalives_count": KEEPALIVE_COUNT,
-                "options": f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_S}s",
+                # The server's side of the same bounds: a backend of a client cut off
+                # in the middle of a writer transaction, blocked sending it a reply,
+                # is not idle, and would hold the writer lock for the kernel's 15
+                # minutes of retransmissions.
+                "options": f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_S}s"
+                           f" -c tcp_user_timeout={TCP_USER_TIMEOUT_S * 1000}"
+                           f" -c tcp_keepalives_idle={KEEPALIVE_IDLE_S}"
+                           f" -c tcp_keepalives_interval={KEEPALIVE_INTERVAL_S}"
+                           f" -c tcp_keepalives_count={KEEPALIVE_COUNT}",
             })
             event.listen(self.engine, "begin", _postgresql_begin)
         else:

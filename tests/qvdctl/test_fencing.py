@@ -19,14 +19,18 @@ import datetime
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from qvdctl.db import engine
 from qvdctl.fleet import lease
 from tools.fleet import Fleet, HkdNode, Observer, fleet_database, until
+from tools.sandbox import netns_argv, scratch_netns
 from tests.support.postgres import PgServer, postgres  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.timeout(300)
@@ -147,6 +151,26 @@ def test_a_node_cut_off_from_the_database_fences_itself_before_another_takes_ove
             assert (vms["v1"]["State"], vms["v1"]["Host"]) == ("running", "node-b")
         finally:
             f.close()
+
+
+def test_a_session_over_tcp_is_bounded_on_both_sides_of_a_partition() -> None:
+    """The server's side of a node's session gives up on a silent network as the node's
+    does (``db/engine.py``): a backend blocked replying to a cut-off node would otherwise
+    hold the writer lock, and every node's renewal, for the kernel's 15 minutes."""
+    settings = ("tcp_user_timeout", "tcp_keepalives_idle", "tcp_keepalives_interval",
+                "tcp_keepalives_count")
+    show = ("import sys; from sqlalchemy import text; from qvdctl.db.engine import Database\n"
+            "with Database(sys.argv[1]).reader() as conn:\n"
+            f"    print(*(conn.execute(text('SHOW ' + k)).scalar() for k in {settings!r}))")
+    with fleet_database() as (server, network), scratch_netns("qvdtcp") as netns:
+        network.attach(netns)
+        result = subprocess.run(netns_argv(netns, [sys.executable, "-c", show,
+                                                   server.tcp_url(server.url())]),
+                                capture_output=True, text=True, timeout=60)
+    assert result.stdout.split() == [str(engine.TCP_USER_TIMEOUT_S * 1000),
+                                     str(engine.KEEPALIVE_IDLE_S),
+                                     str(engine.KEEPALIVE_INTERVAL_S),
+                                     str(engine.KEEPALIVE_COUNT)], result.stderr
 
 
 @contextlib.contextmanager
