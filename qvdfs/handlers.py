@@ -200,10 +200,10 @@ class UnionFilesystem:
         with self.lock:
             pnode = self._node(parent)
             mode = self._mode(pnode, mode, ctx)
-            node, _ = self.union.create_entry(
+            node, _, made = self.union.create_entry(
                 pnode, name, stat.S_IFDIR, ctx.uid, ctx.gid,
                 lambda dirfd, n: os.mkdir(n, stat.S_IMODE(mode), dir_fd=dirfd))
-            return self._entry(node)
+            return self._entry(node, made)
 
     def mknod(self, parent: int, name: bytes, mode: int, rdev: int, ctx: Context) -> Entry:
         _check_name(name)
@@ -214,18 +214,18 @@ class UnionFilesystem:
         with self.lock:
             pnode = self._node(parent)
             mode = self._mode(pnode, mode, ctx)
-            node, _ = self.union.create_entry(
+            node, _, made = self.union.create_entry(
                 pnode, name, stat.S_IFMT(mode), ctx.uid, ctx.gid,
                 lambda dirfd, n: os.mknod(n, mode, rdev, dir_fd=dirfd))
-            return self._entry(node)
+            return self._entry(node, made)
 
     def symlink(self, parent: int, name: bytes, target: bytes, ctx: Context) -> Entry:
         _check_name(name)
         with self.lock:
-            node, _ = self.union.create_entry(
+            node, _, made = self.union.create_entry(
                 self._node(parent), name, stat.S_IFLNK, ctx.uid, ctx.gid,
                 lambda dirfd, n: os.symlink(target, n, dir_fd=dirfd))
-            return self._entry(node)
+            return self._entry(node, made)
 
     def link(self, node_id: int, new_parent: int, new_name: bytes, ctx: Context) -> Entry:
         _check_name(new_name)
@@ -294,13 +294,13 @@ class UnionFilesystem:
         with self.lock:
             pnode = self._node(parent)
             mode = self._mode(pnode, mode, ctx)
-            node, fd = self.union.create_entry(
+            node, fd, made = self.union.create_entry(
                 pnode, name, stat.S_IFREG, ctx.uid, ctx.gid,
                 lambda dirfd, n: os.open(n, open_flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                                          | os.O_CLOEXEC, stat.S_IMODE(mode), dir_fd=dirfd))
             assert fd is not None
             fh = self.union.files.adopt(node, fd)
-            entry = self._entry(node)
+            entry = self._entry(node, made)
             assert entry.attr is not None
             # A new file has no capability; its set-id bits are the ones asked for.
             return entry, self._opened(fh, privileged=may_drop_privileges(entry.attr.mode))

@@ -106,6 +106,14 @@ class OpenFiles:
             return None
         return next(handle.fd for handle in self._handles.values() if handle.node is node)
 
+    def writable_fd(self, node: Node) -> int | None:
+        """A descriptor of ``node``'s file open for writing, if one of its handles has it:
+        that is the file in ``node``'s branch (a writable open copies up first). The kernel
+        names no handle for fchmod, fchown or futimens, so any writer's will do."""
+        if not node.writers:
+            return None
+        return next(h.fd for h in self._handles.values() if h.node is node and h.writable)
+
     def get(self, fh: int) -> Handle:
         """The handle ``fh``, following its file's data to the upper branch if need be."""
         handle = self._handles[fh]
