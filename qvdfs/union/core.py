@@ -146,7 +146,9 @@ class Union:
 
     def statfs(self) -> os.statvfs_result:
         b = self.stack.upper if self.stack.upper is not None else 0
-        return os.statvfs(syscalls.proc_fd(self.stack.branches[b].root_fd))
+        # fstatfs works on the O_PATH descriptor itself: no /proc path to resolve (systemd
+        # asks 250 times in a boot).
+        return os.fstatvfs(self.stack.branches[b].root_fd)
 
     # -- creating entries ---------------------------------------------------------------
 

@@ -734,3 +734,28 @@ def test_a_new_entry_shows_the_attributes_it_has_in_the_branch(open_union: Union
     (union.mnt / "etc/conf.d/b.conf").write_text("new\n")
     _same_attributes(os.lstat(union.mnt / "etc/conf.d/b.conf"),
                      os.lstat(union.upper / "etc/conf.d/b.conf"))
+
+
+def test_a_created_file_is_not_asked_for_again_until_it_changes(union: Union) -> None:
+    # The reply to a create is kept like any other entry, although the file is open for
+    # writing: its open sends no GETATTR. The first write, truncation or mapping after it
+    # shows new times all the same.
+    os.stat(union.mnt / "var")
+    asked = _opcode_count(union.mnt, "GETATTR")
+    fd = os.open(union.mnt / "var/new", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        assert _opcode_count(union.mnt, "GETATTR") == asked
+        created = os.stat(union.mnt / "var/new")
+        time.sleep(0.05)  # past the coarse clock's tick that stamps file times
+        os.ftruncate(fd, 4096)
+        truncated = os.stat(union.mnt / "var/new")
+        assert truncated.st_size == 4096 and truncated.st_mtime_ns > created.st_mtime_ns
+    finally:
+        os.close(fd)
+    time.sleep(0.05)
+    write = "import mmap, sys; f = open(sys.argv[1], 'r+b'); mmap.mmap(f.fileno(), 0)[0:1] = b'Z'"
+    subprocess.run([sys.executable, "-c", write, str(union.mnt / "var/new")], check=True,
+                   timeout=30)
+    shown = subprocess.run(["stat", "-c", "%.9Y", str(union.mnt / "var/new")],
+                           capture_output=True, text=True, check=True, timeout=30)
+    assert float(shown.stdout) > truncated.st_mtime_ns / 1e9
