@@ -120,7 +120,12 @@ class Node:
 
 
 _NO_NAMES: frozenset[bytes] = frozenset()
-# Every distinct set of absent names once, so that a node holds a reference, not a set.
+# The attributes whose absence is remembered: the ones asked about all day (the kernel before
+# writes and chowns, ls -l for every entry, the union before every create). A fixed few, so
+# that the sets of them are few too, each made once and shared (``_SHARED_NAMES``), and
+# names a caller makes up cost no memory.
+REMEMBERED_ABSENT = frozenset({b"security.capability", b"security.selinux",
+                               b"system.posix_acl_access", b"system.posix_acl_default"})
 _SHARED_NAMES: dict[frozenset[bytes], frozenset[bytes]] = {_NO_NAMES: _NO_NAMES}
 
 
@@ -128,8 +133,8 @@ def known_absent(node: Node, attr: bytes) -> bool:
     """Whether ``node``'s entry is known to lack the extended attribute ``attr``.
 
     The kernel asks for ``security.capability`` before every first write and every chown
-    (to drop it), and the union for ``system.posix_acl_default`` before every create: the
-    answer is almost always "none", and it stays true until the daemon itself sets an
+    (to drop it), ``ls -l`` for ``security.selinux`` of every entry, and the union for
+    ``system.posix_acl_default`` before every create: the answer is almost always "none", and it stays true until the daemon itself sets an
     attribute on the entry (``forget_absent_xattrs``) or moves the node to another branch
     (a copy-up): the union is the only writer of its branches. Writes, truncations and
     chowns only ever drop attributes.
@@ -138,10 +143,11 @@ def known_absent(node: Node, attr: bytes) -> bool:
 
 
 def note_absent_xattr(node: Node, attr: bytes) -> None:
-    """Record that the entry of ``node`` in its current branch lacks ``attr``."""
+    """Record that the entry of ``node`` in its current branch lacks ``attr`` (if ``attr``
+    is one of ``REMEMBERED_ABSENT``)."""
+    if attr not in REMEMBERED_ABSENT:
+        return
     names = node.absent_xattrs if node.absent_in == node.branch else _NO_NAMES
-    if len(names) >= 8:
-        return  # a bound: callers asking for many names gain nothing from this
     grown = names | {attr}
     node.absent_xattrs = _SHARED_NAMES.setdefault(grown, grown)
     node.absent_in = node.branch

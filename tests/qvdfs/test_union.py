@@ -632,20 +632,22 @@ def test_an_absent_xattr_is_read_once_and_asked_again_after_the_union_sets_one(
     # answer came from memory.
     path, upper = union.mnt / "var/new", union.upper / "var/new"
     path.write_text("x")
+    assert _getxattr(path, "security.selinux") is None  # as ls -l asks
     assert _getxattr(path, "user.probe") is None
-    os.setxattr(upper, "user.probe", b"behind")
-    assert _getxattr(path, "user.probe") is None
+    os.setxattr(upper, "security.selinux", b"behind")
+    os.setxattr(upper, "user.probe", b"made-up names are always asked")
+    assert _getxattr(path, "security.selinux") is None
+    assert _getxattr(path, "user.probe") == b"made-up names are always asked"
     os.setxattr(path, "user.other", b"1")  # a change through the union: ask again
-    assert _getxattr(path, "user.probe") == b"behind"
-    assert _getxattr(path, "user.other") == b"1"
+    assert _getxattr(path, "security.selinux") == b"behind"
 
 
 def test_a_copy_up_asks_the_upper_copy_for_xattrs_again(union: Union) -> None:
     path = union.mnt / "etc/conf.d/b.conf"
-    assert _getxattr(path, "user.probe") is None  # asked of the base file
+    assert _getxattr(path, "security.selinux") is None  # asked of the base file
     os.chmod(path, 0o640)  # copies the file up
-    os.setxattr(union.upper / "etc/conf.d/b.conf", "user.probe", b"upper")
-    assert _getxattr(path, "user.probe") == b"upper"
+    os.setxattr(union.upper / "etc/conf.d/b.conf", "security.selinux", b"upper")
+    assert _getxattr(path, "security.selinux") == b"upper"
 
 
 def test_a_created_file_has_no_capability_until_one_is_set_through_the_union(
