@@ -761,3 +761,20 @@ def test_a_created_file_is_not_asked_for_again_until_it_changes(union: Union) ->
     shown = subprocess.run(["stat", "-c", "%.9Y", str(union.mnt / "var/new")],
                            capture_output=True, text=True, check=True, timeout=30)
     assert float(shown.stdout) > truncated.st_mtime_ns / 1e9
+
+
+def test_chmod_of_a_file_still_written_by_a_second_writer(union: Union) -> None:
+    path = union.mnt / "var/two"
+    first = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    second = os.open(path, os.O_WRONLY)
+    try:
+        os.close(first)  # the handle the union went through so far
+        os.fchmod(second, 0o640)
+        os.utime(second, ns=(5_000_000_000, 6_000_000_000))
+        assert stat.S_IMODE(os.fstat(second).st_mode) == 0o640
+    finally:
+        os.close(second)
+    os.chmod(path, 0o604)  # no writer left: by path
+    upper = os.lstat(union.upper / "var/two")
+    assert (stat.S_IMODE(upper.st_mode), upper.st_mtime_ns) == (0o604, 6_000_000_000)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o604
