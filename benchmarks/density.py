@@ -21,7 +21,9 @@ unionfs-fuse can serve), so that only the root filesystem differs:
     qvdfs-parent   the same, with a prepared parent (``qvdfs parent``) running for the run:
                    each mount is a child forked from it; its own PSS is shown apart
     unionfs-fuse   ``vm.lxc.unionfs.type=unionfs-fuse`` with ``command.unionfs-fuse`` set to
-                   the stock ``/usr/bin/unionfs`` (SPEC §3's exact command line)
+                   the stock ``/usr/bin/unionfs`` (SPEC §3's exact command line; where the
+                   hard open-file limit is below 32000, through a wrapper that lowers
+                   ``max_files`` to it, since unionfs-fuse would refuse to start)
 
 Before the first target one VM is started and stopped, so that the image's extraction is
 not in anyone's numbers. MemAvailable is the whole machine's: other work running meanwhile
@@ -36,6 +38,7 @@ import contextlib
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -112,9 +115,32 @@ def prepared_parent(socket: Path) -> Iterator[int]:
             proc.wait()
 
 
-def configure(d: Desktop, target: str) -> None:
+# Stock unionfs-fuse refuses ``max_files=32000`` above the hard open-file limit (it cannot
+# raise that without CAP_SYS_RESOURCE); on such a machine it gets the hard limit instead.
+UNIONFS_WRAPPER = """#!/bin/sh
+for word in "$@"; do
+    shift
+    [ "$word" = max_files=32000 ] && word="max_files=$(ulimit -Hn)"
+    set -- "$@" "$word"
+done
+exec {unionfs} "$@"
+"""
+
+
+def unionfs_command(folder: Path) -> str:
+    """``command.unionfs-fuse`` for this machine: the stock binary, or a wrapper of it."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY or hard >= 32000:
+        return UNIONFS
+    wrapper = folder / "unionfs"
+    wrapper.write_text(UNIONFS_WRAPPER.format(unionfs=UNIONFS))
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+def configure(d: Desktop, target: str, unionfs: str) -> None:
     kind = "unionfs-fuse" if target == "unionfs-fuse" else "qvdfs"
-    d.qvdctl("config", "set", f"vm.lxc.unionfs.type={kind}", f"command.unionfs-fuse={UNIONFS}",
+    d.qvdctl("config", "set", f"vm.lxc.unionfs.type={kind}", f"command.unionfs-fuse={unionfs}",
              "vm.lxc.unprivileged=0")
 
 
@@ -133,7 +159,7 @@ def boot_all(d: Desktop, names: list[str]) -> float:
 def measure(d: Desktop, target: str, names: list[str], parent: int | None,
             log: Any) -> dict[str, Any]:
     """One target: N desktops started, booted, measured, stopped."""
-    configure(d, target)
+    configure(d, target, unionfs_command(d.node.root))
     before = mem_available_kib()
     try:
         startup = boot_all(d, names)
@@ -142,6 +168,10 @@ def measure(d: Desktop, target: str, names: list[str], parent: int | None,
         daemons = fuse_daemons(d.node.root)
         if len(daemons) != len(names):
             raise BenchError(f"{len(daemons)} FUSE roots mounted for {len(names)} desktops")
+        gone = [f"{name} ({state})" for name, state in states(d).items()
+                if name in names and state != "running"]
+        if gone:
+            raise BenchError(f"not running after the measurement: {', '.join(gone)}")
         memory = [rollup_kib(pid) for pid in daemons.values()]
         result: dict[str, Any] = {
             "startup_s": startup,
@@ -160,7 +190,20 @@ def measure(d: Desktop, target: str, names: list[str], parent: int | None,
             f"-{(before - after) / len(names) / 1024:.1f} MiB per desktop")
         return result
     finally:
-        d.qvdctl("vm", "stop", "-f", "name=d*", timeout=STOP_TIMEOUT * len(names) + 60)
+        stop_all(d, names)
+
+
+def states(d: Desktop) -> dict[str, str]:
+    """Each VM's state, by name."""
+    _, listing = d.qvdctl("--json", "vm", "list")
+    return {row["Name"]: row["State"] for row in json.loads(listing)}
+
+
+def stop_all(d: Desktop, names: list[str]) -> None:
+    """Stop those of ``names`` that run (after a failure, some may not)."""
+    if any(states(d).get(name) == "running" for name in names):
+        d.qvdctl("vm", "stop", "-f", "name=d*,state=running",
+                 timeout=STOP_TIMEOUT * len(names) + 60)
 
 
 def run(targets: list[str], desktops: int, log: Any = print) -> dict[str, Any]:
