@@ -25,6 +25,8 @@ unionfs-fuse can serve), so that only the root filesystem differs:
                    hard open-file limit is below 32000, through a wrapper that lowers
                    ``max_files`` to it, since unionfs-fuse would refuse to start)
 
+First, ``--mounts`` fresh mounts per target over the image, interleaved: the seconds from
+the command (the node's exact one for qvdfs) to a mount that serves. Then the desktops.
 Before the first target one VM is started and stopped, so that the image's extraction is
 not in anyone's numbers. MemAvailable is the whole machine's: other work running meanwhile
 moves it, so the table gives the load, and the per-daemon PSS is the figure to compare.
@@ -48,13 +50,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from benchmarks import targets
 from benchmarks.targets import daemon_pid
 from benchmarks.vmlife import BOOT_PROBES, BOOT_TIMEOUT, BRIDGE, NET, STOP_TIMEOUT, BenchError, \
     Desktop, desktop
+from qvdfs import PARENT_SOCKET_ENV
 from qvdproc import mountinfo
+from tools import debian_image
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 DEFAULT_DESKTOPS = 10
+DEFAULT_MOUNTS = 10
 TARGETS = ("qvdfs", "qvdfs-parent", "unionfs-fuse")
 UNIONFS = "/usr/bin/unionfs"
 QVDFS = str(Path(sys.executable).parent / "qvdfs")
@@ -206,9 +212,35 @@ def stop_all(d: Desktop, names: list[str]) -> None:
                  timeout=STOP_TIMEOUT * len(names) + 60)
 
 
-def run(targets: list[str], desktops: int, log: Any = print) -> dict[str, Any]:
+def mount_times(chosen: list[str], reps: int, tmp: Path, log: Any) -> dict[str, list[float]]:
+    """Seconds from the command to a mount that serves, ``reps`` fresh mounts per target over
+    the image, the targets interleaved (``benchmarks.targets.mount``: the node's exact
+    options for qvdfs)."""
+    rootfs = debian_image.ensure_image().rootfs
+    socket = tmp / "mount-parent.sock"
+    seconds: dict[str, list[float]] = {name: [] for name in chosen}
+    with contextlib.ExitStack() as stack:
+        if "qvdfs-parent" in chosen:
+            stack.enter_context(prepared_parent(socket))
+        for rep in range(reps):
+            for name in chosen[rep % len(chosen):] + chosen[:rep % len(chosen)]:
+                os.environ[PARENT_SOCKET_ENV] = str(socket) if name == "qvdfs-parent" else ""
+                target = targets.UNIONFS if name == "unionfs-fuse" else targets.QVDFS_TARGET
+                with targets.mount(target, rootfs, tmp / f"mount-{name}-{rep}") as mounted:
+                    os.listdir(mounted.root)
+                    assert mounted.mount_seconds is not None
+                    seconds[name].append(mounted.mount_seconds)
+    for name, values in seconds.items():
+        log(f"{name}: mount median {statistics.median(values) * 1000:.1f} ms "
+            f"({min(values) * 1000:.1f}-{max(values) * 1000:.1f})")
+    return seconds
+
+
+def run(chosen: list[str], desktops: int, mounts: int, log: Any = print) -> dict[str, Any]:
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="qvd-bench-density-") as tmp:
+        if mounts:
+            timed = mount_times(chosen, mounts, Path(tmp), log)
         with desktop("debian", Path(tmp)) as d:
             # ``desktop`` made VM "bench"; the measured ones are d1..dN.
             names = [f"d{i}" for i in range(1, desktops + 1)]
@@ -218,14 +250,16 @@ def run(targets: list[str], desktops: int, log: Any = print) -> dict[str, Any]:
             d.qvdctl("vm", "start", "-f", "name=bench")  # extracts the image, once
             d.qvdctl("vm", "stop", "-f", "name=bench")
             socket = Path(tmp) / "parent.sock"
-            for target in targets:
+            for target in chosen:
                 if target == "qvdfs-parent":
-                    os.environ["QVDFS_PARENT_SOCKET"] = str(socket)
+                    os.environ[PARENT_SOCKET_ENV] = str(socket)
                     with prepared_parent(socket) as parent:
                         results[target] = measure(d, target, names, parent, log)
                 else:
-                    os.environ["QVDFS_PARENT_SOCKET"] = ""
+                    os.environ[PARENT_SOCKET_ENV] = ""
                     results[target] = measure(d, target, names, None, log)
+                if mounts:
+                    results[target]["mount_s"] = timed[target]
     return results
 
 
@@ -234,14 +268,17 @@ def _mib(kib: float) -> str:
 
 
 def table(results: dict[str, Any], desktops: int) -> str:
-    lines = ["| target | startup of all | daemon RSS (median, min-max) | daemon PSS (median, "
+    lines = ["| target | mount (median, min-max) | startup of all | daemon RSS (median, min-max) | daemon PSS (median, "
              "min-max) | daemon private | parent PSS | MemAvailable drop per desktop | load |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, r in results.items():
         rss, pss, private = r["rss_kib"], r["pss_kib"], r["private_kib"]
         parent = _mib(r["parent_pss_kib"]) + " MiB" if "parent_pss_kib" in r else "–"
+        mount = r.get("mount_s")
+        mount_cell = (f"{statistics.median(mount) * 1000:.1f} ms ({min(mount) * 1000:.1f}-"
+                      f"{max(mount) * 1000:.1f})") if mount else "–"
         lines.append(
-            f"| {name} | {r['startup_s']:.1f} s "
+            f"| {name} | {mount_cell} | {r['startup_s']:.1f} s "
             f"| {_mib(statistics.median(rss))} MiB ({_mib(min(rss))}-{_mib(max(rss))}) "
             f"| {_mib(statistics.median(pss))} MiB ({_mib(min(pss))}-{_mib(max(pss))}) "
             f"| {_mib(statistics.median(private))} MiB | {parent} "
@@ -259,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"how many desktops at once (default {DEFAULT_DESKTOPS})")
     parser.add_argument("--targets", default=",".join(TARGETS),
                         help=f"comma-separated, from {', '.join(TARGETS)} (default all)")
+    parser.add_argument("--mounts", type=int, default=DEFAULT_MOUNTS,
+                        help=f"timed mounts per target first (default {DEFAULT_MOUNTS}; 0: none)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where results go")
     args = parser.parse_args(argv)
     chosen = [t for t in args.targets.split(",") if t]
@@ -276,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     began = time.monotonic()
     try:
-        results = run(chosen, args.desktops)
+        results = run(chosen, args.desktops, args.mounts)
     except BenchError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 1

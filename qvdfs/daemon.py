@@ -34,7 +34,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import IO, Any, NoReturn
 
-from qvdfs import cmdline, parent, stats
+from qvdfs import cmdline, stats
 from qvdfs.backends import Backend, make_backend
 from qvdfs.config import MountConfig, MountError
 from qvdproc import mountinfo
@@ -59,8 +59,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     if stats.is_stats_command(args):
         return stats.main(args[1:])
-    if parent.is_parent_command(args):
-        return parent.main(args[1:])
     return run(args)
 
 

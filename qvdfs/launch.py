@@ -10,15 +10,16 @@ it did before the parent existed, so a node without the parent's unit still moun
 
 from __future__ import annotations
 
+# _socket, socket.py's own core, not socket.py: importing that costs 10 ms here (enum,
+# selectors), a fifth of a mount's budget of 50 ms, for two helpers this module does without.
+import _socket
+import array
 import os
-import socket
 import sys
 from collections.abc import Sequence
 
-# Where ``qvdfs parent`` listens by default. The mount's own command line must stay
-# unionfs-fuse's, so the environment is the one knob: another socket, or empty for none.
-SOCKET = "/run/qvdfs/parent.sock"
-SOCKET_ENV = "QVDFS_PARENT_SOCKET"
+from qvdfs import PARENT_SOCKET, PARENT_SOCKET_ENV
+
 REPLY_SIZE = 4096
 _SUBCOMMANDS = ("stats", "parent")
 
@@ -26,7 +27,12 @@ _SUBCOMMANDS = ("stats", "parent")
 def main() -> int:
     """Console entry point: ``sys.exit(main())``."""
     args = sys.argv[1:]
-    path = os.environ.get(SOCKET_ENV, SOCKET)
+    if args[:1] == ["parent"]:
+        from qvdfs import parent
+
+        if parent.is_parent_command(args):
+            return parent.main(args[1:])
+    path = os.environ.get(PARENT_SOCKET_ENV, PARENT_SOCKET)
     if path and args[:1] and args[0] not in _SUBCOMMANDS:
         status = through_parent(path, sys.argv)
         if status is not None:
@@ -39,7 +45,7 @@ def main() -> int:
 def through_parent(path: str, argv: Sequence[str]) -> int | None:
     """Have the parent at ``path`` run ``argv``; its exit status, or None when no parent
     answers there or it hands the command back (run it in this process then)."""
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
     try:
         try:
             conn.connect(path)
@@ -47,7 +53,8 @@ def through_parent(path: str, argv: Sequence[str]) -> int | None:
             return None
         opened = _passed_fds()
         try:
-            socket.send_fds(conn, [b"\0".join(os.fsencode(a) for a in argv)], opened)
+            conn.sendmsg([b"\0".join(os.fsencode(a) for a in argv)],
+                         [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", opened))])
         except OSError as exc:
             print(f"qvdfs: cannot reach the parent at {path}: {exc.strerror or exc}",
                   file=sys.stderr)

@@ -43,7 +43,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from qvdfs.launch import SOCKET
+from qvdfs import PARENT_SOCKET
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def is_parent_command(argv: Sequence[str]) -> bool:
 
 def main(argv: Sequence[str]) -> int:
     """``qvdfs parent [--socket PATH]``: serve until SIGTERM or SIGINT; the exit status."""
-    path = argv[1] if len(argv) == 2 else SOCKET
+    path = argv[1] if len(argv) == 2 else PARENT_SOCKET
     logging.basicConfig(level=logging.INFO, format="qvdfs parent: %(message)s",
                         stream=sys.stderr)
     if os.geteuid() != 0:
@@ -142,8 +142,8 @@ class Parent:
     """The parent's loop: one thread, never blocked, so that it can always fork.
 
     Connections and children are watched by one selector: a connection until its request
-    has come (a child is forked for it), a child's pidfd until it exits (its status is sent
-    back on its connection, which is then closed).
+    has come (a child is forked for it, or for a refused peer nothing), a child's pidfd
+    until it exits (its status is sent back on its connection, which is then closed).
     """
 
     def __init__(self, listener: socket.socket) -> None:
@@ -151,6 +151,7 @@ class Parent:
         self.selector = selectors.EpollSelector()
         self.selector.register(listener, selectors.EVENT_READ)
         self.waiting: dict[int, socket.socket] = {}  # connection fd -> connection
+        self.refused: dict[int, socket.socket] = {}  # peers that are not root
         self.children: dict[int, tuple[int, socket.socket]] = {}  # pidfd -> (pid, connection)
 
     def serve(self) -> None:
@@ -165,6 +166,8 @@ class Parent:
                         self._accept()
                     elif key.fd in self.waiting:
                         self._request(self.waiting.pop(key.fd))
+                    elif key.fd in self.refused:
+                        self._drain(self.refused.pop(key.fd))
                     else:
                         self._reap(key.fd)
         except _Stop as stop:
@@ -173,7 +176,7 @@ class Parent:
             for pidfd, (_pid, conn) in self.children.items():
                 os.close(pidfd)
                 conn.close()
-            for conn in self.waiting.values():
+            for conn in [*self.waiting.values(), *self.refused.values()]:
                 conn.close()
             self.selector.close()
 
@@ -187,9 +190,11 @@ class Parent:
         if uid != 0:
             log.warning("refused pid %d: uid %d is not root", pid, uid)
             _reply(conn, b"error the qvdfs parent serves root only")
-            conn.close()
-            return
-        self.waiting[conn.fileno()] = conn
+            # Closed only once its request is read: closing a socket with unread data
+            # resets the peer's, and the refusal would be lost with it.
+            self.refused[conn.fileno()] = conn
+        else:
+            self.waiting[conn.fileno()] = conn
         self.selector.register(conn, selectors.EVENT_READ)
 
     def _request(self, conn: socket.socket) -> None:
@@ -219,6 +224,13 @@ class Parent:
         self.selector.register(pidfd, selectors.EVENT_READ)
         log.info("pid %d mounts for the command %s", pid, " ".join(argv))
 
+    def _drain(self, conn: socket.socket) -> None:
+        self.selector.unregister(conn)
+        with contextlib.suppress(OSError):
+            for fd in socket.recv_fds(conn, MAX_MESSAGE, len(PASSED_FDS) + 1)[1]:
+                os.close(fd)
+        conn.close()
+
     def _reap(self, pidfd: int) -> None:
         self.selector.unregister(pidfd)
         pid, conn = self.children.pop(pidfd)
@@ -233,7 +245,8 @@ class Parent:
         conn.close()
 
     def _own_fds(self) -> list[int]:
-        return [self.listener.fileno(), self.selector.fileno(), *self.waiting, *self.children]
+        return [self.listener.fileno(), self.selector.fileno(), *self.waiting, *self.refused,
+                *self.children]
 
 
 def _reply(conn: socket.socket, message: bytes) -> None:
