@@ -103,8 +103,11 @@ def fuse_daemons(root: Path) -> dict[str, int]:
 @contextlib.contextmanager
 def prepared_parent(socket: Path) -> Iterator[int]:
     """A ``qvdfs parent`` on ``socket`` for the duration; its pid. Stopped with SIGTERM."""
-    proc = subprocess.Popen([QVDFS, "parent", "--socket", str(socket)],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    # Its line per mount goes to a log beside the socket, not into the benchmark's output.
+    with open(socket.with_suffix(".log"), "ab") as log_file:
+        proc = subprocess.Popen([QVDFS, "parent", "--socket", str(socket)],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=log_file)
     try:
         deadline = time.monotonic() + PARENT_TIMEOUT
         while not socket.exists():

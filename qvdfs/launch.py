@@ -18,6 +18,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+import qvdfs
 from qvdfs import PARENT_SOCKET, PARENT_SOCKET_ENV
 
 REPLY_SIZE = 4096
@@ -57,7 +58,9 @@ def through_parent(path: str, argv: Sequence[str]) -> int | None:
             return None
         opened = _passed_fds()
         try:
-            conn.sendmsg([b"\0".join(os.fsencode(a) for a in argv)],
+            # Our package's folder first: a parent of another installation hands us back.
+            package = os.path.dirname(os.path.abspath(qvdfs.__file__))
+            conn.sendmsg([b"\0".join(os.fsencode(a) for a in [package, *argv])],
                          [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", opened))])
         except OSError as exc:
             print(f"qvdfs: cannot reach the parent at {path}: {exc.strerror or exc}",

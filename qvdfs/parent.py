@@ -14,8 +14,9 @@ so:
 - the interpreter's and the modules' pages are shared copy-on-write by every mount;
 - ``umount`` ends that mount's daemon, as before.
 
-The command line (``qvdfs.launch``) sends its argv over the socket with its standard
-streams, its root and working folders and its mount namespace (``SCM_RIGHTS``); the child
+The command line (``qvdfs.launch``) sends the folder of its qvdfs package (a command of
+another installation is handed back, so that it runs its own code) and its argv over the
+socket with its standard streams, its root and working folders and its mount namespace (``SCM_RIGHTS``); the child
 takes all of them before it runs the command, so paths, error lines and the mount itself
 are the caller's, and the daemon's ``/proc/PID/cmdline`` is the caller's command line
 (``set_command_line``), which is how qvdctl finds a root's daemon. The reply is one
@@ -47,8 +48,10 @@ from qvdfs import PARENT_SOCKET
 
 log = logging.getLogger(__name__)
 
-# argv, NUL-joined, in one SOCK_SEQPACKET message.
+# The command's package folder and argv, NUL-joined, in one SOCK_SEQPACKET message.
 MAX_MESSAGE = 64 * 1024
+# The folder of the qvdfs package the parent runs: a command of another one is handed back.
+PACKAGE = os.path.dirname(os.path.abspath(__file__))
 # What the command sends with its argv, in this order.
 PASSED_FDS = ("stdin", "stdout", "stderr", "root", "cwd", "mount namespace")
 # After the fork a child must not run any code of the parent's loop.
@@ -212,7 +215,18 @@ class Parent:
                 _reply(conn, b"error malformed request")
             conn.close()
             return
-        argv = [os.fsdecode(word) for word in data.split(b"\0")]
+        package, *words = data.split(b"\0")
+        if os.fsdecode(package) != PACKAGE:
+            # Another installation's command (a checkout beside the package, say): it must
+            # run its own code, so it mounts by itself.
+            log.info("handed back a command of %s (this parent runs %s)",
+                     os.fsdecode(package), PACKAGE)
+            for fd in fds:
+                os.close(fd)
+            _reply(conn, b"local")
+            conn.close()
+            return
+        argv = [os.fsdecode(word) for word in words]
         gc.freeze()  # what the loop allocated since, too: the child must not collect it
         pid = os.fork()
         if pid == 0:

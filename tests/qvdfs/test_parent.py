@@ -173,7 +173,7 @@ except OSError as exc:
     print("connect", exc.errno)
     raise SystemExit
 try:  # the parent may have refused and closed already: its answer is still there to read
-    socket.send_fds(s, [b"qvdfs\\0-o\\0cow\\0/tmp=RW\\0/mnt"], [0, 1, 2, 0, 0, 0])
+    socket.send_fds(s, [b"/q\\0qvdfs\\0-o\\0cow\\0/tmp=RW\\0/mnt"], [0, 1, 2, 0, 0, 0])
 except OSError:
     pass
 print("reply", s.recv(4096).decode())
@@ -235,6 +235,16 @@ def test_foreground_and_help_run_in_the_callers_process(parent: Parent,
                 proc.kill()
                 proc.wait()
     assert parent.forks() == 2  # both asked, and both were handed back
+
+
+def test_a_command_of_another_installation_mounts_by_itself(parent: Parent) -> None:
+    """A checkout's command must run its own code, not the parent's installation's."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+        s.connect(str(parent.socket))
+        socket.send_fds(s, [b"/elsewhere/qvdfs\0qvdfs\0--version"], [0, 1, 2, 0, 0, 0])
+        assert s.recv(4096) == b"local"
+    assert parent.forks() == 0
+    assert "handed back a command of /elsewhere/qvdfs" in parent.log.read_text()
 
 
 def test_stopping_the_parent_leaves_its_mounts_serving(parent: Parent,
