@@ -37,6 +37,7 @@ import gc
 import logging
 import os
 import selectors
+import resource
 import signal
 import socket
 import struct
@@ -45,6 +46,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from qvdfs import PARENT_SOCKET
+from qvdproc import processes
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +157,7 @@ class Parent:
         self.selector.register(listener, selectors.EVENT_READ)
         self.waiting: dict[int, socket.socket] = {}  # connection fd -> connection
         self.refused: dict[int, socket.socket] = {}  # peers that are not root
+        self.peers: dict[int, int] = {}  # connection fd -> the command's pid
         self.children: dict[int, tuple[int, socket.socket]] = {}  # pidfd -> (pid, connection)
 
     def serve(self) -> None:
@@ -198,10 +201,12 @@ class Parent:
             self.refused[conn.fileno()] = conn
         else:
             self.waiting[conn.fileno()] = conn
+            self.peers[conn.fileno()] = pid
         self.selector.register(conn, selectors.EVENT_READ)
 
     def _request(self, conn: socket.socket) -> None:
         self.selector.unregister(conn)
+        peer = self.peers.pop(conn.fileno())
         fds: list[int] = []
         try:
             data, fds, flags, _ = socket.recv_fds(conn, MAX_MESSAGE, len(PASSED_FDS) + 1)
@@ -230,7 +235,7 @@ class Parent:
         gc.freeze()  # what the loop allocated since, too: the child must not collect it
         pid = os.fork()
         if pid == 0:
-            _child(conn, fds, argv, self._own_fds())
+            _child(conn, fds, argv, peer, self._own_fds())
         for fd in fds:
             os.close(fd)
         pidfd = os.pidfd_open(pid)
@@ -268,7 +273,8 @@ def _reply(conn: socket.socket, message: bytes) -> None:
         conn.send(message)
 
 
-def _child(conn: socket.socket, fds: list[int], argv: list[str], parents: list[int]) -> NoReturn:
+def _child(conn: socket.socket, fds: list[int], argv: list[str], peer: int,
+           parents: list[int]) -> NoReturn:
     """In the forked child: become the caller's command and run it; never returns."""
     status = 1
     try:
@@ -279,6 +285,7 @@ def _child(conn: socket.socket, fds: list[int], argv: list[str], parents: list[i
             signal.signal(signum, signal.SIG_DFL)
         gc.enable()
         _enter(fds)
+        _take_limits(peer)
         set_command_line(argv)
         logging.getLogger().handlers.clear()  # the parent's journal handler
         sys.argv = argv
@@ -308,6 +315,22 @@ def _enter(fds: list[int]) -> None:
         os.dup2(fd, target)
     for fd in fds:
         os.close(fd)
+
+
+def _take_limits(peer: int) -> None:
+    """Take the command's umask and resource limits (``max_files`` raises its open-file
+    limit as far as *its* hard limit goes, as the command itself would). A limit that cannot
+    be taken (a hard limit above ours, without CAP_SYS_RESOURCE) stays ours, and is logged."""
+    umask = processes.status(peer).get("Umask")
+    if umask:
+        os.umask(int(umask, 8))
+    for name in dir(resource):
+        if name.startswith("RLIMIT_"):
+            which = getattr(resource, name)
+            try:
+                resource.setrlimit(which, resource.prlimit(peer, which))
+            except (OSError, ValueError) as exc:
+                log.debug("keeping our %s: %s", name, exc)
 
 
 def set_command_line(argv: Sequence[str]) -> None:
@@ -368,12 +391,15 @@ def _run(conn: socket.socket, args: list[str]) -> int:
     from qvdfs import cmdline, daemon
     from qvdfs.config import MountError
 
+    logging.disable(logging.WARNING)  # run() parses again, and it is the one that warns
     try:
         local = cmdline.parse_args(args).foreground
     except cmdline.InfoRequested:
         local = True
     except MountError:
         local = False  # run() prints the line and returns 1
+    finally:
+        logging.disable(logging.NOTSET)
     if local:
         _reply(conn, b"local")
         return 0

@@ -94,6 +94,10 @@ DROP_IN: list[Callable[[dict[str, Path]], None]] = [
     drop_in.test_mountpoint_missing_or_not_a_directory,
     drop_in.test_branch_inside_mountpoint_is_refused,
     drop_in.test_bad_command_line_is_one_line,
+    drop_in.test_read_only_union_warns_and_mounts,
+    # The command's own limits, not the parent's.
+    drop_in.test_max_files_above_hard_limit_warns_and_mounts,
+    drop_in.test_max_files_below_hard_limit_is_silent,
 ]
 
 
