@@ -304,14 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where results go")
     args = parser.parse_args(argv)
     chosen = [t for t in args.targets.split(",") if t]
-    unknown = [t for t in chosen if t not in TARGETS]
-    if unknown or not chosen:
-        print(f"Error: --targets takes {', '.join(TARGETS)}, not {args.targets!r}",
-              file=sys.stderr)
-        return 1
-    if args.desktops < 1:
-        print("Error: --desktops needs at least 1", file=sys.stderr)
-        return 1
+    if not chosen or any(t not in TARGETS for t in chosen):
+        parser.error(f"--targets takes {', '.join(TARGETS)}, not {args.targets!r}")
+    if args.desktops < 1 or args.mounts < 0:
+        parser.error("--desktops needs at least 1 and --mounts at least 0")
     if os.geteuid() != 0:
         print("Error: the benchmark mounts and starts containers: run it as root",
               file=sys.stderr)
