@@ -56,7 +56,7 @@ MAX_MESSAGE = 64 * 1024
 PACKAGE = os.path.dirname(os.path.abspath(__file__))
 # What the command sends with its argv, in this order.
 PASSED_FDS = ("stdin", "stdout", "stderr", "root", "cwd", "mount namespace")
-# After the fork a child must not run any code of the parent's loop.
+# setns(2)'s flag for a mount namespace (os.setns comes with Python 3.12).
 _CLONE_NEWNS = 0x00020000
 _PR_SET_MM, _PR_SET_MM_MAP = 35, 14
 _UCRED = struct.Struct("3i")
@@ -135,20 +135,17 @@ def listen(path: str) -> socket.socket:
     return listener
 
 
-class _Stop(Exception):
-    pass
-
-
-def _stop(signum: int, _frame: object) -> None:
-    raise _Stop(signal.Signals(signum).name)
-
-
 class Parent:
     """The parent's loop: one thread, never blocked, so that it can always fork.
 
     Connections and children are watched by one selector: a connection until its request
     has come (a child is forked for it, or for a refused peer nothing), a child's pidfd
     until it exits (its status is sent back on its connection, which is then closed).
+
+    SIGTERM or SIGINT only wakes the loop (``signal.set_wakeup_fd``), which then stops
+    listening, hands the requests not yet forked back to their commands (they mount by
+    themselves) and returns once every child under way has answered its command: a stop
+    never leaves a command without its status, nor ends a mount.
     """
 
     def __init__(self, listener: socket.socket) -> None:
@@ -159,32 +156,58 @@ class Parent:
         self.refused: dict[int, socket.socket] = {}  # peers that are not root
         self.peers: dict[int, int] = {}  # connection fd -> the command's pid
         self.children: dict[int, tuple[int, socket.socket]] = {}  # pidfd -> (pid, connection)
+        self.stopping: str | None = None  # the signal that asked for it
+        self._wake, self._woken = socket.socketpair()
+        for end in (self._wake, self._woken):
+            end.setblocking(False)
+        self.selector.register(self._woken, selectors.EVENT_READ)
 
     def serve(self) -> None:
         prepare()
+        signal.set_wakeup_fd(self._wake.fileno())
         for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, _stop)
+            signal.signal(signum, self._on_signal)
         log.info("serving %s as pid %d", self.listener.getsockname(), os.getpid())
         try:
-            while True:
+            while self.stopping is None or self.children:
                 for key, _ in self.selector.select():
                     if key.fileobj is self.listener:
                         self._accept()
+                    elif key.fileobj is self._woken:
+                        with contextlib.suppress(BlockingIOError):
+                            self._woken.recv(64)
                     elif key.fd in self.waiting:
                         self._request(self.waiting.pop(key.fd))
                     elif key.fd in self.refused:
                         self._drain(self.refused.pop(key.fd))
                     else:
                         self._reap(key.fd)
-        except _Stop as stop:
-            log.info("got %s: stopping; running mounts stay", stop)
+                if self.stopping is not None and self.listener.fileno() != -1:
+                    self._stop_listening()
         finally:
+            signal.set_wakeup_fd(-1)
             for pidfd, (_pid, conn) in self.children.items():
                 os.close(pidfd)
                 conn.close()
             for conn in [*self.waiting.values(), *self.refused.values()]:
                 conn.close()
             self.selector.close()
+            self._wake.close()
+            self._woken.close()
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self.stopping = signal.Signals(signum).name
+
+    def _stop_listening(self) -> None:
+        log.info("got %s: stopping once %d mount(s) under way have answered; running "
+                 "mounts stay", self.stopping, len(self.children))
+        self.selector.unregister(self.listener)
+        self.listener.close()
+        for conn in [*self.waiting.values(), *self.refused.values()]:
+            self._drain(conn, b"local")
+        self.waiting.clear()
+        self.refused.clear()
+        self.peers.clear()
 
     def _accept(self) -> None:
         try:
@@ -243,11 +266,16 @@ class Parent:
         self.selector.register(pidfd, selectors.EVENT_READ)
         log.info("pid %d mounts for the command %s", pid, " ".join(argv))
 
-    def _drain(self, conn: socket.socket) -> None:
+    def _drain(self, conn: socket.socket, reply: bytes | None = None) -> None:
+        """Read what ``conn`` sent (closing a socket with unread data would reset the
+        peer's, losing our answer), answer ``reply`` if any, and close it."""
         self.selector.unregister(conn)
+        conn.setblocking(False)
         with contextlib.suppress(OSError):
             for fd in socket.recv_fds(conn, MAX_MESSAGE, len(PASSED_FDS) + 1)[1]:
                 os.close(fd)
+        if reply is not None:
+            _reply(conn, reply)
         conn.close()
 
     def _reap(self, pidfd: int) -> None:
@@ -264,8 +292,8 @@ class Parent:
         conn.close()
 
     def _own_fds(self) -> list[int]:
-        return [self.listener.fileno(), self.selector.fileno(), *self.waiting, *self.refused,
-                *self.children]
+        return [self.listener.fileno(), self.selector.fileno(), self._wake.fileno(),
+                self._woken.fileno(), *self.waiting, *self.refused, *self.children]
 
 
 def _reply(conn: socket.socket, message: bytes) -> None:
@@ -281,6 +309,7 @@ def _child(conn: socket.socket, fds: list[int], argv: list[str], peer: int,
         for fd in parents:
             with contextlib.suppress(OSError):
                 os.close(fd)
+        signal.set_wakeup_fd(-1)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, signal.SIG_DFL)
         gc.enable()

@@ -263,6 +263,18 @@ def test_stopping_the_parent_leaves_its_mounts_serving(parent: Parent,
         drop_in.umount_and_wait(mnt)
 
 
+def test_a_command_waiting_at_a_stop_is_handed_back(parent: Parent) -> None:
+    """A stop answers every command it has accepted: those not yet forked mount by
+    themselves."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+        s.connect(str(parent.socket))
+        time.sleep(0.3)  # accepted, its request not sent yet
+        parent.stop()
+        assert parent.proc.returncode == 0
+        assert s.recv(4096) == b"local"
+    assert parent.forks() == 0
+
+
 def test_a_second_parent_on_the_same_socket_is_refused(parent: Parent) -> None:
     done = subprocess.run([QVDFS, "parent", "--socket", str(parent.socket)],
                           capture_output=True, text=True, timeout=60)
