@@ -354,6 +354,10 @@ def test_systemd_runs_the_packaged_hkd_which_registers_renews_and_stops_cleanly(
             until(lambda: admin.hosts().get(node, {}).get("State") == "running",
                   "the packaged HKD to register", timeout=120, step=0.2)
             registered = time.monotonic()
+            # qvd-hkd wants the prepared parent, which serves once it has imported qvdfs.
+            until(lambda: run("sh", "-c", "test -S /run/qvdfs/parent.sock && systemctl "
+                              "is-active qvdfs-parent", check=False).strip() == "active",
+                  "qvdfs-parent to serve", timeout=60, step=0.2)
             ages = [admin.hosts()[node]["LeaseAge"]]
 
             def renewed() -> bool:  # the lease's age fell: the HKD renewed it
