@@ -19,7 +19,8 @@ another installation is handed back, so that it runs its own code) and its argv 
 socket with its standard streams, its root and working folders and its mount namespace (``SCM_RIGHTS``); the child
 takes all of them before it runs the command, so paths, error lines and the mount itself
 are the caller's, and the daemon's ``/proc/PID/cmdline`` is the caller's command line
-(``set_command_line``), which is how qvdctl finds a root's daemon. The reply is one
+(``set_command_line``), which is how qvdctl finds a root's daemon (a kernel that cannot
+set it gets the command handed back). The reply is one
 message: ``exit N``, ``error TEXT``, or ``local`` (the child declines: ``-f``/``-d``, which
 serve in the caller's own process, and ``--help``/``--version``). Without a parent the
 command mounts by itself: the parent is a speed-up, never a dependency.
@@ -315,10 +316,15 @@ def _child(conn: socket.socket, fds: list[int], argv: list[str], peer: int,
         gc.enable()
         _enter(fds)
         _take_limits(peer)
-        set_command_line(argv)
         logging.getLogger().handlers.clear()  # the parent's journal handler
-        sys.argv = argv
-        status = _run(conn, argv[1:])
+        if set_command_line(argv):
+            sys.argv = argv
+            status = _run(conn, argv[1:])
+        else:
+            # A daemon that does not name its mountpoint could not be found by qvdctl's
+            # stop: the command mounts by itself instead.
+            _reply(conn, b"local")
+            status = 0
     except BaseException as exc:  # noqa: BLE001 - the caller must get a line, never a hang
         print(f"qvdfs: the parent's child failed: {type(exc).__name__}: {exc}",
               file=sys.stderr, flush=True)
@@ -362,14 +368,14 @@ def _take_limits(peer: int) -> None:
                 log.debug("keeping our %s: %s", name, exc)
 
 
-def set_command_line(argv: Sequence[str]) -> None:
+def set_command_line(argv: Sequence[str]) -> bool:
     """Make ``/proc/self/cmdline`` read ``argv`` (NUL-separated), as if we had been exec'd
     with it: ps shows the command, and qvdctl finds a root's daemon by the mountpoint in it.
 
     ``prctl(PR_SET_MM, PR_SET_MM_MAP)`` points the kernel at a buffer of ours, every other
     field as it is now. (``PR_SET_MM_ARG_START`` alone would need CAP_SYS_RESOURCE, which
     a node's root may lack; the map needs only the kernel's checkpoint/restore support.)
-    Failing that, the parent's own command line stays and a warning is logged.
+    Returns False if the kernel refused (no checkpoint/restore support).
     """
     global _command_line
     data = b"\0".join(os.fsencode(word) for word in argv) + b"\0"
@@ -389,9 +395,10 @@ def set_command_line(argv: Sequence[str]) -> None:
         auxv=None, auxv_size=0, exe_fd=0xFFFFFFFF)
     if libc.prctl(_PR_SET_MM, _PR_SET_MM_MAP, ctypes.byref(mm_map),
                   ctypes.c_ulong(ctypes.sizeof(mm_map)), ctypes.c_ulong(0)) != 0:
-        log.warning("cannot set the command line: %s", os.strerror(ctypes.get_errno()))
-        return
+        log.debug("cannot set the command line: %s", os.strerror(ctypes.get_errno()))
+        return False
     _command_line = buffer
+    return True
 
 
 class _MmMap(ctypes.Structure):
