@@ -16,14 +16,15 @@ so:
 
 The command line (``qvdfs.launch``) sends the folder of its qvdfs package (a command of
 another installation is handed back, so that it runs its own code) and its argv over the
-socket with its standard streams, its root and working folders and its mount namespace (``SCM_RIGHTS``); the child
-takes all of them before it runs the command, so paths, error lines and the mount itself
-are the caller's, and the daemon's ``/proc/PID/cmdline`` is the caller's command line
-(``set_command_line``), which is how qvdctl finds a root's daemon (a kernel that cannot
-set it gets the command handed back). The reply is one
-message: ``exit N``, ``error TEXT``, or ``local`` (the child declines: ``-f``/``-d``, which
-serve in the caller's own process, and ``--help``/``--version``). Without a parent the
-command mounts by itself: the parent is a speed-up, never a dependency.
+socket, with its standard streams, its root and working folders and its mount namespace
+(``SCM_RIGHTS``). The child takes all of them, and the command's umask and limits, before
+it runs the command, so paths, error lines and the mount itself are the caller's; the
+daemon's ``/proc/PID/cmdline`` is the caller's command line (``set_command_line``), which
+is how qvdctl finds a root's daemon (a kernel that cannot set it gets the command handed
+back). The reply is one message: ``exit N``, ``error TEXT``, or ``local`` (the child
+declines: ``-f``/``-d``, which serve in the caller's own process, and ``--help``,
+``--version``). Without a parent the command mounts by itself: the parent is a speed-up,
+never a dependency.
 
 Only root may use it: the socket is 0600 in a 0700 folder, and a peer whose uid (seen
 from our user namespace, ``SO_PEERCRED``) is not 0 is refused, so neither a container's
