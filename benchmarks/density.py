@@ -278,8 +278,9 @@ def _mib(kib: float) -> str:
 
 
 def table(results: dict[str, Any], desktops: int) -> str:
-    lines = ["| target | mount (median, min-max) | startup of all | daemon RSS (median, min-max) | daemon PSS (median, "
-             "min-max) | daemon private | parent PSS | MemAvailable drop per desktop | load |",
+    lines = ["| target | mount (median, min-max) | startup of all | daemon RSS (median, min-max) "
+             "| daemon PSS (median, min-max) | daemon private | parent PSS "
+             "| MemAvailable drop per desktop | load |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, r in results.items():
         rss, pss, private = r["rss_kib"], r["pss_kib"], r["private_kib"]
