@@ -1,6 +1,6 @@
 # Every target installs what it needs first (scripts/setup.sh is idempotent).
-.PHONY: setup demo test test-fast chaos bench bench-image bench-fleet bench-metrics bench-cli bench-vm bench-web bench-density deb \
-	test-deb clean
+.PHONY: setup demo test test-fast chaos bench bench-dispatch bench-image bench-fleet bench-metrics \
+	bench-cli bench-vm bench-web bench-density deb test-deb clean
 
 setup:
 	bash scripts/setup.sh
@@ -33,6 +33,11 @@ chaos: setup
 
 bench: setup
 	.venv/bin/python -m benchmarks.run $(BENCH_ARGS)
+
+# The daemon's own CPU per request with no kernel in the way (benchmarks/dispatch.py): the
+# session's opcode table and the union over folders, request by request.
+bench-dispatch: setup
+	.venv/bin/python -m benchmarks.dispatch $(BENCH_ARGS)
 
 # The real-image row (benchmarks/realimage.py), on the cached Debian image (tools/debian_image.py).
 bench-image: setup

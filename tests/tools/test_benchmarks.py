@@ -284,6 +284,31 @@ def test_cli_startup_bench_prints_a_row_per_command() -> None:
     assert rows == ["`qvdctl --help`", "`qvdctl vm list`", "`qvdctl config get`"]
 
 
+DISPATCH_KINDS = ["GETATTR", "LOOKUP+FORGET", "GETXATTR", "STATFS", "CREATE", "RELEASE", "UNLINK",
+                  "MKDIR", "RMDIR", "READDIRPLUS"]
+
+
+def test_dispatch_bench_times_every_request_kind_on_the_modules_in_use() -> None:
+    done = subprocess.run([sys.executable, "-m", "benchmarks.dispatch", "--count", "8",
+                           "--rounds", "2"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    first, *rows = done.stdout.splitlines()
+    # This checkout runs its sources: nothing on the request path is compiled.
+    assert first == "compiled: none (pure Python)"
+    kinds = [row.split()[0] for row in rows]
+    assert kinds == DISPATCH_KINDS
+    assert all(float(row.split()[1]) > 0 and row.endswith(" us") for row in rows), rows
+
+
+def test_dispatch_bench_refuses_a_count_too_small_to_cycle() -> None:
+    done = subprocess.run([sys.executable, "-m", "benchmarks.dispatch", "--count", "0"],
+                          cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.strip().splitlines() == [
+        "dispatch: --count must be at least 4 and --rounds at least 1"]
+
+
 @pytest.mark.timeout(300)
 def test_web_bench_prints_every_row_on_both_databases() -> None:
     done = subprocess.run([sys.executable, "-m", "benchmarks.web", "--vms", "30", "--hosts", "3",
