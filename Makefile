@@ -1,6 +1,6 @@
 # Every target installs what it needs first (scripts/setup.sh is idempotent).
 .PHONY: setup demo test test-fast chaos bench bench-dispatch bench-image bench-fleet bench-metrics \
-	bench-cli bench-vm bench-web deb test-deb clean
+	bench-cli bench-vm bench-web bench-density deb test-deb clean
 
 setup:
 	bash scripts/setup.sh
@@ -59,6 +59,11 @@ bench-cli: setup
 # Debian, unprivileged and privileged.
 bench-vm: setup
 	.venv/bin/python -m benchmarks.vmlife $(BENCH_ARGS)
+
+# N Debian desktops on one node (benchmarks/density.py): each root's daemon RSS and PSS, the
+# node's MemAvailable per desktop, startup of all N; BENCH_ARGS="--desktops 20" for more.
+bench-density: setup
+	.venv/bin/python -m benchmarks.density $(BENCH_ARGS)
 
 # The web admin with 1,000 VMs over 20 hosts (benchmarks/web.py): pages' times and the
 # live feed's latency, on SQLite and PostgreSQL.
