@@ -1,9 +1,14 @@
 """The web admin's Starlette application: pages, forms, the live feed, and who may do what.
 
 Every page and feed needs a session (the ``qvd_session`` cookie); without one a page
-redirects to the login and anything else answers 401. Every POST but the login's
-carries the session's CSRF token in a form field, and only an ``admin`` may post a
-change: a ``viewer``'s POST answers 403. Each change is a row of the audit log.
+redirects to the login and anything else answers 401. Every POST carries a CSRF token
+in a form field: the session's, or before there is a session, the login form's own
+(``qvd_login``, a cookie the login page sets: a login posted from another site, which
+would log the browser into the attacker's account, has neither). Only an ``admin``
+may post a change: a ``viewer``'s POST answers 403. A form also sends the revision of
+each object it shows (``pages.revision``), and a change to an object that changed
+since the page was made is refused with a line saying so. Each change is a row of the
+audit log.
 
 The database layer is synchronous (SQLAlchemy Core, as the CLI uses it), so each
 request's queries run in a worker thread, never on the event loop.
@@ -14,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -44,6 +50,7 @@ log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 COOKIE = "qvd_session"
+LOGIN_COOKIE = "qvd_login"  # the login form's CSRF token, until there is a session
 # Pages and scripts come from this server only; no inline script, no framing.
 SECURITY_HEADERS = [
     (b"content-security-policy",
@@ -75,6 +82,7 @@ def create_app(node: Node) -> ASGIApp:
     """The web admin of ``node``'s database (the caller closes the node)."""
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"),
                              autoescape=True, undefined=jinja2.StrictUndefined)
+    env.globals["revision"] = pages.revision
     templates = Jinja2Templates(env=env)
     feed = live.VmFeed(node)
     # Result lines of a session's last POST, shown once by the page it redirects to.
@@ -111,6 +119,14 @@ def create_app(node: Node) -> ASGIApp:
             return await handler(request, session)
         return endpoint
 
+    def csrf_refused(posted: object, expected: str | None) -> Response | None:
+        """The 403 for a form whose CSRF token is not ``expected``; None if it is."""
+        if (isinstance(posted, str) and expected is not None
+                and hmac.compare_digest(posted, expected)):
+            return None
+        return PlainTextResponse("missing or stale CSRF token: reload the page",
+                                 status_code=403)
+
     def post(handler: Handler, *, admin: bool = True) -> Callable[[Request], Awaitable[Response]]:
         """A POST: a session and its CSRF token first, and (``admin``) the admin role."""
         async def endpoint(request: Request) -> Response:
@@ -118,10 +134,8 @@ def create_app(node: Node) -> ASGIApp:
             if session is None:
                 return PlainTextResponse("not logged in", status_code=401)
             form = await request.form()
-            token = form.get("csrf")
-            if not isinstance(token, str) or not hmac.compare_digest(token, session["csrf"]):
-                return PlainTextResponse("missing or stale CSRF token: reload the page",
-                                         status_code=403)
+            if refused := csrf_refused(form.get("csrf"), session["csrf"]):
+                return refused
             if admin and session["role"] != accounts.Role.ADMIN:
                 return PlainTextResponse("viewers cannot change anything", status_code=403)
             return await handler(request, session)
@@ -132,11 +146,23 @@ def create_app(node: Node) -> ASGIApp:
 
     # --- logging in and out ---------------------------------------------------------
 
+    def login_page(request: Request, error: str | None, status_code: int = 200) -> Response:
+        """The login form with a fresh CSRF token, set in its cookie too."""
+        token = secrets.token_urlsafe(32)
+        response = templates.TemplateResponse(
+            request, "login.html", {"error": error, "csrf": token}, status_code=status_code)
+        response.set_cookie(LOGIN_COOKIE, token, httponly=True, samesite="strict",
+                            secure=request.url.scheme == "https", path="/login")
+        return response
+
     async def login_form(request: Request) -> Response:
-        return templates.TemplateResponse(request, "login.html", {"error": None})
+        return login_page(request, None)
 
     async def login(request: Request) -> Response:
         form = await request.form()
+        # Checked before the password: a forged login counts no failure against anyone.
+        if refused := csrf_refused(form.get("csrf"), request.cookies.get(LOGIN_COOKIE)):
+            return refused
         login_name, password = str(form.get("login", "")), str(form.get("password", ""))
 
         def attempt(conn: Any) -> str | QvdError:
@@ -151,9 +177,9 @@ def create_app(node: Node) -> ASGIApp:
             audit.record, node.db, who=login_name, origin=origin(request), action="web login",
             obj="", args="", result=str(outcome) if isinstance(outcome, QvdError) else audit.OK)
         if isinstance(outcome, QvdError):
-            return templates.TemplateResponse(request, "login.html", {"error": str(outcome)},
-                                              status_code=403)
+            return login_page(request, str(outcome), status_code=403)
         response = RedirectResponse("/", status_code=303)
+        response.delete_cookie(LOGIN_COOKIE, path="/login")
         response.set_cookie(COOKIE, outcome, httponly=True, samesite="strict",
                             secure=request.url.scheme == "https", path="/")
         return response
@@ -218,13 +244,21 @@ def create_app(node: Node) -> ASGIApp:
         action = str(form.get("action", ""))
         back = {"vm": "/vms", "host": "/hosts", "user": "/users", "di": "/images"}.get(obj, "/")
         chosen = [str(v) for v in form.getlist("id")]
+        # The revisions of the objects chosen; the page sends one for each it lists.
+        revs = [str(v) for v in form.getlist("rev") if str(v).partition(":")[0] in chosen]
         fields = {k: v for k, v in form.items()
-                  if isinstance(v, str) and k not in ("csrf", "action", "id")
+                  if isinstance(v, str) and k not in ("csrf", "action", "id", "rev")
                   and not k.startswith("f_")}
+        why_stale: list[str] = []
+        if obj in pages.REVISED and revs:
+            why_stale = await db(pages.stale, obj, revs)
         if action not in actions.ACTIONS.get(obj, {}):
             outcome: actions.Outcome = [(f"{obj} {action}", "unknown action")]
         elif not all(v.isdigit() for v in chosen):
             outcome = [(f"{obj} {action}", "bad id")]
+        elif why_stale:
+            outcome = [(f"{obj} {action}",
+                        "; ".join(why_stale) + ": reload the page; nothing changed")]
         else:
             posted = actions.Posted([int(v) for v in chosen], fields)
             try:

@@ -169,3 +169,19 @@ def test_a_viewer_gets_no_buttons(site: Site, browser: WebDriver) -> None:
     browser.get(site.url + "hosts")
     assert not browser.find_elements(By.ID, "host-form")
     browser.save_screenshot(str(SCREENSHOTS / "vms-viewer.png"))
+
+
+def test_a_change_from_an_outdated_page_is_refused_on_the_page(
+    site: Site, browser: WebDriver
+) -> None:
+    _log_in(browser, site, *ADMIN)
+    browser.get(site.url + "vms")
+    site.cli.run("vm", "edit", "-f", "name=v2", "name=v2-renamed")
+    try:
+        _press(browser, [2], "vm-block")
+        _until(browser, "the refusal", lambda: "changed since this page was loaded"
+               in browser.find_element(By.ID, "results").text)
+        assert site.cli.vm("v2-renamed")["Blocked"] == 0
+        browser.save_screenshot(str(SCREENSHOTS / "vms-stale.png"))
+    finally:
+        site.cli.run("vm", "edit", "-f", "name=v2-renamed", "name=v2")

@@ -133,8 +133,8 @@ def test_sql_in_filters_matches_nothing_and_breaks_nothing(site: Site) -> None:
 def test_the_session_cookie_is_httponly_samesite_strict_and_secure_over_tls(
     site: Site, tmp_path
 ) -> None:
-    reply = Client(site.url).request("/login", {"login": ADMIN[0], "password": ADMIN[1]})
-    flags = [f.strip().lower() for f in reply.headers["set-cookie"].split(";")]
+    reply = Client(site.url).log_in(*ADMIN)
+    flags = [f.strip().lower() for f in reply.set_cookie("qvd_session").split(";")]
     assert "httponly" in flags and "samesite=strict" in flags and "path=/" in flags
     assert "secure" not in flags  # plain HTTP: a Secure cookie would never come back
 
@@ -144,12 +144,40 @@ def test_the_session_cookie_is_httponly_samesite_strict_and_secure_over_tls(
     with web_server(site.cli, "--cert", str(cert), "--key", str(key)) as url:
         assert url.startswith("https://")
         tls = Client(url, context=context)
-        reply = tls.request("/login", {"login": ADMIN[0], "password": ADMIN[1]})
+        reply = tls.log_in(*ADMIN)
         assert reply.status == 303
-        flags = [f.strip().lower() for f in reply.headers["set-cookie"].split(";")]
+        flags = [f.strip().lower() for f in reply.set_cookie("qvd_session").split(";")]
         assert {"httponly", "samesite=strict", "secure"} <= set(flags)
-        tls.log_in(*ADMIN)
         assert tls.request("/vms").status == 200
+
+
+def test_a_login_without_its_forms_csrf_token_is_refused_and_counts_nothing(
+    site: Site
+) -> None:
+    site.cli.run("admin", "add", "login=carol", "password=carols")
+    form = Client(site.url).request("/login")
+    cookie = form.set_cookie("qvd_login")
+    flags = [f.strip().lower() for f in cookie.split(";")]
+    assert "httponly" in flags and "samesite=strict" in flags
+    token = cookie.split(";")[0].partition("=")[2]
+    assert f'name="csrf" value="{token}"' in form.body
+    # Another site's form: no login cookie (SameSite), or not this form's token.
+    for fields, cookies in [({}, f"qvd_login={token}"),
+                            ({"csrf": token}, ""),
+                            ({"csrf": "forged"}, f"qvd_login={token}"),
+                            ({"csrf": token}, "qvd_login=another")]:
+        reply = Client(site.url).request(
+            "/login", {"login": "carol", "password": "carols", **fields},
+            headers={"Cookie": cookies} if cookies else {})
+        assert reply.status == 403 and "CSRF" in reply.body, fields
+        assert not reply.set_cookie("qvd_session"), fields
+    # Refused before the password is looked at: wrong passwords so posted count nothing.
+    for _ in range(6):
+        Client(site.url).request("/login", {"login": "carol", "password": "wrong"})
+    (row,) = site.cli.json("admin", "list", "-f", "login=carol")
+    assert row["Failures"] == 0 and row["LockedUntil"] is None
+    assert "no log matches" in site.cli.fails("log", "list", "-f", "who=carol")
+    assert Client(site.url).log_in("carol", "carols").status == 303
 
 
 def test_five_wrong_passwords_lock_the_login(site: Site) -> None:
@@ -314,3 +342,49 @@ def test_a_disk_image_is_tagged_and_untagged_from_the_web(site: Site) -> None:
     assert 'class="tags">' in client.request("/images").body
     assert post(action="untag", id="1", tag="head")[0]["error"] is None
     assert "head" not in tags()
+
+
+def test_a_change_from_a_page_older_than_the_object_is_refused_and_changes_nothing(
+    site: Site
+) -> None:
+    client = _admin(site)
+    token, revs = client.csrf(), client.revisions("/vms")
+    json_reply = {"Accept": "application/json"}
+    site.cli.run("vm", "edit", "-f", "name=v1", "name=v1-renamed")
+    try:
+        before = _objects(site)
+        for action in ["block", "start", "delete"]:
+            reply = client.request("/act/vm", {"action": action, "id": "1", "csrf": token,
+                                               "rev": revs["1"]}, headers=json_reply)
+            (line,) = json.loads(reply.body)
+            assert line["error"] == ("vm v1-renamed was changed since this page was loaded:"
+                                     " reload the page; nothing changed"), line
+        assert _objects(site) == before
+        # Without a script the page itself says so, after the redirect.
+        client.request("/act/vm", {"action": "block", "id": "1", "csrf": token,
+                                   "rev": revs["1"]})
+        assert "was changed since this page was loaded" in client.request("/vms").body
+        # The runtime state is not part of it: a VM blocked elsewhere is still this page's.
+        site.cli.run("vm", "block", "-f", "name=v2")
+        reply = client.request("/act/vm", {"action": "unblock", "id": "2", "csrf": token,
+                                           "rev": revs["2"]}, headers=json_reply)
+        assert json.loads(reply.body) == [{"what": "vm unblock v2", "error": None}]
+        # A fresh page has the new revision, and the same change goes through.
+        fresh = client.revisions("/vms")
+        assert fresh["1"] != revs["1"] and fresh["2"] == revs["2"]
+        reply = client.request("/act/vm", {"action": "block", "id": "1", "csrf": token,
+                                           "rev": fresh["1"]}, headers=json_reply)
+        assert json.loads(reply.body) == [{"what": "vm block v1-renamed", "error": None}]
+        client.request("/act/vm", {"action": "unblock", "id": "1", "csrf": token})
+    finally:
+        site.cli.run("vm", "edit", "-f", "name=v1-renamed", "name=v1")
+    # A user deleted (and one re-added under the same login) since the page was made.
+    site.cli.run("user", "add", "login=gone", "password=p")
+    users = client.revisions("/users")
+    (gone,) = [r["Id"] for r in site.cli.json("user", "list", "-f", "login=gone")]
+    site.cli.run("user", "del", "-f", "login=gone")
+    reply = client.request("/act/user", {"action": "passwd", "id": str(gone), "password": "x",
+                                         "csrf": token, "rev": users[str(gone)]},
+                           headers=json_reply)
+    (line,) = json.loads(reply.body)
+    assert line["error"].startswith(f"user {gone} was deleted since this page was loaded")
