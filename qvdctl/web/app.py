@@ -213,7 +213,7 @@ def create_app(node: Node) -> ASGIApp:
         except QvdError as exc:
             return PlainTextResponse(str(exc), status_code=404)
         history = await db(pages.log_rows, [("object", f"*{vm['name']}*")])
-        root = await run_in_threadpool(counters.root_counters, node, vm)
+        root = await run_in_threadpool(counters.vm_usage, node, vm)
         return render(request, session, "vm.html", vm=vm, history=history, root=root)
 
     async def host_list(request: Request, session: Session) -> Response:
