@@ -38,7 +38,6 @@ import http.cookiejar
 import json
 import os
 import re
-import select
 import shutil
 import socket
 import subprocess
@@ -58,6 +57,7 @@ from qvdproc.mountinfo import mounts_under
 from tools import debian_image
 from tools.imagebuild import build_busybox_rootfs, build_image_tarball
 from tools.sandbox import ScratchNode, reachable_by_mapped_root, scratch_node
+from tools.webserver import serving
 
 IMAGE = "busybox-demo.tar.gz"
 IMAGES = ("busybox", "debian")
@@ -144,26 +144,10 @@ def _listen() -> socket.socket:
         return socket.create_server((WEB[0], 0))
 
 
-@contextlib.contextmanager
-def _web_admin(node: ScratchNode) -> Iterator[str]:
-    """``qvdctl web`` on the host's loopback for the node; yields its address; stops it."""
+def _web_admin(node: ScratchNode) -> contextlib.AbstractContextManager[str]:
+    """``qvdctl web`` on the host's loopback for the node: its address; stops on exit."""
     with _listen() as sock:
-        server = node.web(sock)
-    try:
-        assert server.stdout is not None
-        ready, _, _ = select.select([server.stdout], [], [], 60)
-        line = server.stdout.readline() if ready else ""
-        if not (match := re.search(r"serving (\S+)", line)):
-            server.kill()
-            raise DemoError(f"qvdctl web did not start: {server.communicate()[1].strip()}")
-        yield match.group(1)
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        return serving(node.web(sock))
 
 
 def _web_vms(url: str) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import select
 import ssl
 import subprocess
 import urllib.error
@@ -22,6 +21,7 @@ from email.message import Message
 from pathlib import Path
 
 from tests.support.qvdctl import Cli
+from tools.webserver import serving
 
 COOKIE = "qvd_session"
 START_TIMEOUT_S = 60  # a busy machine: the interpreter and Starlette's imports
@@ -32,23 +32,8 @@ def web_server(cli: Cli, *extra: str) -> Iterator[str]:
     """``qvdctl web`` on ``cli``'s root; yields its base URL (``http://127.0.0.1:PORT/``)."""
     proc = subprocess.Popen(cli.argv("web", "--listen", "127.0.0.1:0", *extra),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        ready, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT_S)
-        line = proc.stdout.readline() if ready else ""
-        match = re.search(r"serving (\S+)", line)
-        if not match:
-            proc.kill()
-            _, errors = proc.communicate(timeout=15)
-            raise AssertionError(f"qvdctl web did not start: {line!r} {errors}")
-        yield match.group(1)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with serving(proc, START_TIMEOUT_S) as url:
+        yield url
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -116,12 +101,12 @@ class Client:
         assert match, "no CSRF token on the page"
         return match.group(1)
 
-    def revisions(self, path: str) -> dict[str, str]:
-        """Object id -> the ``rev`` a form of page ``path`` sends for it (``ID:DIGEST``)."""
+    def revisions(self, path: str, form: str = "[^\"]+") -> dict[str, str]:
+        """Object id -> the ``rev`` form ``form`` of page ``path`` sends for it (``ID:DIGEST``)."""
         page = self.request(path)
         assert page.status == 200, page
-        return {rev.partition(":")[0]: rev
-                for rev in re.findall(r'name="rev" value="([^"]+)"', page.body)}
+        found = re.findall(rf'name="rev" value="([^"]+)" form="{form}"', page.body)
+        return {rev.partition(":")[0]: rev for rev in found}
 
 
 def self_signed(folder: Path) -> tuple[Path, Path]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import select
 import socket
 import subprocess
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 
 from tests.support.web import Client
 from tools.sandbox import QVDCTL, scratch_node, socket_on_stdin_argv
+from tools.webserver import serving
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -24,22 +24,15 @@ def test_a_handed_over_socket_serves_the_host_from_inside_a_namespace(tmp_path: 
         with socket.create_server(("127.0.0.1", 0)) as sock:
             server = node.web(sock)
             port = sock.getsockname()[1]
-        try:
-            assert server.stdout is not None
-            ready, _, _ = select.select([server.stdout], [], [], 60)
-            assert ready, server.stderr
-            assert server.stdout.readline().strip() == (
-                f"qvdctl web: serving http://127.0.0.1:{port}/")
+        with serving(server) as url:
+            assert url == f"http://127.0.0.1:{port}/"
             # The server itself is in the demo's namespace, its socket in this one.
             assert os.readlink(f"/proc/{server.pid}/ns/net") != os.readlink("/proc/self/ns/net")
             environ = Path(f"/proc/{server.pid}/environ").read_bytes().split(b"\0")
             assert b"LISTEN_FDS=1" in environ  # as it was started: no --listen of its own
-            client = Client(f"http://127.0.0.1:{port}/")
+            client = Client(url)
             assert client.log_in("alice", "pw").status == 303
             assert client.request("/vms").status == 200
-        finally:
-            server.terminate()
-            server.wait(timeout=15)
 
 
 def _handed(root: Path, script: str, sock: socket.socket, *args: str) -> str:
