@@ -42,6 +42,7 @@ from qvdctl import audit
 from qvdctl.db import store
 from qvdctl.db.states import VmState
 from qvdctl.errors import QvdError
+from qvdctl.images.halt import SIGNALS
 from qvdctl.node import Node
 from qvdctl.vm.health import reconcile
 from qvdctl.web import accounts, actions, counters, live, pages
@@ -58,6 +59,9 @@ SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"same-origin"),
 ]
+
+# The halt signals the forms offer, with the inits that want them; the CLI takes any.
+HALT_SIGNALS = [(signal, init) for init, signal in SIGNALS.items()]
 
 Session = dict[str, Any]
 Handler = Callable[[Request, Session], Awaitable[Response]]
@@ -224,7 +228,12 @@ def create_app(node: Node) -> ASGIApp:
         return render(request, session, "users.html", users=await db(pages.user_rows))
 
     async def image_list(request: Request, session: Session) -> Response:
-        return render(request, session, "images.html", **await db(pages.images))
+        data = await db(pages.images)
+        imported = {di["path"] for di in data["dis"]}
+        staged = [name for name in await run_in_threadpool(actions.staged_images, node)
+                  if name not in imported]
+        return render(request, session, "images.html", **data, staged=staged,
+                      signals=HALT_SIGNALS, from_init=actions.HALT_FROM_INIT)
 
     async def config_page(request: Request, session: Session) -> Response:
         rows = await db(lambda conn: pages.config_rows(conn, node.settings()))
@@ -242,7 +251,8 @@ def create_app(node: Node) -> ASGIApp:
         obj = request.path_params["obj"]
         form = await request.form()
         action = str(form.get("action", ""))
-        back = {"vm": "/vms", "host": "/hosts", "user": "/users", "di": "/images"}.get(obj, "/")
+        back = {"vm": "/vms", "host": "/hosts", "user": "/users", "di": "/images",
+                "osf": "/images"}.get(obj, "/")
         chosen = [str(v) for v in form.getlist("id")]
         # The revisions of the objects chosen; the page sends one for each it lists.
         revs = [str(v) for v in form.getlist("rev") if str(v).partition(":")[0] in chosen]

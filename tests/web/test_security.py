@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import shutil
 import sqlite3
 import ssl
 import subprocess
@@ -388,3 +389,99 @@ def test_a_change_from_a_page_older_than_the_object_is_refused_and_changes_nothi
                            headers=json_reply)
     (line,) = json.loads(reply.body)
     assert line["error"].startswith(f"user {gone} was deleted since this page was loaded")
+
+
+def test_osfs_are_added_and_edited_from_the_web_as_the_cli_does(site: Site) -> None:
+    client = _admin(site)
+    token = client.csrf("/images")
+
+    def post(**form: str) -> list[dict[str, str | None]]:
+        reply = client.request("/act/osf", {**form, "csrf": token},
+                               headers={"Accept": "application/json"})
+        assert reply.status == 200, reply.body
+        return json.loads(reply.body)
+
+    def osf(name: str) -> dict[str, object]:
+        (row,) = site.cli.json("osf", "list", "-f", f"name={name}")
+        return row
+
+    before = _objects(site)
+    for form, expected in [
+        ({"action": "add", "name": "bad name"}, "bad OSF name"),
+        ({"action": "add", "name": "x", "memory": "lots"}, "bad value for memory"),
+        ({"action": "add", "name": "x", "halt_signal": "SIGBOGUS"}, "bad halt_signal"),
+        ({"action": "add", "name": "o"}, "already exists"),
+        ({"action": "edit", "name": "y"}, "no OSF selected"),
+        ({"action": "edit", "id": "1"}, "nothing to change"),
+        ({"action": "edit", "id": ["1", "2"], "name": "same"}, "a rename needs exactly one"),
+        ({"action": "edit", "id": "99", "memory": "1"}, "no longer exists"),
+    ]:
+        (line,) = post(**form)
+        assert line["error"] and expected in line["error"], (form, line)
+    assert _objects(site) == before
+
+    assert post(action="add", name="webosf", memory="300", halt_signal="SIGUSR2") == [
+        {"what": "osf add webosf", "error": None}]
+    try:
+        added = osf("webosf")
+        assert (added["Memory"], added["UserStorage"], added["HaltSignal"]) == (300, 0, "SIGUSR2")
+        osf_id = str(added["Id"])
+        revs = client.revisions("/images", "osf-form")
+        # Empty fields stay as they are; the halt signal changes, then goes back to init's.
+        assert post(action="edit", id=osf_id, rev=revs[osf_id], name="", memory="",
+                    halt_signal="SIGRTMIN+3")[0]["error"] is None
+        assert (osf("webosf")["Memory"], osf("webosf")["HaltSignal"]) == (300, "SIGRTMIN+3")
+        # The page that edit was made from is older than the OSF now.
+        (line,) = post(action="edit", id=osf_id, rev=revs[osf_id], memory="512")
+        assert line["error"] and "osf webosf was changed since this page was loaded" in str(
+            line["error"])
+        assert osf("webosf")["Memory"] == 300
+        fresh = client.revisions("/images", "osf-form")
+        assert post(action="edit", id=osf_id, rev=fresh[osf_id], memory="512",
+                    halt_signal="init")[0]["error"] is None
+        assert (osf("webosf")["Memory"], osf("webosf")["HaltSignal"]) == (512, None)
+        logged = [(r["Action"], r["Args"]) for r in site.cli.json("log", "list", "-f",
+                                                                  "action=osf*")]
+        assert ("osf add", "name=webosf memory=300 halt_signal=SIGUSR2") in logged
+    finally:
+        site.cli.run("osf", "del", "-f", "name=webosf")
+
+
+def test_a_disk_image_is_imported_from_staging_alone(site: Site, tarball) -> None:
+    client = _admin(site)
+    token = client.csrf("/images")
+    staging = site.cli.root / "staging"
+    staged = staging / "web-import.tar.gz"
+    json_reply = {"Accept": "application/json"}
+    assert 'id="no-staged"' in client.request("/images").body
+    shutil.copy(tarball, staged)
+    try:
+        page = client.request("/images").body
+        assert "<option>web-import.tar.gz</option>" in page
+        before = _objects(site)
+        # Anything but a file of staging/ is refused: the web imports nothing else.
+        for path in ["../qvd.db", str(staged), "/etc/passwd", "missing.tar.gz", ""]:
+            reply = client.request("/act/di", {"action": "add", "path": path, "osf": "o",
+                                               "csrf": token}, headers=json_reply)
+            (line,) = json.loads(reply.body)
+            assert line["error"] and ("not an image file in staging/" in line["error"]
+                                      or "path is missing" in line["error"]), (path, line)
+        (line,) = json.loads(client.request(
+            "/act/di", {"action": "add", "path": staged.name, "osf": "nope", "csrf": token},
+            headers=json_reply).body)
+        assert line["error"] == "no OSF named 'nope'"
+        assert _objects(site) == before
+        reply = client.request("/act/di", {"action": "add", "path": staged.name, "osf": "o",
+                                           "version": "web1", "halt_signal": "SIGPWR",
+                                           "csrf": token}, headers=json_reply)
+        assert json.loads(reply.body) == [{"what": "di add o web1", "error": None}]
+        (row,) = site.cli.json("di", "list", "-f", "version=web1")
+        assert (row["Path"], row["HaltSignal"], row["HaltFrom"]) == (staged.name, "SIGPWR", "di")
+        assert set(str(row["Tags"]).split(",")) == {"web1", "head"}
+        assert (site.cli.root / "images" / staged.name).is_file()
+        # Imported, it is offered no more (another import of it would be refused).
+        assert 'id="no-staged"' in client.request("/images").body
+        site.cli.run("di", "del", "-f", "version=web1")
+        site.cli.run("di", "tag", "-f", "id=1", "tag=head")  # back where it was
+    finally:
+        staged.unlink(missing_ok=True)
