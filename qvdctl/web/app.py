@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
+import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -29,14 +30,15 @@ from urllib.parse import urlencode
 import jinja2
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import (
     JSONResponse, PlainTextResponse, RedirectResponse, Response, StreamingResponse,
 )
-from starlette.routing import Mount, Route
+from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.websockets import WebSocket
 
 from qvdctl import audit
 from qvdctl.db import store
@@ -45,7 +47,7 @@ from qvdctl.errors import QvdError
 from qvdctl.images.halt import SIGNALS
 from qvdctl.node import Node
 from qvdctl.vm.health import reconcile
-from qvdctl.web import accounts, actions, counters, live, pages
+from qvdctl.web import accounts, actions, console, counters, live, pages
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +100,7 @@ def create_app(node: Node) -> ASGIApp:
                 return fn(conn, *args)
         return await run_in_threadpool(run)
 
-    async def current(request: Request) -> Session | None:
+    async def current(request: HTTPConnection) -> Session | None:
         token = request.cookies.get(COOKIE)
         if not token:
             return None
@@ -145,7 +147,7 @@ def create_app(node: Node) -> ASGIApp:
             return await handler(request, session)
         return endpoint
 
-    def origin(request: Request) -> str:
+    def origin(request: HTTPConnection) -> str:
         return request.client.host if request.client else "?"
 
     # --- logging in and out ---------------------------------------------------------
@@ -219,6 +221,52 @@ def create_app(node: Node) -> ASGIApp:
         history = await db(pages.log_rows, [("object", f"*{vm['name']}*")])
         root = await run_in_threadpool(counters.vm_usage, node, vm)
         return render(request, session, "vm.html", vm=vm, history=history, root=root)
+
+    # --- a VM's console -------------------------------------------------------------
+
+    def console_refused(vm: store.Row) -> str | None:
+        """Why this server cannot open ``vm``'s console; None if it can."""
+        if vm["state"] != VmState.RUNNING:
+            return f"the VM is {vm['state']}"
+        if vm["host"] != node.name():
+            return f"the VM runs on host {vm['host']}: open its console from a web admin there"
+        return None
+
+    async def console_page(request: Request, session: Session) -> Response:
+        if session["role"] != accounts.Role.ADMIN:
+            return PlainTextResponse("viewers cannot open a console", status_code=403)
+        try:
+            vm = await db(store.get_vm, request.path_params["vm_id"])
+        except QvdError as exc:
+            return PlainTextResponse(str(exc), status_code=404)
+        return render(request, session, "console.html", vm=vm, why=console_refused(vm))
+
+    async def console_socket(websocket: WebSocket) -> None:
+        session = await current(websocket)
+        scheme = "https" if websocket.url.scheme == "wss" else "http"
+        # A WebSocket is not bound by the same-origin policy: a page of another site
+        # could open one with this browser's cookie, were it not for this check.
+        same_origin = websocket.headers.get("origin") == f"{scheme}://{websocket.url.netloc}"
+        if session is None or session["role"] != accounts.Role.ADMIN or not same_origin:
+            await websocket.close(code=1008)  # before accepting: the handshake gets a 403
+            return
+        try:
+            vm = await db(store.get_vm, websocket.path_params["vm_id"])
+        except QvdError:
+            await websocket.close(code=1008)
+            return
+        why = console_refused(vm)
+        await run_in_threadpool(
+            audit.record, node.db, who=session["login"], origin=origin(websocket),
+            action="vm console", obj=vm["name"], args="", result=why or audit.OK)
+        await websocket.accept()
+        if why is not None:
+            await websocket.close(code=1008, reason=why)
+            return
+        from qvdctl.container import seam  # here: it loads liblxc
+
+        argv = seam.console_command(vm["id"], settings=node.settings())
+        await console.bridge(websocket, argv, {**os.environ, "TERM": "xterm-256color"})
 
     async def host_list(request: Request, session: Session) -> Response:
         rows = await db(lambda conn: pages.host_rows(conn, node.settings()))
@@ -321,6 +369,8 @@ def create_app(node: Node) -> ASGIApp:
         Route("/", page(dashboard)),
         Route("/vms", page(vm_list)),
         Route("/vms/{vm_id:int}", page(vm_page)),
+        Route("/vms/{vm_id:int}/console", page(console_page)),
+        WebSocketRoute("/vms/{vm_id:int}/console/socket", console_socket),
         Route("/hosts", page(host_list)),
         Route("/users", page(user_list)),
         Route("/images", page(image_list)),

@@ -113,6 +113,7 @@ def serve(node: Node, listen: str | None, cert: Path | None, key: Path | None) -
         create_app(node), ssl_certfile=cert, ssl_keyfile=key, log_level="warning",
         # The live feed is a response that never ends: do not wait for it on shutdown.
         timeout_graceful_shutdown=1,
+        ws="wsproto",  # the consoles' WebSockets (web/console.py)
     )
     uvicorn.Server(config).run(sockets=[sock])
     return 0

@@ -54,9 +54,9 @@ def _until(browser: WebDriver, what: str, condition) -> None:  # type: ignore[no
                   ).until(lambda _: condition(), message=f"waiting for {what}")
 
 
-def _log_in(browser: WebDriver, site: Site, login: str, password: str) -> None:
+def _log_in(browser: WebDriver, url: str, login: str, password: str) -> None:
     browser.delete_all_cookies()
-    browser.get(site.url + "login")
+    browser.get(url + "login")
     browser.find_element(By.ID, "login").send_keys(login)
     browser.find_element(By.ID, "password").send_keys(password)
     browser.find_element(By.ID, "submit").click()
@@ -87,7 +87,7 @@ def test_an_admin_runs_a_vm_and_a_host_from_the_browser(site: Site, browser: Web
     browser.get(site.url)
     assert browser.current_url.endswith("/login")
     browser.save_screenshot(str(SCREENSHOTS / "login.png"))
-    _log_in(browser, site, *ADMIN)
+    _log_in(browser, site.url, *ADMIN)
     count = browser.find_element(By.CSS_SELECTOR, '[data-count="VMs"]').text
     assert count == "3"
     browser.save_screenshot(str(SCREENSHOTS / "dashboard.png"))
@@ -165,7 +165,7 @@ def test_an_admin_runs_a_vm_and_a_host_from_the_browser(site: Site, browser: Web
 
 
 def test_a_viewer_gets_no_buttons(site: Site, browser: WebDriver) -> None:
-    _log_in(browser, site, *VIEWER)
+    _log_in(browser, site.url, *VIEWER)
     browser.get(site.url + "vms")
     assert browser.find_elements(By.CSS_SELECTOR, "tr[data-vm]")
     assert not browser.find_elements(By.ID, "vm-form")
@@ -178,7 +178,7 @@ def test_a_viewer_gets_no_buttons(site: Site, browser: WebDriver) -> None:
 def test_a_change_from_an_outdated_page_is_refused_on_the_page(
     site: Site, browser: WebDriver
 ) -> None:
-    _log_in(browser, site, *ADMIN)
+    _log_in(browser, site.url, *ADMIN)
     browser.get(site.url + "vms")
     site.cli.run("vm", "edit", "-f", "name=v2", "name=v2-renamed")
     try:
@@ -194,7 +194,7 @@ def test_a_change_from_an_outdated_page_is_refused_on_the_page(
 def test_osfs_and_a_staged_image_are_added_and_edited_from_the_images_page(
     site: Site, browser: WebDriver, tarball: Path
 ) -> None:
-    _log_in(browser, site, *ADMIN)
+    _log_in(browser, site.url, *ADMIN)
     browser.get(site.url + "images")
     browser.find_element(By.ID, "osf-add-name").send_keys("browserosf")
     Select(browser.find_element(By.ID, "osf-add-halt")).select_by_value("SIGUSR2")
