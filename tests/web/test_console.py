@@ -102,6 +102,12 @@ def test_the_console_page_types_into_the_vm_in_the_browser(
 ) -> None:
     _log_in(browser, running.url, *ADMIN)
     browser.get(running.url + "vms/1")
+    # A container on this node: its cgroup's numbers, read by the web server itself.
+    assert browser.find_element(By.ID, "usage-source").text == "Read now on this node."
+    cpu, memory = [float(cell.text) for cell in browser.find_elements(By.CSS_SELECTOR,
+                                                                      "#usage td")]
+    assert cpu >= 0 and memory > 0  # numbers, not "- (no container)"
+    browser.save_screenshot(str(SCREENSHOTS / "vm-container.png"))
     browser.find_element(By.ID, "console-link").click()
     _until(browser, "the console", lambda: browser.find_element(
         By.ID, "console-status").text == "connected.")
