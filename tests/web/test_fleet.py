@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from qvdctl.db.engine import Database
+from qvdctl.vm import usage
 from tools.fleet import Fleet, until
 from tests.support.postgres import PgServer, postgres  # noqa: F401 (a fixture)
 from tests.support.web import Client, web_server
@@ -83,18 +85,36 @@ def test_a_fleet_start_and_stop_from_the_web_are_queued_for_the_hkd(fleet: Fleet
         assert ("alice", "host block", "node-a") in actions
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def one_node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Fleet]:
+    """One HKD and two VMs on either database (SQLite: a file beside the nodes)."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    else:
+        server: PgServer = request.getfixturevalue("postgres")
+        url = server.url()
+    f = Fleet(tmp_path, url, ("node-a",), vms=2)
+    try:
+        # The HKD reads its settings when it starts, or at a NOTIFY: before the start.
+        f.admin.run("config", "set", "vm.lxc.unionfs.type=qvdfs", "hkd.usage.interval=1")
+        f.start()
+        yield f
+    finally:
+        f.close()
+
+
 def test_a_vm_page_shows_what_its_hkd_published_and_the_hkd_writes_once_a_period(
-    fleet: Fleet, postgres: PgServer  # noqa: F811
+    one_node: Fleet
 ) -> None:
-    # The HKD reads settings at its heartbeat or on a NOTIFY: set before the VM starts.
-    fleet.admin.run("config", "set", "vm.lxc.unionfs.type=qvdfs", "hkd.usage.interval=1")
+    fleet = one_node
     fleet.admin.run("admin", "add", "login=alice", "password=pw")
     fleet.admin.run("vm", "start", "-f", "name=v1")
-    database = fleet.url.partition("@/")[2].partition("?")[0]
+    database = Database(fleet.url)
 
     def published_at() -> float | None:
-        out = postgres.psql("SELECT at FROM vm_usage WHERE vm_id = 1", database)
-        return float(out) if out else None
+        with database.reader() as conn:
+            found = usage.published(conn, 1)
+        return None if found is None else found[1].at
 
     try:
         until(lambda: published_at() is not None, "v1's usage published", 30)
@@ -114,6 +134,7 @@ def test_a_vm_page_shows_what_its_hkd_published_and_the_hkd_writes_once_a_period
             assert opcodes and re.search(r"<td>GETATTR</td><td class=\"num\">[1-9]",
                                          opcodes.group(0)), page[-3000:]
             assert "- (no container)" in page  # a root-only VM has no cgroup
-    finally:
         fleet.admin.run("vm", "stop", "-f", "name=v1")
-    until(lambda: published_at() is None, "v1's usage gone once stopped", 30)
+        until(lambda: published_at() is None, "v1's usage gone once stopped", 30)
+    finally:
+        database.close()
