@@ -5,9 +5,10 @@ redirects to the login and anything else answers 401. Every POST carries a CSRF 
 in a form field: the session's, or before there is a session, the login form's own
 (``qvd_login``, a cookie the login page sets: a login posted from another site, which
 would log the browser into the attacker's account, has neither). Only an ``admin``
-may post a change: a ``viewer``'s POST answers 403. A form also sends the revision of
-each object it shows (``pages.revision``), and a change to an object that changed
-since the page was made is refused with a line saying so. Each change is a row of the
+may post a change: a ``viewer``'s POST answers 403. A form names each object it acts
+on with its revision as the page showed it (``ID:REVISION``, ``pages.revision``), and a
+change to an object that changed since the page was made is refused with a line
+saying so. Each change is a row of the
 audit log.
 
 The database layer is synchronous (SQLAlchemy Core, as the CLI uses it), so each
@@ -301,11 +302,15 @@ def create_app(node: Node) -> ASGIApp:
         action = str(form.get("action", ""))
         back = {"vm": "/vms", "host": "/hosts", "user": "/users", "di": "/images",
                 "osf": "/images"}.get(obj, "/")
-        chosen = [str(v) for v in form.getlist("id")]
-        # The revisions of the objects chosen; the page sends one for each it lists.
-        revs = [str(v) for v in form.getlist("rev") if str(v).partition(":")[0] in chosen]
+        # Each object chosen, as ID:REVISION (pages.revision) from the pages, or as ID
+        # alone from a hand-made post, whose objects are then not checked for staleness.
+        chosen, revs = [], []
+        for value in map(str, form.getlist("id")):
+            chosen.append(value.partition(":")[0])
+            if ":" in value:
+                revs.append(value)
         fields = {k: v for k, v in form.items()
-                  if isinstance(v, str) and k not in ("csrf", "action", "id", "rev")
+                  if isinstance(v, str) and k not in ("csrf", "action", "id")
                   and not k.startswith("f_")}
         why_stale: list[str] = []
         if obj in pages.REVISED and revs:

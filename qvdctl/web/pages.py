@@ -111,8 +111,8 @@ def log_rows(conn: Connection, filters: list[tuple[str, str]]) -> list[Row]:
 
 
 def revision(obj: str, row: Row) -> str:
-    """A short digest of what ``REVISED[obj]`` covers of ``row``: a form sends it as
-    ``rev=ID:DIGEST`` for each object it shows, and ``stale`` compares it at the POST."""
+    """A short digest of what ``REVISED[obj]`` covers of ``row``: a form names the
+    object as ``id=ID:DIGEST``, and ``stale`` compares it at the POST."""
     seen = json.dumps([row[key] for key in REVISED[obj]], default=str)
     return hashlib.sha256(seen.encode()).hexdigest()[:16]
 
@@ -128,8 +128,8 @@ def stale(conn: Connection, obj: str, posted: list[str]) -> list[str]:
     """Why the form's revisions ``posted`` (``ID:DIGEST`` each) are out of date: one line
     per object changed or deleted since the page was made; empty if none is.
 
-    An object the form sends no revision for is not checked (a script posting ids by
-    hand); every page of the web admin sends one for each object it lists.
+    An object posted without a revision is not checked (a script posting ids by hand);
+    every page of the web admin sends one with each object it lists.
     """
     current = _rows_by_id(conn, obj)
     why = []

@@ -102,10 +102,10 @@ class Client:
         return match.group(1)
 
     def revisions(self, path: str, form: str = "[^\"]+") -> dict[str, str]:
-        """Object id -> the ``rev`` form ``form`` of page ``path`` sends for it (``ID:DIGEST``)."""
+        """Object id -> how form ``form`` of page ``path`` names it (``ID:DIGEST``)."""
         page = self.request(path)
         assert page.status == 200, page
-        found = re.findall(rf'name="rev" value="([^"]+)" form="{form}"', page.body)
+        found = re.findall(rf'name="id" value="([0-9]+:[0-9a-f]+)" form="{form}"', page.body)
         return {rev.partition(":")[0]: rev for rev in found}
 
 

@@ -78,7 +78,8 @@ def _mark(browser: WebDriver) -> None:
 
 def _press(browser: WebDriver, vm_ids: list[int], button: str) -> None:
     for box in browser.find_elements(By.CSS_SELECTOR, 'input[name="id"]'):
-        if box.is_selected() != (int(box.get_attribute("value") or 0) in vm_ids):
+        if box.is_selected() != (int((box.get_attribute("value") or "0").partition(":")[0])
+                                 in vm_ids):
             box.click()
     browser.find_element(By.ID, button).click()
 

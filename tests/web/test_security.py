@@ -355,38 +355,36 @@ def test_a_change_from_a_page_older_than_the_object_is_refused_and_changes_nothi
     try:
         before = _objects(site)
         for action in ["block", "start", "delete"]:
-            reply = client.request("/act/vm", {"action": action, "id": "1", "csrf": token,
-                                               "rev": revs["1"]}, headers=json_reply)
+            reply = client.request("/act/vm", {"action": action, "id": revs["1"], "csrf": token},
+                                   headers=json_reply)
             (line,) = json.loads(reply.body)
             assert line["error"] == ("vm v1-renamed was changed since this page was loaded:"
                                      " reload the page; nothing changed"), line
         assert _objects(site) == before
         # Without a script the page itself says so, after the redirect.
-        client.request("/act/vm", {"action": "block", "id": "1", "csrf": token,
-                                   "rev": revs["1"]})
+        client.request("/act/vm", {"action": "block", "id": revs["1"], "csrf": token})
         assert "was changed since this page was loaded" in client.request("/vms").body
         # The runtime state is not part of it: a VM blocked elsewhere is still this page's.
         site.cli.run("vm", "block", "-f", "name=v2")
-        reply = client.request("/act/vm", {"action": "unblock", "id": "2", "csrf": token,
-                                           "rev": revs["2"]}, headers=json_reply)
+        reply = client.request("/act/vm", {"action": "unblock", "id": revs["2"],
+                                           "csrf": token}, headers=json_reply)
         assert json.loads(reply.body) == [{"what": "vm unblock v2", "error": None}]
         # A fresh page has the new revision, and the same change goes through.
         fresh = client.revisions("/vms")
         assert fresh["1"] != revs["1"] and fresh["2"] == revs["2"]
-        reply = client.request("/act/vm", {"action": "block", "id": "1", "csrf": token,
-                                           "rev": fresh["1"]}, headers=json_reply)
+        reply = client.request("/act/vm", {"action": "block", "id": fresh["1"],
+                                           "csrf": token}, headers=json_reply)
         assert json.loads(reply.body) == [{"what": "vm block v1-renamed", "error": None}]
         client.request("/act/vm", {"action": "unblock", "id": "1", "csrf": token})
     finally:
         site.cli.run("vm", "edit", "-f", "name=v1-renamed", "name=v1")
-    # A user deleted (and one re-added under the same login) since the page was made.
+    # A user deleted since the page was made.
     site.cli.run("user", "add", "login=gone", "password=p")
     users = client.revisions("/users")
     (gone,) = [r["Id"] for r in site.cli.json("user", "list", "-f", "login=gone")]
     site.cli.run("user", "del", "-f", "login=gone")
-    reply = client.request("/act/user", {"action": "passwd", "id": str(gone), "password": "x",
-                                         "csrf": token, "rev": users[str(gone)]},
-                           headers=json_reply)
+    reply = client.request("/act/user", {"action": "passwd", "id": users[str(gone)],
+                                         "password": "x", "csrf": token}, headers=json_reply)
     (line,) = json.loads(reply.body)
     assert line["error"].startswith(f"user {gone} was deleted since this page was loaded")
 
@@ -428,16 +426,16 @@ def test_osfs_are_added_and_edited_from_the_web_as_the_cli_does(site: Site) -> N
         osf_id = str(added["Id"])
         revs = client.revisions("/images", "osf-form")
         # Empty fields stay as they are; the halt signal changes, then goes back to init's.
-        assert post(action="edit", id=osf_id, rev=revs[osf_id], name="", memory="",
+        assert post(action="edit", id=revs[osf_id], name="", memory="",
                     halt_signal="SIGRTMIN+3")[0]["error"] is None
         assert (osf("webosf")["Memory"], osf("webosf")["HaltSignal"]) == (300, "SIGRTMIN+3")
         # The page that edit was made from is older than the OSF now.
-        (line,) = post(action="edit", id=osf_id, rev=revs[osf_id], memory="512")
+        (line,) = post(action="edit", id=revs[osf_id], memory="512")
         assert line["error"] and "osf webosf was changed since this page was loaded" in str(
             line["error"])
         assert osf("webosf")["Memory"] == 300
         fresh = client.revisions("/images", "osf-form")
-        assert post(action="edit", id=osf_id, rev=fresh[osf_id], memory="512",
+        assert post(action="edit", id=fresh[osf_id], memory="512",
                     halt_signal="init")[0]["error"] is None
         assert (osf("webosf")["Memory"], osf("webosf")["HaltSignal"]) == (512, None)
         logged = [(r["Action"], r["Args"]) for r in site.cli.json("log", "list", "-f",
