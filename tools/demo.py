@@ -103,7 +103,9 @@ class Demo:
         console.print(f"[bold cyan]$ qvdctl vm exec -f name={vm_name} -- sh -c {script!r}[/]")
         done = subprocess.run(
             self.node.qvdctl_argv("vm", "exec", "-f", f"name={vm_name}", "--", "sh", "-c", script),
-            capture_output=True, text=True, timeout=120,
+            # Not the admin's terminal: vm exec hands its stdin to the command, and a
+            # terminal there makes lxc-attach give the command a terminal of its own.
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         if done.stdout.strip():
             console.print(done.stdout.rstrip(), markup=False)
