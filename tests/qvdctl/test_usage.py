@@ -14,7 +14,7 @@ from qvdctl.db.states import VmState
 from qvdctl.node import Node
 from qvdctl.vm import usage
 from qvdctl.vm.usage import Usage
-from tests.support.postgres import PgServer, postgres  # noqa: F401 (a fixture)
+from tests.support.postgres import database_url, postgres  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -24,12 +24,7 @@ COUNTERS = {"opcodes": {"LOOKUP": {"count": 3, "ns": 4500}}, "copy_ups": 1,
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Node]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'qvd.db'}"
-    else:
-        server: PgServer = request.getfixturevalue("postgres")
-        url = server.url()
-    node = Node(tmp_path, db_url=url)
+    node = Node(tmp_path, db_url=database_url(request, tmp_path))
     try:
         yield node
     finally:

@@ -19,7 +19,7 @@ import pytest
 from qvdctl.db.engine import Database
 from qvdctl.vm import usage
 from tools.fleet import Fleet, until
-from tests.support.postgres import PgServer, postgres  # noqa: F401 (a fixture)
+from tests.support.postgres import PgServer, database_url, postgres  # noqa: F401
 from tests.support.web import Client, web_server
 
 pytestmark = pytest.mark.timeout(240)
@@ -88,12 +88,7 @@ def test_a_fleet_start_and_stop_from_the_web_are_queued_for_the_hkd(fleet: Fleet
 @pytest.fixture(params=["sqlite", "postgresql"])
 def one_node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Fleet]:
     """One HKD and two VMs on either database (SQLite: a file beside the nodes)."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'fleet.db'}"
-    else:
-        server: PgServer = request.getfixturevalue("postgres")
-        url = server.url()
-    f = Fleet(tmp_path, url, ("node-a",), vms=2)
+    f = Fleet(tmp_path, database_url(request, tmp_path), ("node-a",), vms=2)
     try:
         # The HKD reads its settings when it starts, or at a NOTIFY: before the start.
         f.admin.run("config", "set", "vm.lxc.unionfs.type=qvdfs", "hkd.usage.interval=1")
