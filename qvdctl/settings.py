@@ -170,6 +170,9 @@ KNOWN: dict[str, tuple[str, Callable[[str], str]]] = {
     "internal.hkd.cluster.node.timeout": ("600", _timeout),
     # Ours: where the HKD serves Prometheus metrics (qvdctl/fleet/metrics.py); empty: off.
     "hkd.metrics.listen": ("", _optional_listen),
+    # Ours: how often the HKD publishes its VMs' counters, CPU and memory into the
+    # database for the web admin (qvdctl/vm/usage.py): one transaction per period.
+    "hkd.usage.interval": ("10", _seconds),
     "path.storage.root": ("", _optional_path),
     **{f"path.storage.{name}": ("", _optional_path) for name in STORAGE_FOLDERS},
 }
