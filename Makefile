@@ -1,6 +1,6 @@
 # Every target installs what it needs first (scripts/setup.sh is idempotent).
-.PHONY: setup demo test test-fast chaos bench bench-image bench-fleet bench-metrics bench-cli bench-vm bench-web deb \
-	test-deb clean
+.PHONY: setup demo test test-fast chaos bench bench-dispatch bench-image bench-fleet bench-metrics \
+	bench-cli bench-vm bench-web bench-density deb test-deb clean
 
 setup:
 	bash scripts/setup.sh
@@ -35,6 +35,11 @@ chaos: setup
 bench: setup
 	.venv/bin/python -m benchmarks.run $(BENCH_ARGS)
 
+# The daemon's own CPU per request with no kernel in the way (benchmarks/dispatch.py): the
+# session's opcode table and the union over folders, request by request.
+bench-dispatch: setup
+	.venv/bin/python -m benchmarks.dispatch $(BENCH_ARGS)
+
 # The real-image row (benchmarks/realimage.py), on the cached Debian image (tools/debian_image.py).
 bench-image: setup
 	.venv/bin/python -m benchmarks.realimage $(BENCH_ARGS)
@@ -55,6 +60,11 @@ bench-cli: setup
 # Debian, unprivileged and privileged.
 bench-vm: setup
 	.venv/bin/python -m benchmarks.vmlife $(BENCH_ARGS)
+
+# N Debian desktops on one node (benchmarks/density.py): each root's daemon RSS and PSS, the
+# node's MemAvailable per desktop, startup of all N; BENCH_ARGS="--desktops 20" for more.
+bench-density: setup
+	.venv/bin/python -m benchmarks.density $(BENCH_ARGS)
 
 # The web admin with 1,000 VMs over 20 hosts (benchmarks/web.py): pages' times and the
 # live feed's latency, on SQLite and PostgreSQL.

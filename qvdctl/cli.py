@@ -274,7 +274,8 @@ def _hkd(ns: argparse.Namespace) -> int:
 def _web(ns: argparse.Namespace) -> int:
     """``web``: the web admin on this node's database, in the foreground, until SIGTERM.
 
-    --listen ADDR:PORT says where (default 127.0.0.1:8080; port 0: any free one);
+    --listen ADDR:PORT says where (default 127.0.0.1:8080; port 0: any free one), unless
+    a socket is handed over by systemd's socket activation (LISTEN_FDS, fd 3);
     --cert FILE --key FILE serve HTTPS. Log in with an account of `qvdctl admin add`.
     """
     from qvdctl.node import Node
@@ -284,7 +285,7 @@ def _web(ns: argparse.Namespace) -> int:
         raise QvdError("web takes no command, filter or arguments")
     node = Node(ns.root, config=ns.config, db_url=ns.db)
     try:
-        return server.serve(node, ns.listen or server.DEFAULT_LISTEN, ns.cert, ns.key)
+        return server.serve(node, ns.listen, ns.cert, ns.key)
     finally:
         node.close()
 

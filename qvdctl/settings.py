@@ -174,6 +174,9 @@ KNOWN: dict[str, tuple[str, Callable[[str], str]]] = {
     # node whose HKD and fence are both stuck is reset (qvdctl/fleet/watchdog.py); empty:
     # none. Read when the HKD starts.
     "hkd.fence.watchdog": ("", _optional_path),
+    # Ours: how often the HKD publishes its VMs' counters, CPU and memory into the
+    # database for the web admin (qvdctl/vm/usage.py): one transaction per period.
+    "hkd.usage.interval": ("10", _seconds),
     "path.storage.root": ("", _optional_path),
     **{f"path.storage.{name}": ("", _optional_path) for name in STORAGE_FOLDERS},
 }

@@ -15,6 +15,14 @@ Layout of the package, top down:
   (``markers``) and writing whiteouts (``whiteout``), copy-up (``copyup``), open files
   (``handles``), rename (``rename``) and the other operations (``core``).
 - ``stats``: the counters ``qvdfs stats MOUNTPOINT`` reads while mounted.
+- ``launch``: the ``qvdfs`` command itself: through the node's prepared parent
+  (``parent``, ``qvdfs parent``), or ``daemon`` in its own process.
 """
 
 __version__ = "0.1.0"
+
+# Where ``qvdfs parent`` listens by default (``qvdfs.parent``, ``qvdfs.launch``). A mount's
+# own command line must stay unionfs-fuse's, so the environment is the one knob: another
+# socket, or empty for none.
+PARENT_SOCKET = "/run/qvdfs/parent.sock"
+PARENT_SOCKET_ENV = "QVDFS_PARENT_SOCKET"

@@ -132,10 +132,12 @@ class UnionFilesystem:
         with no request to anybody; the first stat after the last close asks again."""
         return 0.0 if node.has_writer() else self.attr_timeout
 
-    def _entry(self, node: Node, st: os.stat_result | None = None) -> Entry:
-        """An entry handed to the kernel, which now holds one more lookup of ``node``."""
+    def _entry(self, node: Node, st: os.stat_result | None = None,
+               attr_timeout: float | None = None) -> Entry:
+        """An entry handed to the kernel, which now holds one more lookup of ``node``;
+        its attributes kept for ``attr_timeout`` (default: ``_attr_timeout``)."""
         entry = Entry(node.id, self._attrs(node, st), self.config.entry_timeout,
-                      self._attr_timeout(node))
+                      self._attr_timeout(node) if attr_timeout is None else attr_timeout)
         node.lookups += 1
         return entry
 
@@ -200,10 +202,10 @@ class UnionFilesystem:
         with self.lock:
             pnode = self._node(parent)
             mode = self._mode(pnode, mode, ctx)
-            node, _ = self.union.create_entry(
+            node, _, made = self.union.create_entry(
                 pnode, name, stat.S_IFDIR, ctx.uid, ctx.gid,
                 lambda dirfd, n: os.mkdir(n, stat.S_IMODE(mode), dir_fd=dirfd))
-            return self._entry(node)
+            return self._entry(node, made)
 
     def mknod(self, parent: int, name: bytes, mode: int, rdev: int, ctx: Context) -> Entry:
         _check_name(name)
@@ -214,18 +216,18 @@ class UnionFilesystem:
         with self.lock:
             pnode = self._node(parent)
             mode = self._mode(pnode, mode, ctx)
-            node, _ = self.union.create_entry(
+            node, _, made = self.union.create_entry(
                 pnode, name, stat.S_IFMT(mode), ctx.uid, ctx.gid,
                 lambda dirfd, n: os.mknod(n, mode, rdev, dir_fd=dirfd))
-            return self._entry(node)
+            return self._entry(node, made)
 
     def symlink(self, parent: int, name: bytes, target: bytes, ctx: Context) -> Entry:
         _check_name(name)
         with self.lock:
-            node, _ = self.union.create_entry(
+            node, _, made = self.union.create_entry(
                 self._node(parent), name, stat.S_IFLNK, ctx.uid, ctx.gid,
                 lambda dirfd, n: os.symlink(target, n, dir_fd=dirfd))
-            return self._entry(node)
+            return self._entry(node, made)
 
     def link(self, node_id: int, new_parent: int, new_name: bytes, ctx: Context) -> Entry:
         _check_name(new_name)
@@ -294,13 +296,17 @@ class UnionFilesystem:
         with self.lock:
             pnode = self._node(parent)
             mode = self._mode(pnode, mode, ctx)
-            node, fd = self.union.create_entry(
+            node, fd, made = self.union.create_entry(
                 pnode, name, stat.S_IFREG, ctx.uid, ctx.gid,
                 lambda dirfd, n: os.open(n, open_flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                                          | os.O_CLOEXEC, stat.S_IMODE(mode), dir_fd=dirfd))
             assert fd is not None
             fh = self.union.files.adopt(node, fd)
-            entry = self._entry(node)
+            # The new file is empty, so no shared mapping can change it (a write there is
+            # SIGBUS) before a write, fallocate or truncation, and the kernel drops the
+            # attributes it keeps after each of those itself: they may be kept the usual
+            # time, which spares the GETATTR its open would send at once (issue 24).
+            entry = self._entry(node, made, self.attr_timeout)
             assert entry.attr is not None
             # A new file has no capability; its set-id bits are the ones asked for.
             return entry, self._opened(fh, privileged=may_drop_privileges(entry.attr.mode))

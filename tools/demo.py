@@ -13,6 +13,13 @@ proof that writes inside landed in the VM's overlay (base untouched) and in its 
 (busybox: ping; Debian minbase has no ping, so a TCP connection that the far end refuses),
 ``vm stop`` (each with the halt signal found from its image).
 
+Once the VMs run, it serves the web admin (``qvdctl web``) on the host's loopback,
+``http://127.0.0.1:8080/`` (another free port if that one is taken), prints the address
+and a login, and checks that the VMs page shows every desktop running. The server runs
+in the demo's namespace (starts and stops from the page need the namespace's bridge) on
+a socket bound in the host's, handed over by socket activation. On a terminal the demo
+waits for Enter before it stops the desktops; the server stops with the demo.
+
 It leaves the host as it found it: the storage root is a temporary folder and
 every qvdctl command runs inside a network namespace made for the demo (a scratch
 node, ``tools/sandbox.py``), holding the bridge and the VMs' veths. The
@@ -27,13 +34,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.cookiejar
 import json
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -45,6 +57,7 @@ from qvdproc.mountinfo import mounts_under
 from tools import debian_image
 from tools.imagebuild import build_busybox_rootfs, build_image_tarball
 from tools.sandbox import ScratchNode, reachable_by_mapped_root, scratch_node
+from tools.webserver import serving
 
 IMAGE = "busybox-demo.tar.gz"
 IMAGES = ("busybox", "debian")
@@ -54,6 +67,8 @@ REACH = "import socket; c = socket.socket(); c.settimeout(3); print(c.connect_ex
 REFUSED = "111"
 NET = "10.213.77"  # only ever configured inside the demo's own namespace
 BRIDGE = "qvddemo0"
+WEB = ("127.0.0.1", 8080)  # qvdctl web's default address; any free port if it is taken
+WEB_LOGIN = ("admin", "demo-admin")
 
 # soft_wrap: long command lines stay whole when the output is a log, not a terminal.
 console = Console(highlight=False, soft_wrap=True)
@@ -88,7 +103,9 @@ class Demo:
         console.print(f"[bold cyan]$ qvdctl vm exec -f name={vm_name} -- sh -c {script!r}[/]")
         done = subprocess.run(
             self.node.qvdctl_argv("vm", "exec", "-f", f"name={vm_name}", "--", "sh", "-c", script),
-            capture_output=True, text=True, timeout=120,
+            # Not the admin's terminal: vm exec hands its stdin to the command, and a
+            # terminal there makes lxc-attach give the command a terminal of its own.
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         if done.stdout.strip():
             console.print(done.stdout.rstrip(), markup=False)
@@ -122,10 +139,40 @@ def _image(kind: str, root: Path, workdir: Path) -> Path:
     return tarball
 
 
+def _listen() -> socket.socket:
+    try:
+        return socket.create_server(WEB)
+    except OSError:
+        return socket.create_server((WEB[0], 0))
+
+
+def _web_admin(node: ScratchNode) -> contextlib.AbstractContextManager[str]:
+    """``qvdctl web`` on the host's loopback for the node: its address; stops on exit."""
+    with _listen() as sock:
+        return serving(node.web(sock))
+
+
+def _web_vms(url: str) -> str:
+    """The VMs page as the admin sees it once logged in, over the host's loopback."""
+    opener = urllib.request.build_opener(
+        urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+    with opener.open(url + "login", timeout=30) as page:
+        token = re.search(r'name="csrf" value="([^"]+)"', page.read().decode())
+    if token is None:
+        raise DemoError("the web admin's login page has no form")
+    form = {"login": WEB_LOGIN[0], "password": WEB_LOGIN[1], "csrf": token.group(1)}
+    with opener.open(url + "login", urllib.parse.urlencode(form).encode(), timeout=30):
+        pass
+    with opener.open(url + "vms", timeout=30) as page:
+        return str(page.read().decode())
+
+
 def run(
-    node: ScratchNode, workdir: Path, n_vms: int, kind: str = "busybox", privileged: bool = False
+    node: ScratchNode, workdir: Path, n_vms: int, kind: str = "busybox", privileged: bool = False,
+    later: contextlib.ExitStack | None = None,
 ) -> None:
-    """The workflow; raises DemoError at the first step that fails."""
+    """The workflow; raises DemoError at the first step that fails. With ``later``, the
+    web admin is served once the VMs run, until ``later`` closes."""
     demo = Demo(node)
     root = node.root
     tarball = _image(kind, root, workdir)
@@ -156,6 +203,21 @@ def run(
     if not_running:
         raise DemoError(f"VMs not running after vm start: {', '.join(not_running)}")
     ips = {row["Name"]: row["Ip"] for row in table}
+
+    if later is not None:
+        _step("The web admin, on the host's loopback")
+        demo.qvdctl("admin", "add", f"login={WEB_LOGIN[0]}", f"password={WEB_LOGIN[1]}")
+        url = later.enter_context(_web_admin(node))
+        page = _web_vms(url)
+        for _, name, _ in vms:
+            row = re.search(rf'<tr data-vm="\d+">.*?>{name}</a>.*?</tr>', page, re.S)
+            if not row or ">running<" not in row.group(0):
+                raise DemoError(f"the web admin's VMs page does not show {name} running")
+        console.print(f"[bold]web admin: {url}[/] (log in as {WEB_LOGIN[0]}, password "
+                      f"{WEB_LOGIN[1]}); its VMs page shows {n_vms} desktops running")
+        if sys.stdin.isatty():
+            console.input("Press Enter to go on (the desktops stop at the end, and the web "
+                          "admin with them) ")
 
     _step("A command in each VM: write outside /home and inside /home")
     # busybox's rcS logs its boot; systemd says how its boot went once it is over.
@@ -272,7 +334,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             console.print(
                 f"storage root {node.root}, lxcpath {node.lxcpath}, network namespace {node.netns}"
             )
-            run(node, workdir, args.vms, args.image, args.privileged)
+            run(node, workdir, args.vms, args.image, args.privileged,
+                stack.enter_context(contextlib.ExitStack()))
     except DemoError as exc:
         failure = str(exc)
     except Exception as exc:  # anything else: still one line, after the cleanup above

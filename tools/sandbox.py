@@ -27,6 +27,7 @@ import dataclasses
 import logging
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import tempfile
@@ -60,6 +61,18 @@ mount --move "$view" /sys
 rmdir "$view"
 exec "$@"
 """
+
+
+# Runs as `sh -c SCRIPT sh ARGV...`: ARGV gets the listening socket on this shell's
+# stdin as systemd's socket activation hands one over (fd 3, LISTEN_PID, LISTEN_FDS).
+# Inside a namespace, `qvdctl web` so serves on a socket bound in the host's, where a
+# browser reaches it (sockets keep the namespace they were made in).
+_HAND_OVER_STDIN = 'export LISTEN_PID=$$ LISTEN_FDS=1; exec "$@" 3<&0 0</dev/null'
+
+
+def socket_on_stdin_argv(argv: Sequence[str]) -> list[str]:
+    """``argv`` given the socket on its stdin by socket activation (``qvdctl web``)."""
+    return ["sh", "-c", _HAND_OVER_STDIN, "sh", *argv]
 
 
 def reachable_by_mapped_root(path: Path) -> Path:
@@ -166,6 +179,14 @@ class ScratchNode:
     def qvdctl_argv(self, *args: str) -> list[str]:
         """The command line of ``qvdctl --root ROOT ARGS`` in the node's namespace."""
         return netns_argv(self.netns, [QVDCTL, "--root", str(self.root), *args])
+
+    def web(self, sock: socket.socket) -> subprocess.Popen[str]:
+        """``qvdctl web`` in the node's namespace, serving on ``sock`` (a listening socket
+        bound anywhere, the host's loopback say); its first stdout line says where."""
+        argv = netns_argv(self.netns, socket_on_stdin_argv([QVDCTL, "--root", str(self.root),
+                                                            "web"]))
+        return subprocess.Popen(argv, stdin=sock.fileno(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
 
     def qvdctl(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         """Run ``qvdctl ARGS``; raise RuntimeError with its error line if it fails."""

@@ -8,10 +8,12 @@ its image by tag (``di_tag``, default ``default``), resolved at each start.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 from sqlalchemy import Connection
@@ -22,6 +24,7 @@ from qvdctl.db import store
 from qvdctl.db.store import Row
 from qvdctl.errors import QvdError
 from qvdctl.images.halt import facts_path, override, recorded
+from qvdctl.node import Node
 from qvdctl.progress import status
 
 log = logging.getLogger(__name__)
@@ -36,36 +39,52 @@ def add(req: Request) -> None:
     ``halt_signal`` is what stops the image's VMs (``SIGRTMIN+3``, ``SIGPWR``, ...) when
     what its ``/sbin/init`` looks like is not enough (``images/halt.py``).
     """
-    from qvdctl.images.importer import check_image_name, import_image  # libarchive: only here
-
     req.no_filter()
     args = req.args(required=["path", "osf"], optional=["version", "halt_signal"])
     storage = req.node.storage()
     storage.ensure()
-    source = _source_path(args["path"], storage.staging)
+    added = add_image(req.node, _source_path(args["path"], storage.staging), args)
+    req.out.message(f"DI added with id {added.id}", id=added.id, version=args.get("version"),
+                    sha256=added.sha256)
+
+
+@dataclasses.dataclass(frozen=True)
+class Added:
+    id: int
+    version: str
+    sha256: str
+
+
+def add_image(node: Node, source: Path, args: Mapping[str, str]) -> Added:
+    """What ``di add`` does once it knows the file (the web admin's form too): import
+    ``source`` into images/ as the next DI of OSF ``args["osf"]``, with ``args``'
+    optional ``version`` and ``halt_signal``, and tag it."""
+    from qvdctl.images.importer import check_image_name, import_image  # libarchive: only here
+
     name = check_image_name(source.name)
-    version = args.get("version")
+    version = args.get("version") or None
     if version is not None:
         check_tag(version)
     halt_signal = check_halt_signal(args.get("halt_signal", "")) or None
-    with req.node.db.reader() as conn:
-        osf = store.osf_by_name(conn, args["osf"])
+    with node.db.reader() as conn:
+        osf = store.osf_by_name(conn, args.get("osf", ""))
         if any(d["path"] == name for d in store.list_dis(conn)):
             raise QvdError(f"a disk image with file name '{name}' already exists")
-    imported = import_image(source, storage.images)
+    imported = import_image(source, node.storage().images)
     di_id = _register(
-        req, osf["id"], name, version, imported.sha256, imported.size, [], halt_signal
+        node, osf["id"], name, version, imported.sha256, imported.size, [], halt_signal
     )
-    req.out.message(f"DI added with id {di_id}", id=di_id, version=version, sha256=imported.sha256)
+    with node.db.reader() as conn:
+        return Added(di_id, store.get_di(conn, di_id)["version"], imported.sha256)
 
 
-def _register(req: Request, osf_id: int, name: str, version: str | None, sha256: str,
+def _register(node: Node, osf_id: int, name: str, version: str | None, sha256: str,
               size: int, tags: list[str], halt_signal: str | None = None) -> int:
     """Record images/``name`` as the OSF's next version, tagged with it, ``head``,
     ``default`` if it is the OSF's first and ``tags``; on any failure the file goes
     too, so images/ never holds a file the database does not know."""
     try:
-        with req.node.db.writer() as conn:
+        with node.db.writer() as conn:
             if version is None:
                 version = _next_version(conn, osf_id)
             for tag_ in tags:
@@ -77,7 +96,7 @@ def _register(req: Request, osf_id: int, name: str, version: str | None, sha256:
             if store.count_dis(conn, osf_id) == 1:
                 store.tag_di(conn, di, "default")
     except BaseException:
-        req.node.storage().image(name).unlink(missing_ok=True)
+        node.storage().image(name).unlink(missing_ok=True)
         raise
     return di_id
 
@@ -252,7 +271,7 @@ def commit(req: Request) -> None:
             written = committing.write_image(overlay, root, storage.image(name), outer=outer)
         # The new image keeps its base's halt_signal override; without one, its init is
         # looked at again when it is first extracted.
-        di_id = _register(req, di["osf_id"], name, version, written.sha256, written.size,
+        di_id = _register(req.node, di["osf_id"], name, version, written.sha256, written.size,
                           [tag_] if tag_ else [], di["halt_signal"])
     req.out.message(f"DI added with id {di_id}", id=di_id, version=version, path=name,
                     sha256=written.sha256)

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
+
+from sqlalchemy import Connection
 
 from qvdctl.commands.base import Request, positive_int
 from qvdctl.db import store
+from qvdctl.db.store import Row
 from qvdctl.errors import QvdError
 from qvdctl.images.halt import check_signal
+from qvdctl.node import Node
 
 log = logging.getLogger(__name__)
 
@@ -23,14 +28,19 @@ def add(req: Request) -> None:
     (``images/halt.py``).
     """
     req.no_filter()
-    args = req.args(required=["name"], optional=["memory", "user_storage", "halt_signal"])
-    name = check_name(args["name"], "OSF")
+    osf_id = add_osf(req.node, req.args(required=["name"], optional=EDITABLE[1:]))
+    req.out.message(f"OSF added with id {osf_id}", id=osf_id)
+
+
+def add_osf(node: Node, args: Mapping[str, str]) -> int:
+    """What ``osf add`` does with its checked words (the web admin's form too): the new
+    OSF's id. Keys left out take their defaults (256 MiB, unlimited, no halt signal)."""
+    name = check_name(args.get("name", ""), "OSF")
     memory = positive_int("memory", args.get("memory", "256"))
     user_storage = _whole("user_storage", args.get("user_storage", "0"))
     halt_signal = check_halt_signal(args.get("halt_signal", "")) or None
-    with req.node.db.writer() as conn:
-        osf_id = store.add_osf(conn, name, memory, user_storage, halt_signal)
-    req.out.message(f"OSF added with id {osf_id}", id=osf_id)
+    with node.db.writer() as conn:
+        return store.add_osf(conn, name, memory, user_storage, halt_signal)
 
 
 def edit(req: Request) -> None:
@@ -39,7 +49,16 @@ def edit(req: Request) -> None:
     A running VM keeps what it started with: memory and halt_signal apply at its next
     start. ``halt_signal=`` (empty) drops the override. A rename must pick one OSF.
     """
-    args = req.edits(EDITABLE)
+    values = edit_values(req.edits(EDITABLE))
+    with req.node.db.writer() as conn:
+        rows = req.select(store.list_osfs(conn), KEYS, need=True)
+        edit_osfs(conn, rows, values)
+    for row in rows:
+        req.out.message(f"OSF {values.get('name', row['name'])} edited", id=row["id"])
+
+
+def edit_values(args: Mapping[str, str]) -> dict[str, Any]:
+    """The columns an ``osf edit`` with the words ``args`` (any of ``EDITABLE``) sets."""
     values: dict[str, Any] = {}
     if "name" in args:
         values["name"] = check_name(args["name"], "OSF")
@@ -49,14 +68,15 @@ def edit(req: Request) -> None:
         values["user_storage"] = _whole("user_storage", args["user_storage"])
     if "halt_signal" in args:
         values["halt_signal"] = check_halt_signal(args["halt_signal"]) or None
-    with req.node.db.writer() as conn:
-        rows = req.select(store.list_osfs(conn), KEYS, need=True)
-        if "name" in values and len(rows) != 1:
-            raise QvdError(f"the filter matches {len(rows)} OSFs; a rename needs exactly one")
-        for row in rows:
-            store.edit_osf(conn, row, values)
+    return values
+
+
+def edit_osfs(conn: Connection, rows: list[Row], values: dict[str, Any]) -> None:
+    """Set ``values`` (``edit_values``) on the OSFs ``rows``; a rename takes exactly one."""
+    if "name" in values and len(rows) != 1:
+        raise QvdError(f"the filter matches {len(rows)} OSFs; a rename needs exactly one")
     for row in rows:
-        req.out.message(f"OSF {values.get('name', row['name'])} edited", id=row["id"])
+        store.edit_osf(conn, row, values)
 
 
 def list_(req: Request) -> None:

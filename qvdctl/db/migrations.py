@@ -81,6 +81,11 @@ def _add_web_admin(conn: Connection) -> None:
             " FOR EACH STATEMENT EXECUTE FUNCTION qvd_notify_vms_changed()")
 
 
+def _add_vm_usage(conn: Connection) -> None:
+    # What the HKDs publish of their VMs' use; a fresh database has it from _v1_initial.
+    schema.vm_usage.create(conn, checkfirst=True)
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _v1_initial,
     _add_di_halt_signal,
@@ -88,6 +93,7 @@ MIGRATIONS: list[Callable[[Connection], None]] = [
     _add_osf_halt_signal,
     _widen_di_size,
     _add_web_admin,
+    _add_vm_usage,
 ]
 
 LATEST = len(MIGRATIONS)

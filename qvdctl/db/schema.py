@@ -183,3 +183,17 @@ audit_log = Table(
     Column("result", Text, nullable=False),  # "ok" or the error line
     sqlite_autoincrement=True,
 )
+
+# What each running VM uses, as its node's HKD last read it (qvdctl/vm/usage.py), so
+# that the web admin on any machine of a fleet shows it. Added by
+# migrations._add_vm_usage.
+vm_usage = Table(
+    "vm_usage",
+    metadata,
+    Column("vm_id", Integer, ForeignKey("vms.id", ondelete="CASCADE"), primary_key=True),
+    Column("host_id", Integer, ForeignKey("hosts.id", ondelete="CASCADE"), nullable=False),
+    Column("at", Float, nullable=False),  # when it was read, seconds since the epoch
+    Column("cpu_seconds", Float, nullable=True),  # NULL: its cgroup could not be read
+    Column("memory_bytes", Float, nullable=True),
+    Column("qvdfs", Text, nullable=True),  # the daemon's counters as JSON; NULL: none
+)

@@ -4,7 +4,8 @@
     reconcile  what runs here against the database (below); then ``running``
     loop       wait for a NOTIFY (or the poll), renew the lease every heartbeat, mark
                expired hosts lost, claim this host's commands and run each in a worker
-               thread (at most ``vm.lifecycle.parallel`` at once)
+               thread (at most ``vm.lifecycle.parallel`` at once); every
+               ``hkd.usage.interval`` publish what its VMs use (``vm/usage.py``)
     SIGTERM    take no more commands, finish those running, stop this node's VMs,
                host ``stopped``, exit 0
 
@@ -56,6 +57,7 @@ from qvdctl.db.states import VmState
 from qvdctl.vm.health import reconcile
 from qvdctl.vm.parallel import run_each
 from qvdctl.vm.start import start_vm
+from qvdctl.vm import usage
 from qvdctl.vm.state import load_vm
 from qvdctl.vm.stop import stop_vm
 
@@ -92,6 +94,8 @@ class Hkd:
         self.fence = Fence(seam.lxcpath_from(self.settings), device)
         self.metrics = Metrics(node, lambda: self.settings, lambda: self.host_id,
                                lambda: time.monotonic() - self.last_renewal)
+        self.next_usage = 0.0
+        self.usage_job: concurrent.futures.Future[None] | None = None
 
     # --- the loop -------------------------------------------------------------
 
@@ -129,8 +133,10 @@ class Hkd:
                     next_beat = now + (beat if held else min(beat, RETRY_S))
                 if not self.fenced:
                     self._take_commands()
+                    self._publish_usage()
                 self._reap()
-                wait = min(next_beat - time.monotonic(), poll, ping_in)
+                wait = min(next_beat, self.next_usage) - time.monotonic()
+                wait = min(wait, poll, ping_in)
                 try:
                     received = listener.wait(wait, self.wake_r)
                 except QvdError as exc:
@@ -366,6 +372,29 @@ class Hkd:
         finally:
             self._wake()
 
+    # --- what the VMs use ----------------------------------------------------------
+
+    def _publish_usage(self) -> None:
+        """Once per ``hkd.usage.interval``, in a worker thread: a hung qvdfs daemon costs
+        that thread its read's timeout, never this loop a heartbeat."""
+        if time.monotonic() < self.next_usage or (self.usage_job and not self.usage_job.done()):
+            return
+        self.next_usage = time.monotonic() + int(self.settings["hkd.usage.interval"])
+        self.usage_job = self.pool.submit(self._read_and_publish_usage)
+
+    def _read_and_publish_usage(self) -> None:
+        try:
+            with self.node.db.reader() as conn:
+                running = usage.running_on(conn, self.host_id)
+            found = usage.read(Storage.from_settings(self.settings),
+                               seam.lxcpath_from(self.settings), running)
+            with self.node.db.writer() as conn:
+                usage.publish(conn, self.host_id, found)
+        except QvdError as exc:
+            log.debug("publishing the VMs' usage: %s", exc)  # the next period retries
+        except Exception:  # a bug: logged whole; the numbers are not worth the HKD
+            log.exception("publishing the VMs' usage")
+
     def _reap(self) -> None:
         for vm_id, job in list(self.jobs.items()):
             if job.done():
@@ -390,9 +419,12 @@ class Hkd:
             for vm, _, error in run_each(lambda vm: stop_vm(self.node, vm), vms, limit):
                 if error is not None:
                     log.error("%s", error)
+            if self.usage_job is not None:
+                self.usage_job.result()  # its last write must not land after the next one
             with self.node.db.writer() as conn:
                 for vm_id in mine:
                     commands.finish(conn, vm_id, None, drop_queued=True)
+                usage.publish(conn, self.host_id, {})  # nothing runs here any more
                 lease.set_state(conn, self.host_id, HostState.STOPPED)
             self.fence.stop()  # the host is stopped: no other node takes its VMs over
         except QvdError as exc:

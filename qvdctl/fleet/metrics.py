@@ -1,10 +1,10 @@
 """The HKD's Prometheus endpoint: ``/metrics`` at ``hkd.metrics.listen`` (empty: off).
 
 prometheus_client formats the text and serves it from a thread of its own. Everything a
-scrape shows is read when the scrape comes (no sampling loop in the HKD): one query for
-this host's VMs, then per VM whose root is mounted here its qvdfs daemon's counters (the
-``qvdfs stats`` socket) and its container's cgroup. A VM whose numbers cannot be read is
-left out of that family; a scrape never fails because of one VM.
+scrape shows is read when the scrape comes: one query for this host's VMs, then per VM
+whose root is mounted here its qvdfs daemon's counters and its container's cgroup
+(``vm/usage.py``, which the HKD also publishes for the web admin). A VM whose numbers
+cannot be read is left out of that family; a scrape never fails because of one VM.
 
 Names follow Prometheus' rules: one prefix ``qvd_``, base units (seconds, bytes),
 ``_total`` on counters.
@@ -21,18 +21,15 @@ from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from qvdctl.container import seam
-from qvdctl.container.query import monitors
 from qvdctl.db import store
 from qvdctl.db.states import VmState
 from qvdctl.node import Node
 from qvdctl.settings import Settings
 from qvdctl.storage import Storage
-from qvdproc import counters as qvdfs_counters
-from qvdproc.mountinfo import mounts_under
+from qvdctl.vm import usage
 
 log = logging.getLogger(__name__)
 
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 # Start and stop take from a fraction of a second (mount only) to a guest's stop timeout.
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 # From an admin's queueing of a command to this HKD's claim of it: its loop's latency.
@@ -87,71 +84,19 @@ def _per_vm(storage: Storage, lxcpath: Path, names: dict[int, str]) -> Iterator[
                               labels=["vm"])
     memory = GaugeMetricFamily("qvd_vm_memory_bytes", "Memory the VM's container uses",
                                labels=["vm"])
-    inits = _container_inits(lxcpath)
-    for point in mounts_under(storage.rootfs):
-        vm_id = storage.rootfs_vm(Path(point))
-        if vm_id is None or vm_id not in names:
-            continue
+    for vm_id, found in usage.read(storage, lxcpath, names).items():
         name = names[vm_id]
-        try:
-            # A hung daemon must not hold up the scrape, or the other VMs' numbers.
-            counters = qvdfs_counters.fetch(point, timeout=1.0)
-        except (OSError, ValueError) as exc:  # overlayfs roots, or a daemon gone
-            log.debug("metrics: no qvdfs counters for %s: %s", name, exc)
-        else:
+        if (counters := found.qvdfs) is not None:
             opcodes = counters.get("opcodes")
             for opcode, row in (opcodes.items() if isinstance(opcodes, dict) else ()):
                 requests.add_metric([name, opcode], row["count"])
                 busy.add_metric([name, opcode], row["ns"] / 1e9)
             copy_ups.add_metric([name], float(str(counters.get("copy_ups", 0))))
             passthrough.add_metric([name], float(str(counters.get("passthrough_opens", 0))))
-        init = inits.get(f"qvd-{vm_id}")
-        usage = _cgroup_usage(init) if init is not None else None
-        if usage is not None:
-            cpu.add_metric([name], usage[0])
-            memory.add_metric([name], usage[1])
+        if found.cpu_seconds is not None and found.memory_bytes is not None:
+            cpu.add_metric([name], found.cpu_seconds)
+            memory.add_metric([name], found.memory_bytes)
     yield from (requests, busy, copy_ups, passthrough, cpu, memory)
-
-
-def _container_inits(lxcpath: Path) -> dict[str, int]:
-    """Container name -> its init's pid, for the containers running in ``lxcpath``: the
-    child of liblxc's monitor (names repeat across lxcpaths; the cgroup names of two
-    ``qvd-1`` differ only by a suffix, so the init's own cgroup is the sure way)."""
-    inits = {}
-    for monitor in monitors():
-        if monitor.lxcpath != lxcpath:
-            continue
-        try:
-            children = Path(f"/proc/{monitor.pid}/task/{monitor.pid}/children").read_text()
-        except OSError:
-            continue  # the container stopped meanwhile
-        if children.split():
-            inits[monitor.name] = int(children.split()[0])
-    return inits
-
-
-def _cgroup_usage(pid: int, root: Path = CGROUP_ROOT) -> tuple[float, float] | None:
-    """(CPU seconds, memory bytes) of the liblxc payload cgroup holding process ``pid``;
-    None if it cannot be read (the container stopped meanwhile)."""
-    try:
-        groups = {}
-        for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
-            _, controllers, path = line.split(":", 2)
-            # Up to the payload group itself: an init may sit in a child of it.
-            parts = path.strip("/").split("/")
-            top = next(i for i, part in enumerate(parts) if part.startswith("lxc.payload."))
-            for controller in controllers.split(","):
-                groups[controller] = "/".join(parts[:top + 1])
-        if (root / "cgroup.controllers").exists():  # cgroup v2 alone
-            group = root / groups[""]
-            stat = dict(line.split() for line in (group / "cpu.stat").read_text().splitlines())
-            return int(stat["usage_usec"]) / 1e6, float((group / "memory.current").read_text())
-        cpu = root / "cpuacct" / groups["cpuacct"] / "cpuacct.usage"
-        memory = root / "memory" / groups["memory"] / "memory.usage_in_bytes"
-        return int(cpu.read_text()) / 1e9, float(memory.read_text())
-    except (OSError, ValueError, KeyError, StopIteration) as exc:
-        log.debug("metrics: cgroup of process %d: %s", pid, exc)
-        return None
 
 
 class Metrics:

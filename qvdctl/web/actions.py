@@ -14,6 +14,8 @@ import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 
+from qvdctl.commands import di as di_commands
+from qvdctl.commands import osf as osf_commands
 from qvdctl.commands.di import check_tag
 from qvdctl.commands.osf import check_name
 from qvdctl.commands.user import hash_password, nonempty
@@ -184,11 +186,80 @@ def untag_di(node: Node, posted: Posted) -> Outcome:
     return [(f"{di['osf']} {di['version']} {tag}", None)]
 
 
+def _given(posted: Posted, keys: list[str]) -> dict[str, str]:
+    """The fields of ``keys`` the form filled in; an empty one is left to its default
+    (an add) or unchanged (an edit)."""
+    return {key: posted.fields[key] for key in keys if posted.fields.get(key)}
+
+
+# The halt signal field's value for "no override: what the image's /sbin/init wants"
+# (the CLI's ``halt_signal=``); an empty field leaves it as it is.
+HALT_FROM_INIT = "init"
+
+
+def _halt_signal_given(args: dict[str, str]) -> dict[str, str]:
+    if args.get("halt_signal") == HALT_FROM_INIT:
+        args["halt_signal"] = ""
+    return args
+
+
+def add_osf(node: Node, posted: Posted) -> Outcome:
+    """As ``osf add``."""
+    args = _halt_signal_given(_given(posted, osf_commands.EDITABLE))
+    osf_commands.add_osf(node, args)
+    return [(args.get("name", ""), None)]
+
+
+def edit_osfs(node: Node, posted: Posted) -> Outcome:
+    """As ``osf edit``, on the OSFs ticked; the fields left empty stay as they are."""
+    if not posted.ids:
+        raise QvdError("no OSF selected")
+    values = osf_commands.edit_values(
+        _halt_signal_given(_given(posted, osf_commands.EDITABLE)))
+    if not values:
+        raise QvdError("nothing to change: fill in a field")
+    with node.db.writer() as conn:
+        osfs = {row["id"]: row for row in store.list_osfs(conn)}
+        if any(osf_id not in osfs for osf_id in posted.ids):
+            raise QvdError("a selected OSF no longer exists; nothing changed")
+        rows = [osfs[osf_id] for osf_id in posted.ids]
+        osf_commands.edit_osfs(conn, rows, values)
+    return [(row["name"], None) for row in rows]
+
+
+def staged_images(node: Node) -> list[str]:
+    """The files of the node's staging/ that ``di add`` could import, by name."""
+    from qvdctl.images.importer import check_image_name  # libarchive: only for the form
+
+    staging = node.storage().staging
+    found = []
+    for entry in sorted(staging.iterdir()) if staging.is_dir() else ():
+        try:
+            check_image_name(entry.name)
+        except QvdError:
+            continue
+        if entry.is_file() and not entry.is_symlink():
+            found.append(entry.name)
+    return found
+
+
+def add_di(node: Node, posted: Posted) -> Outcome:
+    """As ``di add``, from a file of staging/ alone: the web admin imports nothing else of
+    the node's file system."""
+    name = posted.field("path")
+    if name not in staged_images(node):
+        raise QvdError(f"'{name}' is not an image file in staging/")
+    args = _halt_signal_given(_given(posted, ["osf", "version", "halt_signal"]))
+    added = di_commands.add_image(node, node.storage().staging / name, args)
+    return [(f"{args.get('osf', '')} {added.version}", None)]
+
+
 # What each form's action=... does, by object.
 ACTIONS: dict[str, dict[str, Callable[[Node, Posted], Outcome]]] = {
     "vm": {"start": start_vms, "stop": stop_vms, "block": block_vms, "unblock": unblock_vms,
            "delete": delete_vms},
     "host": {"block": block_hosts, "unblock": unblock_hosts},
     "user": {"add": add_user, "passwd": set_password, "delete": delete_users},
-    "di": {"tag": tag_di, "untag": untag_di},
+    "di": {"tag": tag_di, "untag": untag_di, "add": add_di},
+    "osf": {"add": add_osf, "edit": edit_osfs},
 }

@@ -1,46 +1,58 @@
-"""A running VM's root as its qvdfs daemon counts it, for the VM's page.
+"""What a running VM uses, for its page: its root's qvdfs counters, its CPU and memory.
 
-qvdctl never imports qvdfs (``qvdproc/__init__.py``), so the counters come from the
-daemon's own command, ``qvdfs stats ROOTFS --json``, which asks it over its socket.
-Only a VM running on this node can be asked; the page names the host of any other.
+A VM whose root is mounted on the web server's own node is read here and now
+(``vm/usage.py``: the qvdfs stats socket and the container's cgroup), which is how a
+single node without an HKD shows them. Any other VM's numbers are those its node's
+HKD last published into the database (every ``hkd.usage.interval``), shown with
+their age and the host that published them.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import subprocess
+import time
 from typing import Any
 
 from qvdctl.db.states import VmState
 from qvdctl.db.store import Row
-from qvdctl.mounting import QVDFS
 from qvdctl.node import Node
+from qvdctl.vm import usage
 
 log = logging.getLogger(__name__)
 
-TIMEOUT_S = 10
 
-
-def root_counters(node: Node, vm: Row) -> dict[str, Any]:
-    """``{"why": line}`` when there is nothing to show, else ``{"totals": {...},
-    "opcodes": [(name, requests, ms, µs per request), ...]}``, the costliest first."""
+def vm_usage(node: Node, vm: Row) -> dict[str, Any]:
+    """``{"why": line}`` when there is nothing to show, else ``{"source": line,
+    "cpu_seconds": s or None, "memory_mib": MiB or None, "totals": {...} or None,
+    "opcodes": [(name, requests, ms, µs per request), ...]}``, the costliest first;
+    totals and opcodes are None for a root no qvdfs daemon serves."""
     if vm["state"] != VmState.RUNNING:
         return {"why": f"the VM is {vm['state']}"}
-    if vm["host"] != node.name():
-        return {"why": f"the VM runs on host {vm['host']}; its counters are read there"}
-    rootfs = node.storage().rootfs_entry(vm["user_id"], vm["id"])
-    try:
-        done = subprocess.run([str(QVDFS), "stats", str(rootfs), "--json"], capture_output=True,
-                              text=True, timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        return {"why": f"its qvdfs daemon did not answer within {TIMEOUT_S} s"}
-    if done.returncode != 0:
-        # Kernel overlayfs or stock unionfs-fuse count nothing we could ask for.
-        return {"why": "no qvdfs daemon answers for its root (vm.lxc.unionfs.type)"}
-    counters = json.loads(done.stdout)
-    opcodes = counters.pop("opcodes", {})
-    rows = [(name, row["count"], row["ns"] / 1e6, row["ns"] / row["count"] / 1e3 if row["count"]
-             else 0.0) for name, row in opcodes.items()]
-    return {"totals": {k: v for k, v in counters.items() if not isinstance(v, dict)},
-            "opcodes": sorted(rows, key=lambda r: -r[2])}
+    found = None
+    if vm["host"] == node.name():
+        from qvdctl.container import seam  # here: it loads liblxc, for local VMs alone
+
+        settings = node.settings()
+        found = usage.read(node.storage(), seam.lxcpath_from(settings), {vm["id"]}).get(vm["id"])
+        source = "Read now on this node"
+    if found is None:
+        with node.db.reader() as conn:
+            published = usage.published(conn, vm["id"])
+        if published is None:
+            return {"why": f"the VM runs on host {vm['host']}, whose HKD has published"
+                           " nothing of it yet"}
+        host, found = published
+        source = f"Published by host {host}'s HKD {max(time.time() - found.at, 0):.0f} s ago"
+    shown: dict[str, Any] = {
+        "source": source, "cpu_seconds": found.cpu_seconds,
+        "memory_mib": None if found.memory_bytes is None else found.memory_bytes / 2**20,
+        "totals": None, "opcodes": []}
+    if found.qvdfs is not None:
+        counters = dict(found.qvdfs)
+        opcodes = counters.pop("opcodes", {})
+        shown["opcodes"] = sorted(
+            [(name, row["count"], row["ns"] / 1e6,
+              row["ns"] / row["count"] / 1e3 if row["count"] else 0.0)
+             for name, row in opcodes.items()], key=lambda r: -r[2])
+        shown["totals"] = {k: v for k, v in counters.items() if not isinstance(v, dict)}
+    return shown

@@ -7,8 +7,10 @@ in Python, with ``*`` and ``?`` as wildcards, so nothing typed into a filter rea
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from sqlalchemy import Connection, func, select
@@ -23,6 +25,16 @@ from qvdctl.db.store import Row
 from qvdctl.fleet import lease
 
 VM_FILTERS = ("name", "state", "host", "user", "osf")
+# What a form's revision of an object covers: the settings an admin edits or acts on
+# by what the page shows of them. Runtime state and the block flag are left out: the
+# live feed updates those on an open page, and blocking is the same whatever it showed.
+REVISED: dict[str, tuple[str, ...]] = {
+    "vm": ("name", "user", "osf", "di_tag", "ip"),
+    "host": ("name", "address"),
+    "user": ("login",),
+    "osf": ("name", "memory", "user_storage", "halt_signal"),
+    "di": ("osf", "version", "path", "tags", "halt_signal"),
+}
 LOG_FILTERS = ("who", "action", "object", "result")
 LOG_ROWS = 500
 
@@ -96,3 +108,37 @@ def config_rows(conn: Connection, settings: Mapping[str, str]) -> list[Row]:
 
 def log_rows(conn: Connection, filters: list[tuple[str, str]]) -> list[Row]:
     return matching(audit.entries(conn, LOG_ROWS), filters)
+
+
+def revision(obj: str, row: Row) -> str:
+    """A short digest of what ``REVISED[obj]`` covers of ``row``: a form names the
+    object as ``id=ID:DIGEST``, and ``stale`` compares it at the POST."""
+    seen = json.dumps([row[key] for key in REVISED[obj]], default=str)
+    return hashlib.sha256(seen.encode()).hexdigest()[:16]
+
+
+def _rows_by_id(conn: Connection, obj: str) -> dict[int, Row]:
+    listed: dict[str, Callable[[Connection], list[Row]]] = {
+        "vm": store.list_vms, "host": store.list_hosts, "user": store.list_users,
+        "osf": store.list_osfs, "di": store.list_dis}
+    return {row["id"]: row for row in listed[obj](conn)}
+
+
+def stale(conn: Connection, obj: str, posted: list[str]) -> list[str]:
+    """Why the form's revisions ``posted`` (``ID:DIGEST`` each) are out of date: one line
+    per object changed or deleted since the page was made; empty if none is.
+
+    An object posted without a revision is not checked (a script posting ids by hand);
+    every page of the web admin sends one with each object it lists.
+    """
+    current = _rows_by_id(conn, obj)
+    why = []
+    for item in posted:
+        id_, _, digest = item.partition(":")
+        row = current.get(int(id_)) if id_.isdigit() else None
+        if row is None:
+            why.append(f"{obj} {id_} was deleted since this page was loaded")
+        elif revision(obj, row) != digest:
+            name = row.get("name") or row.get("login") or f"{row.get('osf')} {row.get('version')}"
+            why.append(f"{obj} {name} was changed since this page was loaded")
+    return why

@@ -169,6 +169,13 @@ def do_enosys(s: Session, r: Request) -> None:
     s.error(r.unique, errno.ENOSYS)
 
 
+def do_ioctl(s: Session, r: Request) -> None:
+    # Almost all of a desktop's are TCGETS from isatty(3) on regular files (systemd asks
+    # for every file it reads: 3,400 in a boot). The kernel asks again for each call
+    # whatever the answer, and turns ENOSYS into ENOTTY: answer that at once.
+    s.error(r.unique, errno.ENOTTY)
+
+
 def do_lookup(s: Session, r: Request) -> None:
     _reply_entry(s, r.unique, s.fs.lookup(r.nodeid, r.name(), r.context()))
 
@@ -514,12 +521,13 @@ OPCODES: dict[Opcode, tuple[Decoder, str | None]] = {
     Opcode.DESTROY: (do_destroy, None),
     Opcode.FALLOCATE: (do_fallocate, "fallocate"),
     Opcode.LSEEK: (do_lseek, "lseek"),
+    Opcode.IOCTL: (do_ioctl, None),
     Opcode.COPY_FILE_RANGE: (do_copy_file_range, "copy_file_range"),
     Opcode.COPY_FILE_RANGE_64: (do_copy_file_range_64, "copy_file_range"),
     # ACCESS: ENOSYS on purpose; the kernel then checks permissions itself (with
     # default_permissions) or lets access(2) succeed, and never asks again.
     # GETLK/SETLK/SETLKW: without POSIX_LOCKS the kernel keeps locks itself.
-    # IOCTL, POLL, BMAP, SETUPMAPPING, REMOVEMAPPING, SYNCFS, TMPFILE, STATX: ENOSYS.
+    # POLL, BMAP, SETUPMAPPING, REMOVEMAPPING, SYNCFS, TMPFILE, STATX: ENOSYS.
 }
 
 # Opcodes libfuse lets through with allow_root for everybody: they act on files a

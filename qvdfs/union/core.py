@@ -28,7 +28,8 @@ from qvdformat import markers, syscalls
 from qvdfs.union import copyup, rename, whiteout
 from qvdfs.union.branch import Branch, Stack
 from qvdfs.union.handles import OpenFiles
-from qvdfs.union.tree import Index, Node, stale
+from qvdfs.union.tree import (Index, Node, forget_absent_xattrs, known_absent,
+                              note_absent_xattr, stale)
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,10 @@ class Union:
     # -- attributes ---------------------------------------------------------------------
 
     def getattr(self, node: Node) -> os.stat_result:
-        fd = self.files.fd_of(node) if node.unlinked else None
+        # A file being written is asked through its descriptor: no path to resolve.
+        fd = self.files.writable_fd(node)
+        if fd is None and node.unlinked:
+            fd = self.files.fd_of(node)
         return self.index.stat(node) if fd is None else os.fstat(fd)
 
     def nlink(self, node: Node, st: os.stat_result) -> int:
@@ -142,7 +146,9 @@ class Union:
 
     def statfs(self) -> os.statvfs_result:
         b = self.stack.upper if self.stack.upper is not None else 0
-        return os.statvfs(syscalls.proc_fd(self.stack.branches[b].root_fd))
+        # fstatfs works on the O_PATH descriptor itself: no /proc path to resolve (systemd
+        # asks 250 times in a boot).
+        return os.fstatvfs(self.stack.branches[b].root_fd)
 
     # -- creating entries ---------------------------------------------------------------
 
@@ -153,7 +159,8 @@ class Union:
             raise OSError(errno.EPERM, "reserved name")
 
     def create_entry(self, parent: Node, name: bytes, kind: int, uid: int, gid: int,
-                     make: Callable[[int, bytes], int | None]) -> tuple[Node, int | None]:
+                     make: Callable[[int, bytes], int | None]
+                     ) -> tuple[Node, int | None, os.stat_result | None]:
         """Create ``parent/name`` in the upper branch with ``make(dirfd, name)``.
 
         ``kind`` is the file type (``stat.S_IFDIR`` ...). ``make`` returns an open fd
@@ -161,6 +168,10 @@ class Union:
         to ``uid`` and to ``gid``, or to the directory's group if it is setgid. A name
         whited out in the upper branch is replaced atomically; a directory created
         there is opaque, so the old contents stay hidden.
+
+        Returns the node, the fd ``make`` returned, and the entry's attributes when the
+        entry was made in place (no whiteout replaced): the stat that checked its owner is
+        still true then, and the caller need not ask again. None otherwise.
         """
         self._check_new_name(parent, name)
         with self.index.changing(parent):
@@ -173,12 +184,13 @@ class Union:
             is_dir = kind == stat.S_IFDIR
             in_lower = whiteout.hidden(parent, name)
             fd: int | None = None
+            made: os.stat_result | None = None
 
             def make_owned(dirfd: int, tmp: bytes) -> None:
-                nonlocal fd
+                nonlocal fd, made
                 fd = make(dirfd, tmp)
                 try:
-                    self._chown_new(dirfd, tmp, uid, gid)
+                    made = self._chown_new(dirfd, tmp, fd, uid, gid)
                 except BaseException:
                     syscalls.remove_at(dirfd, tmp)
                     raise
@@ -196,18 +208,32 @@ class Union:
             node.in_lower = in_lower
             if is_dir:
                 node.listing = {}
+            else:
+                # A new file has no capability: the kernel's question before its first
+                # write and its chown is answered from memory.
+                note_absent_xattr(node, CAPABILITY_XATTR)
             self.index.listing(parent)[name] = node
-            return node, fd
+            return node, fd, None if in_lower else made
 
     @staticmethod
-    def _chown_new(dirfd: int, name: bytes, uid: int, gid: int) -> None:
-        st = syscalls.lstat_at(dirfd, name)
+    def _chown_new(dirfd: int, name: bytes, fd: int | None, uid: int, gid: int
+                   ) -> os.stat_result:
+        """Give the new entry ``dirfd/name`` (open as ``fd``, if a file) its owner; return
+        its attributes after that."""
+        st = syscalls.lstat_at(dirfd, name) if fd is None else os.fstat(fd)
         if uid in (-1, st.st_uid) and gid in (-1, st.st_gid):
-            return  # made as its owner already: the caller is the daemon's own user (root)
-        os.chown(name, uid, gid, dir_fd=dirfd, follow_symlinks=False)
+            return st  # made as its owner already: the caller is the daemon's own user (root)
+        if fd is None:
+            os.chown(name, uid, gid, dir_fd=dirfd, follow_symlinks=False)
+        else:
+            os.fchown(fd, uid, gid)
         # chown clears set-id bits of non-directories; the caller asked for them.
         if st.st_mode & 0o6000 and not stat.S_ISDIR(st.st_mode) and not stat.S_ISLNK(st.st_mode):
-            syscalls.chmod_at(dirfd, name, stat.S_IMODE(st.st_mode))
+            if fd is None:
+                syscalls.chmod_at(dirfd, name, stat.S_IMODE(st.st_mode))
+            else:
+                os.fchmod(fd, stat.S_IMODE(st.st_mode))
+        return syscalls.lstat_at(dirfd, name) if fd is None else os.fstat(fd)
 
     def link(self, node: Node, parent: Node, name: bytes) -> Node:
         if node.is_dir:
@@ -288,6 +314,12 @@ class Union:
             if mode is None and uid is None and gid is None and atime_ns is None and mtime_ns is None:
                 return
             copyup.copy_up(self.index, node, data=False)
+            fd = self.files.writable_fd(node)
+            if fd is not None:
+                # A file being written (tar and dpkg set owner, mode and times before they
+                # close it): one system call each and no path to resolve.
+                self._setattr_fd(fd, mode, uid, gid, atime_ns, mtime_ns)
+                return
             dirfd, name = self.index.entry_ref(node, node.branch)
             if uid is not None or gid is not None:
                 os.chown(name, -1 if uid is None else uid, -1 if gid is None else gid,
@@ -300,10 +332,32 @@ class Union:
                                    st.st_mtime_ns if mtime_ns is None else mtime_ns),
                          dir_fd=dirfd, follow_symlinks=False)
 
+    @staticmethod
+    def _setattr_fd(fd: int, mode: int | None, uid: int | None, gid: int | None,
+                    atime_ns: int | None, mtime_ns: int | None) -> None:
+        """``setattr``'s changes through the open regular file ``fd``."""
+        if uid is not None or gid is not None:
+            os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
+        if mode is not None:
+            os.fchmod(fd, stat.S_IMODE(mode))
+        if atime_ns is not None or mtime_ns is not None:
+            if atime_ns is None or mtime_ns is None:
+                st = os.fstat(fd)
+                atime_ns = st.st_atime_ns if atime_ns is None else atime_ns
+                mtime_ns = st.st_mtime_ns if mtime_ns is None else mtime_ns
+            os.utime(fd, ns=(atime_ns, mtime_ns))
+
     def getxattr(self, node: Node, attr: bytes) -> bytes:
-        if attr.startswith(self.stack.xattrs.prefix):
+        """The value of ``attr``; a name the entry is known to lack (``tree.known_absent``)
+        is answered without asking the branch."""
+        if attr.startswith(self.stack.xattrs.prefix) or known_absent(node, attr):
             raise OSError(errno.ENODATA, "no such attribute")
-        return syscalls.getxattr_at(*self.index.entry_ref(node, node.branch), attr)
+        try:
+            return syscalls.getxattr_at(*self.index.entry_ref(node, node.branch), attr)
+        except OSError as exc:
+            if exc.errno == errno.ENODATA:
+                note_absent_xattr(node, attr)
+            raise
 
     def listxattr(self, node: Node) -> list[bytes]:
         names = (os.fsencode(n) for n in syscalls.listxattr_at(*self.index.entry_ref(node, node.branch)))
@@ -317,6 +371,7 @@ class Union:
             if flags & os.XATTR_REPLACE:
                 self.getxattr(node, attr)  # ENODATA before any copy-up
             copyup.copy_up(self.index, node, data=False)
+            forget_absent_xattrs(node)
             syscalls.setxattr_at(*self.index.entry_ref(node, node.branch), attr, value, flags)
 
     def has_privileges(self, node: Node) -> bool:
@@ -337,13 +392,22 @@ class Union:
         does when an unprivileged caller writes, truncates, allocates or chowns; whether
         anything was dropped."""
         with self.index.changing(node):
-            dirfd, name = self.index.entry_ref(node, node.branch)
-            st = syscalls.lstat_at(dirfd, name)
+            # A file being written (root's chown of it, an unlinked one too) through its
+            # descriptor; see ``setattr``.
+            fd = self.files.writable_fd(node)
+            st = os.fstat(fd) if fd is not None else self.index.stat(node)
             kill = dropped_by_change(st.st_mode, st.st_gid, in_group_or_capable)
             has_cap = self._has_capability(node)
             if not (kill or has_cap):
                 return False
             copyup.copy_up(self.index, node, data=False)
+            if fd is not None:
+                if kill:
+                    os.fchmod(fd, stat.S_IMODE(st.st_mode) & ~kill)
+                if has_cap:
+                    with contextlib.suppress(OSError):
+                        os.removexattr(fd, CAPABILITY_XATTR)
+                return True
             dirfd, name = self.index.entry_ref(node, node.branch)
             if kill:
                 syscalls.chmod_at(dirfd, name, stat.S_IMODE(st.st_mode) & ~kill)

@@ -60,6 +60,8 @@ class OpenFiles:
     def __init__(self, index: Index) -> None:
         self.index = index
         self._handles: dict[int, Handle] = {}
+        # node id -> one of its handles open for writing (see ``writable_fd``)
+        self._writer: dict[int, Handle] = {}
         self._next_fh = 1
 
     def __len__(self) -> int:
@@ -70,6 +72,7 @@ class OpenFiles:
             for fd in (handle.fd, *handle.retired):
                 os.close(fd)
         self._handles.clear()
+        self._writer.clear()
 
     def open(self, node: Node, flags: int, *, writeback: bool = False) -> int:
         """Open ``node`` with the caller's open(2) ``flags``; return the handle number."""
@@ -98,6 +101,8 @@ class OpenFiles:
         self._handles[fh] = handle
         handle.node.opens += 1
         handle.node.writers += handle.writable
+        if handle.writable:
+            self._writer.setdefault(handle.node.id, handle)
         return fh
 
     def fd_of(self, node: Node) -> int | None:
@@ -105,6 +110,13 @@ class OpenFiles:
         if not node.opens:
             return None
         return next(handle.fd for handle in self._handles.values() if handle.node is node)
+
+    def writable_fd(self, node: Node) -> int | None:
+        """A descriptor of ``node``'s file open for writing, if one of its handles has it:
+        that is the file in ``node``'s branch (a writable open copies up first). The kernel
+        names no handle for fchmod, fchown or futimens, so any writer's will do."""
+        handle = self._writer.get(node.id) if node.writers else None
+        return None if handle is None else handle.fd
 
     def get(self, fh: int) -> Handle:
         """The handle ``fh``, following its file's data to the upper branch if need be."""
@@ -127,6 +139,11 @@ class OpenFiles:
             os.close(fd)
         handle.node.opens -= 1
         handle.node.writers -= handle.writable
+        if self._writer.get(handle.node.id) is handle:
+            del self._writer[handle.node.id]
+            if handle.node.writers:  # another writer of the file is still open
+                self._writer[handle.node.id] = next(
+                    h for h in self._handles.values() if h.node is handle.node and h.writable)
         self.index.maybe_free(handle.node)
 
     def truncate(self, node: Node, size: int, fh: int | None) -> None:

@@ -62,7 +62,7 @@ class Node:
     __slots__ = (
         "id", "parent", "name", "stack", "is_dir", "branch", "data_branch", "in_lower",
         "layers", "listing", "whiteouts", "fds", "lookups", "opens", "writers", "unlinked",
-        "is_stack_root", "aliases", "redirect", "changes",
+        "is_stack_root", "aliases", "redirect", "changes", "absent_xattrs", "absent_in",
     )
 
     def __init__(self, id_: int, parent: Node | None, name: bytes, stack: Stack,
@@ -100,6 +100,10 @@ class Node:
         # Counts the daemon's changes to the node: whoever caches its attributes (the
         # request layer) keeps them only while this stays the same.
         self.changes = 0
+        # Extended attributes the node's entry in branch ``absent_in`` is known to lack (see
+        # ``absent_xattrs``); the sets are shared between nodes.
+        self.absent_xattrs: frozenset[bytes] = _NO_NAMES
+        self.absent_in = -1
 
     def __repr__(self) -> str:
         return f"<Node {self.id} {self.name!r} b{self.branch}{'/' if self.is_dir else ''}>"
@@ -113,6 +117,46 @@ class Node:
         if self.is_stack_root:
             return self.stack.upper is not None
         return self.branch == self.stack.upper
+
+
+_NO_NAMES: frozenset[bytes] = frozenset()
+# The attributes whose absence is remembered: the ones asked about all day (the kernel before
+# writes and chowns, ls -l for every entry, the union before every create). A fixed few, so
+# that the sets of them are few too, each made once and shared (``_SHARED_NAMES``), and
+# names a caller makes up cost no memory.
+REMEMBERED_ABSENT = frozenset({b"security.capability", b"security.selinux",
+                               b"system.posix_acl_access", b"system.posix_acl_default"})
+_SHARED_NAMES: dict[frozenset[bytes], frozenset[bytes]] = {_NO_NAMES: _NO_NAMES}
+
+
+def known_absent(node: Node, attr: bytes) -> bool:
+    """Whether ``node``'s entry is known to lack the extended attribute ``attr``.
+
+    The kernel asks for ``security.capability`` before every first write and every chown
+    (to drop it), ``ls -l`` for ``security.selinux`` of every entry, and the union for
+    ``system.posix_acl_default`` before every create: the answer is almost always "none", and it stays true until the daemon itself sets an
+    attribute on the entry (``forget_absent_xattrs``) or moves the node to another branch
+    (a copy-up): the union is the only writer of its branches. Writes, truncations and
+    chowns only ever drop attributes.
+    """
+    return node.absent_in == node.branch and attr in node.absent_xattrs
+
+
+def note_absent_xattr(node: Node, attr: bytes) -> None:
+    """Record that the entry of ``node`` in its current branch lacks ``attr`` (if ``attr``
+    is one of ``REMEMBERED_ABSENT``)."""
+    if attr not in REMEMBERED_ABSENT:
+        return
+    names = node.absent_xattrs if node.absent_in == node.branch else _NO_NAMES
+    grown = names | {attr}
+    node.absent_xattrs = _SHARED_NAMES.setdefault(grown, grown)
+    node.absent_in = node.branch
+
+
+def forget_absent_xattrs(node: Node) -> None:
+    """An attribute of ``node``'s entry may have been set: know nothing absent."""
+    node.absent_xattrs = _NO_NAMES
+    node.absent_in = -1
 
 
 def stale(*nodes: Node | None) -> None:

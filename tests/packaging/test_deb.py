@@ -188,7 +188,7 @@ def test_the_files_land_where_promised(installed: DebianRoot) -> None:
         link, target = installed.file(f"usr/bin/{program}"), f"usr/lib/qvd-node/bin/{program}"
         assert os.path.normpath(link.parent / os.readlink(link)) == str(installed.file(target))
         assert installed.file(target).is_file()
-    for unit in ("qvd-hkd", "qvd-web"):
+    for unit in ("qvd-hkd", "qvd-web", "qvdfs-parent"):
         assert installed.file(f"lib/systemd/system/{unit}.service").is_file()
     for program in ("qvdfs", "qvdctl"):  # the man pages, made from their --help
         page = gzip.decompress(installed.file(f"usr/share/man/man1/{program}.1.gz").read_bytes())
@@ -216,7 +216,11 @@ def test_both_programs_run_in_the_installed_root(installed: DebianRoot) -> None:
 
 def test_the_units_are_valid_and_not_enabled(installed: DebianRoot) -> None:
     installed.run("systemd-analyze", "verify", "/lib/systemd/system/qvd-hkd.service",
-                  "/lib/systemd/system/qvd-web.service")
+                  "/lib/systemd/system/qvd-web.service",
+                  "/lib/systemd/system/qvdfs-parent.service")
+    parent = installed.file("lib/systemd/system/qvdfs-parent.service").read_text()
+    for line in ("ExecStart=/usr/bin/qvdfs parent", "KillMode=process"):
+        assert line in parent.splitlines()
     hkd = installed.file("lib/systemd/system/qvd-hkd.service").read_text()
     for line in ("ExecStart=/usr/bin/qvdctl --config /etc/qvd/node.conf hkd",
                  "KillMode=mixed", "Restart=on-failure", "Type=notify", "NotifyAccess=main"):
@@ -226,7 +230,7 @@ def test_the_units_are_valid_and_not_enabled(installed: DebianRoot) -> None:
     web = installed.file("lib/systemd/system/qvd-web.service").read_text()
     assert re.search(r"^ExecStart=/usr/bin/qvdctl --config /etc/qvd/node.conf web "
                      r"--listen 127\.0\.0\.1:\d+$", web, re.M)
-    enabled = list(installed.file("etc/systemd/system").rglob("qvd-*"))
+    enabled = list(installed.file("etc/systemd/system").rglob("qvd*"))
     assert enabled == []
 
 
@@ -350,6 +354,10 @@ def test_systemd_runs_the_packaged_hkd_which_registers_renews_and_stops_cleanly(
             until(lambda: admin.hosts().get(node, {}).get("State") == "running",
                   "the packaged HKD to register", timeout=120, step=0.2)
             registered = time.monotonic()
+            # qvd-hkd wants the prepared parent, which serves once it has imported qvdfs.
+            until(lambda: run("sh", "-c", "test -S /run/qvdfs/parent.sock && systemctl "
+                              "is-active qvdfs-parent", check=False).strip() == "active",
+                  "qvdfs-parent to serve", timeout=60, step=0.2)
             ages = [admin.hosts()[node]["LeaseAge"]]
 
             def renewed() -> bool:  # the lease's age fell: the HKD renewed it

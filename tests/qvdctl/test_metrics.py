@@ -114,10 +114,11 @@ def test_a_running_container_shows_its_cgroup_cpu_and_memory(
 ) -> None:
     # A real container on a kernel overlayfs root: cgroup numbers, and no qvdfs daemon to
     # ask (the scrape leaves that VM out of the FUSE families and still answers).
-    f = Fleet(tmp_path, postgres.url(), ("node-a",), vms=1, timeout=5, mount_only=False)
+    url = postgres.url()
+    f = Fleet(tmp_path, url, ("node-a",), vms=1, timeout=5, mount_only=False)
     try:
         with open(f.nodes["node-a"].conf, "a") as conf:
-            conf.write(f"hkd.metrics.listen = {LISTEN}\n")
+            conf.write(f"hkd.metrics.listen = {LISTEN}\nhkd.usage.interval = 1\n")
         f.start()
         f.admin.run("vm", "start", "-f", "name=v1")
         families = scrape(f.nodes["node-a"])
@@ -125,6 +126,12 @@ def test_a_running_container_shows_its_cgroup_cpu_and_memory(
         assert value(families["qvd_vm_cpu_seconds"], "qvd_vm_cpu_seconds_total", vm="v1") > 0
         assert value(families["qvd_vm_memory_bytes"], "qvd_vm_memory_bytes", vm="v1") > 0
         assert not families["qvd_vm_fuse_requests"]
+        # The same numbers, published by the HKD for the web admins of the fleet.
+        sql = "SELECT cpu_seconds, memory_bytes, qvdfs IS NULL FROM vm_usage WHERE vm_id = 1"
+        database = url.partition("@/")[2].partition("?")[0]
+        until(lambda: postgres.psql(sql, database), "v1's usage published", 30)
+        cpu, memory, no_qvdfs = postgres.psql(sql, database).split("|")
+        assert float(cpu) > 0 and float(memory) > 0 and no_qvdfs == "t"
         f.admin.run("vm", "stop", "-f", "name=v1")
     finally:
         f.close()

@@ -10,14 +10,17 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import mmap
 import os
 import random
 import shutil
 import stat
+import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +28,7 @@ from typing import NamedTuple
 
 import pytest
 
+from qvdproc import counters
 from tests.support.mounts import NODE_OPTIONS, qvdfs_mount
 from tests.support.trees import build_base, describe
 
@@ -609,3 +613,168 @@ def test_noatime_leaves_the_branches_access_times_alone(tmp_path: Path) -> None:
         os.utime(passwd, ns=(10**18, passwd.stat().st_mtime_ns))  # a read would move it
         assert (union.mnt / "etc/passwd").read_text()
         assert passwd.stat().st_atime_ns == 10**18
+
+
+# -- what the daemon answers from memory (issue 24) -------------------------------------------
+
+def _getxattr(path: Path, name: str) -> bytes | None:
+    try:
+        return os.getxattr(path, name, follow_symlinks=False)
+    except OSError as exc:
+        assert exc.errno == errno.ENODATA
+        return None
+
+
+def test_an_absent_xattr_is_read_once_and_asked_again_after_the_union_sets_one(
+        union: Union) -> None:
+    # The union is the only writer of its branches (README): what it found missing stays
+    # missing until it sets an attribute itself. A write behind its back shows that the
+    # answer came from memory.
+    path, upper = union.mnt / "var/new", union.upper / "var/new"
+    path.write_text("x")
+    assert _getxattr(path, "security.selinux") is None  # as ls -l asks
+    assert _getxattr(path, "user.probe") is None
+    os.setxattr(upper, "security.selinux", b"behind")
+    os.setxattr(upper, "user.probe", b"made-up names are always asked")
+    assert _getxattr(path, "security.selinux") is None
+    assert _getxattr(path, "user.probe") == b"made-up names are always asked"
+    os.setxattr(path, "user.other", b"1")  # a change through the union: ask again
+    assert _getxattr(path, "security.selinux") == b"behind"
+
+
+def test_a_copy_up_asks_the_upper_copy_for_xattrs_again(union: Union) -> None:
+    path = union.mnt / "etc/conf.d/b.conf"
+    assert _getxattr(path, "security.selinux") is None  # asked of the base file
+    os.chmod(path, 0o640)  # copies the file up
+    os.setxattr(union.upper / "etc/conf.d/b.conf", "security.selinux", b"upper")
+    assert _getxattr(path, "security.selinux") == b"upper"
+
+
+def test_a_created_file_has_no_capability_until_one_is_set_through_the_union(
+        union: Union) -> None:
+    # The kernel asks for security.capability before a file's first write and before
+    # every chown; a file the union just made has none, and that is answered from memory.
+    cap_net_raw = struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0)
+    path, upper = union.mnt / "var/made", union.upper / "var/made"
+    with open(path, "wb") as f:
+        f.write(b"x")
+        os.fchown(f.fileno(), 0, 0)
+    os.setxattr(upper, "security.capability", cap_net_raw)
+    assert _getxattr(path, "security.capability") is None
+    os.setxattr(path, "security.capability", cap_net_raw)
+    assert _getxattr(path, "security.capability") == cap_net_raw
+    os.chown(path, 0, 0)  # root's chown drops a capability, as on any filesystem
+    assert _getxattr(path, "security.capability") is None
+    assert _getxattr(upper, "security.capability") is None
+
+
+def test_isatty_on_a_union_file_is_enotty(union: Union) -> None:
+    fd = os.open(union.mnt / "etc/passwd", os.O_RDONLY)  # open() would ask isatty itself
+    try:
+        before = _opcode_count(union.mnt, "IOCTL")
+        assert not os.isatty(fd)
+        with pytest.raises(OSError) as raised:
+            fcntl.ioctl(fd, termios.TCGETS, bytes(64))
+    finally:
+        os.close(fd)
+    assert raised.value.errno == errno.ENOTTY
+    assert _opcode_count(union.mnt, "IOCTL") == before + 2  # the kernel asks every time
+
+
+def _opcode_count(mnt: Path, opcode: str) -> int:
+    rows = counters.fetch(str(mnt))["opcodes"]
+    assert isinstance(rows, dict)
+    return int(rows.get(opcode, {}).get("count", 0))
+
+
+@pytest.mark.parametrize("unlinked", [False, True], ids=["linked", "unlinked"])
+def test_fchown_fchmod_futimens_of_a_file_being_written(union: Union, unlinked: bool) -> None:
+    path = union.mnt / "var/written"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, b"data")
+        if unlinked:
+            os.unlink(path)
+        os.fchown(fd, 1000, 1001)
+        os.fchmod(fd, 0o4751)
+        os.utime(fd, ns=(1_000_000_123, 2_000_000_456))
+        st = os.fstat(fd)
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1000, 1001, 0o4751)
+        assert (st.st_atime_ns, st.st_mtime_ns) == (1_000_000_123, 2_000_000_456)
+        if not unlinked:
+            upper = os.lstat(union.upper / "var/written")
+            assert (upper.st_uid, upper.st_gid, upper.st_mode, upper.st_mtime_ns) == \
+                (1000, 1001, st.st_mode, 2_000_000_456)
+    finally:
+        os.close(fd)
+
+
+_SAME = ("st_mode", "st_uid", "st_gid", "st_size", "st_nlink", "st_mtime_ns",
+         "st_ctime_ns")
+
+
+def _same_attributes(mnt: os.stat_result, upper: os.stat_result) -> None:
+    assert {f: getattr(mnt, f) for f in _SAME} == {f: getattr(upper, f) for f in _SAME}
+
+
+def test_a_new_entry_shows_the_attributes_it_has_in_the_branch(open_union: Union) -> None:
+    # The reply to a create carries the attributes of the stat that checked the new
+    # entry's owner; the kernel keeps them, so they must be the final ones, also after a
+    # chown to a caller other than root and where a whiteout was replaced.
+    union = open_union
+    os.mkdir(union.mnt / "shared")
+    os.chmod(union.mnt / "shared", 0o777)
+    os.unlink(union.mnt / "etc/conf.d/b.conf")  # leaves a whiteout to build over
+    made = _as_user(1000, 1000, "sh", "-c",
+                    f"cd {union.mnt}/shared && echo data > file && mkdir dir && ln -s t link "
+                    f"&& mkfifo fifo")
+    assert made.returncode == 0, made.stderr
+    for name in ("file", "dir", "link", "fifo"):
+        _same_attributes(os.lstat(union.mnt / "shared" / name),
+                         os.lstat(union.upper / "shared" / name))
+        assert os.lstat(union.mnt / "shared" / name).st_uid == 1000
+    (union.mnt / "etc/conf.d/b.conf").write_text("new\n")
+    _same_attributes(os.lstat(union.mnt / "etc/conf.d/b.conf"),
+                     os.lstat(union.upper / "etc/conf.d/b.conf"))
+
+
+def test_a_created_file_is_not_asked_for_again_until_it_changes(union: Union) -> None:
+    # The reply to a create is kept like any other entry, although the file is open for
+    # writing: its open sends no GETATTR. The first write, truncation or mapping after it
+    # shows new times all the same.
+    os.stat(union.mnt / "var")
+    asked = _opcode_count(union.mnt, "GETATTR")
+    fd = os.open(union.mnt / "var/new", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        assert _opcode_count(union.mnt, "GETATTR") == asked
+        created = os.stat(union.mnt / "var/new")
+        time.sleep(0.05)  # past the coarse clock's tick that stamps file times
+        os.ftruncate(fd, 4096)
+        truncated = os.stat(union.mnt / "var/new")
+        assert truncated.st_size == 4096 and truncated.st_mtime_ns > created.st_mtime_ns
+    finally:
+        os.close(fd)
+    time.sleep(0.05)
+    write = "import mmap, sys; f = open(sys.argv[1], 'r+b'); mmap.mmap(f.fileno(), 0)[0:1] = b'Z'"
+    subprocess.run([sys.executable, "-c", write, str(union.mnt / "var/new")], check=True,
+                   timeout=30)
+    shown = subprocess.run(["stat", "-c", "%.9Y", str(union.mnt / "var/new")],
+                           capture_output=True, text=True, check=True, timeout=30)
+    assert float(shown.stdout) > truncated.st_mtime_ns / 1e9
+
+
+def test_chmod_of_a_file_still_written_by_a_second_writer(union: Union) -> None:
+    path = union.mnt / "var/two"
+    first = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    second = os.open(path, os.O_WRONLY)
+    try:
+        os.close(first)  # the handle the union went through so far
+        os.fchmod(second, 0o640)
+        os.utime(second, ns=(5_000_000_000, 6_000_000_000))
+        assert stat.S_IMODE(os.fstat(second).st_mode) == 0o640
+    finally:
+        os.close(second)
+    os.chmod(path, 0o604)  # no writer left: by path
+    upper = os.lstat(union.upper / "var/two")
+    assert (stat.S_IMODE(upper.st_mode), upper.st_mtime_ns) == (0o604, 6_000_000_000)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o604

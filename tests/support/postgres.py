@@ -151,3 +151,12 @@ def postgres() -> Iterator[PgServer]:
     """One server for the whole session; each test takes its own database with ``url()``."""
     with pg_server() as server:
         yield server
+
+
+def database_url(request: pytest.FixtureRequest, folder: Path) -> str:
+    """A fresh database for a fixture parametrized ``["sqlite", "postgresql"]``: a SQLite
+    file in ``folder``, or a database of the session's server (``postgres``)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{folder / 'qvd.db'}"
+    server: PgServer = request.getfixturevalue("postgres")
+    return server.url()

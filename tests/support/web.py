@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import select
 import ssl
 import subprocess
 import urllib.error
@@ -22,7 +21,9 @@ from email.message import Message
 from pathlib import Path
 
 from tests.support.qvdctl import Cli
+from tools.webserver import serving
 
+COOKIE = "qvd_session"
 START_TIMEOUT_S = 60  # a busy machine: the interpreter and Starlette's imports
 
 
@@ -31,23 +32,8 @@ def web_server(cli: Cli, *extra: str) -> Iterator[str]:
     """``qvdctl web`` on ``cli``'s root; yields its base URL (``http://127.0.0.1:PORT/``)."""
     proc = subprocess.Popen(cli.argv("web", "--listen", "127.0.0.1:0", *extra),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        ready, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT_S)
-        line = proc.stdout.readline() if ready else ""
-        match = re.search(r"serving (\S+)", line)
-        if not match:
-            proc.kill()
-            _, errors = proc.communicate(timeout=15)
-            raise AssertionError(f"qvdctl web did not start: {line!r} {errors}")
-        yield match.group(1)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with serving(proc, START_TIMEOUT_S) as url:
+        yield url
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -65,6 +51,11 @@ class Reply:
     def location(self) -> str | None:
         return self.headers.get("location")
 
+    def set_cookie(self, name: str) -> str:
+        """The Set-Cookie header of cookie ``name`` (``""`` if the reply sets none)."""
+        found = [h for h in self.headers.get_all("set-cookie") or [] if h.startswith(name + "=")]
+        return found[0] if found else ""
+
 
 @dataclass
 class Client:
@@ -79,7 +70,8 @@ class Client:
         req = urllib.request.Request(urllib.parse.urljoin(self.base, path), data=data,
                                      headers=headers or {})
         if self.cookie:
-            req.add_header("Cookie", f"qvd_session={self.cookie}")
+            cookies = [req.get_header("Cookie"), f"qvd_session={self.cookie}"]
+            req.add_header("Cookie", "; ".join(c for c in cookies if c))
         handlers: list[urllib.request.BaseHandler] = [_NoRedirect()]
         if self.context is not None:
             handlers.append(urllib.request.HTTPSHandler(context=self.context))
@@ -91,10 +83,15 @@ class Client:
             return Reply(exc.code, exc.headers, exc.read().decode())
 
     def log_in(self, login: str, password: str) -> Reply:
-        reply = self.request("/login", {"login": login, "password": password})
+        """Log in as a browser does: read the login form (its CSRF token and cookie), post it."""
+        form = self.request("/login")
+        cookie = form.headers.get("set-cookie", "").split(";")[0]
+        match = re.search(r'name="csrf" value="([^"]+)"', form.body)
+        assert form.status == 200 and cookie.startswith("qvd_login=") and match, form
+        reply = self.request("/login", {"login": login, "password": password,
+                                        "csrf": match.group(1)}, headers={"Cookie": cookie})
         if reply.status == 303:
-            cookie = reply.headers.get("set-cookie", "")
-            self.cookie = cookie.split(";")[0].partition("=")[2]
+            self.cookie = reply.set_cookie(COOKIE).split(";")[0].partition("=")[2]
         return reply
 
     def csrf(self, path: str = "/vms") -> str:
@@ -103,6 +100,13 @@ class Client:
         match = re.search(r'name="csrf" value="([^"]+)"', page.body)
         assert match, "no CSRF token on the page"
         return match.group(1)
+
+    def revisions(self, path: str, form: str = "[^\"]+") -> dict[str, str]:
+        """Object id -> how form ``form`` of page ``path`` names it (``ID:DIGEST``)."""
+        page = self.request(path)
+        assert page.status == 200, page
+        found = re.findall(rf'name="id" value="([0-9]+:[0-9a-f]+)" form="{form}"', page.body)
+        return {rev.partition(":")[0]: rev for rev in found}
 
 
 def self_signed(folder: Path) -> tuple[Path, Path]:

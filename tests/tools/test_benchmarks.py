@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from pyroute2 import netns
 
-from benchmarks import report, targets, workloads
+from benchmarks import realimage, report, targets, workloads
 from qvdproc.mountinfo import mounts_under
 from tests.support import REPO
 
@@ -111,6 +111,29 @@ def test_ratios_and_goals_from_samples() -> None:
     assert by_text["mount-time: mount time ≤ 50 ms"].passed is None  # not measured
     assert report.goal_marks(list(by_text.values())) == {
         "stat-warm": "met", "copyup": "MISSED", "daemon-rss": "MISSED"}
+
+
+def test_real_image_unpack_goal_and_per_phase_opcode_table() -> None:
+    def sample(target: str, rep: int, unpack: float, opcodes: dict) -> realimage.Sample:
+        return realimage.Sample(target, rep, {"boot": 1.0, "dpkg": 1.0, "unpack": unpack,
+                                              "stop": 0.1}, "running", [], opcodes)
+
+    samples = [sample("kernel-overlay", 0, 1.0, {}), sample("kernel-overlay", 1, 1.0, {}),
+               sample("qvdfs", 0, 2.0, {"unpack": {"CREATE": [100, 10_000_000]}}),
+               sample("qvdfs", 1, 4.0, {"unpack": {"CREATE": [100, 30_000_000],
+                                                   "LOOKUP": [50, 1_000_000]},
+                                        "boot": {"IOCTL": [10, 100_000]}})]
+    results = realimage.summarize(["kernel-overlay", "qvdfs"], samples, {}, {}, {},
+                                  {"date": "d", "image": "i", "debs": [], "kernel": "k",
+                                   "cpus": 2, "qvdfs_version": "v", "reps": 2,
+                                   "interrupted": False})
+    goals = {g["metric"]: g for g in results["goals"]}
+    assert goals["unpack"]["ratio"] == pytest.approx(3.0) and goals["unpack"]["met"] is False
+    text = realimage.markdown(results)
+    # Per repetition: 200 CREATEs over 2 repetitions, 40 ms total, 200 µs each.
+    assert "| CREATE | - | - | - | 100 | 200.0 | 20.0 |" in text
+    assert "| IOCTL | 5 | 10.0 | 0.1 | - | - | - |" in text
+    assert "unpack at most 1.3x kernel overlayfs: 3.00x, MISSED" in text
 
 
 def test_goals_of_the_page_cache_per_request_and_data_rows() -> None:
@@ -282,6 +305,31 @@ def test_cli_startup_bench_prints_a_row_per_command() -> None:
     assert done.returncode == 0, done.stderr
     rows = [line.split("|")[1].strip() for line in done.stdout.splitlines()[2:]]
     assert rows == ["`qvdctl --help`", "`qvdctl vm list`", "`qvdctl config get`"]
+
+
+DISPATCH_KINDS = ["GETATTR", "LOOKUP+FORGET", "GETXATTR", "STATFS", "CREATE", "RELEASE", "UNLINK",
+                  "MKDIR", "RMDIR", "READDIRPLUS"]
+
+
+def test_dispatch_bench_times_every_request_kind_on_the_modules_in_use() -> None:
+    done = subprocess.run([sys.executable, "-m", "benchmarks.dispatch", "--count", "8",
+                           "--rounds", "2"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    first, *rows = done.stdout.splitlines()
+    # This checkout runs its sources: nothing on the request path is compiled.
+    assert first == "compiled: none (pure Python)"
+    kinds = [row.split()[0] for row in rows]
+    assert kinds == DISPATCH_KINDS
+    assert all(float(row.split()[1]) > 0 and row.endswith(" us") for row in rows), rows
+
+
+def test_dispatch_bench_refuses_a_count_too_small_to_cycle() -> None:
+    done = subprocess.run([sys.executable, "-m", "benchmarks.dispatch", "--count", "0"],
+                          cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.strip().splitlines() == [
+        "dispatch: --count must be at least 4 and --rounds at least 1"]
 
 
 @pytest.mark.timeout(300)

@@ -11,6 +11,7 @@ from pyroute2 import netns
 
 from qvdctl.container.query import monitors
 from qvdproc.mountinfo import read_mounts
+from qvdproc.processes import processes
 from tests.support import REPO
 
 
@@ -22,6 +23,8 @@ def _host_state() -> dict[str, set[str]]:
         "tmp": set(glob.glob("/tmp/qvd-demo-*")),
         "mounts": mounts,
         "monitors": lxc,
+        # The web admin's server (`qvdctl --root /tmp/qvd-demo-.../storage web`) among them.
+        "processes": {p.command_line for p in processes() if "qvd-demo-" in p.command_line},
     }
 
 
@@ -59,6 +62,8 @@ def test_demo_runs_the_workflow(demo_run) -> None:
         # Unprivileged, the node's default: the desktop's root is an ordinary node uid.
         "Desk1: root is node uid 1000000, an ordinary user",
         "VM Desk1 stopped", "VM Desk2 stopped",
+        # Served on the host's loopback from the demo's namespace, checked over HTTP.
+        "web admin: http://127.0.0.1:", "its VMs page shows 2 desktops running",
     ):
         assert expected in done.stdout, expected
 

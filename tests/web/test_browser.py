@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
-from selenium.webdriver.support.ui import WebDriverWait
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from tests.web.conftest import ADMIN, VIEWER, Site
 
@@ -46,13 +47,16 @@ def browser() -> Iterator[WebDriver]:
 
 
 def _until(browser: WebDriver, what: str, condition) -> None:  # type: ignore[no-untyped-def]
-    WebDriverWait(browser, WAIT_S, poll_frequency=0.1).until(
-        lambda _: condition(), message=f"waiting for {what}")
+    # An element read while the page is being replaced (a form's redirect) is stale or
+    # missing for a moment: asked again at the next poll.
+    WebDriverWait(browser, WAIT_S, poll_frequency=0.1,
+                  ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)
+                  ).until(lambda _: condition(), message=f"waiting for {what}")
 
 
-def _log_in(browser: WebDriver, site: Site, login: str, password: str) -> None:
+def _log_in(browser: WebDriver, url: str, login: str, password: str) -> None:
     browser.delete_all_cookies()
-    browser.get(site.url + "login")
+    browser.get(url + "login")
     browser.find_element(By.ID, "login").send_keys(login)
     browser.find_element(By.ID, "password").send_keys(password)
     browser.find_element(By.ID, "submit").click()
@@ -74,7 +78,8 @@ def _mark(browser: WebDriver) -> None:
 
 def _press(browser: WebDriver, vm_ids: list[int], button: str) -> None:
     for box in browser.find_elements(By.CSS_SELECTOR, 'input[name="id"]'):
-        if box.is_selected() != (int(box.get_attribute("value") or 0) in vm_ids):
+        if box.is_selected() != (int((box.get_attribute("value") or "0").partition(":")[0])
+                                 in vm_ids):
             box.click()
     browser.find_element(By.ID, button).click()
 
@@ -83,7 +88,7 @@ def test_an_admin_runs_a_vm_and_a_host_from_the_browser(site: Site, browser: Web
     browser.get(site.url)
     assert browser.current_url.endswith("/login")
     browser.save_screenshot(str(SCREENSHOTS / "login.png"))
-    _log_in(browser, site, *ADMIN)
+    _log_in(browser, site.url, *ADMIN)
     count = browser.find_element(By.CSS_SELECTOR, '[data-count="VMs"]').text
     assert count == "3"
     browser.save_screenshot(str(SCREENSHOTS / "dashboard.png"))
@@ -161,7 +166,7 @@ def test_an_admin_runs_a_vm_and_a_host_from_the_browser(site: Site, browser: Web
 
 
 def test_a_viewer_gets_no_buttons(site: Site, browser: WebDriver) -> None:
-    _log_in(browser, site, *VIEWER)
+    _log_in(browser, site.url, *VIEWER)
     browser.get(site.url + "vms")
     assert browser.find_elements(By.CSS_SELECTOR, "tr[data-vm]")
     assert not browser.find_elements(By.ID, "vm-form")
@@ -169,3 +174,62 @@ def test_a_viewer_gets_no_buttons(site: Site, browser: WebDriver) -> None:
     browser.get(site.url + "hosts")
     assert not browser.find_elements(By.ID, "host-form")
     browser.save_screenshot(str(SCREENSHOTS / "vms-viewer.png"))
+
+
+def test_a_change_from_an_outdated_page_is_refused_on_the_page(
+    site: Site, browser: WebDriver
+) -> None:
+    _log_in(browser, site.url, *ADMIN)
+    browser.get(site.url + "vms")
+    site.cli.run("vm", "edit", "-f", "name=v2", "name=v2-renamed")
+    try:
+        _press(browser, [2], "vm-block")
+        _until(browser, "the refusal", lambda: "changed since this page was loaded"
+               in browser.find_element(By.ID, "results").text)
+        assert site.cli.vm("v2-renamed")["Blocked"] == 0
+        browser.save_screenshot(str(SCREENSHOTS / "vms-stale.png"))
+    finally:
+        site.cli.run("vm", "edit", "-f", "name=v2-renamed", "name=v2")
+
+
+def test_osfs_and_a_staged_image_are_added_and_edited_from_the_images_page(
+    site: Site, browser: WebDriver, tarball: Path
+) -> None:
+    _log_in(browser, site.url, *ADMIN)
+    browser.get(site.url + "images")
+    browser.find_element(By.ID, "osf-add-name").send_keys("browserosf")
+    Select(browser.find_element(By.ID, "osf-add-halt")).select_by_value("SIGUSR2")
+    browser.find_element(By.ID, "osf-add").click()
+    staged = site.cli.root / "staging" / "browser-import.tar.gz"
+    try:
+        _until(browser, "the OSF added", lambda: "osf add browserosf" in browser.page_source)
+        (osf,) = site.cli.json("osf", "list", "-f", "name=browserosf")
+        assert (osf["Memory"], osf["HaltSignal"]) == (256, "SIGUSR2")
+
+        row = f'tr[data-osf="{osf["Id"]}"]'
+        browser.find_element(By.CSS_SELECTOR, f"{row} input[name='id']").click()
+        browser.find_element(By.ID, "osf-edit-memory").send_keys("400")
+        Select(browser.find_element(By.ID, "osf-edit-halt")).select_by_value("init")
+        browser.find_element(By.ID, "osf-edit").click()
+        _until(browser, "the OSF edited", lambda: browser.find_element(
+            By.CSS_SELECTOR, f"{row} .memory").text == "400")
+        assert browser.find_element(By.CSS_SELECTOR, f"{row} .halt").text == "-"
+        assert site.cli.json("osf", "list", "-f", "name=browserosf")[0]["HaltSignal"] is None
+
+        shutil.copy(tarball, staged)
+        browser.refresh()
+        Select(browser.find_element(By.ID, "di-add-path")).select_by_visible_text(staged.name)
+        Select(browser.find_element(By.ID, "di-add-osf")).select_by_visible_text("browserosf")
+        Select(browser.find_element(By.ID, "di-add-halt")).select_by_value("SIGRTMIN+3")
+        browser.find_element(By.ID, "di-add").click()
+        _until(browser, "the image imported", lambda: staged.name in browser.find_element(
+            By.ID, "dis").text)
+        browser.save_screenshot(str(SCREENSHOTS / "images-added.png"))
+        (di,) = site.cli.json("di", "list", "-f", "osf=browserosf")
+        assert (di["Path"], di["HaltSignal"], di["HaltFrom"]) == (staged.name, "SIGRTMIN+3",
+                                                                  "di")
+        assert "default" in str(di["Tags"])  # the OSF's first image
+    finally:
+        staged.unlink(missing_ok=True)
+        site.cli.run("di", "del", "-f", "osf=browserosf", check=False)
+        site.cli.run("osf", "del", "-f", "name=browserosf", check=False)

@@ -8,6 +8,7 @@ no node, as an admin's machine would be.
 from __future__ import annotations
 
 import json
+import re
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -15,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from qvdctl.db.engine import Database
+from qvdctl.vm import usage
 from tools.fleet import Fleet, until
-from tests.support.postgres import PgServer, postgres  # noqa: F401 (a fixture)
+from tests.support.postgres import PgServer, database_url, postgres  # noqa: F401
 from tests.support.web import Client, web_server
 
 pytestmark = pytest.mark.timeout(240)
@@ -80,3 +83,53 @@ def test_a_fleet_start_and_stop_from_the_web_are_queued_for_the_hkd(fleet: Fleet
         actions = [(r["Who"], r["Action"], r["Object"]) for r in fleet.admin.json("log", "list")]
         assert ("alice", "vm start", "v1") in actions and ("alice", "vm stop", "v1") in actions
         assert ("alice", "host block", "node-a") in actions
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def one_node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Fleet]:
+    """One HKD and two VMs on either database (SQLite: a file beside the nodes)."""
+    f = Fleet(tmp_path, database_url(request, tmp_path), ("node-a",), vms=2)
+    try:
+        # The HKD reads its settings when it starts, or at a NOTIFY: before the start.
+        f.admin.run("config", "set", "vm.lxc.unionfs.type=qvdfs", "hkd.usage.interval=1")
+        f.start()
+        yield f
+    finally:
+        f.close()
+
+
+def test_a_vm_page_shows_what_its_hkd_published_and_the_hkd_writes_once_a_period(
+    one_node: Fleet
+) -> None:
+    fleet = one_node
+    fleet.admin.run("admin", "add", "login=alice", "password=pw")
+    fleet.admin.run("vm", "start", "-f", "name=v1")
+    database = Database(fleet.url)
+
+    def published_at() -> float | None:
+        with database.reader() as conn:
+            found = usage.published(conn, 1)
+        return None if found is None else found[1].at
+
+    try:
+        until(lambda: published_at() is not None, "v1's usage published", 30)
+        # One write per period: over 5 s, about five distinct readings, never many more.
+        seen = set()
+        began = time.monotonic()
+        while time.monotonic() - began < 5:
+            seen.add(published_at())
+            time.sleep(0.1)
+        assert 3 <= len(seen) <= 7, sorted(seen)  # type: ignore[type-var]
+        with web_server(fleet.admin) as url:  # on no node: it can only read the database
+            client = Client(url)
+            assert client.log_in("alice", "pw").status == 303
+            page = client.request("/vms/1").body
+            assert re.search(r"Published by host node-a&#39;s HKD \d+ s ago", page), page[-3000:]
+            opcodes = re.search(r'<table id="root-opcodes">.*?</table>', page, re.S)
+            assert opcodes and re.search(r"<td>GETATTR</td><td class=\"num\">[1-9]",
+                                         opcodes.group(0)), page[-3000:]
+            assert "- (no container)" in page  # a root-only VM has no cgroup
+        fleet.admin.run("vm", "stop", "-f", "name=v1")
+        until(lambda: published_at() is None, "v1's usage gone once stopped", 30)
+    finally:
+        database.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import shutil
 import sqlite3
 import ssl
 import subprocess
@@ -133,8 +134,8 @@ def test_sql_in_filters_matches_nothing_and_breaks_nothing(site: Site) -> None:
 def test_the_session_cookie_is_httponly_samesite_strict_and_secure_over_tls(
     site: Site, tmp_path
 ) -> None:
-    reply = Client(site.url).request("/login", {"login": ADMIN[0], "password": ADMIN[1]})
-    flags = [f.strip().lower() for f in reply.headers["set-cookie"].split(";")]
+    reply = Client(site.url).log_in(*ADMIN)
+    flags = [f.strip().lower() for f in reply.set_cookie("qvd_session").split(";")]
     assert "httponly" in flags and "samesite=strict" in flags and "path=/" in flags
     assert "secure" not in flags  # plain HTTP: a Secure cookie would never come back
 
@@ -144,12 +145,40 @@ def test_the_session_cookie_is_httponly_samesite_strict_and_secure_over_tls(
     with web_server(site.cli, "--cert", str(cert), "--key", str(key)) as url:
         assert url.startswith("https://")
         tls = Client(url, context=context)
-        reply = tls.request("/login", {"login": ADMIN[0], "password": ADMIN[1]})
+        reply = tls.log_in(*ADMIN)
         assert reply.status == 303
-        flags = [f.strip().lower() for f in reply.headers["set-cookie"].split(";")]
+        flags = [f.strip().lower() for f in reply.set_cookie("qvd_session").split(";")]
         assert {"httponly", "samesite=strict", "secure"} <= set(flags)
-        tls.log_in(*ADMIN)
         assert tls.request("/vms").status == 200
+
+
+def test_a_login_without_its_forms_csrf_token_is_refused_and_counts_nothing(
+    site: Site
+) -> None:
+    site.cli.run("admin", "add", "login=carol", "password=carols")
+    form = Client(site.url).request("/login")
+    cookie = form.set_cookie("qvd_login")
+    flags = [f.strip().lower() for f in cookie.split(";")]
+    assert "httponly" in flags and "samesite=strict" in flags
+    token = cookie.split(";")[0].partition("=")[2]
+    assert f'name="csrf" value="{token}"' in form.body
+    # Another site's form: no login cookie (SameSite), or not this form's token.
+    for fields, cookies in [({}, f"qvd_login={token}"),
+                            ({"csrf": token}, ""),
+                            ({"csrf": "forged"}, f"qvd_login={token}"),
+                            ({"csrf": token}, "qvd_login=another")]:
+        reply = Client(site.url).request(
+            "/login", {"login": "carol", "password": "carols", **fields},
+            headers={"Cookie": cookies} if cookies else {})
+        assert reply.status == 403 and "CSRF" in reply.body, fields
+        assert not reply.set_cookie("qvd_session"), fields
+    # Refused before the password is looked at: wrong passwords so posted count nothing.
+    for _ in range(6):
+        Client(site.url).request("/login", {"login": "carol", "password": "wrong"})
+    (row,) = site.cli.json("admin", "list", "-f", "login=carol")
+    assert row["Failures"] == 0 and row["LockedUntil"] is None
+    assert "no log matches" in site.cli.fails("log", "list", "-f", "who=carol")
+    assert Client(site.url).log_in("carol", "carols").status == 303
 
 
 def test_five_wrong_passwords_lock_the_login(site: Site) -> None:
@@ -314,3 +343,143 @@ def test_a_disk_image_is_tagged_and_untagged_from_the_web(site: Site) -> None:
     assert 'class="tags">' in client.request("/images").body
     assert post(action="untag", id="1", tag="head")[0]["error"] is None
     assert "head" not in tags()
+
+
+def test_a_change_from_a_page_older_than_the_object_is_refused_and_changes_nothing(
+    site: Site
+) -> None:
+    client = _admin(site)
+    token, revs = client.csrf(), client.revisions("/vms")
+    json_reply = {"Accept": "application/json"}
+    site.cli.run("vm", "edit", "-f", "name=v1", "name=v1-renamed")
+    try:
+        before = _objects(site)
+        for action in ["block", "start", "delete"]:
+            reply = client.request("/act/vm", {"action": action, "id": revs["1"], "csrf": token},
+                                   headers=json_reply)
+            (line,) = json.loads(reply.body)
+            assert line["error"] == ("vm v1-renamed was changed since this page was loaded:"
+                                     " reload the page; nothing changed"), line
+        assert _objects(site) == before
+        # Without a script the page itself says so, after the redirect.
+        client.request("/act/vm", {"action": "block", "id": revs["1"], "csrf": token})
+        assert "was changed since this page was loaded" in client.request("/vms").body
+        # The runtime state is not part of it: a VM blocked elsewhere is still this page's.
+        site.cli.run("vm", "block", "-f", "name=v2")
+        reply = client.request("/act/vm", {"action": "unblock", "id": revs["2"],
+                                           "csrf": token}, headers=json_reply)
+        assert json.loads(reply.body) == [{"what": "vm unblock v2", "error": None}]
+        # A fresh page has the new revision, and the same change goes through.
+        fresh = client.revisions("/vms")
+        assert fresh["1"] != revs["1"] and fresh["2"] == revs["2"]
+        reply = client.request("/act/vm", {"action": "block", "id": fresh["1"],
+                                           "csrf": token}, headers=json_reply)
+        assert json.loads(reply.body) == [{"what": "vm block v1-renamed", "error": None}]
+        client.request("/act/vm", {"action": "unblock", "id": "1", "csrf": token})
+    finally:
+        site.cli.run("vm", "edit", "-f", "name=v1-renamed", "name=v1")
+    # A user deleted since the page was made.
+    site.cli.run("user", "add", "login=gone", "password=p")
+    users = client.revisions("/users")
+    (gone,) = [r["Id"] for r in site.cli.json("user", "list", "-f", "login=gone")]
+    site.cli.run("user", "del", "-f", "login=gone")
+    reply = client.request("/act/user", {"action": "passwd", "id": users[str(gone)],
+                                         "password": "x", "csrf": token}, headers=json_reply)
+    (line,) = json.loads(reply.body)
+    assert line["error"].startswith(f"user {gone} was deleted since this page was loaded")
+
+
+def test_osfs_are_added_and_edited_from_the_web_as_the_cli_does(site: Site) -> None:
+    client = _admin(site)
+    token = client.csrf("/images")
+
+    def post(**form: str) -> list[dict[str, str | None]]:
+        reply = client.request("/act/osf", {**form, "csrf": token},
+                               headers={"Accept": "application/json"})
+        assert reply.status == 200, reply.body
+        return json.loads(reply.body)
+
+    def osf(name: str) -> dict[str, object]:
+        (row,) = site.cli.json("osf", "list", "-f", f"name={name}")
+        return row
+
+    before = _objects(site)
+    for form, expected in [
+        ({"action": "add", "name": "bad name"}, "bad OSF name"),
+        ({"action": "add", "name": "x", "memory": "lots"}, "bad value for memory"),
+        ({"action": "add", "name": "x", "halt_signal": "SIGBOGUS"}, "bad halt_signal"),
+        ({"action": "add", "name": "o"}, "already exists"),
+        ({"action": "edit", "name": "y"}, "no OSF selected"),
+        ({"action": "edit", "id": "1"}, "nothing to change"),
+        ({"action": "edit", "id": ["1", "2"], "name": "same"}, "a rename needs exactly one"),
+        ({"action": "edit", "id": "99", "memory": "1"}, "no longer exists"),
+    ]:
+        (line,) = post(**form)
+        assert line["error"] and expected in line["error"], (form, line)
+    assert _objects(site) == before
+
+    assert post(action="add", name="webosf", memory="300", halt_signal="SIGUSR2") == [
+        {"what": "osf add webosf", "error": None}]
+    try:
+        added = osf("webosf")
+        assert (added["Memory"], added["UserStorage"], added["HaltSignal"]) == (300, 0, "SIGUSR2")
+        osf_id = str(added["Id"])
+        revs = client.revisions("/images", "osf-form")
+        # Empty fields stay as they are; the halt signal changes, then goes back to init's.
+        assert post(action="edit", id=revs[osf_id], name="", memory="",
+                    halt_signal="SIGRTMIN+3")[0]["error"] is None
+        assert (osf("webosf")["Memory"], osf("webosf")["HaltSignal"]) == (300, "SIGRTMIN+3")
+        # The page that edit was made from is older than the OSF now.
+        (line,) = post(action="edit", id=revs[osf_id], memory="512")
+        assert line["error"] and "osf webosf was changed since this page was loaded" in str(
+            line["error"])
+        assert osf("webosf")["Memory"] == 300
+        fresh = client.revisions("/images", "osf-form")
+        assert post(action="edit", id=fresh[osf_id], memory="512",
+                    halt_signal="init")[0]["error"] is None
+        assert (osf("webosf")["Memory"], osf("webosf")["HaltSignal"]) == (512, None)
+        logged = [(r["Action"], r["Args"]) for r in site.cli.json("log", "list", "-f",
+                                                                  "action=osf*")]
+        assert ("osf add", "name=webosf memory=300 halt_signal=SIGUSR2") in logged
+    finally:
+        site.cli.run("osf", "del", "-f", "name=webosf")
+
+
+def test_a_disk_image_is_imported_from_staging_alone(site: Site, tarball) -> None:
+    client = _admin(site)
+    token = client.csrf("/images")
+    staging = site.cli.root / "staging"
+    staged = staging / "web-import.tar.gz"
+    json_reply = {"Accept": "application/json"}
+    assert 'id="no-staged"' in client.request("/images").body
+    shutil.copy(tarball, staged)
+    try:
+        page = client.request("/images").body
+        assert "<option>web-import.tar.gz</option>" in page
+        before = _objects(site)
+        # Anything but a file of staging/ is refused: the web imports nothing else.
+        for path in ["../qvd.db", str(staged), "/etc/passwd", "missing.tar.gz", ""]:
+            reply = client.request("/act/di", {"action": "add", "path": path, "osf": "o",
+                                               "csrf": token}, headers=json_reply)
+            (line,) = json.loads(reply.body)
+            assert line["error"] and ("not an image file in staging/" in line["error"]
+                                      or "path is missing" in line["error"]), (path, line)
+        (line,) = json.loads(client.request(
+            "/act/di", {"action": "add", "path": staged.name, "osf": "nope", "csrf": token},
+            headers=json_reply).body)
+        assert line["error"] == "no OSF named 'nope'"
+        assert _objects(site) == before
+        reply = client.request("/act/di", {"action": "add", "path": staged.name, "osf": "o",
+                                           "version": "web1", "halt_signal": "SIGPWR",
+                                           "csrf": token}, headers=json_reply)
+        assert json.loads(reply.body) == [{"what": "di add o web1", "error": None}]
+        (row,) = site.cli.json("di", "list", "-f", "version=web1")
+        assert (row["Path"], row["HaltSignal"], row["HaltFrom"]) == (staged.name, "SIGPWR", "di")
+        assert set(str(row["Tags"]).split(",")) == {"web1", "head"}
+        assert (site.cli.root / "images" / staged.name).is_file()
+        # Imported, it is offered no more (another import of it would be refused).
+        assert 'id="no-staged"' in client.request("/images").body
+        site.cli.run("di", "del", "-f", "version=web1")
+        site.cli.run("di", "tag", "-f", "id=1", "tag=head")  # back where it was
+    finally:
+        staged.unlink(missing_ok=True)
