@@ -131,20 +131,11 @@ class Session:
         notifier = threading.Thread(target=self._notifier, name="fuse-notify", daemon=True)
         workers = [threading.Thread(target=self._worker, name=f"fuse-{i}", daemon=True)
                    for i in range(1, self.threads)]
-
-        def start_helpers() -> None:
-            for thread in (notifier, *workers):
-                thread.start()
-
-        # Started by a thread of their own while this one reads already: each start waits
-        # for the new thread to run, and on a busy node five of them in a row held the
-        # mount's first answer (the command's exit) back by several milliseconds.
-        starter = threading.Thread(target=start_helpers, name="fuse-start", daemon=True)
-        starter.start()
+        for thread in (notifier, *workers):
+            thread.start()
         try:
             self._worker()
         finally:
-            starter.join()
             for w in workers:
                 w.join()
             self._notify_q.put(None)
