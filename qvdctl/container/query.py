@@ -12,6 +12,7 @@ The process table answers the same from everywhere (``monitors``).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -94,3 +95,19 @@ def monitors() -> list[Monitor]:
             lxcpath, _, name = title.removeprefix(MONITOR_TITLE).rpartition(" ")
             found.append(Monitor(process.pid, Path(lxcpath), name))
     return found
+
+
+def container_inits(lxcpath: Path) -> dict[int, tuple[int, str]]:
+    """Pid -> (its monitor's pid, container name) of the init of every running ``qvd-*``
+    container in ``lxcpath``: the child of its liblxc monitor (container names repeat
+    across lxcpaths, so the monitor's lxcpath is what tells them apart)."""
+    names = {m.pid: m.name for m in monitors()
+             if m.lxcpath == lxcpath and m.name.startswith("qvd-")}
+    if not names:
+        return {}
+    inits = {}
+    for pid in (int(entry) for entry in os.listdir(processes.PROC) if entry.isdigit()):
+        ppid = processes.parent(pid)
+        if ppid in names and processes.alive(pid):
+            inits[pid] = (ppid, names[ppid])
+    return inits

@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from qvdctl.container.query import monitors
+from qvdctl.container.query import container_inits
 from qvdctl.fleet.watchdog import Watchdog
 from qvdproc import processes
 
@@ -62,21 +62,6 @@ SETTLE_S = 2.0
 # The real-time priority of the fence: the lowest, above every ordinary process.
 RT_PRIORITY = 1
 _MCL_CURRENT, _MCL_FUTURE = 1, 2
-
-
-def container_inits(lxcpath: Path) -> dict[int, tuple[int, str]]:
-    """Pid -> (its monitor's pid, container name) of the init of every running ``qvd-*``
-    container in ``lxcpath``."""
-    names = {m.pid: m.name for m in monitors()
-             if m.lxcpath == lxcpath and m.name.startswith("qvd-")}
-    if not names:
-        return {}
-    inits = {}
-    for pid in (int(entry) for entry in os.listdir(processes.PROC) if entry.isdigit()):
-        ppid = processes.parent(pid)
-        if ppid in names and processes.alive(pid):
-            inits[pid] = (ppid, names[ppid])
-    return inits
 
 
 def kill_containers(lxcpath: Path) -> list[str]:

@@ -52,7 +52,10 @@ class Usage:
 
 def read(storage: Storage, lxcpath: Path, vm_ids: Collection[int]) -> dict[int, Usage]:
     """The numbers of each VM of ``vm_ids`` whose root is mounted on this node."""
-    inits = _container_inits(lxcpath)
+    from qvdctl.container.query import container_inits  # here: it loads liblxc, which a
+    # web server without containers to read never needs
+
+    inits = {name: pid for pid, (_, name) in container_inits(lxcpath).items()}
     found = {}
     for point in mounts_under(storage.rootfs):
         vm_id = storage.rootfs_vm(Path(point))
@@ -69,26 +72,6 @@ def read(storage: Storage, lxcpath: Path, vm_ids: Collection[int]) -> dict[int, 
         found[vm_id] = Usage(time.time(), cgroup[0] if cgroup else None,
                              cgroup[1] if cgroup else None, qvdfs)
     return found
-
-
-def _container_inits(lxcpath: Path) -> dict[str, int]:
-    """Container name -> its init's pid, for the containers running in ``lxcpath``: the
-    child of liblxc's monitor (names repeat across lxcpaths; the cgroup names of two
-    ``qvd-1`` differ only by a suffix, so the init's own cgroup is the sure way)."""
-    from qvdctl.container.query import monitors  # here: it loads liblxc, which a web
-    # server without containers to read never needs
-
-    inits = {}
-    for monitor in monitors():
-        if monitor.lxcpath != lxcpath:
-            continue
-        try:
-            children = Path(f"/proc/{monitor.pid}/task/{monitor.pid}/children").read_text()
-        except OSError:
-            continue  # the container stopped meanwhile
-        if children.split():
-            inits[monitor.name] = int(children.split()[0])
-    return inits
 
 
 def _cgroup_usage(pid: int, root: Path = CGROUP_ROOT) -> tuple[float, float] | None:
