@@ -134,10 +134,11 @@ def known_absent(node: Node, attr: bytes) -> bool:
 
     The kernel asks for ``security.capability`` before every first write and every chown
     (to drop it), ``ls -l`` for ``security.selinux`` of every entry, and the union for
-    ``system.posix_acl_default`` before every create: the answer is almost always "none", and it stays true until the daemon itself sets an
-    attribute on the entry (``forget_absent_xattrs``) or moves the node to another branch
-    (a copy-up): the union is the only writer of its branches. Writes, truncations and
-    chowns only ever drop attributes.
+    ``system.posix_acl_default`` before every create. The answer is almost always "none",
+    and it stays true until the daemon itself sets an attribute on the entry
+    (``forget_absent_xattrs``) or moves the node to another branch (a copy-up): the union
+    is the only writer of its branches. Writes, truncations and chowns only ever drop
+    attributes.
     """
     return node.absent_in == node.branch and attr in node.absent_xattrs
 
