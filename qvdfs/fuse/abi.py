@@ -9,6 +9,7 @@ padding, so each size below is the kernel's ``sizeof``). Nothing here knows a no
 from __future__ import annotations
 
 import enum
+import os
 import struct
 
 KERNEL_VERSION = 7
@@ -293,3 +294,14 @@ def _iow(nr: int, size: int) -> int:
 DEV_IOC_CLONE = (2 << 30) | (4 << 16) | (_DEV_IOC_MAGIC << 8) | 0   # _IOR(229, 0, uint32_t)
 DEV_IOC_BACKING_OPEN = _iow(1, BACKING_MAP.size)
 DEV_IOC_BACKING_CLOSE = _iow(2, 4)
+
+
+def encode_dev(rdev: int) -> int:
+    """glibc's dev_t to the kernel's 32-bit ``new_encode_dev`` form that fuse_attr carries."""
+    major, minor = os.major(rdev), os.minor(rdev)
+    return ((minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)) & 0xFFFFFFFF
+
+
+def decode_dev(rdev: int) -> int:
+    """The kernel's 32-bit device number (fuse_attr, MKNOD) to glibc's dev_t."""
+    return os.makedev((rdev & 0xFFF00) >> 8, (rdev & 0xFF) | ((rdev >> 12) & 0xFFF00))

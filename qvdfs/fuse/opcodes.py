@@ -22,7 +22,7 @@ from . import abi
 from .abi import Opcode
 from .filesystem import Attr, Context, Entry, Filesystem, Opened, SetattrChanges
 from .passthrough import Passthrough
-from .wire import DirBuffer, attr_out_head, decode_dev, pack_attr, pack_entry
+from .wire import DirBuffer, attr_out_head, pack_entry
 
 
 class Session(Protocol):
@@ -108,10 +108,7 @@ def _reply_entry(s: Session, unique: int, entry: Entry, *more: bytes) -> None:
 
 
 def _reply_attr(s: Session, unique: int, attr: Attr, timeout: float) -> None:
-    packed = attr.packed
-    if packed is None:
-        packed = pack_attr(attr)
-    s.reply(unique, attr_out_head(timeout), packed)
+    s.reply(unique, attr_out_head(timeout), attr.packed)
 
 
 def _reply_sized(s: Session, unique: int, want: int, value: bytes) -> None:
@@ -246,7 +243,7 @@ def do_symlink(s: Session, r: Request) -> None:
 def do_mknod(s: Session, r: Request) -> None:
     mode, rdev, umask, _ = abi.MKNOD_IN.unpack_from(r.mv, HDR)
     name = r.name(HDR + abi.MKNOD_IN.size)
-    _reply_entry(s, r.unique, s.fs.mknod(r.nodeid, name, mode, decode_dev(rdev),
+    _reply_entry(s, r.unique, s.fs.mknod(r.nodeid, name, mode, abi.decode_dev(rdev),
                                          _creator(s, r, umask)))
 
 

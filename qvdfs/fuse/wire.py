@@ -1,4 +1,4 @@
-"""Reply values in their wire form: attributes, entries, device numbers, directory buffers.
+"""Reply values in their wire form: entries, attribute heads, directory buffers.
 
 Pure packing of the ``filesystem`` reply types into the kernel's structs (``abi``); nothing
 here reads /dev/fuse or knows a request. The opcode decoders (``opcodes``) call these.
@@ -6,50 +6,21 @@ here reads /dev/fuse or knows a request. The opcode decoders (``opcodes``) call 
 
 from __future__ import annotations
 
-import os
-
 from . import abi
 from .filesystem import Attr, Entry
 
 _ZERO_ATTR = bytes(abi.ATTR.size)
 _ZERO_ATTR_OUT_HEAD = abi.ATTR_OUT_HEAD.pack(0, 0, 0)
 _NEGATIVE_DIRENTPLUS_HEAD = abi.ENTRY_OUT_HEAD.pack(0, 0, 0, 0, 0, 0) + _ZERO_ATTR
-_MASK64 = (1 << 64) - 1
 _NS = 1_000_000_000
 
 
-def pack_attr(attr: Attr) -> bytes:
-    """The wire form of ``attr`` (fuse_attr), cached in ``attr.packed``."""
-    packed = attr.packed
-    if packed is None:
-        a_s, a_ns = divmod(attr.atime_ns, _NS)
-        m_s, m_ns = divmod(attr.mtime_ns, _NS)
-        c_s, c_ns = divmod(attr.ctime_ns, _NS)
-        packed = abi.ATTR.pack(
-            attr.ino, attr.size, attr.blocks, a_s & _MASK64, m_s & _MASK64, c_s & _MASK64,
-            a_ns, m_ns, c_ns, attr.mode, attr.nlink, attr.uid, attr.gid,
-            encode_dev(attr.rdev), attr.blksize, 0)
-        attr.packed = packed
-    return packed
-
-
 def attr_out_head(timeout: float) -> bytes:
-    """The head of fuse_attr_out (how long the attributes may be kept), before pack_attr's."""
+    """The head of fuse_attr_out (how long the attributes may be kept), before ``Attr.packed``."""
     if timeout > 0:
         whole = int(timeout)
         return abi.ATTR_OUT_HEAD.pack(whole, int((timeout - whole) * _NS), 0)
     return _ZERO_ATTR_OUT_HEAD
-
-
-def encode_dev(rdev: int) -> int:
-    """glibc's dev_t to the kernel's 32-bit ``new_encode_dev`` form that fuse_attr carries."""
-    major, minor = os.major(rdev), os.minor(rdev)
-    return ((minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)) & 0xFFFFFFFF
-
-
-def decode_dev(rdev: int) -> int:
-    """The kernel's 32-bit device number (MKNOD) to glibc's dev_t, as os.mknod wants it."""
-    return os.makedev((rdev & 0xFFF00) >> 8, (rdev & 0xFF) | ((rdev >> 12) & 0xFFF00))
 
 
 def split_timeout(seconds: float) -> tuple[int, int]:
@@ -69,7 +40,7 @@ def pack_entry(entry: Entry) -> bytes:
         raise ValueError(f"entry for node {entry.node_id} without attributes")
     a_s, a_ns = split_timeout(entry.attr_timeout)
     return (abi.ENTRY_OUT_HEAD.pack(entry.node_id, entry.generation, e_s, a_s, e_ns, a_ns)
-            + pack_attr(entry.attr))
+            + entry.attr.packed)
 
 
 class DirBuffer:

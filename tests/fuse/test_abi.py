@@ -12,7 +12,8 @@ from qvdfs.fuse.filesystem import Attr, Entry
 from qvdfs.fuse.mount import MS_NODEV, MS_NOSUID, MountOptions
 from qvdfs.fuse.negotiate import FEATURES
 from qvdfs.fuse.session import Session
-from qvdfs.fuse.wire import DirBuffer, decode_dev, encode_dev, pack_attr, pack_entry, split_timeout
+from qvdfs.fuse.abi import decode_dev, encode_dev
+from qvdfs.fuse.wire import DirBuffer, pack_entry, split_timeout
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -56,20 +57,28 @@ def _attr(**kw: int) -> Attr:
                 size=12345, blocks=24, blksize=4096, atime_ns=1_500_000_000_123,
                 mtime_ns=2_000_000_000_000_000_007, ctime_ns=-1_500_000_000)
     base.update(kw)
-    return Attr(**base)  # type: ignore[arg-type]
+    return Attr(**base)
 
 
-def test_pack_attr_fields_and_cache() -> None:
+def test_attr_is_held_in_its_wire_form() -> None:
     attr = _attr()
-    packed = pack_attr(attr)
-    assert attr.packed is packed and pack_attr(attr) is packed
-    f = abi.ATTR.unpack(packed)
+    f = abi.ATTR.unpack(attr.packed)
     assert f[:3] == (7, 12345, 24)
     assert (f[3], f[6]) == (1500, 123)
     assert (f[4], f[7]) == (2_000_000_000, 7)
     # Before the epoch: -1.5 s is -2 s + 0.5 s, seconds in two's complement.
     assert (f[5] - (1 << 64), f[8]) == (-2, 500_000_000)
     assert f[9:15] == (stat.S_IFREG | 0o640, 1, 1000, 100, 0, 4096)
+
+
+def test_attr_fields_read_back_from_the_wire_form() -> None:
+    fields = dict(ino=7, mode=stat.S_IFCHR | 0o620, nlink=3, uid=1000, gid=5,
+                  rdev=os.makedev(136, 300), size=0, blocks=0, blksize=1024,
+                  atime_ns=1_500_000_000_123, mtime_ns=2_000_000_000_000_000_007,
+                  ctime_ns=-1_500_000_000)
+    attr = _attr(**fields)
+    assert {name: getattr(attr, name) for name in fields} == fields
+    assert attr == _attr(**fields) and attr != _attr(**{**fields, "nlink": 4})
 
 
 def test_device_numbers_roundtrip() -> None:
