@@ -56,6 +56,7 @@ MAX_CACHED_DIR_FDS = 4096
 # Read-only stand-ins for the layers and whiteouts a file does not have.
 _NO_LAYERS: Any = ()
 _NO_WHITEOUTS: Any = types.MappingProxyType({})
+_NO_FDS: Any = types.MappingProxyType({})
 
 
 class Node:
@@ -83,7 +84,9 @@ class Node:
         self.listing: dict[bytes, Node] | None = None
         # name -> the format of the whiteout that hides it in the upper branch
         self.whiteouts: dict[bytes, WhiteoutFormat] = {} if is_dir else _NO_WHITEOUTS
-        self.fds: dict[int, int] = {}
+        # branch -> descriptor of this directory there (a file: of its metacopy's lower
+        # folder, rarely); files share one empty, read-only mapping until then.
+        self.fds: dict[int, int] = {} if is_dir else _NO_FDS
         self.lookups = 0
         # How many open files (handles.OpenFiles) hold the node, and how many of them may
         # write: counts, so that the index needs nothing of the open files but whether any.
@@ -340,7 +343,8 @@ class Index:
         for branch, fd in node.fds.items():
             self._fd_lru.pop((node.id, branch), None)
             os.close(fd)
-        node.fds.clear()
+        if node.fds:
+            node.fds.clear()
 
     # -- attributes -------------------------------------------------------------------
 
@@ -502,7 +506,7 @@ class Index:
                 continue
             try:
                 if stat.S_ISREG(syscalls.lstat_at(fd, parts[-1]).st_mode):
-                    node.data_branch, node.redirect, node.fds[b] = b, parts, fd
+                    node.data_branch, node.redirect, node.fds = b, parts, {b: fd}
                     return
             except FileNotFoundError:
                 pass
