@@ -113,13 +113,14 @@ def test_a_vm_page_shows_what_its_hkd_published_and_the_hkd_writes_once_a_period
 
     try:
         until(lambda: published_at() is not None, "v1's usage published", 30)
-        # One write per period: over 5 s, about five distinct readings, never many more.
+        # One write per period: over 5 s, about five distinct readings, never many more; at
+        # least two (it goes on writing), since a loaded machine may delay a period or two.
         seen = set()
         began = time.monotonic()
         while time.monotonic() - began < 5:
             seen.add(published_at())
             time.sleep(0.1)
-        assert 3 <= len(seen) <= 7, sorted(seen)  # type: ignore[type-var]
+        assert 2 <= len(seen) <= 7, sorted(seen)  # type: ignore[type-var]
         with web_server(fleet.admin) as url:  # on no node: it can only read the database
             client = Client(url)
             assert client.log_in("alice", "pw").status == 303
