@@ -93,9 +93,10 @@ class Union:
 
     def getattr(self, node: Node) -> os.stat_result:
         # A file being written is asked through its descriptor: no path to resolve.
-        fd = self.files.writable_fd(node)
-        if fd is None and node.unlinked:
-            fd = self.files.fd_of(node)
+        writer = self.files.writer(node)
+        if writer is not None:
+            return writer.stat()
+        fd = self.files.fd_of(node) if node.unlinked else None
         return self.index.stat(node) if fd is None else os.fstat(fd)
 
     def nlink(self, node: Node, st: os.stat_result) -> int:
@@ -324,10 +325,11 @@ class Union:
         owner, mode and times before they close a file, and so pay one system call each
         and no path to resolve. Anything else through its folder and name.
         """
-        fd = self.files.writable_fd(node)
-        if fd is not None:
-            return OpenEntry(fd)
-        return NamedEntry(*self.index.entry_ref(node, node.branch))
+        writer = self.files.writer(node)
+        if writer is not None:
+            return writer
+        dirfd, name = self.index.entry_ref(node, node.branch)
+        return NamedEntry(dirfd, name)
 
     def getxattr(self, node: Node, attr: bytes) -> bytes:
         """The value of ``attr``; a name the entry is known to lack (``tree.known_absent``)
