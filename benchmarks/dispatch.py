@@ -164,8 +164,14 @@ def measure(fs: UnionFilesystem, count: int, rounds: int) -> dict[str, float]:
                 node, reply = _entry_reply(pipe_r, "CREATE")
                 fh = abi.OPEN_OUT.unpack_from(
                     reply, abi.OUT_HEADER.size + abi.ENTRY_OUT_HEAD.size + abi.ATTR.size)[0]
+                # Owner, mode and times of the file being written, as tar -p sets them
+                # before it closes it, then of the closed file, by name.
+                one("SETATTR/fd", lambda: to_null.send(Opcode.SETATTR, node,
+                                                       _setattr_in(fh, abi.FATTR_FH)))
                 one("RELEASE", lambda: to_null.send(Opcode.RELEASE, node,
                                                     abi.RELEASE_IN.pack(fh, 0, 0, 0)))
+                one("SETATTR/name", lambda: to_null.send(Opcode.SETATTR, node,
+                                                         _setattr_in(0, 0)))
                 one("UNLINK", lambda: to_null.send(Opcode.UNLINK, ROOT_ID, _name(f"c{tag}")))
                 to_null.send(Opcode.FORGET, node, forget_one)
                 one("MKDIR", lambda: to_pipe.send(Opcode.MKDIR, ROOT_ID,
@@ -182,6 +188,14 @@ def measure(fs: UnionFilesystem, count: int, rounds: int) -> dict[str, float]:
     finally:
         for fd in (null_fd, pipe_r, pipe_w):
             os.close(fd)
+
+
+def _setattr_in(fh: int, extra_valid: int) -> bytes:
+    """A SETATTR body that sets owner (the caller's own), mode 0644 and both times."""
+    valid = (abi.FATTR_MODE | abi.FATTR_UID | abi.FATTR_GID | abi.FATTR_ATIME
+             | abi.FATTR_MTIME | extra_valid)
+    return abi.SETATTR_IN.pack(valid, 0, fh, 0, 0, 1_000_000_000, 1_000_000_000, 0, 0, 0, 0,
+                               0o100644, 0, os.getuid(), os.getgid(), 0)
 
 
 def _readdirplus(driver: Driver, pipe_r: int, dir_node: int) -> None:
@@ -205,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
                     "through the session's opcode table and the union over folders.")
     parser.add_argument("--count", type=int, default=2000,
                         help="GETATTR, LOOKUP, GETXATTR and STATFS requests per round; a quarter "
-                             "as many create and mkdir cycles, a fortieth as many READDIRPLUS")
+                             "as many create (with SETATTR) and mkdir cycles, a fortieth as "
+                             "many READDIRPLUS")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
     if args.count < 4 or args.rounds < 1:

@@ -37,7 +37,7 @@ from typing import IO, Any, NoReturn
 from qvdfs import cmdline, stats
 from qvdfs.backends import Backend, make_backend
 from qvdfs.config import MountConfig, MountError
-from qvdproc import mountinfo
+from qvdproc import devices, mountinfo
 
 log = logging.getLogger(__name__)
 
@@ -115,11 +115,11 @@ def run(argv: Sequence[str], *, make_filesystem: FilesystemFactory | None = None
 def check_fuse_device(path: str = FUSE_DEVICE) -> None:
     """Raise MountError unless ``path`` is a character device (the FUSE device)."""
     try:
-        mode = os.stat(path).st_mode
-    except OSError as exc:
+        devices.require_character_device(path)
+    except devices.NotACharacterDevice as exc:
+        if exc.strerror is None:
+            raise MountError(str(exc)) from None
         raise MountError(f"{path} is missing ({exc.strerror}): is fuse loaded?") from None
-    if not stat.S_ISCHR(mode):
-        raise MountError(f"{path} is not a character device")
 
 
 def check_mountpoint(path: str) -> None:

@@ -9,4 +9,5 @@ below both, and imports nothing of the project.
 - ``mountinfo``: ``/proc/self/mountinfo`` parsed, paths unescaped.
 - ``processes``: the process table (argv, state, status fields, CPU time, credentials).
 - ``counters``: a running qvdfs daemon's per-opcode counters (``qvdfs stats``, metrics).
+- ``devices``: whether a configured device path (/dev/fuse, a watchdog) is a character device.
 """

@@ -32,10 +32,10 @@ import fcntl
 import logging
 import math
 import os
-import stat
 from pathlib import Path
 
 from qvdctl.errors import QvdError
+from qvdproc import devices
 
 log = logging.getLogger("qvdctl.fleet.fence")
 
@@ -65,11 +65,9 @@ def check_device(path: str) -> None:
     """Raise QvdError unless ``path`` is a character device (checked when the HKD starts,
     so that a typo is an error, not a fence that can never arm)."""
     try:
-        mode = os.stat(path).st_mode
-    except OSError as exc:
-        raise QvdError(f"hkd.fence.watchdog: {path}: {exc.strerror}") from None
-    if not stat.S_ISCHR(mode):
-        raise QvdError(f"hkd.fence.watchdog: {path} is not a character device")
+        devices.require_character_device(path)
+    except devices.NotACharacterDevice as exc:
+        raise QvdError(f"hkd.fence.watchdog: {exc}") from None
 
 
 class Watchdog:

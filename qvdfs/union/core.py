@@ -8,6 +8,7 @@
 - ``whiteout``: writing and replacing whiteouts, in either on-disk format;
 - ``rename``: rename and RENAME2;
 - ``handles``: open files (``Union.files``), truncation;
+- ``entry``: an entry to change in place, through a writer's descriptor or by name;
 - ``markers`` and ``syscalls``: the on-disk formats and the no-symlink-following calls.
 
 Locking (see ``qvdfs.union.tree``): every method runs under ``index.lock``, held by the
@@ -27,6 +28,7 @@ from qvdfs.config import MountConfig, MountError
 from qvdformat import markers, syscalls
 from qvdfs.union import copyup, rename, whiteout
 from qvdfs.union.branch import Branch, Stack
+from qvdfs.union.entry import Entry, NamedEntry, OpenEntry
 from qvdfs.union.handles import OpenFiles
 from qvdfs.union.tree import (Index, Node, forget_absent_xattrs, known_absent,
                               note_absent_xattr, stale)
@@ -91,9 +93,10 @@ class Union:
 
     def getattr(self, node: Node) -> os.stat_result:
         # A file being written is asked through its descriptor: no path to resolve.
-        fd = self.files.writable_fd(node)
-        if fd is None and node.unlinked:
-            fd = self.files.fd_of(node)
+        writer = self.files.writer(node)
+        if writer is not None:
+            return writer.stat()
+        fd = self.files.fd_of(node) if node.unlinked else None
         return self.index.stat(node) if fd is None else os.fstat(fd)
 
     def nlink(self, node: Node, st: os.stat_result) -> int:
@@ -190,7 +193,8 @@ class Union:
                 nonlocal fd, made
                 fd = make(dirfd, tmp)
                 try:
-                    made = self._chown_new(dirfd, tmp, fd, uid, gid)
+                    made = self._chown_new(NamedEntry(dirfd, tmp) if fd is None else OpenEntry(fd),
+                                           uid, gid)
                 except BaseException:
                     syscalls.remove_at(dirfd, tmp)
                     raise
@@ -216,24 +220,16 @@ class Union:
             return node, fd, None if in_lower else made
 
     @staticmethod
-    def _chown_new(dirfd: int, name: bytes, fd: int | None, uid: int, gid: int
-                   ) -> os.stat_result:
-        """Give the new entry ``dirfd/name`` (open as ``fd``, if a file) its owner; return
-        its attributes after that."""
-        st = syscalls.lstat_at(dirfd, name) if fd is None else os.fstat(fd)
+    def _chown_new(entry: Entry, uid: int, gid: int) -> os.stat_result:
+        """Give the new entry its owner (-1: the daemon's); return its attributes after that."""
+        st = entry.stat()
         if uid in (-1, st.st_uid) and gid in (-1, st.st_gid):
             return st  # made as its owner already: the caller is the daemon's own user (root)
-        if fd is None:
-            os.chown(name, uid, gid, dir_fd=dirfd, follow_symlinks=False)
-        else:
-            os.fchown(fd, uid, gid)
+        entry.chown(uid, gid)
         # chown clears set-id bits of non-directories; the caller asked for them.
         if st.st_mode & 0o6000 and not stat.S_ISDIR(st.st_mode) and not stat.S_ISLNK(st.st_mode):
-            if fd is None:
-                syscalls.chmod_at(dirfd, name, stat.S_IMODE(st.st_mode))
-            else:
-                os.fchmod(fd, stat.S_IMODE(st.st_mode))
-        return syscalls.lstat_at(dirfd, name) if fd is None else os.fstat(fd)
+            entry.chmod(stat.S_IMODE(st.st_mode))
+        return entry.stat()
 
     def link(self, node: Node, parent: Node, name: bytes) -> Node:
         if node.is_dir:
@@ -314,38 +310,26 @@ class Union:
             if mode is None and uid is None and gid is None and atime_ns is None and mtime_ns is None:
                 return
             copyup.copy_up(self.index, node, data=False)
-            fd = self.files.writable_fd(node)
-            if fd is not None:
-                # A file being written (tar and dpkg set owner, mode and times before they
-                # close it): one system call each and no path to resolve.
-                self._setattr_fd(fd, mode, uid, gid, atime_ns, mtime_ns)
-                return
-            dirfd, name = self.index.entry_ref(node, node.branch)
+            entry = self._entry(node)
             if uid is not None or gid is not None:
-                os.chown(name, -1 if uid is None else uid, -1 if gid is None else gid,
-                         dir_fd=dirfd, follow_symlinks=False)
+                entry.chown(-1 if uid is None else uid, -1 if gid is None else gid)
             if mode is not None:
-                syscalls.chmod_at(dirfd, name, stat.S_IMODE(mode))
+                entry.chmod(stat.S_IMODE(mode))
             if atime_ns is not None or mtime_ns is not None:
-                st = syscalls.lstat_at(dirfd, name)
-                os.utime(name, ns=(st.st_atime_ns if atime_ns is None else atime_ns,
-                                   st.st_mtime_ns if mtime_ns is None else mtime_ns),
-                         dir_fd=dirfd, follow_symlinks=False)
+                entry.utime(atime_ns, mtime_ns)
 
-    @staticmethod
-    def _setattr_fd(fd: int, mode: int | None, uid: int | None, gid: int | None,
-                    atime_ns: int | None, mtime_ns: int | None) -> None:
-        """``setattr``'s changes through the open regular file ``fd``."""
-        if uid is not None or gid is not None:
-            os.fchown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
-        if mode is not None:
-            os.fchmod(fd, stat.S_IMODE(mode))
-        if atime_ns is not None or mtime_ns is not None:
-            if atime_ns is None or mtime_ns is None:
-                st = os.fstat(fd)
-                atime_ns = st.st_atime_ns if atime_ns is None else atime_ns
-                mtime_ns = st.st_mtime_ns if mtime_ns is None else mtime_ns
-            os.utime(fd, ns=(atime_ns, mtime_ns))
+    def _entry(self, node: Node) -> Entry:
+        """``node``'s entry in its branch, to change in place (the caller has copied it up).
+
+        A file being written is reached through its writer's descriptor: tar and dpkg set
+        owner, mode and times before they close a file, and so pay one system call each
+        and no path to resolve. Anything else through its folder and name.
+        """
+        writer = self.files.writer(node)
+        if writer is not None:
+            return writer
+        dirfd, name = self.index.entry_ref(node, node.branch)
+        return NamedEntry(dirfd, name)
 
     def getxattr(self, node: Node, attr: bytes) -> bytes:
         """The value of ``attr``; a name the entry is known to lack (``tree.known_absent``)
@@ -376,9 +360,7 @@ class Union:
 
     def has_privileges(self, node: Node) -> bool:
         """Whether an unprivileged change of the file ``node`` may have to drop something."""
-        dirfd, name = self.index.entry_ref(node, node.branch)
-        return may_drop_privileges(syscalls.lstat_at(dirfd, name).st_mode) \
-            or self._has_capability(node)
+        return may_drop_privileges(self._entry(node).stat().st_mode) or self._has_capability(node)
 
     def _has_capability(self, node: Node) -> bool:
         try:
@@ -392,38 +374,30 @@ class Union:
         does when an unprivileged caller writes, truncates, allocates or chowns; whether
         anything was dropped."""
         with self.index.changing(node):
-            # A file being written (root's chown of it, an unlinked one too) through its
-            # descriptor; see ``setattr``.
-            fd = self.files.writable_fd(node)
-            st = os.fstat(fd) if fd is not None else self.index.stat(node)
+            st = self.getattr(node)
             kill = dropped_by_change(st.st_mode, st.st_gid, in_group_or_capable)
             has_cap = self._has_capability(node)
             if not (kill or has_cap):
                 return False
             copyup.copy_up(self.index, node, data=False)
-            if fd is not None:
-                if kill:
-                    os.fchmod(fd, stat.S_IMODE(st.st_mode) & ~kill)
-                if has_cap:
-                    with contextlib.suppress(OSError):
-                        os.removexattr(fd, CAPABILITY_XATTR)
-                return True
-            dirfd, name = self.index.entry_ref(node, node.branch)
+            # A file being written (root's chown of it, an unlinked one too) through its
+            # descriptor; see ``_entry``.
+            entry = self._entry(node)
             if kill:
-                syscalls.chmod_at(dirfd, name, stat.S_IMODE(st.st_mode) & ~kill)
+                entry.chmod(stat.S_IMODE(st.st_mode) & ~kill)
             if has_cap:
                 with contextlib.suppress(OSError):
-                    syscalls.removexattr_at(dirfd, name, CAPABILITY_XATTR)
+                    entry.removexattr(CAPABILITY_XATTR)
             return True
 
     def drop_setgid(self, node: Node) -> None:
         """Drop the set-group-id bit, as the kernel does when a caller outside the file's
         group sets its access ACL (the kernel tells us: ``SETXATTR_ACL_KILL_SGID``)."""
         with self.index.changing(node):
-            dirfd, name = self.index.entry_ref(node, node.branch)
-            mode = syscalls.lstat_at(dirfd, name).st_mode
+            entry = self._entry(node)
+            mode = entry.stat().st_mode
             if mode & stat.S_ISGID:
-                syscalls.chmod_at(dirfd, name, stat.S_IMODE(mode) & ~stat.S_ISGID)
+                entry.chmod(stat.S_IMODE(mode) & ~stat.S_ISGID)
 
     def removexattr(self, node: Node, attr: bytes) -> None:
         if attr.startswith(self.stack.xattrs.prefix):

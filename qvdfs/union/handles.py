@@ -19,6 +19,7 @@ import os
 
 from qvdformat import syscalls
 from qvdfs.union import copyup
+from qvdfs.union.entry import OpenEntry
 from qvdfs.union.tree import Index, Node, stale
 
 # O_DIRECT too: the kernel hands the daemon buffers of any alignment, and a passthrough
@@ -42,13 +43,16 @@ def backing_flags(flags: int, writeback: bool) -> int:
 class Handle:
     """An open file: the backing descriptor and where its data came from."""
 
-    __slots__ = ("node", "fd", "data_branch", "writable", "retired")
+    __slots__ = ("node", "fd", "data_branch", "writable", "entry", "retired")
 
     def __init__(self, node: Node, fd: int, data_branch: int, writable: bool) -> None:
         self.node = node
         self.fd = fd
         self.data_branch = data_branch
         self.writable = writable
+        # A writable handle's descriptor never changes: the entry that changes the file
+        # through it is made once, not per request (see ``OpenFiles.writer``).
+        self.entry = OpenEntry(fd) if writable else None
         # Descriptors replaced after a copy-up, closed at release: a read on another
         # thread may still be using one, and a closed number could be reused meanwhile.
         self.retired: tuple[int, ...] = ()
@@ -60,7 +64,7 @@ class OpenFiles:
     def __init__(self, index: Index) -> None:
         self.index = index
         self._handles: dict[int, Handle] = {}
-        # node id -> one of its handles open for writing (see ``writable_fd``)
+        # node id -> one of its handles open for writing (see ``writer``)
         self._writer: dict[int, Handle] = {}
         self._next_fh = 1
 
@@ -111,12 +115,12 @@ class OpenFiles:
             return None
         return next(handle.fd for handle in self._handles.values() if handle.node is node)
 
-    def writable_fd(self, node: Node) -> int | None:
-        """A descriptor of ``node``'s file open for writing, if one of its handles has it:
-        that is the file in ``node``'s branch (a writable open copies up first). The kernel
-        names no handle for fchmod, fchown or futimens, so any writer's will do."""
+    def writer(self, node: Node) -> OpenEntry | None:
+        """``node``'s file through a descriptor open for writing, if one of its handles has
+        one: that is the file in ``node``'s branch (a writable open copies up first). The
+        kernel names no handle for fchmod, fchown or futimens, so any writer's will do."""
         handle = self._writer.get(node.id) if node.writers else None
-        return None if handle is None else handle.fd
+        return None if handle is None else handle.entry
 
     def get(self, fh: int) -> Handle:
         """The handle ``fh``, following its file's data to the upper branch if need be."""

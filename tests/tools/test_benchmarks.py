@@ -307,8 +307,8 @@ def test_cli_startup_bench_prints_a_row_per_command() -> None:
     assert rows == ["`qvdctl --help`", "`qvdctl vm list`", "`qvdctl config get`"]
 
 
-DISPATCH_KINDS = ["GETATTR", "LOOKUP+FORGET", "GETXATTR", "STATFS", "CREATE", "RELEASE", "UNLINK",
-                  "MKDIR", "RMDIR", "READDIRPLUS"]
+DISPATCH_KINDS = ["GETATTR", "LOOKUP+FORGET", "GETXATTR", "STATFS", "CREATE", "SETATTR/fd",
+                  "RELEASE", "SETATTR/name", "UNLINK", "MKDIR", "RMDIR", "READDIRPLUS"]
 
 
 def test_dispatch_bench_times_every_request_kind_on_the_modules_in_use() -> None:
