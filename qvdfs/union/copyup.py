@@ -76,6 +76,10 @@ def copy_up(index: Index, node: Node, *, data: bool) -> None:
         return
     if node.on_upper and not (data and index.is_metacopy(node)):
         return
+    if node.unlinked:
+        # Its name is gone or names another entry now: a copy by name would copy, or
+        # replace, the wrong file. (Kernel overlayfs copies such a file up to a tmpfile.)
+        raise OSError(errno.EROFS, "a removed file of a lower branch cannot be copied up")
     upper = node.stack.require_upper()
     if not node.stack.cow:
         raise OSError(errno.EROFS, "copy-on-write is off (mount with -o cow)")

@@ -319,15 +319,24 @@ class Union:
                 entry.utime(atime_ns, mtime_ns)
 
     def _entry(self, node: Node) -> Entry:
-        """``node``'s entry in its branch, to change in place (the caller has copied it up).
+        """``node``'s entry in its branch, to read or change in place (a caller that changes
+        it has copied it up).
 
         A file being written is reached through its writer's descriptor: tar and dpkg set
         owner, mode and times before they close a file, and so pay one system call each
-        and no path to resolve. Anything else through its folder and name.
+        and no path to resolve. A removed file still open only through a descriptor one of
+        its handles holds: its old name is gone or names another entry by now, which a
+        change by name would alter (``copyup.copy_up`` refuses such a file of a lower
+        branch). Anything else through its folder and name.
         """
         writer = self.files.writer(node)
         if writer is not None:
             return writer
+        if node.unlinked:
+            fd = self.files.fd_of(node)
+            if fd is None:
+                raise OSError(errno.ENOENT, "the entry was removed")
+            return OpenEntry(fd)
         dirfd, name = self.index.entry_ref(node, node.branch)
         return NamedEntry(dirfd, name)
 
@@ -337,14 +346,14 @@ class Union:
         if attr.startswith(self.stack.xattrs.prefix) or known_absent(node, attr):
             raise OSError(errno.ENODATA, "no such attribute")
         try:
-            return syscalls.getxattr_at(*self.index.entry_ref(node, node.branch), attr)
+            return self._entry(node).getxattr(attr)
         except OSError as exc:
             if exc.errno == errno.ENODATA:
                 note_absent_xattr(node, attr)
             raise
 
     def listxattr(self, node: Node) -> list[bytes]:
-        names = (os.fsencode(n) for n in syscalls.listxattr_at(*self.index.entry_ref(node, node.branch)))
+        names = (os.fsencode(n) for n in self._entry(node).listxattr())
         return [n for n in names if not n.startswith(self.stack.xattrs.prefix)]
 
     def setxattr(self, node: Node, attr: bytes, value: bytes, flags: int = 0) -> None:
@@ -356,7 +365,7 @@ class Union:
                 self.getxattr(node, attr)  # ENODATA before any copy-up
             copyup.copy_up(self.index, node, data=False)
             forget_absent_xattrs(node)
-            syscalls.setxattr_at(*self.index.entry_ref(node, node.branch), attr, value, flags)
+            self._entry(node).setxattr(attr, value, flags)
 
     def has_privileges(self, node: Node) -> bool:
         """Whether an unprivileged change of the file ``node`` may have to drop something."""
@@ -405,4 +414,4 @@ class Union:
         with self.index.changing(node):
             self.getxattr(node, attr)  # ENODATA before any copy-up
             copyup.copy_up(self.index, node, data=False)
-            syscalls.removexattr_at(*self.index.entry_ref(node, node.branch), attr)
+            self._entry(node).removexattr(attr)

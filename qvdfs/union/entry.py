@@ -6,6 +6,7 @@ that knows both:
 - ``OpenEntry``: through the descriptor of the file open for writing (tar and dpkg set
   owner, mode and times of a file before they close it): one system call per change and
   no path to resolve. Such a descriptor is always a regular file's, never a symlink's.
+  Also a removed file still open: its old name may name another entry by now.
 - ``NamedEntry``: through the descriptor of its folder and its name, never following a
   symlink: chown acts on the symlink itself (lchown), chmod of a symlink is refused with
   EOPNOTSUPP as Linux cannot do it (``syscalls.chmod_at``).
@@ -50,6 +51,18 @@ class Entry(abc.ABC):
         """Set its access and modification times; None keeps that one as it is."""
 
     @abc.abstractmethod
+    def getxattr(self, attr: bytes) -> bytes:
+        """The value of its extended attribute ``attr`` (ENODATA if it has none)."""
+
+    @abc.abstractmethod
+    def listxattr(self) -> list[str]:
+        """The names of its extended attributes."""
+
+    @abc.abstractmethod
+    def setxattr(self, attr: bytes, value: bytes, flags: int) -> None:
+        """Set its extended attribute ``attr``; ``flags`` are os.XATTR_CREATE/REPLACE."""
+
+    @abc.abstractmethod
     def removexattr(self, attr: bytes) -> None:
         """Remove its extended attribute ``attr`` (ENODATA if it has none)."""
 
@@ -84,6 +97,15 @@ class OpenEntry(Entry):
             atime_ns, mtime_ns = kept_times(os.fstat(self.fd), atime_ns, mtime_ns)
         os.utime(self.fd, ns=(atime_ns, mtime_ns))
 
+    def getxattr(self, attr: bytes) -> bytes:
+        return os.getxattr(self.fd, attr)
+
+    def listxattr(self) -> list[str]:
+        return os.listxattr(self.fd)
+
+    def setxattr(self, attr: bytes, value: bytes, flags: int) -> None:
+        os.setxattr(self.fd, attr, value, flags)
+
     def removexattr(self, attr: bytes) -> None:
         os.removexattr(self.fd, attr)
 
@@ -110,6 +132,15 @@ class NamedEntry(Entry):
         if atime_ns is None or mtime_ns is None:
             atime_ns, mtime_ns = kept_times(self.stat(), atime_ns, mtime_ns)
         os.utime(self.name, ns=(atime_ns, mtime_ns), dir_fd=self.dirfd, follow_symlinks=False)
+
+    def getxattr(self, attr: bytes) -> bytes:
+        return syscalls.getxattr_at(self.dirfd, self.name, attr)
+
+    def listxattr(self) -> list[str]:
+        return syscalls.listxattr_at(self.dirfd, self.name)
+
+    def setxattr(self, attr: bytes, value: bytes, flags: int) -> None:
+        syscalls.setxattr_at(self.dirfd, self.name, attr, value, flags)
 
     def removexattr(self, attr: bytes) -> None:
         syscalls.removexattr_at(self.dirfd, self.name, attr)

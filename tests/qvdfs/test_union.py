@@ -687,6 +687,43 @@ def test_fchown_fchmod_futimens_of_a_file_being_written(union: Union, unlinked: 
         os.close(fd)
 
 
+@pytest.mark.parametrize("branch", ["upper", "base"])
+def test_a_removed_file_still_open_is_never_changed_by_its_old_name(union: Union,
+                                                                    branch: str) -> None:
+    # Its old name may name somebody else's file by now: a change by name would, for
+    # instance, let a container's user make a file root puts there later set-user-id.
+    path = union.mnt / ("var/removed" if branch == "upper" else "etc/passwd")
+    if branch == "upper":
+        path.write_bytes(b"old")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.unlink(path)
+        path.write_bytes(b"new")
+        os.chmod(path, 0o644)
+        before = os.lstat(path)
+        changes = (lambda: os.fchown(fd, 1000, 1000), lambda: os.fchmod(fd, 0o4777),
+                   lambda: os.utime(fd, ns=(1, 2)), lambda: os.setxattr(fd, "user.x", b"1"))
+        for change in changes:
+            if branch == "upper":
+                change()
+            else:  # a removed base file cannot be copied up by its name: refused
+                with pytest.raises(OSError) as refused:
+                    change()
+                assert refused.value.errno == errno.EROFS
+        if branch == "upper":
+            st = os.fstat(fd)
+            assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_mtime_ns) == (0o4777, 1000, 2)
+            assert os.getxattr(fd, "user.x") == b"1"
+        after = os.lstat(path)
+        assert (after.st_mode, after.st_uid, after.st_mtime_ns) == \
+            (before.st_mode, before.st_uid, before.st_mtime_ns)
+        assert "user.x" not in os.listxattr(path)
+        assert path.read_bytes() == b"new"
+    finally:
+        os.close(fd)
+    assert (union.base / "etc/passwd").stat().st_mode & 0o7777 != 0o4777
+
+
 _SAME = ("st_mode", "st_uid", "st_gid", "st_size", "st_nlink", "st_mtime_ns",
          "st_ctime_ns")
 
