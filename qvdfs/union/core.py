@@ -333,7 +333,7 @@ class Union:
         if writer is not None:
             return writer
         if node.unlinked:
-            fd = self.files.fd_of(node)
+            fd = self.files.fd_of(node, node.branch)
             if fd is None:
                 raise OSError(errno.ENOENT, "the entry was removed")
             return OpenEntry(fd)

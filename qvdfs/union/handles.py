@@ -88,12 +88,30 @@ class OpenFiles:
                 else:
                     copyup.copy_up(self.index, node, data=True)
         flags = backing_flags(flags, writeback)
-        if writable:
-            branch, dirfd, name = node.branch, self.index.parent_fd(node, node.branch), node.name
+        if node.unlinked:
+            # Opened again through /proc/PID/fd/N: see ``_reopen_removed``.
+            branch = node.branch if writable else self.index.data_location(node)[0]
+            fd = self._reopen_removed(node, branch, flags)
         else:
-            branch, dirfd, name = self.index.data_location(node)
-        fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+            if writable:
+                branch, dirfd, name = node.branch, self.index.parent_fd(node, node.branch), node.name
+            else:
+                branch, dirfd, name = self.index.data_location(node)
+            fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
         return self._register(Handle(node, fd, branch, writable))
+
+    def _reopen_removed(self, node: Node, branch: int, flags: int) -> int:
+        """A new descriptor, with ``flags``, of the removed file ``node`` in ``branch``.
+
+        Its old name is gone or names another file by now, which an open by name would
+        reach (a write there would change somebody else's file); the file itself is only
+        reachable through a descriptor one of its handles holds. ENOENT if none does.
+        """
+        fd = self.fd_of(node, branch)
+        if fd is None:
+            raise OSError(errno.ENOENT, "the file was removed")
+        # A magic link, which O_NOFOLLOW would refuse.
+        return os.open(b"/proc/self/fd/%d" % fd, flags | os.O_CLOEXEC)
 
     def adopt(self, node: Node, fd: int) -> int:
         """Register ``fd``, opened read-write by ``create``, as a handle of ``node``."""
@@ -109,11 +127,14 @@ class OpenFiles:
             self._writer.setdefault(handle.node.id, handle)
         return fh
 
-    def fd_of(self, node: Node) -> int | None:
-        """A descriptor of ``node``'s file held by one of its handles, if it has any."""
+    def fd_of(self, node: Node, branch: int | None = None) -> int | None:
+        """A descriptor of ``node``'s file held by one of its handles, if it has any; with
+        ``branch``, only one of the file in that branch (a read-only handle opened before a
+        copy-up may still hold the lower file)."""
         if not node.opens:
             return None
-        return next(handle.fd for handle in self._handles.values() if handle.node is node)
+        return next((handle.fd for handle in self._handles.values()
+                     if handle.node is node and branch in (None, handle.data_branch)), None)
 
     def writer(self, node: Node) -> OpenEntry | None:
         """``node``'s file through a descriptor open for writing, if one of its handles has
@@ -155,10 +176,18 @@ class OpenFiles:
         copying it up first. The caller is inside ``Index.changing``."""
         if node.is_dir:
             raise OSError(errno.EISDIR, "is a directory")
-        copyup.copy_up(self.index, node, data=size != 0)
+        # A removed file: only a whole copy in its branch can be changed (``copy_up``
+        # refuses one whose data is still in a lower branch).
+        copyup.copy_up(self.index, node, data=size != 0 or node.unlinked)
         handle = self._handles.get(fh) if fh is not None else None
         if handle is not None and handle.writable:
             os.ftruncate(handle.fd, size)
+        elif node.unlinked:
+            fd = self._reopen_removed(node, node.branch, os.O_WRONLY)
+            try:
+                os.ftruncate(fd, size)
+            finally:
+                os.close(fd)
         else:
             dirfd = self.index.parent_fd(node, node.branch)
             fd = os.open(node.name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)

@@ -724,6 +724,39 @@ def test_a_removed_file_still_open_is_never_changed_by_its_old_name(union: Union
     assert (union.base / "etc/passwd").stat().st_mode & 0o7777 != 0o4777
 
 
+@pytest.mark.parametrize("branch", ["upper", "base"])
+def test_a_removed_file_opened_again_through_proc_is_that_file(union: Union,
+                                                               branch: str) -> None:
+    # /proc/PID/fd/N opens the removed file itself (the kernel asks an OPEN of its node),
+    # never whatever has its old name now.
+    path = union.mnt / ("var/removed" if branch == "upper" else "etc/passwd")
+    if branch == "upper":
+        path.write_bytes(b"old file")
+    old = path.read_bytes()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.unlink(path)
+        path.write_bytes(b"new")
+        again = f"/proc/self/fd/{fd}"
+        with open(again, "rb") as reader:
+            assert reader.read() == old
+        if branch == "upper":
+            with open(again, "r+b") as writer:
+                writer.write(b"OLD")
+            os.truncate(again, 5)
+            assert os.pread(fd, 100, 0) == b"OLD f"
+        else:  # a removed base file cannot be copied up by its name: refused
+            for change in (lambda: open(again, "r+b"), lambda: os.truncate(again, 5)):
+                with pytest.raises(OSError) as refused:
+                    change()
+                assert refused.value.errno == errno.EROFS
+        assert path.read_bytes() == b"new"
+    finally:
+        os.close(fd)
+    assert (union.base / "etc/passwd").read_bytes() == \
+        (old if branch == "base" else (union.base / "etc/passwd").read_bytes())
+
+
 _SAME = ("st_mode", "st_uid", "st_gid", "st_size", "st_nlink", "st_mtime_ns",
          "st_ctime_ns")
 
