@@ -96,8 +96,14 @@ class Union:
         writer = self.files.writer(node)
         if writer is not None:
             return writer.stat()
-        fd = self.files.fd_of(node) if node.unlinked else None
-        return self.index.stat(node) if fd is None else os.fstat(fd)
+        if not node.unlinked or node.is_dir:
+            # (A removed folder: through the descriptor it kept, see ``Index.dir_fd``.)
+            return self.index.stat(node)
+        # Its old name may name another entry by now (see ``_entry``).
+        fd = self.files.fd_of(node)
+        if fd is None:
+            raise OSError(errno.ENOENT, "the entry was removed")
+        return os.fstat(fd)
 
     def nlink(self, node: Node, st: os.stat_result) -> int:
         """Link count as the union shows it: a merged directory counts its merged subdirs,

@@ -249,8 +249,8 @@ class Index:
                 node.aliases = node.aliases[:-1]
                 return
             node.unlinked = True
-            if node.is_dir:
-                self.close_fds(node)
+            # A folder keeps its descriptors while something holds it: they are the only
+            # way left to the removed folder itself (``dir_fd``).
             self.maybe_free(node)
         else:
             node.aliases = tuple(a for a in node.aliases if a != (parent, name))
@@ -301,6 +301,10 @@ class Index:
         if fd is not None:
             self._fd_lru.move_to_end((node.id, branch))
             return fd
+        if node.unlinked:
+            # Removed: its old name may name another folder by now, whose entries a lookup
+            # or listing by name would show.
+            return None
         if node.is_stack_root:
             return node.stack.branches[branch].root_fd
         assert node.parent is not None

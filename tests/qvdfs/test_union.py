@@ -757,6 +757,29 @@ def test_a_removed_file_opened_again_through_proc_is_that_file(union: Union,
         (old if branch == "base" else (union.base / "etc/passwd").read_bytes())
 
 
+def test_a_removed_folder_still_open_never_shows_a_new_one_of_its_name(union: Union) -> None:
+    # A process left in a removed folder must not see into a folder made later at its
+    # name (which may be 0700 and somebody else's).
+    path = union.mnt / "var/gone"
+    path.mkdir()
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        path.rmdir()
+        path.mkdir(mode=0o700)
+        (path / "secret").write_bytes(b"x")
+        try:
+            names = os.listdir(fd)
+        except OSError as exc:
+            assert exc.errno == errno.ENOENT
+        else:
+            assert names == []
+        with pytest.raises(FileNotFoundError):
+            os.stat("secret", dir_fd=fd)
+    finally:
+        os.close(fd)
+    assert os.listdir(path) == ["secret"]
+
+
 _SAME = ("st_mode", "st_uid", "st_gid", "st_size", "st_nlink", "st_mtime_ns",
          "st_ctime_ns")
 
