@@ -50,6 +50,13 @@ def dropped_by_change(mode: int, gid: int, in_group_or_capable: Callable[[int], 
     return kill
 
 
+def _require_named(node: Node) -> None:
+    """ENOENT for a removed entry, which only a descriptor reaches: its old name may name
+    another entry by now (see ``Union._entry``)."""
+    if node.unlinked:
+        raise OSError(errno.ENOENT, "the entry was removed")
+
+
 def may_drop_privileges(mode: int) -> bool:
     """Whether an unprivileged change of a file of ``mode`` may drop a set-id bit (which one
     depends on the caller), not counting a file capability."""
@@ -151,6 +158,7 @@ class Union:
             raise
 
     def readlink(self, node: Node) -> bytes:
+        _require_named(node)
         return os.readlink(node.name, dir_fd=self.index.parent_fd(node, node.branch))
 
     def statfs(self) -> os.statvfs_result:
@@ -242,6 +250,7 @@ class Union:
             raise OSError(errno.EPERM, "hard link to a directory")
         if node.stack is not parent.stack:
             raise OSError(errno.EXDEV, "cross-branch link")
+        _require_named(node)  # (the kernel links no removed file either)
         syscalls.check_name(name)
         with self.index.changing(node, parent):
             if name in self.index.listing(parent):
