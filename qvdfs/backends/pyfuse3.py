@@ -47,19 +47,20 @@ def _entry_attributes(attr: Attr | None, entry_timeout: float, attr_timeout: flo
     if attr is None:
         out.st_ino = node_id or 0
         return out
-    out.st_ino = attr.ino
+    f = attr.fields()
+    out.st_ino = f.ino
     out.generation = 0
-    out.st_mode = attr.mode
-    out.st_nlink = attr.nlink
-    out.st_uid = attr.uid
-    out.st_gid = attr.gid
-    out.st_rdev = attr.rdev
-    out.st_size = attr.size
-    out.st_blksize = attr.blksize
-    out.st_blocks = attr.blocks
-    out.st_atime_ns = attr.atime_ns
-    out.st_mtime_ns = attr.mtime_ns
-    out.st_ctime_ns = attr.ctime_ns
+    out.st_mode = f.mode
+    out.st_nlink = f.nlink
+    out.st_uid = f.uid
+    out.st_gid = f.gid
+    out.st_rdev = f.rdev
+    out.st_size = f.size
+    out.st_blksize = f.blksize
+    out.st_blocks = f.blocks
+    out.st_atime_ns = f.atime_ns
+    out.st_mtime_ns = f.mtime_ns
+    out.st_ctime_ns = f.ctime_ns
     return out
 
 

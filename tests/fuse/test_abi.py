@@ -77,7 +77,7 @@ def test_attr_fields_read_back_from_the_wire_form() -> None:
                   atime_ns=1_500_000_000_123, mtime_ns=2_000_000_000_000_000_007,
                   ctime_ns=-1_500_000_000)
     attr = _attr(**fields)
-    assert {name: getattr(attr, name) for name in fields} == fields
+    assert attr.fields()._asdict() == fields
     assert attr == _attr(**fields) and attr != _attr(**{**fields, "nlink": 4})
 
 
