@@ -106,11 +106,7 @@ class Union:
         if not node.unlinked or node.is_dir:
             # (A removed folder: through the descriptor it kept, see ``Index.dir_fd``.)
             return self.index.stat(node)
-        # Its old name may name another entry by now (see ``_entry``).
-        fd = self.files.fd_of(node)
-        if fd is None:
-            raise OSError(errno.ENOENT, "the entry was removed")
-        return os.fstat(fd)
+        return os.fstat(self.files.held_fd(node))
 
     def nlink(self, node: Node, st: os.stat_result) -> int:
         """Link count as the union shows it: a merged directory counts its merged subdirs,
@@ -348,10 +344,7 @@ class Union:
         if writer is not None:
             return writer
         if node.unlinked:
-            fd = self.files.fd_of(node, node.branch)
-            if fd is None:
-                raise OSError(errno.ENOENT, "the entry was removed")
-            return OpenEntry(fd)
+            return OpenEntry(self.files.held_fd(node, node.branch))
         dirfd, name = self.index.entry_ref(node, node.branch)
         return NamedEntry(dirfd, name)
 

@@ -104,14 +104,10 @@ class OpenFiles:
         """A new descriptor, with ``flags``, of the removed file ``node`` in ``branch``.
 
         Its old name is gone or names another file by now, which an open by name would
-        reach (a write there would change somebody else's file); the file itself is only
-        reachable through a descriptor one of its handles holds. ENOENT if none does.
+        reach (a write there would change somebody else's file): see ``held_fd``.
         """
-        fd = self.fd_of(node, branch)
-        if fd is None:
-            raise OSError(errno.ENOENT, "the file was removed")
         # A magic link, which O_NOFOLLOW would refuse.
-        return os.open(b"/proc/self/fd/%d" % fd, flags | os.O_CLOEXEC)
+        return os.open(b"/proc/self/fd/%d" % self.held_fd(node, branch), flags | os.O_CLOEXEC)
 
     def adopt(self, node: Node, fd: int) -> int:
         """Register ``fd``, opened read-write by ``create``, as a handle of ``node``."""
@@ -127,14 +123,15 @@ class OpenFiles:
             self._writer.setdefault(handle.node.id, handle)
         return fh
 
-    def fd_of(self, node: Node, branch: int | None = None) -> int | None:
-        """A descriptor of ``node``'s file held by one of its handles, if it has any; with
-        ``branch``, only one of the file in that branch (a read-only handle opened before a
-        copy-up may still hold the lower file)."""
-        if not node.opens:
-            return None
-        return next((handle.fd for handle in self._handles.values()
-                     if handle.node is node and branch in (None, handle.data_branch)), None)
+    def held_fd(self, node: Node, branch: int | None = None) -> int:
+        """A descriptor of ``node``'s file held by one of its handles; with ``branch``, one of
+        the file in that branch (a read-only handle opened before a copy-up may still hold
+        the lower file). The only way to a removed file, whose old name may name another by
+        now: ENOENT if no handle holds one."""
+        for handle in self._handles.values() if node.opens else ():
+            if handle.node is node and branch in (None, handle.data_branch):
+                return handle.fd
+        raise OSError(errno.ENOENT, "the entry was removed")
 
     def writer(self, node: Node) -> OpenEntry | None:
         """``node``'s file through a descriptor open for writing, if one of its handles has
